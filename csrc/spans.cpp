@@ -1,0 +1,140 @@
+#include "spans.hpp"
+
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "bindings.hpp"
+#include "common.hpp"
+
+namespace py = pybind11;
+
+namespace fastfuse {
+
+static void check_ends(const int64_t* ends, int64_t n, const char* name) {
+    int64_t prev = 0;
+    for (int64_t k = 0; k < n; ++k) {
+        if (ends[k] < prev)
+            throw std::invalid_argument(std::string(name) + ": byte end offsets must be non-negative and "
+                                        "non-decreasing, got " + std::to_string(ends[k]) + " after " +
+                                        std::to_string(prev) + " at index " + std::to_string(k));
+        prev = ends[k];
+    }
+}
+
+int64_t align_spans(const int64_t* te, int64_t nt, const int64_t* se, int64_t ns, int32_t* match) {
+    check_ends(te, nt, "tgt_ends");
+    check_ends(se, ns, "src_ends");
+    int64_t i = 0, j = 0, matched = 0;
+    while (i < nt && j < ns) {
+        const int64_t ts = i ? te[i - 1] : 0, tend = te[i];
+        const int64_t ss = j ? se[j - 1] : 0, send = se[j];
+        if (tend == ts) { match[i++] = -1; continue; }   // empty target span
+        if (send == ss) { ++j; continue; }                // empty source span
+        if (ts == ss && tend == send) {
+            match[i++] = static_cast<int32_t>(j++);
+            ++matched;
+        } else if (tend < send) {
+            match[i++] = -1;
+        } else if (send < tend) {
+            ++j;
+        } else {  // same end, different starts: a many-to-many group closes here
+            match[i++] = -1;
+            ++j;
+        }
+    }
+    for (; i < nt; ++i) match[i] = -1;
+    return matched;
+}
+
+void match_to_next_token_pos(const int32_t* match, int64_t n, int32_t* pos) {
+    for (int64_t i = 0; i + 1 < n; ++i) pos[i] = match[i + 1] >= 1 ? match[i + 1] - 1 : -1;
+    if (n > 0) pos[n - 1] = -1;
+}
+
+namespace {
+
+using I64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+using I32Array = py::array_t<int32_t, py::array::c_style>;
+
+I64Array as_1d(py::handle obj, const char* name) {
+    I64Array a;
+    try {
+        a = I64Array::ensure(obj);
+    } catch (...) {
+        a = I64Array();
+    }
+    if (!a) throw py::type_error(std::string(name) + ": expected a 1-D integer array of byte end offsets");
+    if (a.ndim() != 1)
+        throw py::value_error(std::string(name) + ": expected a 1-D array, got " + std::to_string(a.ndim()) +
+                              " dimensions");
+    return a;
+}
+
+py::tuple py_align_spans(py::handle tgt_ends, py::handle src_ends) {
+    I64Array t = as_1d(tgt_ends, "tgt_ends"), s = as_1d(src_ends, "src_ends");
+    const int64_t nt = t.shape(0), ns = s.shape(0);
+    I32Array match(nt), pos(nt);
+    int64_t matched;
+    {
+        py::gil_scoped_release release;
+        matched = align_spans(t.data(), nt, s.data(), ns, match.mutable_data());
+        match_to_next_token_pos(match.data(), nt, pos.mutable_data());
+    }
+    return py::make_tuple(match, pos, matched);
+}
+
+py::list py_align_spans_batch(py::sequence tgt, py::sequence src, int num_threads) {
+    const int64_t n = static_cast<int64_t>(py::len(tgt));
+    if (static_cast<int64_t>(py::len(src)) != n)
+        throw py::value_error("src_ends: expected as many sequences as tgt_ends (" + std::to_string(n) +
+                              "), got " + std::to_string(py::len(src)));
+    std::vector<I64Array> ts, ss;
+    std::vector<I32Array> matches, poses;
+    ts.reserve(n); ss.reserve(n); matches.reserve(n); poses.reserve(n);
+    for (int64_t b = 0; b < n; ++b) {
+        std::string tn = "tgt_ends[" + std::to_string(b) + "]", sn = "src_ends[" + std::to_string(b) + "]";
+        ts.push_back(as_1d(tgt[b], tn.c_str()));
+        ss.push_back(as_1d(src[b], sn.c_str()));
+        matches.emplace_back(ts.back().shape(0));
+        poses.emplace_back(ts.back().shape(0));
+    }
+    std::vector<int64_t> counts(n);
+    // Raw pointers only inside the parallel region: no Python objects are touched without the GIL.
+    std::vector<const int64_t*> tp(n), sp(n);
+    std::vector<int64_t> tn(n), sn(n);
+    std::vector<int32_t*> mp(n), pp(n);
+    for (int64_t b = 0; b < n; ++b) {
+        tp[b] = ts[b].data(); tn[b] = ts[b].shape(0);
+        sp[b] = ss[b].data(); sn[b] = ss[b].shape(0);
+        mp[b] = matches[b].mutable_data(); pp[b] = poses[b].mutable_data();
+    }
+    {
+        py::gil_scoped_release release;
+        parallel_for(n, num_threads, [&](int64_t b) {
+            try {
+                counts[b] = align_spans(tp[b], tn[b], sp[b], sn[b], mp[b]);
+            } catch (const std::invalid_argument& e) {
+                throw std::invalid_argument(std::string(e.what()) + " (sequence " + std::to_string(b) + ")");
+            }
+            match_to_next_token_pos(mp[b], tn[b], pp[b]);
+        });
+    }
+    py::list out;
+    for (int64_t b = 0; b < n; ++b) out.append(py::make_tuple(matches[b], poses[b], counts[b]));
+    return out;
+}
+
+}  // namespace
+
+void bind_spans(py::module_& m) {
+    m.def("align_spans", &py_align_spans, py::arg("tgt_ends"), py::arg("src_ends"),
+          "Exact alignment from byte end offsets -> (match int32[T], pos int32[T], n_matched).");
+    m.def("align_spans_batch", &py_align_spans_batch, py::arg("tgt_ends"), py::arg("src_ends"),
+          py::arg("num_threads") = 0, "Batched align_spans over many sequence pairs, multithreaded.");
+}
+
+}  // namespace fastfuse

@@ -1,0 +1,1 @@
+"""Triton kernels of fastfuse, installed as ``fastfuse.kernels``."""
