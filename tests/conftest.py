@@ -1,6 +1,10 @@
 """Shared fixtures: real tokenizers of several model families, offline after one download."""
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the hub
+
 import functools
 
 import pytest
