@@ -109,9 +109,10 @@ class TokenizerOffsets:
     """Encodes texts with one fast tokenizer and returns ids with byte end offsets."""
 
     def __init__(self, tokenizer, name: str = "tokenizer"):
+        if not getattr(tokenizer, "is_fast", True) or not hasattr(tokenizer, "backend_tokenizer") and not hasattr(tokenizer, "to_str"):
+            raise TypeError(f"{name}: byte offsets need a Hugging Face fast tokenizer, got {type(tokenizer).__name__}; "
+                            "align tokenizers without offsets with fastfuse.dtw_align (MinED)")
         backend = _backend(tokenizer)
-        if not getattr(tokenizer, "is_fast", True):
-            raise TypeError(f"{name}: offsets need a fast tokenizer; use fastfuse.dtw_align for slow ones")
         self.tokenizer = tokenizer
         self.backend = backend
         self.surfaces = token_surfaces(tokenizer)

@@ -152,3 +152,23 @@ def test_texts_must_be_strings(real_tokenizer):
         TokenizerOffsets(real_tokenizer("gpt-2")).encode("just one string")
     with pytest.raises(TypeError, match=r"texts\[1\]: expected str"):
         TokenizerOffsets(real_tokenizer("gpt-2")).encode(["ok", b"bytes"])
+
+
+def test_byte_ends_bad_input(real_tokenizer):
+    from fastfuse.align import byte_ends
+    from fastfuse.surface import token_surfaces
+
+    surf = token_surfaces(real_tokenizer("gpt-2"))
+    with pytest.raises(ValueError, match="ids: token ids must lie in"):
+        byte_ends([50257 + 5], [(0, 1)], "a", surf)
+    with pytest.raises(ValueError, match="offsets: expected one"):
+        byte_ends([1, 2], [(0, 1)], "ab", surf)
+    with pytest.raises(ValueError, match="offsets: character offsets"):
+        byte_ends([0, 0], [(0, 1), (1, 9)], "ab", surf)  # surfaces don't spell the text -> offsets path
+
+
+def test_slow_tokenizer_is_rejected():
+    class Slow:
+        is_fast = False
+    with pytest.raises(TypeError, match="tgt_tokenizer"):
+        align_texts(Slow(), Slow(), ["x"])
