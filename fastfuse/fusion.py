@@ -1,0 +1,461 @@
+"""Fusion functions: per-source weights for ``fused_loss``'s ``source_weights`` (DESIGN.md §1).
+
+Every weight function returns a float tensor ``[S, B]`` (one weight per source and sequence) or
+``[S, B, T]`` (per token), ``>= 0`` and summing to 1 over S:
+
+* :func:`min_ce_weights` — MinCE (FuseLLM): weight 1 on the source with the lowest cross-entropy
+  on the gold text.
+* :func:`avg_ce_weights` — AvgCE: ``softmax(-CE / tau)`` over the sources.
+* :func:`reward_weights` — ProFuser's *inference mode*: sources ranked by a reward model's score
+  of their generated responses (one-hot on the best, or ``softmax(reward / tau)``).
+* :func:`fuse_weights` — dispatcher over method and level (sequence or token).
+
+Conventions shared by all of them:
+
+* **NaN means unavailable.** A source whose CE (or reward) is NaN at a sequence/token gets
+  weight 0 there; if *every* source is NaN there, the weights are uniform ``1 / S``.
+* **Ties** in MinCE / max-reward go to the lowest source index.
+* **Infinities.** CE may be ``+inf`` (a source that gave the gold token probability 0): it is
+  available but worst; if all available sources are ``+inf`` they tie. Negative CE is rejected.
+* **Masks** (per-token mode) are ``[B, T]`` bool (or 0/1 integer) with ``True`` = valid token, the
+  ``attention_mask`` convention; masked-out (padding) tokens get uniform weights.
+* Outputs are float32 (float64 when the input is float64) on the input's device, with no grad.
+
+**The target as a candidate (FuseLLM).** FuseLLM lets the target model's own predictions compete
+with the sources: stack the target's CE as one more source row with :func:`with_target_candidate`
+and give ``fused_loss`` the target's (frozen, initial) top-k as the source at the returned index.
+
+**ProFuser** (Shi et al. 2024): *inference mode* weights come from :func:`reward_weights` on
+:class:`RewardScorer` scores of :func:`generate_responses` outputs; *training mode* weights are
+:func:`min_ce_weights` on the gold responses; :class:`fastfuse.schedules.ProgressiveSchedule`
+moves from one to the other over training.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "min_ce_weights",
+    "avg_ce_weights",
+    "reward_weights",
+    "fuse_weights",
+    "token_ce_to_sequence_ce",
+    "with_target_candidate",
+    "RewardScorer",
+    "generate_responses",
+]
+
+_METHODS = ("min_ce", "avg_ce")
+_LEVELS = ("sequence", "token")
+_REWARD_METHODS = ("max", "softmax")
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_scores(x: Any, name: str, dims: tuple[int, ...], nonneg: bool) -> Tensor:
+    """Floating tensor with ``x.dim() in dims`` and S >= 1; returns it as float32/float64."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+    if x.dim() not in dims:
+        shapes = " or ".join({2: "[S, B]", 3: "[S, B, T]"}[d] for d in dims)
+        raise ValueError(f"{name} must be {shapes}, got shape {tuple(x.shape)}")
+    if x.shape[0] < 1:
+        raise ValueError(f"{name} must have at least one source (S >= 1), got shape {tuple(x.shape)}")
+    x = x.detach()
+    if x.dtype != torch.float64:
+        x = x.float()
+    if nonneg and bool((x < 0).any()):
+        raise ValueError(f"{name} must be >= 0 (or NaN for an unavailable source)")
+    return x
+
+
+def _check_tau(tau: Any) -> float:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise TypeError(f"tau must be a real number, got {type(tau).__name__}")
+    tau = float(tau)
+    if not (tau > 0 and tau != float("inf")):
+        raise ValueError(f"tau must be finite and > 0, got {tau}")
+    return tau
+
+
+def _check_mask(mask: Any, ce: Tensor, name: str = "mask") -> Tensor | None:
+    """``mask`` [B, T] bool (or 0/1 integers), True = valid; returned as bool on ``ce``'s device."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if ce.dim() != 3:
+        raise ValueError(f"{name} is only accepted with per-token ce [S, B, T], got ce shape {tuple(ce.shape)}")
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point() or mask.is_complex():
+            raise TypeError(f"{name} must be a bool (or 0/1 integer) tensor, got {mask.dtype}")
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(f"{name} must hold only 0 and 1")
+        mask = mask != 0
+    if tuple(mask.shape) != tuple(ce.shape[1:]):
+        raise ValueError(f"{name} must be [B, T] = {tuple(ce.shape[1:])}, got {tuple(mask.shape)}")
+    if mask.device != ce.device:
+        raise ValueError(f"{name} is on {mask.device}, ce on {ce.device}")
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# shared kernels (lower cost is better; NaN = unavailable)
+# ---------------------------------------------------------------------------------------------
+
+
+def _uniform_where_masked(w: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return w
+    return torch.where(mask.unsqueeze(0), w, torch.full_like(w, 1.0 / w.shape[0]))
+
+
+def _argmin_onehot(cost: Tensor) -> Tensor:
+    """One-hot over dim 0 on the lowest available cost (first on ties); uniform if none available."""
+    avail = ~torch.isnan(cost)
+    best = torch.where(avail, cost, torch.full_like(cost, float("inf"))).amin(0, keepdim=True)
+    hit = avail & (cost == best)  # exact equality: ties, and infinite bests (+inf CE, +inf reward)
+    first = hit.to(torch.int8).argmax(0, keepdim=True)  # first maximum = lowest source index
+    onehot = torch.zeros_like(cost).scatter_(0, first, 1.0)
+    any_avail = avail.any(0, keepdim=True)
+    return torch.where(any_avail, onehot, torch.full_like(cost, 1.0 / cost.shape[0]))
+
+
+def _softmin(cost: Tensor, tau: float) -> Tensor:
+    """``softmax(-cost / tau)`` over dim 0 with NaN -> weight 0, equal infinities tie, none -> uniform."""
+    avail = ~torch.isnan(cost)
+    inf = torch.full_like(cost, float("inf"))
+    best = torch.where(avail, cost, inf).amin(0, keepdim=True)
+    # Shift by the best available cost; the best gets exp(0) = 1, so the sum is >= 1 wherever a
+    # source is available. Costs equal to an infinite best are a tie (shift 0), not inf - inf.
+    shifted = torch.where(avail & (cost == best), torch.zeros_like(cost), torch.where(avail, cost - best, inf))
+    e = torch.exp(-shifted / tau)
+    w = e / e.sum(0, keepdim=True).clamp_min(1.0)
+    return torch.where(avail.any(0, keepdim=True), w, torch.full_like(cost, 1.0 / cost.shape[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# public weight functions
+# ---------------------------------------------------------------------------------------------
+
+
+def min_ce_weights(ce: Tensor, mask: Tensor | None = None) -> Tensor:
+    """MinCE: weight 1 on the source with the lowest cross-entropy, 0 on the others.
+
+    Args:
+        ce: ``[S, B]`` per-sequence or ``[S, B, T]`` per-token cross-entropy of each source on the
+            gold text, floating, ``>= 0``; NaN marks a source unavailable there (never chosen).
+        mask: per-token mode only, ``[B, T]`` bool, True = valid token; padding gets uniform weights.
+
+    Returns:
+        ``ce``'s shape, float32 (float64 for float64 input): one-hot over S on the lowest CE, ties
+        to the lowest source index; uniform ``1 / S`` where every source is NaN (or masked out).
+    """
+    cost = _check_scores(ce, "ce", (2, 3), nonneg=True)
+    m = _check_mask(mask, cost)
+    return _uniform_where_masked(_argmin_onehot(cost), m)
+
+
+def avg_ce_weights(ce: Tensor, tau: float = 1.0, mask: Tensor | None = None) -> Tensor:
+    """AvgCE: ``softmax(-ce / tau)`` over the sources.
+
+    Args:
+        ce: ``[S, B]`` or ``[S, B, T]`` cross-entropies, floating, ``>= 0``; NaN = unavailable.
+        tau: temperature, finite and > 0 (small tau approaches MinCE, large tau uniform).
+        mask: per-token mode only, ``[B, T]`` bool, True = valid token; padding gets uniform weights.
+
+    Returns:
+        ``ce``'s shape, float32 (float64 for float64 input), summing to 1 over S. NaN sources get
+        0; where every source is NaN the weights are uniform. ``+inf`` CE gets 0 unless all
+        available sources are ``+inf`` (then they share the weight equally).
+    """
+    tau = _check_tau(tau)
+    cost = _check_scores(ce, "ce", (2, 3), nonneg=True)
+    m = _check_mask(mask, cost)
+    return _uniform_where_masked(_softmin(cost, tau), m)
+
+
+def reward_weights(rewards: Tensor, method: str = "max", tau: float = 1.0) -> Tensor:
+    """ProFuser inference mode: source weights from reward-model scores (higher is better).
+
+    Args:
+        rewards: ``[S, B]`` score of each source's generated response to each prompt (e.g. from
+            :class:`RewardScorer`), floating; NaN = no response from that source.
+        method: ``"max"`` -> one-hot on the highest reward (ties to the lowest source index);
+            ``"softmax"`` -> ``softmax(rewards / tau)`` over S.
+        tau: softmax temperature, finite and > 0 (validated for both methods).
+
+    Returns:
+        ``[S, B]`` float32 (float64 for float64 input), summing to 1 over S; NaN sources get 0,
+        all-NaN columns are uniform.
+    """
+    if method not in _REWARD_METHODS:
+        raise ValueError(f"method must be one of {_REWARD_METHODS}, got {method!r}")
+    tau = _check_tau(tau)
+    r = _check_scores(rewards, "rewards", (2,), nonneg=False)
+    if method == "max":
+        return _argmin_onehot(-r)
+    return _softmin(-r, tau)
+
+
+def token_ce_to_sequence_ce(ce_tok: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-sequence CE as the mean per-token CE over valid tokens.
+
+    Args:
+        ce_tok: ``[S, B, T]`` per-token cross-entropies, floating, ``>= 0``.
+        mask: ``[B, T]`` bool (True = valid token) or None (all valid).
+
+    Returns:
+        ``[S, B]`` float32 (float64 for float64 input). A NaN at a valid token makes that source's
+        sequence CE NaN (the source is unavailable for the sequence); NaNs at masked tokens are
+        ignored. A sequence with no valid token is NaN for every source (so uniform weights).
+    """
+    cost = _check_scores(ce_tok, "ce_tok", (3,), nonneg=True)
+    m = _check_mask(mask, cost)
+    if m is None:
+        return cost.mean(2)
+    valid = m.unsqueeze(0)
+    total = torch.where(valid, cost, torch.zeros_like(cost)).sum(2)
+    count = m.sum(1).to(cost.dtype)  # [B]
+    return total / count  # 0 / 0 = NaN for empty sequences
+
+
+def fuse_weights(
+    ce: Tensor,
+    method: str = "min_ce",
+    level: str = "sequence",
+    tau: float = 1.0,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Source weights for ``fused_loss`` from cross-entropies: the one entry point over the options.
+
+    Args:
+        ce: ``[S, B]`` per-sequence or ``[S, B, T]`` per-token CE of each source on the gold text.
+        method: ``"min_ce"`` (:func:`min_ce_weights`) or ``"avg_ce"`` (:func:`avg_ce_weights`).
+        level: ``"sequence"`` -> ``[S, B]`` weights (a ``[S, B, T]`` ``ce`` is first reduced with
+            :func:`token_ce_to_sequence_ce` over ``mask``); ``"token"`` -> ``[S, B, T]`` weights
+            (needs a ``[S, B, T]`` ``ce``; masked tokens uniform).
+        tau: AvgCE temperature (> 0); validated but unused by MinCE.
+        mask: ``[B, T]`` bool, True = valid token; only with a ``[S, B, T]`` ``ce``.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if level not in _LEVELS:
+        raise ValueError(f"level must be one of {_LEVELS}, got {level!r}")
+    tau = _check_tau(tau)
+    cost = _check_scores(ce, "ce", (2, 3), nonneg=True)
+    if level == "token":
+        if cost.dim() != 3:
+            raise ValueError(f"level='token' needs per-token ce [S, B, T], got shape {tuple(cost.shape)}")
+    elif cost.dim() == 3:
+        cost, mask = token_ce_to_sequence_ce(cost, mask), None
+    if method == "min_ce":
+        return min_ce_weights(cost, mask=mask)
+    return avg_ce_weights(cost, tau=tau, mask=mask)
+
+
+def with_target_candidate(source_ce: Tensor, target_ce: Tensor) -> tuple[Tensor, int]:
+    """Stack the target model's own CE as an extra candidate row (FuseLLM).
+
+    Args:
+        source_ce: ``[S, B]`` or ``[S, B, T]`` CE of the sources.
+        target_ce: the target's CE, ``[B]`` / ``[B, T]`` (or with a leading 1: ``[1, B]`` /
+            ``[1, B, T]``), same dtype kind and device.
+
+    Returns:
+        ``(ce, index)``: ``ce`` is ``[S + 1, ...]`` with the target as the last row and
+        ``index == S`` its row. Any fusion function then treats the target as one more source;
+        the loss needs the target's own (frozen) top-k as the source at ``index``.
+    """
+    src = _check_scores(source_ce, "source_ce", (2, 3), nonneg=False)
+    if not isinstance(target_ce, Tensor):
+        raise TypeError(f"target_ce must be a torch.Tensor, got {type(target_ce).__name__}")
+    if not target_ce.is_floating_point():
+        raise TypeError(f"target_ce must be a floating tensor, got {target_ce.dtype}")
+    tgt = target_ce.detach()
+    if tgt.dim() == src.dim() - 1:
+        tgt = tgt.unsqueeze(0)
+    if tuple(tgt.shape) != (1,) + tuple(src.shape[1:]):
+        raise ValueError(
+            f"target_ce must be {tuple(src.shape[1:])} (or with a leading 1) to match source_ce "
+            f"{tuple(src.shape)}, got {tuple(target_ce.shape)}"
+        )
+    if tgt.device != src.device:
+        raise ValueError(f"target_ce is on {tgt.device}, source_ce on {src.device}")
+    return torch.cat([source_ce.detach(), tgt.to(source_ce.dtype)], 0), src.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face helpers for ProFuser's inference mode
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_texts(texts: Any, name: str) -> list[str]:
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise TypeError(f"{name} must be a list of str, got {type(texts).__name__}")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"{name}[{i}] must be str, got {type(t).__name__}")
+    return texts
+
+
+def _check_batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return batch_size
+
+
+def _model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+class RewardScorer:
+    """Score (prompt, response) pairs with a Hugging Face sequence-classification reward model.
+
+    Wraps any ``AutoModelForSequenceClassification``-style model and its tokenizer. Calling it
+    tokenises the pairs, runs the model without gradients (in eval mode, restored afterwards) and
+    returns one score per pair; it does **not** generate (see :func:`generate_responses`).
+
+    Args:
+        model: a ``*ForSequenceClassification`` model; its ``config.pad_token_id`` must be set so
+            that it pools the last non-padding token of each row.
+        tokenizer: the model's tokenizer, with a pad token.
+        label: which logit is the score. Default: the single logit when ``num_labels == 1``, the
+            positive class (index 1) when ``num_labels == 2``; required otherwise.
+        format: optional ``format(prompt, response) -> str``; by default the tokenizer's chat
+            template (user / assistant turns) when it has one, else the pair is encoded as a text
+            pair ``tokenizer(prompt, response)``.
+        max_length: optional truncation length in tokens (the tokenizer's own rule otherwise).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        label: int | None = None,
+        format: Callable[[str, str], str] | None = None,
+        max_length: int | None = None,
+    ) -> None:
+        config = getattr(model, "config", None)
+        if config is None or not callable(model):
+            raise TypeError("model must be a Hugging Face model with a .config")
+        if not callable(tokenizer):
+            raise TypeError("tokenizer must be a callable Hugging Face tokenizer")
+        if getattr(tokenizer, "pad_token_id", None) is None:
+            raise ValueError("tokenizer has no pad token: set tokenizer.pad_token")
+        if getattr(config, "pad_token_id", None) is None:
+            raise ValueError("model.config.pad_token_id is not set: set it to tokenizer.pad_token_id")
+        num_labels = int(getattr(config, "num_labels", 1))
+        if label is None:
+            if num_labels == 1:
+                label = 0
+            elif num_labels == 2:
+                label = 1
+            else:
+                raise ValueError(f"label must be given for a model with num_labels={num_labels}")
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_labels:
+            raise ValueError(f"label must be an int in [0, {num_labels}), got {label!r}")
+        if format is not None and not callable(format):
+            raise TypeError("format must be callable (prompt, response) -> str or None")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+        self.model, self.tokenizer, self.label = model, tokenizer, label
+        self.format, self.max_length = format, max_length
+
+    def _encode(self, prompts: list[str], responses: list[str]) -> dict[str, Tensor]:
+        kw: dict[str, Any] = dict(return_tensors="pt", padding=True, padding_side="right")
+        if self.max_length is not None:
+            kw.update(truncation=True, max_length=self.max_length)
+        if self.format is not None:
+            return self.tokenizer([self.format(p, r) for p, r in zip(prompts, responses)], **kw)
+        if getattr(self.tokenizer, "chat_template", None):
+            texts = [
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
+                )
+                for p, r in zip(prompts, responses)
+            ]
+            return self.tokenizer(texts, add_special_tokens=False, **kw)
+        return self.tokenizer(prompts, responses, **kw)
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 8) -> Tensor:
+        """Scores ``[N]`` float32 on the CPU for ``N`` (prompt, response) pairs; higher is better."""
+        prompts = _check_texts(prompts, "prompts")
+        responses = _check_texts(responses, "responses")
+        if len(prompts) != len(responses):
+            raise ValueError(f"prompts ({len(prompts)}) and responses ({len(responses)}) differ in length")
+        batch_size = _check_batch_size(batch_size)
+        device = _model_device(self.model)
+        was_training = getattr(self.model, "training", False)
+        self.model.eval()
+        out = []
+        try:
+            with torch.inference_mode():
+                for i in range(0, len(prompts), batch_size):
+                    enc = self._encode(prompts[i : i + batch_size], responses[i : i + batch_size])
+                    enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+                    logits = self.model(**enc).logits  # [n, num_labels]
+                    out.append(logits[:, self.label].float().cpu())
+        finally:
+            self.model.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+def generate_responses(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    **gen_kwargs: Any,
+) -> list[str]:
+    """Generate one response per prompt with ``model.generate`` (left padding, batched).
+
+    Decoding is greedy (``do_sample=False``) unless ``gen_kwargs`` say otherwise; any other
+    ``generate`` argument passes through. Prompts are used as given (apply a chat template
+    first if the model needs one). Returns the decoded *new* tokens only, special tokens skipped,
+    one string per prompt in order. The tokenizer needs a pad token.
+    """
+    prompts = _check_texts(prompts, "prompts")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    batch_size = _check_batch_size(batch_size)
+    if not hasattr(model, "generate"):
+        raise TypeError("model must have a .generate method (a Hugging Face causal LM)")
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        raise ValueError("tokenizer has no pad token: set tokenizer.pad_token")
+    gen_kwargs.setdefault("do_sample", False)
+    gen_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    device = _model_device(model)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    responses: list[str] = []
+    try:
+        with torch.inference_mode():
+            for i in range(0, len(prompts), batch_size):
+                enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="left")
+                ids = enc["input_ids"].to(device)
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=enc["attention_mask"].to(device),
+                    max_new_tokens=max_new_tokens,
+                    **gen_kwargs,
+                )
+                responses += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return responses
