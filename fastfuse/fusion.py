@@ -32,6 +32,7 @@ moves from one to the other over training.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Sequence
 
 import torch
@@ -78,7 +79,7 @@ def _check_scores(x: Any, name: str, dims: tuple[int, ...], nonneg: bool) -> Ten
 
 
 def _check_tau(tau: Any) -> float:
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
         raise TypeError(f"tau must be a real number, got {type(tau).__name__}")
     tau = float(tau)
     if not (tau > 0 and tau != float("inf")):

@@ -333,6 +333,20 @@ def test_reward_scorer_matches_unbatched_forward(tiny_tokenizer, reward_model):
     assert scorer([], []).shape == (0,)
 
 
+def test_reward_scorer_uses_chat_template_when_present(tiny_tokenizer, reward_model):
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    old = tiny_tokenizer.chat_template
+    tiny_tokenizer.chat_template = template
+    try:
+        got = fusion.RewardScorer(reward_model, tiny_tokenizer)(PROMPTS, RESPONSES, batch_size=3)
+    finally:
+        tiny_tokenizer.chat_template = old
+    with torch.no_grad():
+        for g, p, r in zip(got, PROMPTS, RESPONSES):
+            ids = tiny_tokenizer(f"user: {p}\nassistant: {r}\n", return_tensors="pt").input_ids
+            torch.testing.assert_close(g, reward_model(input_ids=ids).logits[0, 0], atol=1e-5, rtol=1e-5)
+
+
 def test_reward_scorer_two_labels_uses_positive(tiny_tokenizer):
     torch.manual_seed(1)
     model = transformers.LlamaForSequenceClassification(_config(tiny_tokenizer, num_labels=2)).eval()
