@@ -5,29 +5,14 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access anywhere
 
-import importlib
-import importlib.util
 import itertools
 import math
-import pathlib
 
 import pytest
 import torch
 
 
-def _load(name: str):
-    """fastfuse.<name>, or the file itself when the compiled core (imported by fastfuse/__init__) is absent."""
-    try:
-        return importlib.import_module(f"fastfuse.{name}")
-    except ImportError:
-        path = pathlib.Path(__file__).resolve().parents[1] / "fastfuse" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(f"_fastfuse_{name}_under_test", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-
-fusion = _load("fusion")
+from fastfuse import fusion
 
 NAN, INF = float("nan"), float("inf")
 

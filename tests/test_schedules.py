@@ -1,28 +1,13 @@
 """lm_weight schedules and ProFuser's progressive schedule: endpoints, monotonicity, mix, validation."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-import pathlib
 
 import pytest
 import torch
 
 
-def _load(name: str):
-    """fastfuse.<name>, or the file itself when the compiled core (imported by fastfuse/__init__) is absent."""
-    try:
-        return importlib.import_module(f"fastfuse.{name}")
-    except ImportError:
-        path = pathlib.Path(__file__).resolve().parents[1] / "fastfuse" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(f"_fastfuse_{name}_under_test", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-
-sch = _load("schedules")
+from fastfuse import schedules as sch
 ConstantSchedule, LinearSchedule, ProgressiveSchedule = sch.ConstantSchedule, sch.LinearSchedule, sch.ProgressiveSchedule
 
 
