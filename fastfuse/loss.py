@@ -280,9 +280,13 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
     if impl == "triton":
         if not _triton_available():
             raise ValueError("impl='triton' needs the triton package")
-        if dev.type == "cpu" and not _interpret():
-            raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 "
-                             "(set before fastfuse.kernels is first imported)")
+        if dev.type == "cpu":
+            from fastfuse.kernels import fused_ce
+            if not _interpret() or type(fused_ce.fused_ce_kernel).__name__ != "InterpretedFunction":
+                raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1, set "
+                                 "before fastfuse.kernels.fused_ce is first imported")
+        elif dev.type != "cuda":
+            raise ValueError(f"impl='triton' needs CUDA (or CPU with TRITON_INTERPRET=1) tensors, got {dev}")
 
     weights = _ref.normalize_weights(source_weights, S, B, T, dev).reshape(S, B * T)
     loss = _FusedLoss.apply(target_logits, ids, logprobs, pos, vocab, labels, weights, lm_weight,

@@ -41,6 +41,7 @@ __all__ = [
     "fused_loss_reference",
     "sparse_teacher",
     "loss_and_grad_rows",
+    "random_inputs",
 ]
 
 
@@ -201,3 +202,43 @@ def loss_and_grad_rows(logits: Tensor, tids: Tensor, coefs: Tensor, ignored: Ten
                     g.mul_(grad_scale.to(acc))
                 grad[b, t0:t1] = g.to(logits.dtype)
     return loss, grad
+
+
+def random_inputs(B: int = 2, T: int = 5, V: int = 300, S: int = 3, K: int = 10, Ts: int = 7,
+                  Vs: int = 400, *, dtype: torch.dtype = torch.float32, device="cpu",
+                  logit_scale: float = 3.0, p_unaligned: float = 0.2, p_pad: float = 0.1,
+                  p_unmapped: float = 0.1, p_ignore: float = 0.1, map_range: Optional[int] = None,
+                  weights: Optional[str] = "token", generator: Optional[torch.Generator] = None):
+    """Random inputs of :func:`fastfuse.fused_loss` for tests and benchmarks.
+
+    Returns ``dict(target_logits, source_topk=(ids, logprobs), align_map=(pos, vocab), labels,
+    source_weights)`` with plain tuples (wrap them in ``SourceTopK`` / ``AlignMap``). Source ids
+    are padded (-1) with probability ``p_pad``, positions unaligned with ``p_unaligned``, source
+    vocabulary entries unmapped with ``p_unmapped``, labels ignored with ``p_ignore``. With
+    ``map_range`` the vocabulary maps into ``[0, map_range)`` only, which makes duplicate target
+    ids frequent. ``weights``: ``None``, ``"seq"`` ([S, B]) or ``"token"`` ([S, B, T]).
+    """
+    g = generator
+    dev = torch.device(device)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g).to(dev)
+
+    z = (torch.randn(B, T, V, generator=g) * logit_scale).to(device=dev, dtype=dtype)
+    ids = torch.randint(0, Vs, (S, B, Ts, K), generator=g).to(dev)
+    ids = torch.where(rand(S, B, Ts, K) < p_pad, torch.full_like(ids, -1), ids).to(torch.int32)
+    lp = torch.log_softmax(torch.randn(S, B, Ts, K, generator=g) * 2, -1).to(dev)
+    pos = torch.randint(0, Ts, (S, B, T), generator=g).to(dev)
+    pos = torch.where(rand(S, B, T) < p_unaligned, torch.full_like(pos, -1), pos).to(torch.int32)
+    hi = V if map_range is None else min(V, map_range)
+    vocab = torch.randint(0, hi, (S, Vs), generator=g).to(dev)
+    vocab = torch.where(rand(S, Vs) < p_unmapped, torch.full_like(vocab, -1), vocab).to(torch.int32)
+    labels = torch.randint(0, V, (B, T), generator=g).to(dev)
+    labels = torch.where(rand(B, T) < p_ignore, torch.full_like(labels, -100), labels)
+    w = None
+    if weights == "seq":
+        w = rand(S, B)
+    elif weights == "token":
+        w = rand(S, B, T)
+    return dict(target_logits=z, source_topk=(ids, lp), align_map=(pos, vocab), labels=labels,
+                source_weights=w)

@@ -91,7 +91,7 @@ def fused_ce_kernel(
                 g = tl.exp(x - lse) * scale
                 tl.store(grow + o, g.to(grad_ptr.dtype.element_ty), mask=o < V)
             tl.debug_barrier()
-            gs = (tl.exp(zt - lse) - coef) * scale
+            gs = (tl.exp(tl.where(has, zt - lse, float("-inf"))) - coef) * scale
             tl.store(grow + tl.where(has, tid, 0), gs.to(grad_ptr.dtype.element_ty), mask=has)
 
 
