@@ -281,10 +281,13 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
         if not _triton_available():
             raise ValueError("impl='triton' needs the triton package")
         if dev.type == "cpu":
-            from fastfuse.kernels import fused_ce
-            if not _interpret() or type(fused_ce.fused_ce_kernel).__name__ != "InterpretedFunction":
+            if not _interpret():
                 raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1, set "
-                                 "before fastfuse.kernels.fused_ce is first imported")
+                                 "before triton is first imported")
+            from fastfuse.kernels import fused_ce
+            if type(fused_ce.fused_ce_kernel).__name__ != "InterpretedFunction":
+                raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1, set "
+                                 "before triton and fastfuse.kernels are first imported")
         elif dev.type != "cuda":
             raise ValueError(f"impl='triton' needs CUDA (or CPU with TRITON_INTERPRET=1) tensors, got {dev}")
 

@@ -38,8 +38,13 @@ def _interpret():
         return
     if DEVICE == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
-    import fastfuse.kernels.fused_ce as fc  # noqa: F401  (decorated now, in interpreter mode)
-    import fastfuse.kernels.sparse_teacher as st  # noqa: F401
+    import importlib
+
+    import fastfuse.kernels.fused_ce as fc
+    import fastfuse.kernels.sparse_teacher as st
+    if DEVICE == "cpu" and type(fc.fused_ce_kernel).__name__ != "InterpretedFunction":
+        importlib.reload(st)        # imported earlier in compiled mode: decorate again
+        importlib.reload(fc)
     yield
     if _OLD_INTERPRET is None:
         os.environ.pop("TRITON_INTERPRET", None)
