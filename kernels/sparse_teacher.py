@@ -10,7 +10,7 @@ duplicates (within or across sources, or equal to the label) are merged into the
 occurrence and the others get ``tid = -1, coef = 0``. Entry ``S*K`` is the label. Because the
 ids are unique, the loss kernel can write the sparse gradient terms without atomics or races.
 
-Cost per row: ``S*S`` comparisons of ``[BLOCK_K, BLOCK_K]`` tiles (source entries are recomputed
+Cost per row: ``S*S`` comparisons (runtime loops) of ``[BLOCK_K, BLOCK_K]`` tiles (source entries are recomputed
 instead of kept, since Triton has no per-source register arrays); tiny next to the ``V``-long
 loss pass for the sizes of the method (S <= 8, K <= 64).
 """
@@ -51,7 +51,7 @@ def sparse_teacher_kernel(
     tids_out_ptr, coefs_out_ptr,
     B, N, Ts, K, Vs, E,
     lm_weight, temperature, ignore_index,
-    S: tl.constexpr, BLOCK_K: tl.constexpr,
+    S, BLOCK_K: tl.constexpr,
 ):
     """ids/lp ``[S, B, Ts, K]``, pos/w ``[S, N]``, vocab ``[S, Vs]``, labels ``[N]`` (all
     contiguous) -> tids int32 ``[N, E]``, coefs fp32 ``[N, E]``, ``E = S*K + 1``."""
@@ -65,25 +65,24 @@ def sparse_teacher_kernel(
     label_coef = lm_weight + 0.0
     out_t = tids_out_ptr + n * E
     out_c = coefs_out_ptr + n * E
-    for si in tl.static_range(S):
+    for si in range(0, S):          # runtime loops: S*S inlined copies would bloat compile time
         tid_i, coef_i, fb_i = _source_entries(si, n, b, N, Ts, K, Vs, ids_ptr, lp_ptr, pos_ptr,
                                               vocab_ptr, w_ptr, temperature, one_minus_lm, B,
                                               BLOCK_K)
         is_label = (tid_i == label) & (tid_i >= 0)
         label_coef += fb_i + tl.sum(tl.where(is_label, coef_i, 0.0), axis=0)
         merged = tl.zeros([BLOCK_K], dtype=tl.float32)
-        dup = is_label
-        for sj in tl.static_range(S):
+        dup = is_label.to(tl.int32)
+        for sj in range(0, S):
             tid_j, coef_j, fb_j = _source_entries(sj, n, b, N, Ts, K, Vs, ids_ptr, lp_ptr,
                                                   pos_ptr, vocab_ptr, w_ptr, temperature,
                                                   one_minus_lm, B, BLOCK_K)
             eq = (tid_i[:, None] == tid_j[None, :]) & (tid_i[:, None] >= 0)
             merged += tl.sum(tl.where(eq, coef_j[None, :], 0.0), axis=1)
-            if sj < si:
-                dup = dup | (tl.max(eq.to(tl.int32), axis=1) > 0)
-            elif sj == si:
-                earlier = koffs[None, :] < koffs[:, None]
-                dup = dup | (tl.max((eq & earlier).to(tl.int32), axis=1) > 0)
+            # entry (sj, k') comes before (si, k): sj < si, or same source and k' < k
+            src_j = koffs[None, :] * 0 + sj
+            earlier = (src_j < si) | ((src_j == si) & (koffs[None, :] < koffs[:, None]))
+            dup = tl.maximum(dup, tl.max((eq & earlier).to(tl.int32), axis=1))
         keep = (tid_i >= 0) & (dup == 0) & ((koffs * 0 + label) != ignore_index)
         kmask = koffs < K
         tl.store(out_t + si * K + koffs, tl.where(keep, tid_i, -1).to(tl.int32), mask=kmask)

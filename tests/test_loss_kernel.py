@@ -173,6 +173,13 @@ def test_kernel_edge_cases():
     check(d)
 
 
+def test_kernel_max_sources_and_topk():
+    # S = 8, K = 64: the largest supported teacher (513 sparse entries per row)
+    d = random_inputs(1, 3, 600, 8, 64, Ts=4, Vs=700, map_range=300, device=DEVICE,
+                      generator=torch.Generator().manual_seed(16))
+    check(d, lm_weight=0.5)
+
+
 def test_kernel_fp16_bf16_extremes():
     for dtype in (torch.float16, torch.bfloat16):
         d = random_inputs(2, 3, 300, 2, 10, dtype=dtype, logit_scale=20.0, device=DEVICE,
