@@ -144,8 +144,19 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
             host sync. Shape/dtype/device checks are always done (free).
 
     The gradient flows to ``target_logits`` only; it is computed in the forward pass (one read
-    of the logits for the log-sum-exp, a second, L2-friendly, one for the gradient write).
-    The loss is float32 whatever the logits dtype.
+    of the logits for the log-sum-exp, a second, L2-friendly, one for the gradient write) and
+    stored in the logits dtype (or in the logits buffer with ``inplace_grad``). The loss is
+    float32 whatever the logits dtype.
+
+    Costs and syncs. Extra memory: the gradient (``N * V`` elements of the logits dtype, none
+    with ``inplace_grad``) plus ``O(N * S * K)`` for the sparse teacher; never a dense teacher
+    or an fp32 copy of the logits. The forward has no host sync with ``validate=False``. The
+    backward of ``"mean"``/``"sum"`` does one scalar sync to test ``grad_output == 1`` (the
+    usual ``loss.backward()``), which skips a pass over ``[N, V]``; any other ``grad_output``
+    (e.g. ``loss / accumulation_steps``) and ``"none"`` cost one memory-bound rescale of the
+    gradient. On CPU without ``TRITON_INTERPRET=1`` the torch path works on chunks of about
+    4M logits at a time (float32 softmax of the chunk), so memory stays ``O(N * V)`` only for
+    the gradient itself.
     """
     if not isinstance(target_logits, Tensor):
         raise TypeError(f"target_logits must be a torch.Tensor, got {type(target_logits).__name__}")
