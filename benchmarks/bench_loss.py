@@ -5,6 +5,8 @@ Providers, all computing ``lm_weight * CE(z, y) + (1 - lm_weight) * CE(z, q)`` f
 
 * ``fastfuse``          -- ``fastfuse.fused_loss`` (Triton), gradient in a new buffer;
 * ``fastfuse_inplace``  -- same, ``inplace_grad=True`` (gradient written into the logits);
+* ``fastfuse_2pass``    -- ``fastfuse`` forced onto the two-pass (4096-chunk) path, to compare
+  with the single-block path that V = 32000 takes by default;
 * ``dense``             -- FuseLLM-style: dense fp32 teacher ``[N, V]`` built with scatter_add,
   ``log_softmax`` over fp32 logits, autograd;
 * ``torch_sparse``      -- eager torch with the sparse teacher: fp32 ``logsumexp`` + gather;
@@ -84,6 +86,18 @@ def provider_fn(name: str):
             return fused_loss(x, d["topk"], d["amap"], d["labels"], d["w"], LM_WEIGHT,
                               inplace_grad=inplace, validate=False)
         return f
+    if name == "fastfuse_2pass":          # the two-pass path even where a row fits one block
+        from fastfuse.kernels import fused_ce
+
+        def f(x, d):
+            old = fused_ce.FORCE_CONFIG
+            fused_ce.FORCE_CONFIG = (4096, 16)
+            try:
+                return fused_loss(x, d["topk"], d["amap"], d["labels"], d["w"], LM_WEIGHT,
+                                  validate=False)
+            finally:
+                fused_ce.FORCE_CONFIG = old
+        return f
     if name == "dense":
         def f(x, d):
             N, V = x.shape[0] * x.shape[1], x.shape[2]
@@ -113,7 +127,7 @@ def provider_fn(name: str):
     raise ValueError(name)
 
 
-PROVIDERS = ["fastfuse", "fastfuse_inplace", "dense", "torch_sparse", "torch_compile", "liger_ce"]
+PROVIDERS = ["fastfuse", "fastfuse_inplace", "fastfuse_2pass", "dense", "torch_sparse", "torch_compile", "liger_ce"]
 
 
 def run_once(fn, d):

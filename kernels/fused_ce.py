@@ -16,26 +16,41 @@ strides so views such as ``logits[:, :-1]`` work without a copy). Per row:
    the same addresses. Ignored rows (label == ignore_index) get loss 0 and a zero gradient row.
 
 Reads the row twice (the second read mostly from L2) and writes it once; no fp32 copy of the
-logits and no dense teacher. ``scale`` (a device scalar: ``1 / #non-ignored`` for "mean") is
+logits and no dense teacher. Rows with ``V <= SINGLE_BLOCK_MAX_V`` (32000-token vocabularies)
+take the ``SINGLE_BLOCK`` path instead: the row is one block held in registers, read once. ``scale`` (a device scalar: ``1 / #non-ignored`` for "mean") is
 folded into the gradient so that the backward only multiplies by ``grad_output`` when that is
 not 1.
 
-Hopper defaults (not tuned on hardware; see ``launch_config``): ``BLOCK_V = 4096`` for
-``V >= 32768`` (2048 below), ``num_warps = 16`` (8 below). A 4096-wide fp32 chunk is 16
-registers/thread at 16 warps -- large enough for 16-byte vector loads and few loop trips
-(32 for a 128k vocab), small enough to keep occupancy at 2+ CTAs/SM.
+Hopper defaults (not tuned on hardware; see ``launch_config``): two-pass rows use
+``BLOCK_V = 4096`` with ``num_warps = 16`` -- 8 fp32 values per thread per chunk, enough for
+16-byte vector loads and few loop trips (32 for a 128k vocab), small enough for several CTAs
+per SM; single-block rows use ``next_power_of_2(V)`` with 16 warps (64 values per thread at
+V = 32000). ``FORCE_CONFIG`` overrides both for experiments.
 """
 import triton
 import triton.language as tl
 
 
+# Set to (BLOCK_V, num_warps) to override launch_config (benchmarks compare variants with it).
+FORCE_CONFIG = None
+
+# Rows up to this length are held on chip: one block covers the row, read once from HBM.
+SINGLE_BLOCK_MAX_V = 32768
+
+
 def launch_config(V: int):
-    """(BLOCK_V, num_warps) for a vocabulary of size V (Hopper-oriented defaults)."""
-    if V >= 32768:
-        return 4096, 16
-    if V >= 4096:
-        return 2048, 8
-    return max(16, triton.next_power_of_2(min(V, 1024))), 4
+    """(BLOCK_V, num_warps) for a vocabulary of size V (Hopper-oriented defaults, untuned).
+
+    ``V <= SINGLE_BLOCK_MAX_V`` (e.g. 32000): the whole row in one block (one HBM read, fp32
+    in registers: 32768 / (16 warps * 32 lanes) = 64 values per thread). Larger ``V``: two
+    passes over ``BLOCK_V = 4096`` chunks, 16 warps.
+    """
+    if FORCE_CONFIG is not None:
+        return FORCE_CONFIG
+    if V <= SINGLE_BLOCK_MAX_V:
+        bv = max(16, triton.next_power_of_2(V))
+        return bv, 16 if bv >= 16384 else (8 if bv >= 4096 else 4)
+    return 4096, 16
 
 
 @triton.jit
@@ -45,6 +60,7 @@ def fused_ce_kernel(
     tids_ptr, coefs_ptr, labels_ptr, loss_ptr, scale_ptr,
     T, V, E, ignore_index,
     BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     b = n // T
@@ -60,6 +76,26 @@ def fused_ce_kernel(
             for start in range(0, V, BLOCK_V):
                 o = start + offs
                 tl.store(grow + o, zero, mask=o < V)
+    elif SINGLE_BLOCK:
+        # the whole row in one block: one read, gradient from the registers
+        msk = offs < V
+        x = tl.load(row + offs, mask=msk, other=float("-inf")).to(tl.float32)
+        m = tl.max(x, axis=0)
+        lse = m + tl.log(tl.sum(tl.exp(x - m), axis=0))
+        eoffs = tl.arange(0, BLOCK_E)
+        emask = eoffs < E
+        tid = tl.load(tids_ptr + n * E + eoffs, mask=emask, other=-1).to(tl.int64)
+        coef = tl.load(coefs_ptr + n * E + eoffs, mask=emask, other=0.0)
+        has = tid >= 0
+        zt = tl.load(row + tl.where(has, tid, 0), mask=has, other=0.0).to(tl.float32)
+        tl.store(loss_ptr + n, lse - tl.sum(tl.where(has, coef * zt, 0.0), axis=0))
+        if COMPUTE_GRAD:
+            scale = tl.load(scale_ptr).to(tl.float32)
+            tl.debug_barrier()      # inplace: every gather above precedes the row overwrite
+            tl.store(grow + offs, (tl.exp(x - lse) * scale).to(grad_ptr.dtype.element_ty), mask=msk)
+            tl.debug_barrier()
+            gs = (tl.exp(tl.where(has, zt - lse, float("-inf"))) - coef) * scale
+            tl.store(grow + tl.where(has, tid, 0), gs.to(grad_ptr.dtype.element_ty), mask=has)
     else:
         # 1. online log-sum-exp
         m = float("-inf")
@@ -84,6 +120,7 @@ def fused_ce_kernel(
         # 3. gradient
         if COMPUTE_GRAD:
             scale = tl.load(scale_ptr).to(tl.float32)
+            tl.debug_barrier()      # inplace: every gather above precedes the row overwrite
             for start in range(0, V, BLOCK_V):
                 o = start + offs
                 x = tl.load(row + o, mask=o < V, other=float("-inf"),
@@ -126,6 +163,7 @@ def fused_loss_rows(logits, ids, logprobs, pos, vocab, labels, weights, lm_weigh
         tids, coefs, labels.contiguous(), loss, scale.to(torch.float32).reshape(1),
         T, V, E, int(ignore_index),
         BLOCK_V=block_v, BLOCK_E=max(2, triton.next_power_of_2(E)), COMPUTE_GRAD=bool(compute_grad),
+        SINGLE_BLOCK=block_v >= V,
         num_warps=num_warps,
     )
     return loss, (grad if compute_grad else None)

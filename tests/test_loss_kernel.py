@@ -123,14 +123,27 @@ def test_kernel_inplace_consumes_buffer():
     assert torch.equal(buf.detach(), z.grad)                  # the buffer now holds the gradient
 
 
-def test_kernel_multi_block_vocab():
-    # V = 2500 with BLOCK_V = 1024: three blocks, the last one partial
-    from fastfuse.kernels.fused_ce import launch_config
-    assert launch_config(2500)[0] < 2500 and 2500 % launch_config(2500)[0]
+@pytest.mark.parametrize("config", [None, (1024, 4), (256, 2)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_kernel_block_configs(config, inplace, monkeypatch):
+    # None: default (one block per row at this V); (1024, 4): V = 2500 in three blocks, the last
+    # partial; (256, 2): many blocks. Both the single-block and the two-pass path.
+    import fastfuse.kernels.fused_ce as fc
+    monkeypatch.setattr(fc, "FORCE_CONFIG", config)
+    bv = fc.launch_config(2500)[0]
+    assert (bv >= 2500) == (config is None)
     d = random_inputs(1, 4, 2500, 2, 10, device=DEVICE, generator=torch.Generator().manual_seed(9))
-    check(d)
+    check(d, inplace=inplace)
     d["target_logits"] = d["target_logits"].to(torch.bfloat16)
-    check(d)
+    d["labels"][0, 1] = -100
+    check(d, inplace=inplace, reduction="none")
+
+
+def test_kernel_two_pass_edge_cases(monkeypatch):
+    import fastfuse.kernels.fused_ce as fc
+    monkeypatch.setattr(fc, "FORCE_CONFIG", (128, 2))
+    test_kernel_edge_cases()
+    test_kernel_reductions_and_inplace("mean", True)
 
 
 def test_kernel_edge_cases():
