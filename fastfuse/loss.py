@@ -10,6 +10,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from fastfuse import reference as _ref
 
@@ -90,6 +91,7 @@ class _FusedLoss(torch.autograd.Function):
         return total * scale if reduction == "mean" else total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":
