@@ -1,0 +1,312 @@
+"""Public entry point of the fused knowledge-fusion loss: validation, dispatch, autograd.
+
+The math lives in ``fastfuse.reference`` (pure torch) and ``fastfuse.kernels`` (Triton); this
+module only checks inputs, picks an implementation and wraps it in an ``autograd.Function``.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from fastfuse import reference as _ref
+
+__all__ = ["SourceTopK", "AlignMap", "fused_loss"]
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_INTS = (torch.int32, torch.int64)
+
+
+class SourceTopK(NamedTuple):
+    """Top-k next-token distributions of ``S`` source models, in source positions.
+
+    ids: int32/int64 ``[S, B, Ts, K]`` source-vocabulary ids, -1 = padding.
+    logprobs: float ``[S, B, Ts, K]`` log-probs (or logits) of the kept top-k; only their
+        differences matter (the teacher is ``softmax(logprobs / temperature)`` over the kept,
+        mappable entries). ``-inf`` marks an entry with zero probability.
+    """
+    ids: Tensor
+    logprobs: Tensor
+
+
+class AlignMap(NamedTuple):
+    """Alignment of each source to the target tokenisation and vocabulary.
+
+    pos: int32 ``[S, B, T]``: source position aligned to target position ``t``, or -1.
+    vocab: int32 ``[S, Vs_max]``: source id -> target id, or -1 (no counterpart).
+    """
+    pos: Tensor
+    vocab: Tensor
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the installation
+        return False
+    return True
+
+
+class _FusedLoss(torch.autograd.Function):
+    """Forward computes per-row loss *and* gradient; backward only rescales the gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, logprobs, pos, vocab, labels, weights, lm_weight, temperature,
+                ignore_index, reduction, inplace_grad, impl):
+        B, T, V = logits.shape
+        N = B * T
+        compute_grad = ctx.needs_input_grad[0]
+        not_ignored = labels != ignore_index
+        count = not_ignored.sum()
+        if reduction == "mean":
+            scale = 1.0 / count.clamp_min(1).to(torch.float32)
+        else:
+            scale = torch.ones((), dtype=torch.float32, device=logits.device)
+        inplace = inplace_grad and compute_grad
+        if impl == "triton":
+            from fastfuse.kernels.fused_ce import fused_loss_rows
+            loss_rows, grad = fused_loss_rows(
+                logits, ids, logprobs, pos, vocab, labels, weights, lm_weight, temperature,
+                ignore_index, scale, compute_grad, inplace)
+        else:
+            topk, amap = SourceTopK(ids, logprobs), AlignMap(pos, vocab)
+            tids, coefs = _ref.sparse_teacher(topk, amap, labels, weights, lm_weight,
+                                              temperature, ignore_index)
+            loss_rows, grad = _ref.loss_and_grad_rows(
+                logits, tids, coefs, ~not_ignored.reshape(N), scale, compute_grad, inplace)
+        ctx.reduction = reduction
+        ctx.shape = (B, T)
+        if compute_grad:
+            ctx.save_for_backward(grad)
+        if reduction == "none":
+            return loss_rows.view(B, T)
+        total = loss_rows.sum()
+        return total * scale if reduction == "mean" else total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        if ctx.reduction == "none":
+            grad.mul_(grad_output.reshape(*ctx.shape, 1))
+        elif not bool(grad_output == 1):
+            # One scalar host sync: skips a full pass over [N, V] in the common case
+            # (``loss.backward()`` with grad_output == 1). Otherwise a memory-bound rescale.
+            grad.mul_(grad_output)
+        return (grad,) + (None,) * 12
+
+
+def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignMap,
+               labels: Tensor, source_weights: Optional[Tensor] = None, lm_weight: float = 0.9,
+               temperature: float = 1.0, ignore_index: int = -100, reduction: str = "mean",
+               *, inplace_grad: bool = False, impl: str = "auto",
+               validate: bool = True) -> Tensor:
+    """FuseLLM loss of target logits against gold labels and a fused sparse teacher.
+
+    Per token: ``lm_weight * CE(z, label) + (1 - lm_weight) * CE(z, q)``
+    ``= lse(z) - lm_weight * z[label] - (1 - lm_weight) * sum_v q_v z[v]``, where the fused
+    teacher ``q = sum_s w_s * teacher_s``. For source ``s`` at target position ``(b, t)`` with
+    ``j = align_map.pos[s, b, t]``: if ``j >= 0`` the ``K`` entries of ``source_topk`` row
+    ``(s, b, j)`` whose id is not -1, whose mapped id ``align_map.vocab[s, id]`` is not -1 and
+    whose logprob is not ``-inf`` survive, and ``teacher_s = softmax(logprobs / temperature)``
+    over them (duplicate target ids summed); if ``j == -1`` or nothing survives, ``teacher_s``
+    is one-hot on the label.
+
+    Args:
+        target_logits: ``[B, T, V]`` float32/bfloat16/float16 (last dim contiguous). ``[N, V]``
+            is read as ``B = 1, T = N``; then ``labels`` is ``[N]``, ``source_topk`` tensors may
+            be ``[S, Ts, K]``, ``align_map.pos`` ``[S, N]``, and ``source_weights`` ``[S]``
+            (per sequence) or ``[S, N]`` (per token) -- the 3-d shapes with ``B = 1`` work too.
+        source_topk: :class:`SourceTopK` with ids/logprobs ``[S, B, Ts, K]``.
+        align_map: :class:`AlignMap` with pos ``[S, B, T]`` and vocab ``[S, Vs_max]``.
+        labels: integer ``[B, T]``: gold next token per position (already shifted);
+            ``ignore_index`` positions contribute 0 loss and 0 gradient.
+        source_weights: ``None`` (uniform), ``[S, B]`` per sequence or ``[S, B, T]`` per token,
+            ``>= 0``; normalised over ``S`` per token. A token whose weights are all 0 gets
+            uniform weights ``1 / S``.
+        lm_weight: weight of the gold cross-entropy, in ``[0, 1]``.
+        temperature: ``> 0``; the teacher is ``softmax(logprobs / temperature)``.
+        reduction: ``"mean"`` over non-ignored tokens (0, not NaN, when all are ignored),
+            ``"sum"``, or ``"none"`` -> ``[B, T]`` (``[N]`` for 2-d logits) float32.
+        inplace_grad: write the gradient into ``target_logits``'s buffer during the forward
+            (saves ``N * V`` elements of memory). The logits are *consumed*: do not read them
+            after the call. Only when ``target_logits`` requires grad.
+        impl: ``"auto"`` (Triton on CUDA, or on CPU when ``TRITON_INTERPRET=1``; otherwise the
+            chunked torch path), ``"triton"`` or ``"reference"`` (chunked sparse torch path).
+        validate: run the data-dependent checks (id ranges, negative weights, NaN logprobs,
+            label range). They cost a few reductions over the small index tensors
+            (``O(S*B*Ts*K + S*Vs + S*B*T)``, plus ``min``/``max`` of the labels) and **one**
+            host sync. Shape/dtype/device checks are always done (free).
+
+    The gradient flows to ``target_logits`` only; it is computed in the forward pass (one read
+    of the logits for the log-sum-exp, a second, L2-friendly, one for the gradient write) and
+    stored in the logits dtype (or in the logits buffer with ``inplace_grad``). The loss is
+    float32 whatever the logits dtype.
+
+    Costs and syncs. Extra memory: the gradient (``N * V`` elements of the logits dtype, none
+    with ``inplace_grad``) plus ``O(N * S * K)`` for the sparse teacher; never a dense teacher
+    or an fp32 copy of the logits. The forward has no host sync with ``validate=False``. The
+    backward of ``"mean"``/``"sum"`` does one scalar sync to test ``grad_output == 1`` (the
+    usual ``loss.backward()``), which skips a pass over ``[N, V]``; any other ``grad_output``
+    (e.g. ``loss / accumulation_steps``) and ``"none"`` cost one memory-bound rescale of the
+    gradient. On CPU without ``TRITON_INTERPRET=1`` the torch path works on chunks of about
+    4M logits at a time (float32 softmax of the chunk), so memory stays ``O(N * V)`` only for
+    the gradient itself.
+    """
+    if not isinstance(target_logits, Tensor):
+        raise TypeError(f"target_logits must be a torch.Tensor, got {type(target_logits).__name__}")
+    if target_logits.dtype not in _FLOATS:
+        raise TypeError(f"target_logits must be float32, bfloat16 or float16, got {target_logits.dtype}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if impl not in ("auto", "triton", "reference"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+    if not isinstance(source_topk, SourceTopK) and not (
+            hasattr(source_topk, "ids") and hasattr(source_topk, "logprobs")):
+        raise TypeError("source_topk must be a fastfuse.SourceTopK(ids, logprobs)")
+    if not isinstance(align_map, AlignMap) and not (
+            hasattr(align_map, "pos") and hasattr(align_map, "vocab")):
+        raise TypeError("align_map must be a fastfuse.AlignMap(pos, vocab)")
+    ids, logprobs = source_topk.ids, source_topk.logprobs
+    pos, vocab = align_map.pos, align_map.vocab
+    for name, x in (("labels", labels), ("source_topk.ids", ids),
+                    ("source_topk.logprobs", logprobs), ("align_map.pos", pos),
+                    ("align_map.vocab", vocab)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if source_weights is not None and not isinstance(source_weights, Tensor):
+        raise TypeError(f"source_weights must be a torch.Tensor or None, got {type(source_weights).__name__}")
+    lm_weight, temperature = float(lm_weight), float(temperature)
+    if not 0.0 <= lm_weight <= 1.0:
+        raise ValueError(f"lm_weight must be in [0, 1], got {lm_weight}")
+    if not (temperature > 0.0 and temperature != float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+    # ---- 2-d logits: B = 1 ----
+    squeeze = target_logits.dim() == 2
+    if squeeze:
+        N2 = target_logits.shape[0]
+        target_logits = target_logits.unsqueeze(0)
+        if labels.dim() == 1:
+            labels = labels.unsqueeze(0)
+        if ids.dim() == 3:
+            ids = ids.unsqueeze(1)
+        if logprobs.dim() == 3:
+            logprobs = logprobs.unsqueeze(1)
+        if pos.dim() == 2:
+            pos = pos.unsqueeze(1)
+        if source_weights is not None:
+            if source_weights.dim() == 1:
+                source_weights = source_weights.unsqueeze(1)
+            elif source_weights.dim() == 2 and (source_weights.shape[1] == N2 and N2 != 1):
+                source_weights = source_weights.unsqueeze(1)
+    if target_logits.dim() != 3:
+        raise ValueError(f"target_logits must be [B, T, V] or [N, V], got shape {tuple(target_logits.shape)}")
+    B, T, V = target_logits.shape
+    if V == 0 or B * T == 0:
+        raise ValueError(f"target_logits must be non-empty, got shape {tuple(target_logits.shape)}")
+    if target_logits.stride(-1) != 1:
+        raise ValueError("target_logits must be contiguous in its last (vocabulary) dimension")
+
+    # ---- dtypes ----
+    if labels.dtype not in _INTS:
+        raise TypeError(f"labels must be int64 (or int32), got {labels.dtype}")
+    if ids.dtype not in _INTS:
+        raise TypeError(f"source_topk.ids must be int32 or int64, got {ids.dtype}")
+    if not logprobs.is_floating_point():
+        raise TypeError(f"source_topk.logprobs must be a float tensor, got {logprobs.dtype}")
+    if pos.dtype not in _INTS:
+        raise TypeError(f"align_map.pos must be int32 (or int64), got {pos.dtype}")
+    if vocab.dtype not in _INTS:
+        raise TypeError(f"align_map.vocab must be int32 (or int64), got {vocab.dtype}")
+    if source_weights is not None and not source_weights.is_floating_point():
+        raise TypeError(f"source_weights must be a float tensor, got {source_weights.dtype}")
+
+    # ---- shapes ----
+    if labels.shape != (B, T):
+        raise ValueError(f"labels must have shape {(B, T)} (B, T of target_logits), got {tuple(labels.shape)}")
+    if ids.dim() != 4:
+        raise ValueError(f"source_topk.ids must be [S, B, Ts, K], got shape {tuple(ids.shape)}")
+    S, Bi, Ts, K = ids.shape
+    if Bi != B:
+        raise ValueError(f"source_topk.ids has batch size {Bi}, target_logits has {B}")
+    if not 1 <= S <= 8:
+        raise ValueError(f"number of sources S must be in 1..8, got S={S} (source_topk.ids)")
+    if not 1 <= K <= 64:
+        raise ValueError(f"top-k K must be in 1..64, got K={K} (source_topk.ids)")
+    if Ts == 0:
+        raise ValueError("source_topk.ids has Ts = 0 source positions")
+    if logprobs.shape != ids.shape:
+        raise ValueError(f"source_topk.logprobs must have the shape of ids {tuple(ids.shape)}, got {tuple(logprobs.shape)}")
+    if pos.shape != (S, B, T):
+        raise ValueError(f"align_map.pos must have shape {(S, B, T)} (S, B, T), got {tuple(pos.shape)}")
+    if vocab.dim() != 2 or vocab.shape[0] != S or vocab.shape[1] == 0:
+        raise ValueError(f"align_map.vocab must have shape [S={S}, Vs_max > 0], got {tuple(vocab.shape)}")
+    if source_weights is not None and source_weights.shape not in ((S, B), (S, B, T)):
+        raise ValueError(f"source_weights must have shape {(S, B)} or {(S, B, T)}, got {tuple(source_weights.shape)}")
+
+    # ---- devices ----
+    dev = target_logits.device
+    for name, x in (("labels", labels), ("source_topk.ids", ids),
+                    ("source_topk.logprobs", logprobs), ("align_map.pos", pos),
+                    ("align_map.vocab", vocab), ("source_weights", source_weights)):
+        if x is not None and x.device != dev:
+            raise ValueError(f"{name} is on {x.device}, target_logits on {dev}")
+
+    # ---- data-dependent checks: one fused host sync ----
+    if validate:
+        Vs = vocab.shape[1]
+        valid_ids = ids >= 0
+        checks = [
+            ("source_topk.ids", f"must be -1 (padding) or in [0, Vs_max={Vs})",
+             ((ids < -1) | (ids >= Vs)).any()),
+            ("align_map.vocab", f"must be -1 or a target id in [0, V={V})",
+             ((vocab < -1) | (vocab >= V)).any()),
+            ("align_map.pos", f"must be -1 or a source position in [0, Ts={Ts})",
+             ((pos < -1) | (pos >= Ts)).any()),
+            ("labels", f"must be ignore_index={ignore_index} or in [0, V={V})",
+             ((labels != ignore_index) & ((labels < 0) | (labels >= V))).any()),
+            ("source_topk.logprobs", "must not be NaN or +inf at non-padding entries",
+             (valid_ids & (torch.isnan(logprobs) | torch.isposinf(logprobs))).any()),
+        ]
+        if source_weights is not None:
+            checks.append(("source_weights", "must be finite and >= 0",
+                           (~torch.isfinite(source_weights) | (source_weights < 0)).any()))
+        flags = torch.stack([c[2] for c in checks]).tolist()
+        for (name, msg, _), bad in zip(checks, flags):
+            if bad:
+                raise ValueError(f"{name} {msg}")
+
+    # ---- implementation ----
+    if impl == "auto":
+        use_triton = _triton_available() and (dev.type == "cuda" or (dev.type == "cpu" and _interpret()))
+        impl = "triton" if use_triton else "reference"
+    if impl == "triton":
+        if not _triton_available():
+            raise ValueError("impl='triton' needs the triton package")
+        if dev.type == "cpu":
+            if not _interpret():
+                raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1, set "
+                                 "before triton is first imported")
+            from fastfuse.kernels import fused_ce
+            if type(fused_ce.fused_ce_kernel).__name__ != "InterpretedFunction":
+                raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1, set "
+                                 "before triton and fastfuse.kernels are first imported")
+        elif dev.type != "cuda":
+            raise ValueError(f"impl='triton' needs CUDA (or CPU with TRITON_INTERPRET=1) tensors, got {dev}")
+
+    weights = _ref.normalize_weights(source_weights, S, B, T, dev).reshape(S, B * T)
+    loss = _FusedLoss.apply(target_logits, ids, logprobs, pos, vocab, labels, weights, lm_weight,
+                            temperature, ignore_index, reduction, bool(inplace_grad), impl)
+    if squeeze and reduction == "none":
+        loss = loss.squeeze(0)
+    return loss

@@ -1,0 +1,270 @@
+"""Triton kernels (``impl="triton"``) against the float64 dense reference, forward and backward.
+
+Without CUDA the kernels run on CPU tensors under ``TRITON_INTERPRET=1``. Triton decides between
+interpreter and compiler when a function is decorated -- its own ``triton.language`` helpers
+included -- so the variable must be set before ``triton`` is first imported. This module sets it
+at import time when it can (and restores the old value after its tests, so other modules keep
+the torch path under ``impl="auto"``); if ``triton`` was already imported in compiled mode, the
+module re-runs itself in a subprocess with the variable set. Shapes are small: the interpreter
+is slow.
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
+if DEVICE == "cpu" and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+
+from fastfuse.loss import AlignMap, SourceTopK, fused_loss  # noqa: E402
+from fastfuse.reference import (dense_teacher, fused_loss_reference, normalize_weights,  # noqa: E402
+                                random_inputs, sparse_teacher)
+
+_INTERPRETED = type(triton.language.standard.sum).__name__ == "InterpretedFunction"
+_IN_PROCESS = DEVICE == "cuda" or _INTERPRETED
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpret():
+    if not _IN_PROCESS:
+        yield
+        return
+    if DEVICE == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    import importlib
+
+    import fastfuse.kernels.fused_ce as fc
+    import fastfuse.kernels.sparse_teacher as st
+    if DEVICE == "cpu" and type(fc.fused_ce_kernel).__name__ != "InterpretedFunction":
+        importlib.reload(st)        # imported earlier in compiled mode: decorate again
+        importlib.reload(fc)
+    yield
+    if _OLD_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _OLD_INTERPRET
+
+
+@pytest.fixture(autouse=True)
+def _skip_if_subprocess(request):
+    if not _IN_PROCESS and request.node.name != "test_kernels_in_subprocess":
+        pytest.skip("triton was imported in compiled mode; covered by test_kernels_in_subprocess")
+
+
+@pytest.mark.skipif(_IN_PROCESS, reason="kernels run in this process")
+def test_kernels_in_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
+
+
+TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 1.6e-2), torch.float16: (2e-3, 2e-3)}
+
+
+def check(d, *, lm_weight=0.9, temperature=1.0, reduction="mean", inplace=False, out_scale=1.0):
+    """Run the kernel and the float64 reference on the same inputs; compare loss and gradient."""
+    topk, amap = SourceTopK(*d["source_topk"]), AlignMap(*d["align_map"])
+    z0 = d["target_logits"]
+    z64 = z0.double().requires_grad_()
+    want = fused_loss_reference(z64, topk, amap, d["labels"], d["source_weights"], lm_weight,
+                                temperature, reduction=reduction)
+    gout = torch.rand(want.shape, dtype=torch.float64, device=z0.device) if reduction == "none" else out_scale
+    (want * gout).sum().backward()
+    z = z0.clone().requires_grad_()
+    x = z * 1 if inplace else z
+    got = fused_loss(x, topk, amap, d["labels"], d["source_weights"], lm_weight, temperature,
+                     reduction=reduction, inplace_grad=inplace, impl="triton")
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    (got * (gout.float() if torch.is_tensor(gout) else gout)).sum().backward()
+    rtol, atol = TOL[z0.dtype]
+    scale = max(1.0, want.detach().abs().max().item())
+    torch.testing.assert_close(got.double(), want.detach(), rtol=rtol, atol=atol * scale)
+    torch.testing.assert_close(z.grad.double(), z64.grad, rtol=0, atol=atol)
+    assert z.grad.dtype == z0.dtype
+    return got, z.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("S,K", [(1, 1), (3, 10)])
+@pytest.mark.parametrize("weights", ["seq", "token"])
+def test_kernel_matches_reference(dtype, S, K, weights):
+    g = torch.Generator().manual_seed(hash((str(dtype), S, K, weights)) % 2**31)
+    d = random_inputs(2, 5, 300, S, K, map_range=60, dtype=dtype, weights=weights,
+                      device=DEVICE, generator=g)
+    check(d, lm_weight=0.8, temperature=1.5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_kernel_reductions_and_inplace(reduction, inplace):
+    d = random_inputs(2, 5, 1000, 3, 10, device=DEVICE, weights=None,
+                      generator=torch.Generator().manual_seed(7))
+    z_before = d["target_logits"].clone()
+    check(d, reduction=reduction, inplace=inplace, out_scale=0.37)
+    assert torch.equal(d["target_logits"], z_before)          # the caller's leaf is untouched
+
+
+def test_kernel_inplace_consumes_buffer():
+    d = random_inputs(2, 5, 300, 2, 4, device=DEVICE, generator=torch.Generator().manual_seed(8))
+    topk, amap = SourceTopK(*d["source_topk"]), AlignMap(*d["align_map"])
+    z = d["target_logits"].clone().requires_grad_()
+    buf = z * 1
+    loss = fused_loss(buf, topk, amap, d["labels"], d["source_weights"], inplace_grad=True,
+                      impl="triton")
+    loss.backward()
+    assert torch.equal(buf.detach(), z.grad)                  # the buffer now holds the gradient
+
+
+@pytest.mark.parametrize("config", [None, (1024, 4), (256, 2)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_kernel_block_configs(config, inplace, monkeypatch):
+    # None: default (one block per row at this V); (1024, 4): V = 2500 in three blocks, the last
+    # partial; (256, 2): many blocks. Both the single-block and the two-pass path.
+    import fastfuse.kernels.fused_ce as fc
+    monkeypatch.setattr(fc, "FORCE_CONFIG", config)
+    bv = fc.launch_config(2500)[0]
+    assert (bv >= 2500) == (config is None)
+    d = random_inputs(1, 4, 2500, 2, 10, device=DEVICE, generator=torch.Generator().manual_seed(9))
+    check(d, inplace=inplace)
+    d["target_logits"] = d["target_logits"].to(torch.bfloat16)
+    d["labels"][0, 1] = -100
+    check(d, inplace=inplace, reduction="none")
+
+
+def test_kernel_two_pass_edge_cases(monkeypatch):
+    import fastfuse.kernels.fused_ce as fc
+    monkeypatch.setattr(fc, "FORCE_CONFIG", (128, 2))
+    test_kernel_edge_cases()
+    test_kernel_reductions_and_inplace("mean", True)
+
+
+def test_kernel_edge_cases():
+    g = torch.Generator().manual_seed(10)
+    base = dict(B=2, T=5, V=300, S=3, K=10, device=DEVICE, generator=g)
+    # every row ignored: loss 0, gradient 0
+    d = random_inputs(**base, p_ignore=1.0)
+    loss, grad = check(d)
+    assert loss.item() == 0.0 and grad.abs().max().item() == 0.0
+    # no position aligned: teacher = one-hot label
+    d = random_inputs(**base, p_unaligned=1.0)
+    check(d)
+    # no source id mapped
+    d = random_inputs(**base, p_unmapped=1.0)
+    check(d)
+    # every id padding
+    d = random_inputs(**base, p_pad=1.0, p_unaligned=0.0)
+    check(d)
+    # heavy duplicates: 10 ids per source into 3 target ids (across sources and with labels)
+    d = random_inputs(**base, map_range=3, p_ignore=0.0)
+    d["labels"] = d["labels"] % 3
+    check(d, lm_weight=0.5)
+    # extreme logits
+    d = random_inputs(**base, logit_scale=1.0)
+    z = d["target_logits"]
+    z[0, 0, 7] = 1e4
+    z[0, 1, :] = -1e4
+    z[1, 2, :] = 1e4
+    z[1, 3, 5] = -1e4
+    check(d)
+    # -inf logprobs: zero-probability entries, a whole row of them falls back to one-hot
+    d = random_inputs(**base, p_unaligned=0.0)
+    lp = d["source_topk"][1]
+    lp[0, :, :, 0] = -math.inf
+    lp[1] = -math.inf
+    check(d, temperature=0.5)
+    # all weights of a sequence zero -> uniform
+    d = random_inputs(**base, weights="seq")
+    d["source_weights"][:, 1] = 0
+    check(d)
+
+
+def test_kernel_max_sources_and_topk():
+    # S = 8, K = 64: the largest supported teacher (513 sparse entries per row)
+    d = random_inputs(1, 3, 600, 8, 64, Ts=4, Vs=700, map_range=300, device=DEVICE,
+                      generator=torch.Generator().manual_seed(16))
+    check(d, lm_weight=0.5)
+
+
+def test_kernel_fp16_bf16_extremes():
+    for dtype in (torch.float16, torch.bfloat16):
+        d = random_inputs(2, 3, 300, 2, 10, dtype=dtype, logit_scale=20.0, device=DEVICE,
+                          generator=torch.Generator().manual_seed(11))
+        check(d)
+
+
+def test_sparse_teacher_kernel_matches_torch():
+    from fastfuse.kernels.sparse_teacher import sparse_teacher as sparse_teacher_triton
+    for seed, map_range in [(12, 4), (13, None)]:
+        d = random_inputs(2, 6, 50, 3, 10, Ts=7, Vs=40, map_range=map_range, device=DEVICE,
+                          generator=torch.Generator().manual_seed(seed))
+        ids, lp = d["source_topk"]
+        pos, vocab = d["align_map"]
+        labels = d["labels"]
+        w = normalize_weights(d["source_weights"], 3, 2, 6, labels.device).reshape(3, 12)
+        t1, c1 = sparse_teacher_triton(ids, lp, pos, vocab, labels, w, 0.7, 2.0, -100)
+        t2, c2 = sparse_teacher(SourceTopK(ids, lp), AlignMap(pos, vocab), labels, w, 0.7, 2.0, -100)
+        # kernel output has unique ids per row
+        for row in t1.tolist():
+            kept = [v for v in row if v >= 0]
+            assert len(kept) == len(set(kept))
+        dense1 = torch.zeros(12, 50, dtype=torch.float64, device=labels.device)
+        dense2 = torch.zeros_like(dense1)
+        dense1.scatter_add_(1, t1.long().clamp_min(0), c1.double() * (t1 >= 0))
+        dense2.scatter_add_(1, t2.clamp_min(0), c2.double() * (t2 >= 0))
+        torch.testing.assert_close(dense1, dense2, rtol=1e-6, atol=1e-6)
+        q = dense_teacher(SourceTopK(ids, lp), AlignMap(pos, vocab), labels, 50,
+                          d["source_weights"], 2.0).reshape(12, 50)
+        onehot = torch.nn.functional.one_hot(labels.clamp_min(0).reshape(12), 50).double()
+        want = (0.7 * onehot + 0.3 * q) * (labels.reshape(12, 1) != -100)
+        torch.testing.assert_close(dense1, want, rtol=1e-6, atol=1e-6)
+
+
+def test_kernel_strided_2d_and_no_grad():
+    d = random_inputs(2, 4, 300, 2, 5, device=DEVICE, generator=torch.Generator().manual_seed(14))
+    ids, lp = d["source_topk"]
+    pos, vocab = d["align_map"]
+    topk, amap = SourceTopK(ids, lp), AlignMap(pos, vocab)
+    full = torch.randn(2, 5, 300, device=DEVICE)
+    full[:, :4] = d["target_logits"]
+    z = full.clone().requires_grad_()
+    got = fused_loss(z[:, :-1], topk, amap, d["labels"], d["source_weights"], impl="triton")
+    got.backward()
+    z64 = d["target_logits"].double().requires_grad_()
+    want = fused_loss_reference(z64, topk, amap, d["labels"], d["source_weights"])
+    want.backward()
+    torch.testing.assert_close(got.double(), want.detach())
+    torch.testing.assert_close(z.grad[:, :-1].double(), z64.grad, rtol=0, atol=1e-6)
+    assert z.grad[:, -1].abs().max() == 0
+    with torch.no_grad():
+        l2 = fused_loss(d["target_logits"][1], SourceTopK(ids[:, 1], lp[:, 1]),
+                        AlignMap(pos[:, 1], vocab), d["labels"][1], d["source_weights"][:, 1],
+                        reduction="none", impl="triton")
+    assert l2.shape == (4,)
+    want2 = fused_loss_reference(d["target_logits"].double(), topk, amap, d["labels"],
+                                 d["source_weights"], reduction="none")
+    torch.testing.assert_close(l2.double(), want2[1])
+
+
+def test_auto_uses_triton_under_interpreter(monkeypatch):
+    if DEVICE != "cpu":
+        pytest.skip("CPU-only dispatch check")
+    import fastfuse.kernels.fused_ce as fc
+    calls = []
+    orig = fc.fused_loss_rows
+    monkeypatch.setattr(fc, "fused_loss_rows", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    d = random_inputs(1, 2, 50, 1, 2, generator=torch.Generator().manual_seed(15))
+    fused_loss(d["target_logits"], SourceTopK(*d["source_topk"]), AlignMap(*d["align_map"]),
+               d["labels"])
+    assert calls == [1]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    fused_loss(d["target_logits"], SourceTopK(*d["source_topk"]), AlignMap(*d["align_map"]),
+               d["labels"])
+    assert calls == [1]
