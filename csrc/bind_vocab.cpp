@@ -50,7 +50,7 @@ void load_vocab(VocabArgs& out, const py::buffer& buf, py::handle offsets, py::h
                                   std::to_string(out.special.shape(0)));
         out.view.special = out.special.data();
     }
-    check_byte_vocab(out.view, static_cast<int64_t>(out.buf.size), name.c_str());
+    check_byte_vocab(out.view, static_cast<int64_t>(out.buf.size), (name + "_offsets").c_str());
 }
 
 py::tuple py_map_vocab(const py::buffer& src_buf, py::handle src_offsets, py::handle src_special,
