@@ -202,10 +202,14 @@ def test_empty_vocabularies():
 
 # ------------------------------------------------------------------ real tokenizers
 @pytest.fixture(scope="module")
-def real_maps():
+def real_maps(request):
     vocabfiles = pytest.importorskip("fastfuse.vocabfiles")
     surface = pytest.importorskip("fastfuse.surface")
-    src, tgt = vocabfiles.load_tokenizer("llama-spm"), vocabfiles.load_tokenizer("gpt-2")
+    try:  # the session-wide cached loader from conftest.py, where there is one
+        load = request.getfixturevalue("real_tokenizer")
+    except pytest.FixtureLookupError:
+        load = vocabfiles.load_tokenizer
+    src, tgt = load("llama-spm"), load("gpt-2")
     return surface.token_surfaces(src), surface.token_surfaces(tgt), src, tgt
 
 
