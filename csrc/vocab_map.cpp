@@ -85,11 +85,26 @@ int32_t dp_cutoff(const uint8_t* a, int64_t m, const uint8_t* b, int64_t n, int3
 
 inline const uint8_t* as_u8(std::string_view s) { return reinterpret_cast<const uint8_t*>(s.data()); }
 
+// Which of 64 byte classes occur in a string. Each byte class present in one string but absent
+// from the other needs its own edit (an edit touches at most one byte on each side), so
+// max(popcount(a & ~b), popcount(b & ~a)) is a lower bound on the edit distance: a few word ops
+// that skip most candidates once a good match is known.
+inline uint64_t byte_signature(const uint8_t* p, int64_t n) {
+    uint64_t sig = 0;
+    for (int64_t i = 0; i < n; ++i) sig |= uint64_t(1) << ((uint32_t(p[i]) * 0x9E3779B1u) >> 26);
+    return sig;
+}
+
+inline int32_t signature_bound(uint64_t a, uint64_t b) {
+    return std::max(__builtin_popcountll(a & ~b), __builtin_popcountll(b & ~a));
+}
+
 // Ordinary non-empty target tokens of one byte length, unique bytes (smallest id kept),
 // in increasing id order, bytes stored contiguously with stride len.
 struct Bucket {
     std::vector<int32_t> ids;
     std::vector<uint8_t> bytes;
+    std::vector<uint64_t> sigs;  // byte_signature of each token
 };
 
 }  // namespace
@@ -150,6 +165,7 @@ void map_vocab(const ByteVocab& src, const ByteVocab& tgt, bool mined, int num_t
         Bucket& b = buckets[u.second.size()];
         b.ids.push_back(u.first);
         b.bytes.insert(b.bytes.end(), u.second.begin(), u.second.end());
+        b.sigs.push_back(byte_signature(as_u8(u.second), static_cast<int64_t>(u.second.size())));
     }
     const int64_t maxl = static_cast<int64_t>(max_len);
 
@@ -161,8 +177,20 @@ void map_vocab(const ByteVocab& src, const ByteVocab& tgt, bool mined, int num_t
         uint64_t peq[256];
         std::vector<int32_t> row;
         if (bitpar) build_peq(peq, as_u8(s), static_cast<int>(m));
+        const uint64_t ssig = byte_signature(as_u8(s), m);
 
         int32_t best = INT32_MAX, best_id = INT32_MAX;
+        // Seed with the longest prefix or suffix of s that is a target token: its distance is
+        // exactly the number of bytes cut off, and a tight start lets the bounds below prune.
+        for (int64_t len = m - 1; len >= 1 && best == INT32_MAX; --len) {
+            for (std::string_view part : {s.substr(0, len), s.substr(m - len)}) {
+                auto it = ordinary.find(part);
+                if (it != ordinary.end() && it->second < best_id) {
+                    best = static_cast<int32_t>(m - len);
+                    best_id = it->second;
+                }
+            }
+        }
         // Lengths differing by d give distance >= d: visit d = 0, 1, ... while d can still
         // beat the best, or tie it with a smaller id.
         for (int64_t d = 0; d <= best; ++d) {
@@ -176,6 +204,7 @@ void map_vocab(const ByteVocab& src, const ByteVocab& tgt, bool mined, int num_t
                     const int32_t id = b.ids[i];
                     if (d > best || (d == best && id >= best_id)) break;  // ids ascend: nothing left can win
                     const int32_t limit = id < best_id ? best : best - 1;  // must reach <= limit to win
+                    if (signature_bound(ssig, b.sigs[i]) > limit) continue;
                     const uint8_t* t = b.bytes.data() + i * len;
                     const int32_t dist = bitpar ? myers(peq, static_cast<int>(m), t, len)
                                                 : dp_cutoff(as_u8(s), m, t, len, limit, row);
