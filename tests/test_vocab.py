@@ -53,6 +53,19 @@ def test_random_vocab_matches_reference(seed, mode):
     assert ts[special_targets[special_targets >= 0]].all()  # specials only map to specials
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_wide_alphabet_pruning_matches_reference(seed):
+    # Many short targets over wider alphabets: the length, byte-signature and prefix/suffix
+    # seeding bounds all prune here, so a wrong bound shows up as a different nearest id.
+    rng = random.Random(seed)
+    alphabet = bytes(rng.sample(range(256), rng.choice([8, 16, 64, 256])))
+    tgt = [bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 6))) for _ in range(400)]
+    src = [bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 7))) for _ in range(25)]
+    src += [t[:-1] + bytes([rng.choice(alphabet)]) for t in rng.sample(tgt, 10)]  # distance <= 1
+    src += [t + t[:2] for t in rng.sample(tgt, 5)]  # a prefix of them is a target
+    check_against_reference(src, tgt, "mined")
+
+
 def test_levenshtein_bitparallel_matches_dp():
     rng = random.Random(7)
     for _ in range(400):
