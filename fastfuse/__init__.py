@@ -1,4 +1,52 @@
-"""fastfuse: fast knowledge fusion of LLMs with different tokenizers."""
-from fastfuse._C import align_spans as _align_spans  # noqa: F401  (fails early if the core is not built)
+"""fastfuse: fast knowledge fusion of LLMs with different tokenizers.
+
+The whole public API, by stage (data flows top to bottom; DESIGN.md §3):
+
+    # alignment (C++ core, numpy in and out; no torch needed)
+    token_surfaces(tok)                       bytes each token id stands for, special-token mask
+    align_texts(tgt_tok, src_tok, texts)      exact alignment by byte offsets -> [Alignment(match, pos)]
+    align_offsets(tgt_ends, src_ends)         the same from byte end offsets; align_offsets_batch
+    dtw_align(src_tokens, tgt_tokens)         MinED / DTW alignment of token strings (FuseLLM's)
+    VocabMap.build(src_tok, tgt_tok, mode)    source id -> target id ("exact" | "mined"), save/load
+
+    # fusion weights and schedules (torch)
+    min_ce_weights, avg_ce_weights, reward_weights, fuse_weights, ProgressiveSchedule,
+    ConstantSchedule, LinearSchedule, RewardScorer, generate_responses
+
+    # the loss (Triton on GPU, torch on CPU)
+    SourceTopK(ids, logprobs), AlignMap(pos, vocab)
+    fused_loss(target_logits, source_topk, align_map, labels, source_weights=None, lm_weight=0.9, ...)
+
+Names are imported lazily, so ``import fastfuse`` stays cheap and the alignment tools work without torch.
+"""
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "token_surfaces": "surface", "TokenSurfaces": "surface",
+    "Alignment": "align", "align_texts": "align", "align_offsets": "align", "align_offsets_batch": "align",
+    "dtw_align": "dtw", "dtw_align_batch": "dtw", "DTWAlignment": "dtw",
+    "VocabMap": "vocab",
+    "min_ce_weights": "fusion", "avg_ce_weights": "fusion", "reward_weights": "fusion", "fuse_weights": "fusion",
+    "token_ce_to_sequence_ce": "fusion", "with_target_candidate": "fusion", "RewardScorer": "fusion",
+    "generate_responses": "fusion",
+    "ConstantSchedule": "schedules", "LinearSchedule": "schedules", "ProgressiveSchedule": "schedules",
+    "SourceTopK": "loss", "AlignMap": "loss", "fused_loss": "loss",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastfuse' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"fastfuse.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
