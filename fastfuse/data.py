@@ -1,0 +1,137 @@
+"""Training batches for ``fused_loss``: a collator that pads per-sequence fusion data.
+
+One example (what :class:`FusionDataset` yields, or anything shaped the same) is a dict:
+
+    input_ids       int [T]            target tokenisation of the sequence
+    topk_ids        list of S int [Ts_s, K_s]   each source's top-k ids, source positions
+    topk_logprobs   list of S float [Ts_s, K_s] their log-probs
+    pos             list of S int32 [T]  target position -> source position (next-token semantics) or -1
+    ce              float [S]          each source's cross-entropy on the sequence (NaN = unknown)
+
+Sources may have different sequence lengths, top-k sizes and vocabulary sizes; model vocabularies
+may be padded beyond their tokenizer (embedding rows with no token): ids there map to nothing.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from fastfuse.fusion import fuse_weights
+from fastfuse.loss import AlignMap, SourceTopK
+
+
+def _vocab_table(vocab_maps: Sequence[np.ndarray], source_vocab_sizes: Sequence[int] | None) -> tuple[torch.Tensor, list[int]]:
+    """[S, Vs_max] int32 table padded with -1, and each source's accepted id range."""
+    S = len(vocab_maps)
+    sizes = [len(v) for v in vocab_maps]
+    if source_vocab_sizes is not None:
+        if len(source_vocab_sizes) != S:
+            raise ValueError(f"source_vocab_sizes: expected {S} entries (one per source), got {len(source_vocab_sizes)}")
+        for s, (n, m) in enumerate(zip(source_vocab_sizes, sizes)):
+            if int(n) < m:
+                raise ValueError(f"source_vocab_sizes[{s}]: model vocabulary {n} is smaller than the vocab map ({m} ids)")
+        sizes = [int(n) for n in source_vocab_sizes]
+    table = np.full((S, max(sizes) if S else 0), -1, dtype=np.int32)
+    sizes_out = list(sizes)
+    for s, v in enumerate(vocab_maps):
+        v = np.asarray(v)
+        if v.ndim != 1 or not np.issubdtype(v.dtype, np.integer):
+            raise TypeError(f"vocab_maps[{s}]: expected a 1-D integer array (source id -> target id or -1)")
+        table[s, : len(v)] = v  # ids of padded embedding rows stay -1
+    return torch.from_numpy(table), sizes_out
+
+
+class FusionCollator:
+    """Pads a list of examples into one batch for :func:`fastfuse.fused_loss`.
+
+    Args:
+        vocab_maps: per source, int array ``[len(source tokenizer)]``: source id -> target id or -1
+            (``VocabMap.ids``).
+        pad_token_id: target id used to pad ``input_ids``.
+        source_vocab_sizes: per source, the model's logits dimension if it exceeds the tokenizer
+            (padded embeddings); ids in ``[len(map), size)`` are accepted and map to nothing.
+        target_vocab_size: if given, every mapped id is checked to be below it.
+        fusion: ``"min_ce"`` | ``"avg_ce"`` | ``None`` (uniform) — per-sequence source weights.
+        pin_memory: pin the batch's tensors (only when CUDA is available).
+
+    Returns dicts with ``input_ids`` int64 ``[B, T]``, ``attention_mask`` ``[B, T]``, ``labels`` int64
+    ``[B, T]`` (already shifted: ``labels[:, t]`` is token ``t+1``; padding and the last position
+    are ``ignore_index``), ``source_topk`` (:class:`SourceTopK`, ``[S, B, Ts, K]``), ``align_map``
+    (:class:`AlignMap`), ``source_weights`` float32 ``[S, B]`` and ``source_ce`` ``[S, B]``.
+    """
+
+    def __init__(self, vocab_maps: Sequence[np.ndarray], pad_token_id: int, source_vocab_sizes: Sequence[int] | None = None,
+                 target_vocab_size: int | None = None, fusion: str | None = "min_ce", tau: float = 1.0,
+                 ignore_index: int = -100, pin_memory: bool = True):
+        if not isinstance(pad_token_id, (int, np.integer)) or pad_token_id < 0:
+            raise ValueError(f"pad_token_id: expected an int >= 0, got {pad_token_id!r}")
+        if fusion not in ("min_ce", "avg_ce", None):
+            raise ValueError(f"fusion: expected 'min_ce', 'avg_ce' or None, got {fusion!r}")
+        self.vocab, self.source_sizes = _vocab_table(vocab_maps, source_vocab_sizes)
+        if target_vocab_size is not None and self.vocab.numel() and int(self.vocab.max()) >= target_vocab_size:
+            raise ValueError(f"vocab_maps: mapped ids must be < target_vocab_size ({target_vocab_size}), "
+                             f"got {int(self.vocab.max())}")
+        self.num_sources = len(vocab_maps)
+        self.pad_token_id = int(pad_token_id)
+        self.fusion, self.tau, self.ignore_index = fusion, tau, ignore_index
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        S, B = self.num_sources, len(examples)
+        if B == 0:
+            raise ValueError("examples: expected at least one example")
+        for b, ex in enumerate(examples):
+            for key in ("topk_ids", "topk_logprobs", "pos"):
+                if len(ex[key]) != S:
+                    raise ValueError(f"examples[{b}]['{key}']: expected {S} sources, got {len(ex[key])}")
+        T = max(len(ex["input_ids"]) for ex in examples)
+        Ts = max([1] + [len(ex["topk_ids"][s]) for ex in examples for s in range(S)])
+        K = max([1] + [np.asarray(ex["topk_ids"][s]).reshape(len(ex["topk_ids"][s]), -1).shape[1]
+                       for ex in examples for s in range(S) if len(ex["topk_ids"][s])])
+        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.int64)
+        attention = torch.zeros((B, T), dtype=torch.int64)
+        labels = torch.full((B, T), self.ignore_index, dtype=torch.int64)
+        ids = torch.full((S, B, Ts, K), -1, dtype=torch.int32)
+        logprobs = torch.zeros((S, B, Ts, K), dtype=torch.float32)
+        pos = torch.full((S, B, T), -1, dtype=torch.int32)
+        ce = torch.full((S, B), float("nan"), dtype=torch.float32)
+        for b, ex in enumerate(examples):
+            x = torch.as_tensor(np.asarray(ex["input_ids"], dtype=np.int64))
+            n = len(x)
+            input_ids[b, :n] = x
+            attention[b, :n] = 1
+            labels[b, : max(n - 1, 0)] = x[1:]
+            if "ce" in ex and ex["ce"] is not None:
+                ce[:, b] = torch.as_tensor(np.asarray(ex["ce"], dtype=np.float32).reshape(S))
+            for s in range(S):
+                ti = np.asarray(ex["topk_ids"][s])
+                tl = np.asarray(ex["topk_logprobs"][s])
+                if ti.shape != tl.shape or ti.ndim != 2:
+                    raise ValueError(f"examples[{b}]: source {s} topk_ids {ti.shape} and topk_logprobs {tl.shape} "
+                                     "must both be [Ts, K]")
+                if ti.size and (ti.max() >= self.source_sizes[s] or ti.min() < -1):
+                    raise ValueError(f"examples[{b}]: source {s} topk_ids must lie in [-1, {self.source_sizes[s]}), "
+                                     f"got [{ti.min()}, {ti.max()}]")
+                p = np.asarray(ex["pos"][s])
+                if p.shape != (n,):
+                    raise ValueError(f"examples[{b}]: source {s} pos must have the target length {n}, got {p.shape}")
+                if p.size and p.max() >= len(ti):
+                    raise ValueError(f"examples[{b}]: source {s} pos points past the source sequence ({len(ti)} positions)")
+                ids[s, b, : len(ti), : ti.shape[1]] = torch.from_numpy(ti.astype(np.int32))
+                logprobs[s, b, : len(tl), : tl.shape[1]] = torch.from_numpy(tl.astype(np.float32))
+                pos[s, b, :n] = torch.from_numpy(p.astype(np.int32))
+        if self.fusion is None or S == 0:
+            weights = torch.full((S, B), 1.0 / max(S, 1))
+        else:
+            weights = fuse_weights(ce, method=self.fusion, level="sequence", tau=self.tau)
+        batch = {
+            "input_ids": input_ids, "attention_mask": attention, "labels": labels,
+            "source_topk": SourceTopK(ids, logprobs), "align_map": AlignMap(pos, self.vocab),
+            "source_weights": weights, "source_ce": ce,
+        }
+        if self.pin_memory:
+            batch = {k: (type(v)(*(t.pin_memory() for t in v)) if isinstance(v, tuple) else v.pin_memory())
+                     for k, v in batch.items()}
+        return batch
