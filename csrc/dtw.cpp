@@ -91,6 +91,31 @@ inline int32_t myers64(const uint64_t* peq, int m, const uint32_t* t, int64_t lt
     return static_cast<int32_t>(score);
 }
 
+// Four texts of one length against one pattern: four independent dependency chains, and the
+// loop trip count is the same for runs of texts (the texts are visited sorted by length), so
+// the branch predictor learns it.
+inline void myers64_x4(const uint64_t* peq, int m, const uint32_t* const* t, int64_t lt, int32_t* out) {
+    uint64_t pv[4], mv[4];
+    int64_t score[4];
+    const uint64_t hb = uint64_t(1) << (m - 1);
+    for (int q = 0; q < 4; ++q) { pv[q] = ~uint64_t(0); mv[q] = 0; score[q] = m; }
+    for (int64_t k = 0; k < lt; ++k) {
+        for (int q = 0; q < 4; ++q) {
+            const uint64_t eq = peq[t[q][k]];
+            const uint64_t xv = eq | mv[q];
+            const uint64_t xh = (((eq & pv[q]) + pv[q]) ^ pv[q]) | eq;
+            uint64_t ph = mv[q] | ~(xh | pv[q]);
+            uint64_t mh = pv[q] & xh;
+            score[q] += static_cast<int64_t>((ph & hb) != 0) - static_cast<int64_t>((mh & hb) != 0);
+            ph = (ph << 1) | 1;
+            mh <<= 1;
+            pv[q] = mh | ~(xv | ph);
+            mv[q] = ph & xv;
+        }
+    }
+    for (int q = 0; q < 4; ++q) out[q] = static_cast<int32_t>(score[q]);
+}
+
 // dist[us * Ut + ut] for every unique (src, tgt) pair; one src token is the pattern per task.
 void distance_table(const Interned& s, const Interned& t, size_t alphabet_size, int num_threads,
                     std::vector<int32_t>& dist) {
@@ -98,6 +123,14 @@ void distance_table(const Interned& s, const Interned& t, size_t alphabet_size, 
     dist.resize(static_cast<size_t>(Us * Ut));
     // Threads only pay off on larger tables.
     if (Us * Ut < 32768) num_threads = 1;
+    // Target tokens sorted by length, split into runs of equal length.
+    std::vector<int32_t> by_len(Ut);
+    for (int64_t v = 0; v < Ut; ++v) by_len[v] = static_cast<int32_t>(v);
+    std::stable_sort(by_len.begin(), by_len.end(), [&](int32_t x, int32_t y) { return t.len(x) < t.len(y); });
+    std::vector<int64_t> runs;
+    for (int64_t r = 0; r < Ut; ++r)
+        if (r == 0 || t.len(by_len[r]) != t.len(by_len[r - 1])) runs.push_back(r);
+    runs.push_back(Ut);
     // One src token is the pattern per task; each thread keeps a zeroed match-mask scratch
     // (bits are set for the pattern and cleared again after it).
     const int64_t chunk = 4;
@@ -112,10 +145,22 @@ void distance_table(const Interned& s, const Interned& t, size_t alphabet_size, 
                 for (int64_t v = 0; v < Ut; ++v) row[v] = static_cast<int32_t>(t.len(v));
             } else if (m <= 64) {
                 for (int64_t k = 0; k < m; ++k) peq[p[k]] |= uint64_t(1) << k;
-                for (int64_t v = 0; v < Ut; ++v) {
-                    const int64_t lt = t.len(v);
-                    row[v] = lt == 0 ? static_cast<int32_t>(m)
-                                     : myers64(peq.data(), static_cast<int>(m), t.str(v), lt);
+                for (size_t g = 0; g + 1 < runs.size(); ++g) {
+                    const int64_t a = runs[g], b = runs[g + 1];
+                    const int64_t lt = t.len(by_len[a]);
+                    if (lt == 0) {
+                        for (int64_t r = a; r < b; ++r) row[by_len[r]] = static_cast<int32_t>(m);
+                        continue;
+                    }
+                    int64_t r = a;
+                    for (; r + 4 <= b; r += 4) {
+                        const uint32_t* ts[4] = {t.str(by_len[r]), t.str(by_len[r + 1]), t.str(by_len[r + 2]),
+                                                 t.str(by_len[r + 3])};
+                        int32_t o[4];
+                        myers64_x4(peq.data(), static_cast<int>(m), ts, lt, o);
+                        for (int q = 0; q < 4; ++q) row[by_len[r + q]] = o[q];
+                    }
+                    for (; r < b; ++r) row[by_len[r]] = myers64(peq.data(), static_cast<int>(m), t.str(by_len[r]), lt);
                 }
                 for (int64_t k = 0; k < m; ++k) peq[p[k]] = 0;
             } else {
@@ -130,7 +175,7 @@ template <class T>
 int64_t forward_backtrack(const Interned& s, const Interned& t, const std::vector<int32_t>& dist, DTWResult& out) {
     const int64_t n1 = static_cast<int64_t>(s.uid.size()), n2 = static_cast<int64_t>(t.uid.size());
     const int64_t Ut = t.size();
-    // dir: 0 diag, 1 up (i-1), 2 left (j-1); cell (0, 0) is never read.
+    // dir: 0 diag, 1 up (i-1), 2 or 3 left (j-1); cell (0, 0) is never read.
     std::vector<uint8_t> dir(static_cast<size_t>(n1 * n2));
     std::vector<T> prev(n2), cur(n2);
     const int32_t* tu = t.uid.data();
@@ -159,7 +204,7 @@ int64_t forward_backtrack(const Interned& s, const Interned& t, const std::vecto
             const T du = u_lt ? up : dg;
             const bool l_lt = left < du;
             const T m = l_lt ? left : du;
-            d[j] = l_lt ? uint8_t(2) : static_cast<uint8_t>(u_lt);
+            d[j] = static_cast<uint8_t>(u_lt | (l_lt << 1));  // bit 1: left, else bit 0: up
             left = m + static_cast<T>(drow[tu[j]]);
             cu[j] = left;
         }
@@ -176,9 +221,9 @@ int64_t forward_backtrack(const Interned& s, const Interned& t, const std::vecto
         pi.push_back(static_cast<int32_t>(i));
         pj.push_back(static_cast<int32_t>(j));
         const uint8_t mv = dir[i * n2 + j];
-        if (mv == 0) { --i; --j; }
-        else if (mv == 1) { --i; }
-        else { --j; }
+        if (mv & 2) --j;
+        else if (mv & 1) --i;
+        else { --i; --j; }
     }
     pi.push_back(0);
     pj.push_back(0);
