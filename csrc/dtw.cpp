@@ -9,6 +9,16 @@
 
 #include "common.hpp"
 
+#include <cstring>
+#include <type_traits>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTFUSE_DTW_AVX2 1
+#include <immintrin.h>
+#else
+#define FASTFUSE_DTW_AVX2 0
+#endif
+
 namespace fastfuse {
 
 int64_t levenshtein(const uint32_t* a, int64_t la, const uint32_t* b, int64_t lb) {
@@ -116,13 +126,17 @@ inline void myers64_x4(const uint64_t* peq, int m, const uint32_t* const* t, int
     for (int q = 0; q < 4; ++q) out[q] = static_cast<int32_t>(score[q]);
 }
 
-// dist[us * Ut + ut] for every unique (src, tgt) pair; one src token is the pattern per task.
-void distance_table(const Interned& s, const Interned& t, size_t alphabet_size, int num_threads,
-                    std::vector<int32_t>& dist) {
+// The cost rows: cost[us * n2 + j] = editdistance(src unique token us, tgt token j), for every
+// unique src token and every target position (C = uint8_t when every token has <= 255 code
+// points, which bounds the distance, else int32_t). The edit distance is computed once per
+// unique (src, tgt) pair, one src token as the pattern per task, then spread over positions.
+template <class C>
+void cost_rows(const Interned& s, const Interned& t, size_t alphabet_size, int num_threads, std::vector<C>& cost) {
     const int64_t Us = s.size(), Ut = t.size();
-    dist.resize(static_cast<size_t>(Us * Ut));
+    const int64_t n2 = static_cast<int64_t>(t.uid.size());
+    cost.resize(static_cast<size_t>(Us * n2));
     // Threads only pay off on larger tables.
-    if (Us * Ut < 32768) num_threads = 1;
+    if (Us * (Ut + n2 / 8) < 32768) num_threads = 1;
     // Target tokens sorted by length, split into runs of equal length.
     std::vector<int32_t> by_len(Ut);
     for (int64_t v = 0; v < Ut; ++v) by_len[v] = static_cast<int32_t>(v);
@@ -131,14 +145,19 @@ void distance_table(const Interned& s, const Interned& t, size_t alphabet_size, 
     for (int64_t r = 0; r < Ut; ++r)
         if (r == 0 || t.len(by_len[r]) != t.len(by_len[r - 1])) runs.push_back(r);
     runs.push_back(Ut);
-    // One src token is the pattern per task; each thread keeps a zeroed match-mask scratch
-    // (bits are set for the pattern and cleared again after it).
+    const int32_t* tu = t.uid.data();
+    // Each thread keeps a zeroed match-mask scratch (bits are set for the pattern and cleared
+    // again after it) and a row of distances over the unique target tokens.
     const int64_t chunk = 4;
     parallel_for((Us + chunk - 1) / chunk, num_threads, [&](int64_t c) {
-        thread_local std::vector<uint64_t> peq;
-        if (peq.size() < alphabet_size) peq.assign(alphabet_size, 0);
+        thread_local std::vector<uint64_t> peq_scratch;
+        thread_local std::vector<int32_t> row_scratch;
+        if (peq_scratch.size() < alphabet_size) peq_scratch.assign(alphabet_size, 0);
+        row_scratch.resize(Ut);
+        // Plain locals: C may be a char type that aliases everything, and thread_locals are slow.
+        uint64_t* const peq = peq_scratch.data();
+        int32_t* const row = row_scratch.data();
         for (int64_t u = c * chunk, stop = std::min(Us, (c + 1) * chunk); u < stop; ++u) {
-            int32_t* row = dist.data() + u * Ut;
             const int64_t m = s.len(u);
             const uint32_t* p = s.str(u);
             if (m == 0) {
@@ -157,60 +176,161 @@ void distance_table(const Interned& s, const Interned& t, size_t alphabet_size, 
                         const uint32_t* ts[4] = {t.str(by_len[r]), t.str(by_len[r + 1]), t.str(by_len[r + 2]),
                                                  t.str(by_len[r + 3])};
                         int32_t o[4];
-                        myers64_x4(peq.data(), static_cast<int>(m), ts, lt, o);
+                        myers64_x4(peq, static_cast<int>(m), ts, lt, o);
                         for (int q = 0; q < 4; ++q) row[by_len[r + q]] = o[q];
                     }
-                    for (; r < b; ++r) row[by_len[r]] = myers64(peq.data(), static_cast<int>(m), t.str(by_len[r]), lt);
+                    for (; r < b; ++r) row[by_len[r]] = myers64(peq, static_cast<int>(m), t.str(by_len[r]), lt);
                 }
                 for (int64_t k = 0; k < m; ++k) peq[p[k]] = 0;
             } else {
                 for (int64_t v = 0; v < Ut; ++v)
                     row[v] = static_cast<int32_t>(levenshtein(p, m, t.str(v), t.len(v)));
             }
+            C* const out = cost.data() + u * n2;
+            for (int64_t j = 0; j < n2; ++j) out[j] = static_cast<C>(row[tu[j]]);
         }
     });
 }
 
-template <class T>
-int64_t forward_backtrack(const Interned& s, const Interned& t, const std::vector<int32_t>& dist, DTWResult& out) {
-    const int64_t n1 = static_cast<int64_t>(s.uid.size()), n2 = static_cast<int64_t>(t.uid.size());
-    const int64_t Ut = t.size();
-    // dir: 0 diag, 1 up (i-1), 2 or 3 left (j-1); cell (0, 0) is never read.
-    std::vector<uint8_t> dir(static_cast<size_t>(n1 * n2));
+// Backtrack directions as two bit planes, W bytes per DP row: bit j of `up` says the up
+// predecessor is strictly below the diagonal one; bit j of `left` says the left one is strictly
+// below both (so it wins). The first minimum of (diag, up, left) is: left if left bit, else up if
+// up bit, else diag -- np.argmin's choice in the reference. Row 0 and column 0 are not stored
+// (their only finite predecessor is left, resp. up).
+struct Directions {
+    int64_t W = 0;
+    std::vector<uint8_t> up, left;
+};
+
+// One DP row i >= 1, columns [j, stop). Row i at column j - 1 is already in cu.
+template <class T, class C>
+inline void row_scalar(const T* pr, T* cu, const C* crow, uint8_t* ub, uint8_t* lb, int64_t j, int64_t stop) {
+    T left = cu[j - 1];
+    unsigned ubits = 0, lbits = 0;
+    for (; j < stop; ++j) {
+        const T dg = pr[j - 1], up = pr[j];
+        const bool u_lt = up < dg;
+        const T du = u_lt ? up : dg;
+        const bool l_lt = left < du;
+        const T m = l_lt ? left : du;
+        ubits |= static_cast<unsigned>(u_lt) << (j & 7);
+        lbits |= static_cast<unsigned>(l_lt) << (j & 7);
+        if ((j & 7) == 7 || j + 1 == stop) {
+            ub[j >> 3] |= static_cast<uint8_t>(ubits);
+            lb[j >> 3] |= static_cast<uint8_t>(lbits);
+            ubits = lbits = 0;
+        }
+        left = m + static_cast<T>(crow[j]);
+        cu[j] = left;
+    }
+}
+
+#if FASTFUSE_DTW_AVX2
+template <class C>
+__attribute__((target("avx2"))) inline __m256i load_costs(const C* crow) {
+    if constexpr (sizeof(C) == 1)
+        return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(crow)));
+    else
+        return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(crow));
+}
+
+// The same row, 8 columns at a time from an 8-aligned j (int32, all values < 2^29). Row i is a
+// min-plus scan: cur[j] = min(A[j], cur[j-1] + C[j]) with C[j] the cost and
+// A[j] = C[j] + min(diag, up), so the lanes compose as (A, C) pairs in three shift steps and one
+// carry from the previous block. The directions compare the very same integers as row_scalar.
+// Returns the first column it did not do.
+template <class C>
+__attribute__((target("avx2"))) int64_t row_avx2(const int32_t* pr, int32_t* cu, const C* crow, uint8_t* ub,
+                                                 uint8_t* lb, int64_t j, int64_t n2) {
+    const __m256i big = _mm256_set1_epi32(1 << 30), zero = _mm256_setzero_si256();
+    const __m256i sh1 = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6);
+    const __m256i sh2 = _mm256_setr_epi32(0, 0, 0, 1, 2, 3, 4, 5);
+    const __m256i sh4 = _mm256_setr_epi32(0, 0, 0, 0, 0, 1, 2, 3);
+    const __m256i last = _mm256_set1_epi32(7);
+    __m256i carry = _mm256_set1_epi32(cu[j - 1]);
+    for (; j + 8 <= n2; j += 8) {
+        const __m256i up = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pr + j));
+        const __m256i dg = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pr + j - 1));
+        const __m256i c = load_costs(crow + j);
+        const __m256i u_lt = _mm256_cmpgt_epi32(dg, up);
+        const __m256i du = _mm256_min_epi32(dg, up);
+        __m256i a = _mm256_add_epi32(du, c), sc = c;
+        // (a, sc)[j] <- (a[j-k], sc[j-k]) followed by (a[j], sc[j]); identity (big, 0) below lane 0.
+        __m256i as = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(a, sh1), big, 0x01);
+        __m256i cs = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(sc, sh1), zero, 0x01);
+        a = _mm256_min_epi32(a, _mm256_add_epi32(as, sc));
+        sc = _mm256_add_epi32(sc, cs);
+        as = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(a, sh2), big, 0x03);
+        cs = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(sc, sh2), zero, 0x03);
+        a = _mm256_min_epi32(a, _mm256_add_epi32(as, sc));
+        sc = _mm256_add_epi32(sc, cs);
+        as = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(a, sh4), big, 0x0F);
+        cs = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(sc, sh4), zero, 0x0F);
+        a = _mm256_min_epi32(a, _mm256_add_epi32(as, sc));
+        sc = _mm256_add_epi32(sc, cs);
+        const __m256i cur = _mm256_min_epi32(a, _mm256_add_epi32(carry, sc));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(cu + j), cur);
+        const __m256i left = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(cur, sh1), carry, 0x01);
+        const __m256i l_lt = _mm256_cmpgt_epi32(du, left);
+        ub[j >> 3] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_castsi256_ps(u_lt)));
+        lb[j >> 3] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_castsi256_ps(l_lt)));
+        carry = _mm256_permutevar8x32_epi32(cur, last);
+    }
+    return j;
+}
+
+bool cpu_has_avx2() {
+    static const bool has = __builtin_cpu_supports("avx2");
+    return has;
+}
+#endif
+
+std::atomic<bool> g_use_simd{true};
+std::atomic<bool> g_force_wide{false};
+
+template <class T, class C>
+int64_t forward_backtrack(const std::vector<int32_t>& src_uid, int64_t n2,
+                          const std::vector<C>& cost, DTWResult& out) {
+    const int64_t n1 = static_cast<int64_t>(src_uid.size());
+    Directions dir;
+    dir.W = (n2 + 7) / 8;
+    dir.up.assign(static_cast<size_t>(n1 * dir.W), 0);
+    dir.left.assign(static_cast<size_t>(n1 * dir.W), 0);
     std::vector<T> prev(n2), cur(n2);
-    const int32_t* tu = t.uid.data();
     {
-        const int32_t* drow = dist.data() + static_cast<int64_t>(s.uid[0]) * Ut;
+        const C* crow = cost.data() + static_cast<int64_t>(src_uid[0]) * n2;
         T acc = 0;
-        uint8_t* d = dir.data();
         for (int64_t j = 0; j < n2; ++j) {
-            acc += static_cast<T>(drow[tu[j]]);
+            acc += static_cast<T>(crow[j]);
             prev[j] = acc;
-            d[j] = 2;
         }
     }
+#if FASTFUSE_DTW_AVX2
+    const bool simd = std::is_same<T, int32_t>::value && n2 >= 16 && g_use_simd.load(std::memory_order_relaxed) &&
+                      cpu_has_avx2();
+#endif
     for (int64_t i = 1; i < n1; ++i) {
-        const int32_t* drow = dist.data() + static_cast<int64_t>(s.uid[i]) * Ut;
-        uint8_t* d = dir.data() + i * n2;
+        const C* crow = cost.data() + static_cast<int64_t>(src_uid[i]) * n2;
+        uint8_t* ub = dir.up.data() + i * dir.W;
+        uint8_t* lb = dir.left.data() + i * dir.W;
         const T* pr = prev.data();
         T* cu = cur.data();
-        T left = pr[0] + static_cast<T>(drow[tu[0]]);
-        cu[0] = left;
-        d[0] = 1;
-        for (int64_t j = 1; j < n2; ++j) {
-            const T dg = pr[j - 1], up = pr[j];
-            // First minimum of (diag, up, left) wins, as np.argmin in the reference backtrack.
-            const bool u_lt = up < dg;
-            const T du = u_lt ? up : dg;
-            const bool l_lt = left < du;
-            const T m = l_lt ? left : du;
-            d[j] = static_cast<uint8_t>(u_lt | (l_lt << 1));  // bit 1: left, else bit 0: up
-            left = m + static_cast<T>(drow[tu[j]]);
-            cu[j] = left;
+        cu[0] = pr[0] + static_cast<T>(crow[0]);
+#if FASTFUSE_DTW_AVX2
+        if constexpr (std::is_same<T, int32_t>::value) {
+            if (simd) {
+                row_scalar(pr, cu, crow, ub, lb, 1, 8);
+                const int64_t j = row_avx2(pr, cu, crow, ub, lb, 8, n2);
+                if (j < n2) row_scalar(pr, cu, crow, ub, lb, j, n2);
+                std::swap(prev, cur);
+                continue;
+            }
         }
+#endif
+        if (n2 > 1) row_scalar(pr, cu, crow, ub, lb, 1, n2);
         std::swap(prev, cur);
     }
-    const int64_t cost = static_cast<int64_t>(prev[n2 - 1]);
+    const int64_t total = static_cast<int64_t>(prev[n2 - 1]);
 
     // Backtrack from (n1-1, n2-1) to (0, 0); the path's cells, reversed, are in CSR order.
     std::vector<int32_t> pi, pj;
@@ -220,9 +340,12 @@ int64_t forward_backtrack(const Interned& s, const Interned& t, const std::vecto
     while (i > 0 || j > 0) {
         pi.push_back(static_cast<int32_t>(i));
         pj.push_back(static_cast<int32_t>(j));
-        const uint8_t mv = dir[i * n2 + j];
-        if (mv & 2) --j;
-        else if (mv & 1) --i;
+        if (i == 0) { --j; continue; }
+        if (j == 0) { --i; continue; }
+        const int64_t byte = i * dir.W + (j >> 3);
+        const int bit = static_cast<int>(j & 7);
+        if ((dir.left[byte] >> bit) & 1) --j;
+        else if ((dir.up[byte] >> bit) & 1) --i;
         else { --i; --j; }
     }
     pi.push_back(0);
@@ -233,7 +356,7 @@ int64_t forward_backtrack(const Interned& s, const Interned& t, const std::vecto
     out.indptr.assign(n2 + 1, 0);
     for (int32_t jj : pj) ++out.indptr[jj + 1];
     for (int64_t k = 0; k < n2; ++k) out.indptr[k + 1] += out.indptr[k];
-    return cost;
+    return total;
 }
 
 }  // namespace
@@ -248,19 +371,32 @@ DTWResult dtw_align(const std::vector<std::string_view>& src, const std::vector<
     std::unordered_map<uint32_t, uint32_t> alphabet;
     Interned s = intern(src, alphabet, "src_tokens");
     Interned t = intern(tgt, alphabet, "tgt_tokens");
-    std::vector<int32_t> dist;
-    distance_table(s, t, alphabet.size(), num_threads, dist);
-
-    int64_t max_cost = 0;
-    for (int32_t v : dist) max_cost = std::max<int64_t>(max_cost, v);
     const int64_t n1 = static_cast<int64_t>(src.size()), n2 = static_cast<int64_t>(tgt.size());
+    // Levenshtein distance <= the longer token's length: that bounds every cost.
+    int64_t max_len = 0;
+    for (int64_t u = 0; u < s.size(); ++u) max_len = std::max(max_len, s.len(u));
+    for (int64_t u = 0; u < t.size(); ++u) max_len = std::max(max_len, t.len(u));
     DTWResult out;
-    // Any cell is a sum of at most n1 + n2 - 1 costs: int32 unless that could overflow.
-    if (max_cost * (n1 + n2) < std::numeric_limits<int32_t>::max())
-        out.cost = forward_backtrack<int32_t>(s, t, dist, out);
-    else
-        out.cost = forward_backtrack<int64_t>(s, t, dist, out);
+    // Any cell is a sum of at most n1 + n2 - 1 costs: int32 (and the SIMD row, whose sentinel
+    // is 2^30) while that stays below 2^29, else int64.
+    const bool narrow = max_len * (n1 + n2) < (int64_t(1) << 29) && !g_force_wide.load(std::memory_order_relaxed);
+    if (max_len <= 255) {
+        std::vector<uint8_t> cost;
+        cost_rows(s, t, alphabet.size(), num_threads, cost);
+        out.cost = narrow ? forward_backtrack<int32_t>(s.uid, n2, cost, out)
+                          : forward_backtrack<int64_t>(s.uid, n2, cost, out);
+    } else {
+        std::vector<int32_t> cost;
+        cost_rows(s, t, alphabet.size(), num_threads, cost);
+        out.cost = narrow ? forward_backtrack<int32_t>(s.uid, n2, cost, out)
+                          : forward_backtrack<int64_t>(s.uid, n2, cost, out);
+    }
     return out;
+}
+
+void dtw_set_paths(bool simd, bool force_wide) {
+    g_use_simd.store(simd);
+    g_force_wide.store(force_wide);
 }
 
 }  // namespace fastfuse

@@ -34,4 +34,9 @@ int64_t levenshtein(const uint32_t* a, int64_t la, const uint32_t* b, int64_t lb
 DTWResult dtw_align(const std::vector<std::string_view>& src, const std::vector<std::string_view>& tgt,
                     int num_threads = 1);
 
+// Testing hook, process-wide: simd = use the AVX2 DP row where the CPU has it (default true);
+// force_wide = run the DP in int64 even when int32 is safe (default false). Every path must
+// give the same result.
+void dtw_set_paths(bool simd, bool force_wide);
+
 }  // namespace fastfuse

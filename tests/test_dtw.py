@@ -211,6 +211,41 @@ def test_realistic_long_pair_and_batch(tokenizers_pair):
         assert got.to_lists() == reference_dtw(s, t)[3]
 
 
+@pytest.fixture(params=["scalar", "wide"])
+def dp_path(request):
+    from fastfuse import _C
+
+    _C._dtw_set_paths(simd=request.param != "scalar", force_wide=request.param == "wide")
+    yield request.param
+    _C._dtw_set_paths(simd=True, force_wide=False)
+
+
+def test_other_dp_paths_agree(dp_path, tokenizers_pair):
+    # The default (AVX2 int32 row where available) is checked everywhere above; here the scalar
+    # int32 row and the int64 row against the reference and against the default path.
+    from fastfuse import _C
+
+    bpe, wp, uni, paragraphs = tokenizers_pair
+    rng = random.Random(11)
+    cases = [(bpe.encode(p).tokens, uni.encode(p).tokens) for p in rng.sample(paragraphs, 6)]
+    for _ in range(80):
+        n1, n2 = rng.randint(1, 40), rng.randint(1, 40)
+        cases.append(
+            (
+                ["".join(rng.choice("ab") for _ in range(rng.randint(0, 3))) for _ in range(n1)],
+                ["".join(rng.choice("ab") for _ in range(rng.randint(0, 3))) for _ in range(n2)],
+            )
+        )
+    cases.append((["x" * 300, "y", "x" * 256], ["x" * 299] * 20 + ["y"]))  # int32 cost rows
+    got = [dtw_align(s, t) for s, t in cases]
+    _C._dtw_set_paths(simd=True, force_wide=False)
+    for (s, t), g in zip(cases, got):
+        d = dtw_align(s, t)
+        assert np.array_equal(g.indptr, d.indptr) and np.array_equal(g.indices, d.indices) and g.cost == d.cost
+    for (s, t), g in zip(cases[::4], got[::4]):
+        assert g.to_lists() == reference_dtw(s, t)[3]
+
+
 # ----------------------------------------------------------------------------- API details
 def test_one_to_one_and_sources():
     got = dtw_align(["ab", "c", "d"], ["abc", "d"])
