@@ -157,6 +157,8 @@ void cost_rows(const Interned& s, const Interned& t, size_t alphabet_size, int n
         // Plain locals: C may be a char type that aliases everything, and thread_locals are slow.
         uint64_t* const peq = peq_scratch.data();
         int32_t* const row = row_scratch.data();
+        const int32_t* const tu_local = tu;
+        const int64_t n2_local = n2;
         for (int64_t u = c * chunk, stop = std::min(Us, (c + 1) * chunk); u < stop; ++u) {
             const int64_t m = s.len(u);
             const uint32_t* p = s.str(u);
@@ -186,8 +188,8 @@ void cost_rows(const Interned& s, const Interned& t, size_t alphabet_size, int n
                 for (int64_t v = 0; v < Ut; ++v)
                     row[v] = static_cast<int32_t>(levenshtein(p, m, t.str(v), t.len(v)));
             }
-            C* const out = cost.data() + u * n2;
-            for (int64_t j = 0; j < n2; ++j) out[j] = static_cast<C>(row[tu[j]]);
+            C* const out = cost.data() + u * n2_local;
+            for (int64_t j = 0; j < n2_local; ++j) out[j] = static_cast<C>(row[tu_local[j]]);
         }
     });
 }
@@ -201,6 +203,19 @@ struct Directions {
     int64_t W = 0;
     std::vector<uint8_t> up, left;
 };
+
+// Per-thread buffers reused across calls: fresh multi-megabyte allocations cost page faults
+// that were ~15% of a 2048 x 2250 alignment. Released after a call that needed more than
+// kKeepBytes, so a one-off huge alignment does not pin its memory.
+struct Workspace {
+    std::vector<uint8_t> cost8;
+    std::vector<int32_t> cost32;
+    Directions dir;
+    size_t bytes() const {
+        return cost8.capacity() + cost32.capacity() * 4 + dir.up.capacity() + dir.left.capacity();
+    }
+};
+constexpr size_t kKeepBytes = size_t(64) << 20;
 
 // One DP row i >= 1, columns [j, stop). Row i at column j - 1 is already in cu.
 template <class T, class C>
@@ -216,8 +231,10 @@ inline void row_scalar(const T* pr, T* cu, const C* crow, uint8_t* ub, uint8_t* 
         ubits |= static_cast<unsigned>(u_lt) << (j & 7);
         lbits |= static_cast<unsigned>(l_lt) << (j & 7);
         if ((j & 7) == 7 || j + 1 == stop) {
-            ub[j >> 3] |= static_cast<uint8_t>(ubits);
-            lb[j >> 3] |= static_cast<uint8_t>(lbits);
+            // Callers start at column 1 or at a multiple of 8 and stop at a multiple of 8 or at
+            // n2, so every byte is written whole by exactly one flush: no zeroing needed.
+            ub[j >> 3] = static_cast<uint8_t>(ubits);
+            lb[j >> 3] = static_cast<uint8_t>(lbits);
             ubits = lbits = 0;
         }
         left = m + static_cast<T>(crow[j]);
@@ -289,13 +306,12 @@ std::atomic<bool> g_use_simd{true};
 std::atomic<bool> g_force_wide{false};
 
 template <class T, class C>
-int64_t forward_backtrack(const std::vector<int32_t>& src_uid, int64_t n2,
-                          const std::vector<C>& cost, DTWResult& out) {
+int64_t forward_backtrack(const std::vector<int32_t>& src_uid, int64_t n2, const std::vector<C>& cost,
+                          Directions& dir, DTWResult& out) {
     const int64_t n1 = static_cast<int64_t>(src_uid.size());
-    Directions dir;
     dir.W = (n2 + 7) / 8;
-    dir.up.assign(static_cast<size_t>(n1 * dir.W), 0);
-    dir.left.assign(static_cast<size_t>(n1 * dir.W), 0);
+    dir.up.resize(static_cast<size_t>(n1 * dir.W));  // every byte read is written first
+    dir.left.resize(static_cast<size_t>(n1 * dir.W));
     std::vector<T> prev(n2), cur(n2);
     {
         const C* crow = cost.data() + static_cast<int64_t>(src_uid[0]) * n2;
@@ -380,17 +396,20 @@ DTWResult dtw_align(const std::vector<std::string_view>& src, const std::vector<
     // Any cell is a sum of at most n1 + n2 - 1 costs: int32 (and the SIMD row, whose sentinel
     // is 2^30) while that stays below 2^29, else int64.
     const bool narrow = max_len * (n1 + n2) < (int64_t(1) << 29) && !g_force_wide.load(std::memory_order_relaxed);
-    if (max_len <= 255) {
-        std::vector<uint8_t> cost;
+    thread_local Workspace ws;
+    auto run = [&](auto& cost) {
         cost_rows(s, t, alphabet.size(), num_threads, cost);
-        out.cost = narrow ? forward_backtrack<int32_t>(s.uid, n2, cost, out)
-                          : forward_backtrack<int64_t>(s.uid, n2, cost, out);
-    } else {
-        std::vector<int32_t> cost;
-        cost_rows(s, t, alphabet.size(), num_threads, cost);
-        out.cost = narrow ? forward_backtrack<int32_t>(s.uid, n2, cost, out)
-                          : forward_backtrack<int64_t>(s.uid, n2, cost, out);
+        out.cost = narrow ? forward_backtrack<int32_t>(s.uid, n2, cost, ws.dir, out)
+                          : forward_backtrack<int64_t>(s.uid, n2, cost, ws.dir, out);
+    };
+    try {
+        if (max_len <= 255) run(ws.cost8);
+        else run(ws.cost32);
+    } catch (...) {
+        ws = Workspace();
+        throw;
     }
+    if (ws.bytes() > kKeepBytes) ws = Workspace();
     return out;
 }
 
