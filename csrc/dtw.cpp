@@ -101,17 +101,27 @@ inline int32_t myers64(const uint64_t* peq, int m, const uint32_t* t, int64_t lt
     return static_cast<int32_t>(score);
 }
 
-// Four texts of one length against one pattern: four independent dependency chains, and the
-// loop trip count is the same for runs of texts (the texts are visited sorted by length), so
-// the branch predictor learns it.
-inline void myers64_x4(const uint64_t* peq, int m, const uint32_t* const* t, int64_t lt, int32_t* out) {
+#if FASTFUSE_DTW_AVX2
+bool cpu_has_avx2() {
+    static const bool has = __builtin_cpu_supports("avx2");
+    return has;
+}
+#endif
+
+std::atomic<bool> g_use_simd{true};
+std::atomic<bool> g_force_wide{false};
+
+// Four texts of one length against one pattern, their symbols interleaved (ids[4 * k + q] is
+// symbol k of text q): four independent dependency chains, and the texts are visited sorted by
+// length so the trip count repeats and the branch predictor learns it.
+inline void myers64_x4(const uint64_t* peq, int m, const uint32_t* ids, int64_t lt, int32_t* out) {
     uint64_t pv[4], mv[4];
     int64_t score[4];
     const uint64_t hb = uint64_t(1) << (m - 1);
     for (int q = 0; q < 4; ++q) { pv[q] = ~uint64_t(0); mv[q] = 0; score[q] = m; }
     for (int64_t k = 0; k < lt; ++k) {
         for (int q = 0; q < 4; ++q) {
-            const uint64_t eq = peq[t[q][k]];
+            const uint64_t eq = peq[ids[4 * k + q]];
             const uint64_t xv = eq | mv[q];
             const uint64_t xh = (((eq & pv[q]) + pv[q]) ^ pv[q]) | eq;
             uint64_t ph = mv[q] | ~(xh | pv[q]);
@@ -126,6 +136,35 @@ inline void myers64_x4(const uint64_t* peq, int m, const uint32_t* const* t, int
     for (int q = 0; q < 4; ++q) out[q] = static_cast<int32_t>(score[q]);
 }
 
+#if FASTFUSE_DTW_AVX2
+// The same four chains in the four 64-bit lanes of an AVX2 register.
+__attribute__((target("avx2"))) void myers64_x4_avx2(const uint64_t* peq, int m, const uint32_t* ids, int64_t lt,
+                                                     int32_t* out) {
+    const __m256i ones = _mm256_set1_epi64x(-1), one = _mm256_set1_epi64x(1);
+    const __m128i shift = _mm_cvtsi32_si128(m - 1);
+    __m256i pv = ones, mv = _mm256_setzero_si256(), score = _mm256_set1_epi64x(m);
+    const long long* table = reinterpret_cast<const long long*>(peq);
+    for (int64_t k = 0; k < lt; ++k) {
+        const __m128i idx = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ids + 4 * k));
+        const __m256i eq = _mm256_i32gather_epi64(table, idx, 8);
+        const __m256i xv = _mm256_or_si256(eq, mv);
+        const __m256i xh =
+            _mm256_or_si256(_mm256_xor_si256(_mm256_add_epi64(_mm256_and_si256(eq, pv), pv), pv), eq);
+        __m256i ph = _mm256_or_si256(mv, _mm256_andnot_si256(_mm256_or_si256(xh, pv), ones));
+        __m256i mh = _mm256_and_si256(pv, xh);
+        score = _mm256_add_epi64(score, _mm256_and_si256(_mm256_srl_epi64(ph, shift), one));
+        score = _mm256_sub_epi64(score, _mm256_and_si256(_mm256_srl_epi64(mh, shift), one));
+        ph = _mm256_or_si256(_mm256_slli_epi64(ph, 1), one);
+        mh = _mm256_slli_epi64(mh, 1);
+        pv = _mm256_or_si256(mh, _mm256_andnot_si256(_mm256_or_si256(xv, ph), ones));
+        mv = _mm256_and_si256(ph, xv);
+    }
+    alignas(32) int64_t sc[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(sc), score);
+    for (int q = 0; q < 4; ++q) out[q] = static_cast<int32_t>(sc[q]);
+}
+#endif
+
 // The cost rows: cost[us * n2 + j] = editdistance(src unique token us, tgt token j), for every
 // unique src token and every target position (C = uint8_t when every token has <= 255 code
 // points, which bounds the distance, else int32_t). The edit distance is computed once per
@@ -137,14 +176,34 @@ void cost_rows(const Interned& s, const Interned& t, size_t alphabet_size, int n
     cost.resize(static_cast<size_t>(Us * n2));
     // Threads only pay off on larger tables.
     if (Us * (Ut + n2 / 8) < 32768) num_threads = 1;
-    // Target tokens sorted by length, split into runs of equal length.
+    // Target tokens sorted by length; runs of equal length go in quads with interleaved symbols,
+    // the rest (and empty tokens) one by one.
     std::vector<int32_t> by_len(Ut);
     for (int64_t v = 0; v < Ut; ++v) by_len[v] = static_cast<int32_t>(v);
     std::stable_sort(by_len.begin(), by_len.end(), [&](int32_t x, int32_t y) { return t.len(x) < t.len(y); });
-    std::vector<int64_t> runs;
-    for (int64_t r = 0; r < Ut; ++r)
-        if (r == 0 || t.len(by_len[r]) != t.len(by_len[r - 1])) runs.push_back(r);
-    runs.push_back(Ut);
+    struct Quad {
+        int32_t v[4];
+        int64_t len, off;
+    };
+    std::vector<Quad> quads;
+    std::vector<uint32_t> quad_ids;
+    std::vector<int32_t> singles;
+    for (int64_t r = 0; r < Ut;) {
+        int64_t e = r;
+        const int64_t len = t.len(by_len[r]);
+        while (e < Ut && t.len(by_len[e]) == len) ++e;
+        for (; len > 0 && r + 4 <= e; r += 4) {
+            Quad qd{{by_len[r], by_len[r + 1], by_len[r + 2], by_len[r + 3]}, len,
+                    static_cast<int64_t>(quad_ids.size())};
+            for (int64_t k = 0; k < len; ++k)
+                for (int q = 0; q < 4; ++q) quad_ids.push_back(t.str(qd.v[q])[k]);
+            quads.push_back(qd);
+        }
+        for (; r < e; ++r) singles.push_back(by_len[r]);
+    }
+#if FASTFUSE_DTW_AVX2
+    const bool simd = g_use_simd.load(std::memory_order_relaxed) && cpu_has_avx2();
+#endif
     const int32_t* tu = t.uid.data();
     // Each thread keeps a zeroed match-mask scratch (bits are set for the pattern and cleared
     // again after it) and a row of distances over the unique target tokens.
@@ -166,23 +225,17 @@ void cost_rows(const Interned& s, const Interned& t, size_t alphabet_size, int n
                 for (int64_t v = 0; v < Ut; ++v) row[v] = static_cast<int32_t>(t.len(v));
             } else if (m <= 64) {
                 for (int64_t k = 0; k < m; ++k) peq[p[k]] |= uint64_t(1) << k;
-                for (size_t g = 0; g + 1 < runs.size(); ++g) {
-                    const int64_t a = runs[g], b = runs[g + 1];
-                    const int64_t lt = t.len(by_len[a]);
-                    if (lt == 0) {
-                        for (int64_t r = a; r < b; ++r) row[by_len[r]] = static_cast<int32_t>(m);
-                        continue;
-                    }
-                    int64_t r = a;
-                    for (; r + 4 <= b; r += 4) {
-                        const uint32_t* ts[4] = {t.str(by_len[r]), t.str(by_len[r + 1]), t.str(by_len[r + 2]),
-                                                 t.str(by_len[r + 3])};
-                        int32_t o[4];
-                        myers64_x4(peq, static_cast<int>(m), ts, lt, o);
-                        for (int q = 0; q < 4; ++q) row[by_len[r + q]] = o[q];
-                    }
-                    for (; r < b; ++r) row[by_len[r]] = myers64(peq, static_cast<int>(m), t.str(by_len[r]), lt);
+                const int mi = static_cast<int>(m);
+                for (const Quad& qd : quads) {
+                    int32_t o[4];
+#if FASTFUSE_DTW_AVX2
+                    if (simd) myers64_x4_avx2(peq, mi, quad_ids.data() + qd.off, qd.len, o);
+                    else
+#endif
+                        myers64_x4(peq, mi, quad_ids.data() + qd.off, qd.len, o);
+                    for (int q = 0; q < 4; ++q) row[qd.v[q]] = o[q];
                 }
+                for (int32_t v : singles) row[v] = myers64(peq, mi, t.str(v), t.len(v));
                 for (int64_t k = 0; k < m; ++k) peq[p[k]] = 0;
             } else {
                 for (int64_t v = 0; v < Ut; ++v)
@@ -296,14 +349,7 @@ __attribute__((target("avx2"))) int64_t row_avx2(const int32_t* pr, int32_t* cu,
     return j;
 }
 
-bool cpu_has_avx2() {
-    static const bool has = __builtin_cpu_supports("avx2");
-    return has;
-}
 #endif
-
-std::atomic<bool> g_use_simd{true};
-std::atomic<bool> g_force_wide{false};
 
 template <class T, class C>
 int64_t forward_backtrack(const std::vector<int32_t>& src_uid, int64_t n2, const std::vector<C>& cost,

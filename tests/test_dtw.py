@@ -90,6 +90,28 @@ def test_levenshtein_cost_matches_editdistance():
         assert dtw_align([b], [a]).cost == editdistance.eval(a, b), (a, b)
 
 
+@pytest.mark.parametrize("simd", [True, False])
+def test_levenshtein_in_groups(simd):
+    # Target tokens of one length are compared four at a time (AVX2 lanes or interleaved scalar):
+    # a 1 x N alignment sums the distances from the one source token to every target token.
+    from fastfuse import _C
+
+    rng = random.Random(1)
+    _C._dtw_set_paths(simd=simd)
+    try:
+        for _ in range(150):
+            alphabet = "abc\u4e2d"[: rng.randint(1, 4)]
+            a = "".join(rng.choice(alphabet) for _ in range(rng.choice([1, 2, 5, 31, 63, 64, 65])))
+            length = rng.choice([1, 3, 7, 64, 65])
+            tgt = ["".join(rng.choice(alphabet) for _ in range(length)) for _ in range(rng.randint(1, 13))]
+            tgt += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 9))) for _ in range(rng.randint(0, 9))]
+            got = dtw_align([a], tgt)
+            assert got.cost == sum(editdistance.eval(a, b) for b in tgt)
+            assert got.indices.tolist() == [0] * len(tgt)
+    finally:
+        _C._dtw_set_paths(simd=True)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_tiny_alphabet_many_ties(seed):
     rng = random.Random(seed)
