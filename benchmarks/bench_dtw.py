@@ -67,12 +67,11 @@ def _reference():
     return reference_dtw
 
 
-def reference_seconds_per_cell(n: int = 160) -> float:
-    """Seconds per DP cell of the pure-Python FuseLLM reference, on an n x 1.1n pair."""
+def reference_seconds_per_cell(n: int = 256, repeat: int = 3) -> float:
+    """Seconds per DP cell of the pure-Python FuseLLM reference, best of `repeat` on an n x 1.1n pair."""
     src, tgt = make_pair(int(n * 1.1), n, start=5000)
-    t0 = time.perf_counter()
-    _reference()(src, tgt)
-    return (time.perf_counter() - t0) / (len(src) * len(tgt))
+    reference = _reference()
+    return _best_of(lambda: reference(src, tgt), repeat) / (len(src) * len(tgt))
 
 
 def _want_reference(benchmark) -> bool:
@@ -97,10 +96,11 @@ def test_bench_dtw_batch8(benchmark):
 def test_bench_reference_extrapolated(benchmark):
     if not _want_reference(benchmark):
         pytest.skip("slow Python reference: run with --benchmark-enable or FASTFUSE_BENCH_REFERENCE=1")
-    src, tgt = make_pair(176, 160, start=5000)
-    benchmark.group = "FuseLLM Python reference, 160 tgt x 176 src (extrapolated in extra_info)"
+    src, tgt = make_pair(281, 256, start=5000)
+    reference = _reference()
+    benchmark.group = "FuseLLM Python reference, 256 tgt x 281 src (extrapolated in extra_info)"
     t0 = time.perf_counter()
-    benchmark.pedantic(_reference(), args=(src, tgt), rounds=1, iterations=1)
+    benchmark.pedantic(reference, args=(src, tgt), rounds=1, iterations=1)
     per_cell = (time.perf_counter() - t0) / (len(src) * len(tgt))
     benchmark.extra_info["extrapolated_s_2048x2250"] = per_cell * N_SRC * N_TGT
 
@@ -133,7 +133,7 @@ def main(full_reference: bool = False) -> None:
     else:
         per_cell = reference_seconds_per_cell()
         ref = per_cell * len(src) * len(tgt)
-        rows.append(("FuseLLM Python reference (extrapolated from 160 x 176)", ref))
+        rows.append(("FuseLLM Python reference (extrapolated from 256 x 281)", ref))
     print(f"DTW of {len(tgt)} target x {len(src)} source tokens (unique: {n_unique[1]} x {n_unique[0]})")
     print(f"{'implementation':<58} {'time':>12}")
     for name, t in rows:
