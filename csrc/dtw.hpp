@@ -25,12 +25,17 @@ int64_t levenshtein(const uint32_t* a, int64_t la, const uint32_t* b, int64_t lb
 // num_threads parallelises the edit-distance table (<= 0: all hardware threads).
 //
 // How it is fast and still exact:
-//  - tokens are interned, and the edit distance is computed once per unique (src, tgt) pair
-//    (Myers/Hyyrö bit-parallel for tokens of <= 64 code points, plain DP beyond);
-//  - integer DP with two rolling rows; the backtrack's first-minimum argmin over
-//    (diag, up, left) at cell (i, j) compares exactly the three predecessors that the forward
-//    min at (i, j) compares (out-of-matrix predecessors are +inf in both), so the direction is
-//    recorded in the forward pass as one byte per cell and the backtrack just follows it.
+//  - tokens are interned and the edit distance is computed once per unique (src, tgt) pair
+//    (Hyyrö's bit-parallel Levenshtein for tokens of <= 64 code points, four target tokens of
+//    one length at a time in AVX2 lanes; plain DP beyond 64), then spread into one cost row per
+//    unique source token (uint8 when every token has <= 255 code points);
+//  - integer DP with two rolling rows (int32 while it cannot overflow, else int64); a row is a
+//    min-plus scan, done 8 columns at a time with AVX2 where the CPU has it;
+//  - the backtrack's first-minimum argmin over (diag, up, left) at cell (i, j) compares exactly
+//    the three predecessors that the forward min at (i, j) compares (out-of-matrix ones are
+//    +inf in both), so the choice is recorded in the forward pass as two bits per cell and the
+//    backtrack just follows it. Ties resolve as np.argmin does: diag, then up, then left.
+// The whole matrix is computed (no band), as in the reference: a band could change the path.
 DTWResult dtw_align(const std::vector<std::string_view>& src, const std::vector<std::string_view>& tgt,
                     int num_threads = 1);
 
