@@ -95,8 +95,9 @@ py::list py_dtw_align_batch(py::handle src_batch, py::handle tgt_batch, int num_
     std::vector<DTWResult> results(n);
     {
         py::gil_scoped_release release;
-        // One sequence pair per task; each pair runs single-threaded inside.
-        parallel_for(n, num_threads, [&](int64_t b) { results[b] = dtw_align(ss[b].views, ts[b].views, 1); });
+        // One sequence pair per task, single-threaded inside (a lone pair may use the threads).
+        const int inner = n == 1 ? num_threads : 1;
+        parallel_for(n, num_threads, [&](int64_t b) { results[b] = dtw_align(ss[b].views, ts[b].views, inner); });
     }
     py::list out;
     for (const auto& r : results) out.append(to_python(r));
