@@ -4,13 +4,15 @@ from __future__ import annotations
 import random
 import threading
 
-import editdistance
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastfuse.dtw import DTWAlignment, dtw_align, dtw_align_batch
+
+# FuseLLM's norm_func; in the `test` extra (pip install editdistance).
+editdistance = pytest.importorskip("editdistance")
 
 
 # ----------------------------------------------------------------------------- reference
