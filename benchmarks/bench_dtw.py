@@ -16,7 +16,6 @@ import functools
 import os
 import time
 
-import numpy as np
 import pytest
 
 from fastfuse.dtw import dtw_align, dtw_align_batch
