@@ -1,0 +1,467 @@
+// MinED / DTW alignment of two token sequences (see dtw.hpp for the contract).
+#include "dtw.hpp"
+
+#include <algorithm>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+
+#include "common.hpp"
+
+#include <cstring>
+#include <type_traits>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTFUSE_DTW_AVX2 1
+#include <immintrin.h>
+#else
+#define FASTFUSE_DTW_AVX2 0
+#endif
+
+namespace fastfuse {
+
+int64_t levenshtein(const uint32_t* a, int64_t la, const uint32_t* b, int64_t lb) {
+    if (la < lb) { std::swap(a, b); std::swap(la, lb); }
+    if (lb == 0) return la;
+    std::vector<int64_t> row(lb + 1);
+    for (int64_t j = 0; j <= lb; ++j) row[j] = j;
+    for (int64_t i = 1; i <= la; ++i) {
+        int64_t diag = row[0];
+        row[0] = i;
+        for (int64_t j = 1; j <= lb; ++j) {
+            int64_t up = row[j];
+            int64_t v = diag + (a[i - 1] != b[j - 1]);
+            v = std::min(v, up + 1);
+            v = std::min(v, row[j - 1] + 1);
+            row[j] = v;
+            diag = up;
+        }
+    }
+    return row[lb];
+}
+
+namespace {
+
+// Unique strings of one side, decoded to dense alphabet ids, concatenated.
+struct Interned {
+    std::vector<int32_t> uid;     // [n] token -> unique id
+    std::vector<int64_t> offset;  // [U + 1] into chars
+    std::vector<uint32_t> chars;  // dense alphabet ids
+    int64_t size() const { return static_cast<int64_t>(offset.size()) - 1; }
+    int64_t len(int64_t u) const { return offset[u + 1] - offset[u]; }
+    const uint32_t* str(int64_t u) const { return chars.data() + offset[u]; }
+};
+
+Interned intern(const std::vector<std::string_view>& tokens, std::unordered_map<uint32_t, uint32_t>& alphabet,
+                const char* name) {
+    Interned out;
+    out.uid.resize(tokens.size());
+    out.offset.push_back(0);
+    std::unordered_map<std::string_view, int32_t> ids;
+    ids.reserve(tokens.size() * 2);
+    std::vector<uint32_t> cps;
+    for (size_t k = 0; k < tokens.size(); ++k) {
+        auto it = ids.find(tokens[k]);
+        if (it != ids.end()) { out.uid[k] = it->second; continue; }
+        int32_t id = static_cast<int32_t>(ids.size());
+        ids.emplace(tokens[k], id);
+        out.uid[k] = id;
+        try {
+            utf8_to_codepoints(tokens[k], cps);
+        } catch (const std::invalid_argument& e) {
+            throw std::invalid_argument(std::string(name) + "[" + std::to_string(k) + "]: " + e.what());
+        }
+        for (uint32_t cp : cps) {
+            auto a = alphabet.emplace(cp, static_cast<uint32_t>(alphabet.size())).first;
+            out.chars.push_back(a->second);
+        }
+        out.offset.push_back(static_cast<int64_t>(out.chars.size()));
+    }
+    return out;
+}
+
+// Hyyrö's bit-parallel Levenshtein for a pattern of 1..64 symbols given as its match masks.
+inline int32_t myers64(const uint64_t* peq, int m, const uint32_t* t, int64_t lt) {
+    uint64_t pv = ~uint64_t(0), mv = 0;
+    const uint64_t hb = uint64_t(1) << (m - 1);
+    int64_t score = m;
+    for (int64_t k = 0; k < lt; ++k) {
+        const uint64_t eq = peq[t[k]];
+        const uint64_t xv = eq | mv;
+        const uint64_t xh = (((eq & pv) + pv) ^ pv) | eq;
+        uint64_t ph = mv | ~(xh | pv);
+        uint64_t mh = pv & xh;
+        score += static_cast<int64_t>((ph & hb) != 0) - static_cast<int64_t>((mh & hb) != 0);
+        ph = (ph << 1) | 1;
+        mh <<= 1;
+        pv = mh | ~(xv | ph);
+        mv = ph & xv;
+    }
+    return static_cast<int32_t>(score);
+}
+
+#if FASTFUSE_DTW_AVX2
+bool cpu_has_avx2() {
+    static const bool has = __builtin_cpu_supports("avx2");
+    return has;
+}
+#endif
+
+std::atomic<bool> g_use_simd{true};
+std::atomic<bool> g_force_wide{false};
+
+// Four texts of one length against one pattern, their symbols interleaved (ids[4 * k + q] is
+// symbol k of text q): four independent dependency chains, and the texts are visited sorted by
+// length so the trip count repeats and the branch predictor learns it.
+inline void myers64_x4(const uint64_t* peq, int m, const uint32_t* ids, int64_t lt, int32_t* out) {
+    uint64_t pv[4], mv[4];
+    int64_t score[4];
+    const uint64_t hb = uint64_t(1) << (m - 1);
+    for (int q = 0; q < 4; ++q) { pv[q] = ~uint64_t(0); mv[q] = 0; score[q] = m; }
+    for (int64_t k = 0; k < lt; ++k) {
+        for (int q = 0; q < 4; ++q) {
+            const uint64_t eq = peq[ids[4 * k + q]];
+            const uint64_t xv = eq | mv[q];
+            const uint64_t xh = (((eq & pv[q]) + pv[q]) ^ pv[q]) | eq;
+            uint64_t ph = mv[q] | ~(xh | pv[q]);
+            uint64_t mh = pv[q] & xh;
+            score[q] += static_cast<int64_t>((ph & hb) != 0) - static_cast<int64_t>((mh & hb) != 0);
+            ph = (ph << 1) | 1;
+            mh <<= 1;
+            pv[q] = mh | ~(xv | ph);
+            mv[q] = ph & xv;
+        }
+    }
+    for (int q = 0; q < 4; ++q) out[q] = static_cast<int32_t>(score[q]);
+}
+
+#if FASTFUSE_DTW_AVX2
+// The same four chains in the four 64-bit lanes of an AVX2 register.
+__attribute__((target("avx2"))) void myers64_x4_avx2(const uint64_t* peq, int m, const uint32_t* ids, int64_t lt,
+                                                     int32_t* out) {
+    const __m256i ones = _mm256_set1_epi64x(-1), one = _mm256_set1_epi64x(1);
+    const __m128i shift = _mm_cvtsi32_si128(m - 1);
+    __m256i pv = ones, mv = _mm256_setzero_si256(), score = _mm256_set1_epi64x(m);
+    const long long* table = reinterpret_cast<const long long*>(peq);
+    for (int64_t k = 0; k < lt; ++k) {
+        const __m128i idx = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ids + 4 * k));
+        const __m256i eq = _mm256_i32gather_epi64(table, idx, 8);
+        const __m256i xv = _mm256_or_si256(eq, mv);
+        const __m256i xh =
+            _mm256_or_si256(_mm256_xor_si256(_mm256_add_epi64(_mm256_and_si256(eq, pv), pv), pv), eq);
+        __m256i ph = _mm256_or_si256(mv, _mm256_andnot_si256(_mm256_or_si256(xh, pv), ones));
+        __m256i mh = _mm256_and_si256(pv, xh);
+        score = _mm256_add_epi64(score, _mm256_and_si256(_mm256_srl_epi64(ph, shift), one));
+        score = _mm256_sub_epi64(score, _mm256_and_si256(_mm256_srl_epi64(mh, shift), one));
+        ph = _mm256_or_si256(_mm256_slli_epi64(ph, 1), one);
+        mh = _mm256_slli_epi64(mh, 1);
+        pv = _mm256_or_si256(mh, _mm256_andnot_si256(_mm256_or_si256(xv, ph), ones));
+        mv = _mm256_and_si256(ph, xv);
+    }
+    alignas(32) int64_t sc[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(sc), score);
+    for (int q = 0; q < 4; ++q) out[q] = static_cast<int32_t>(sc[q]);
+}
+#endif
+
+// The cost rows: cost[us * n2 + j] = editdistance(src unique token us, tgt token j), for every
+// unique src token and every target position (C = uint8_t when every token has <= 255 code
+// points, which bounds the distance, else int32_t). The edit distance is computed once per
+// unique (src, tgt) pair, one src token as the pattern per task, then spread over positions.
+template <class C>
+void cost_rows(const Interned& s, const Interned& t, size_t alphabet_size, int num_threads, std::vector<C>& cost) {
+    const int64_t Us = s.size(), Ut = t.size();
+    const int64_t n2 = static_cast<int64_t>(t.uid.size());
+    cost.resize(static_cast<size_t>(Us * n2));
+    // Threads only pay off on larger tables.
+    if (Us * (Ut + n2 / 8) < 32768) num_threads = 1;
+    // Target tokens sorted by length; runs of equal length go in quads with interleaved symbols,
+    // the rest (and empty tokens) one by one.
+    std::vector<int32_t> by_len(Ut);
+    for (int64_t v = 0; v < Ut; ++v) by_len[v] = static_cast<int32_t>(v);
+    std::stable_sort(by_len.begin(), by_len.end(), [&](int32_t x, int32_t y) { return t.len(x) < t.len(y); });
+    struct Quad {
+        int32_t v[4];
+        int64_t len, off;
+    };
+    std::vector<Quad> quads;
+    std::vector<uint32_t> quad_ids;
+    std::vector<int32_t> singles;
+    for (int64_t r = 0; r < Ut;) {
+        int64_t e = r;
+        const int64_t len = t.len(by_len[r]);
+        while (e < Ut && t.len(by_len[e]) == len) ++e;
+        for (; len > 0 && r + 4 <= e; r += 4) {
+            Quad qd{{by_len[r], by_len[r + 1], by_len[r + 2], by_len[r + 3]}, len,
+                    static_cast<int64_t>(quad_ids.size())};
+            for (int64_t k = 0; k < len; ++k)
+                for (int q = 0; q < 4; ++q) quad_ids.push_back(t.str(qd.v[q])[k]);
+            quads.push_back(qd);
+        }
+        for (; r < e; ++r) singles.push_back(by_len[r]);
+    }
+#if FASTFUSE_DTW_AVX2
+    const bool simd = g_use_simd.load(std::memory_order_relaxed) && cpu_has_avx2();
+#endif
+    const int32_t* tu = t.uid.data();
+    // Each thread keeps a zeroed match-mask scratch (bits are set for the pattern and cleared
+    // again after it) and a row of distances over the unique target tokens.
+    const int64_t chunk = 4;
+    parallel_for((Us + chunk - 1) / chunk, num_threads, [&](int64_t c) {
+        thread_local std::vector<uint64_t> peq_scratch;
+        thread_local std::vector<int32_t> row_scratch;
+        if (peq_scratch.size() < alphabet_size) peq_scratch.assign(alphabet_size, 0);
+        row_scratch.resize(Ut);
+        // Plain locals: C may be a char type that aliases everything, and thread_locals are slow.
+        uint64_t* const peq = peq_scratch.data();
+        int32_t* const row = row_scratch.data();
+        const int32_t* const tu_local = tu;
+        const int64_t n2_local = n2;
+        for (int64_t u = c * chunk, stop = std::min(Us, (c + 1) * chunk); u < stop; ++u) {
+            const int64_t m = s.len(u);
+            const uint32_t* p = s.str(u);
+            if (m == 0) {
+                for (int64_t v = 0; v < Ut; ++v) row[v] = static_cast<int32_t>(t.len(v));
+            } else if (m <= 64) {
+                for (int64_t k = 0; k < m; ++k) peq[p[k]] |= uint64_t(1) << k;
+                const int mi = static_cast<int>(m);
+                for (const Quad& qd : quads) {
+                    int32_t o[4];
+#if FASTFUSE_DTW_AVX2
+                    if (simd) myers64_x4_avx2(peq, mi, quad_ids.data() + qd.off, qd.len, o);
+                    else
+#endif
+                        myers64_x4(peq, mi, quad_ids.data() + qd.off, qd.len, o);
+                    for (int q = 0; q < 4; ++q) row[qd.v[q]] = o[q];
+                }
+                for (int32_t v : singles) row[v] = myers64(peq, mi, t.str(v), t.len(v));
+                for (int64_t k = 0; k < m; ++k) peq[p[k]] = 0;
+            } else {
+                for (int64_t v = 0; v < Ut; ++v)
+                    row[v] = static_cast<int32_t>(levenshtein(p, m, t.str(v), t.len(v)));
+            }
+            C* const out = cost.data() + u * n2_local;
+            for (int64_t j = 0; j < n2_local; ++j) out[j] = static_cast<C>(row[tu_local[j]]);
+        }
+    });
+}
+
+// Backtrack directions as two bit planes, W bytes per DP row: bit j of `up` says the up
+// predecessor is strictly below the diagonal one; bit j of `left` says the left one is strictly
+// below both (so it wins). The first minimum of (diag, up, left) is: left if left bit, else up if
+// up bit, else diag -- np.argmin's choice in the reference. Row 0 and column 0 are not stored
+// (their only finite predecessor is left, resp. up).
+struct Directions {
+    int64_t W = 0;
+    std::vector<uint8_t> up, left;
+};
+
+// Per-thread buffers reused across calls: fresh multi-megabyte allocations cost page faults
+// that were ~15% of a 2048 x 2250 alignment. Released after a call that needed more than
+// kKeepBytes, so a one-off huge alignment does not pin its memory.
+struct Workspace {
+    std::vector<uint8_t> cost8;
+    std::vector<int32_t> cost32;
+    Directions dir;
+    size_t bytes() const {
+        return cost8.capacity() + cost32.capacity() * 4 + dir.up.capacity() + dir.left.capacity();
+    }
+};
+constexpr size_t kKeepBytes = size_t(64) << 20;
+
+// One DP row i >= 1, columns [j, stop). Row i at column j - 1 is already in cu.
+template <class T, class C>
+inline void row_scalar(const T* pr, T* cu, const C* crow, uint8_t* ub, uint8_t* lb, int64_t j, int64_t stop) {
+    T left = cu[j - 1];
+    unsigned ubits = 0, lbits = 0;
+    for (; j < stop; ++j) {
+        const T dg = pr[j - 1], up = pr[j];
+        const bool u_lt = up < dg;
+        const T du = u_lt ? up : dg;
+        const bool l_lt = left < du;
+        const T m = l_lt ? left : du;
+        ubits |= static_cast<unsigned>(u_lt) << (j & 7);
+        lbits |= static_cast<unsigned>(l_lt) << (j & 7);
+        if ((j & 7) == 7 || j + 1 == stop) {
+            // Callers start at column 1 or at a multiple of 8 and stop at a multiple of 8 or at
+            // n2, so every byte is written whole by exactly one flush: no zeroing needed.
+            ub[j >> 3] = static_cast<uint8_t>(ubits);
+            lb[j >> 3] = static_cast<uint8_t>(lbits);
+            ubits = lbits = 0;
+        }
+        left = m + static_cast<T>(crow[j]);
+        cu[j] = left;
+    }
+}
+
+#if FASTFUSE_DTW_AVX2
+template <class C>
+__attribute__((target("avx2"))) inline __m256i load_costs(const C* crow) {
+    if constexpr (sizeof(C) == 1)
+        return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(crow)));
+    else
+        return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(crow));
+}
+
+// The same row, 8 columns at a time from an 8-aligned j (int32, all values < 2^29). Row i is a
+// min-plus scan: cur[j] = min(A[j], cur[j-1] + C[j]) with C[j] the cost and
+// A[j] = C[j] + min(diag, up), so the lanes compose as (A, C) pairs in three shift steps and one
+// carry from the previous block. The directions compare the very same integers as row_scalar.
+// Returns the first column it did not do.
+template <class C>
+__attribute__((target("avx2"))) int64_t row_avx2(const int32_t* pr, int32_t* cu, const C* crow, uint8_t* ub,
+                                                 uint8_t* lb, int64_t j, int64_t n2) {
+    const __m256i big = _mm256_set1_epi32(1 << 30), zero = _mm256_setzero_si256();
+    const __m256i sh1 = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6);
+    const __m256i sh2 = _mm256_setr_epi32(0, 0, 0, 1, 2, 3, 4, 5);
+    const __m256i sh4 = _mm256_setr_epi32(0, 0, 0, 0, 0, 1, 2, 3);
+    const __m256i last = _mm256_set1_epi32(7);
+    __m256i carry = _mm256_set1_epi32(cu[j - 1]);
+    for (; j + 8 <= n2; j += 8) {
+        const __m256i up = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pr + j));
+        const __m256i dg = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pr + j - 1));
+        const __m256i c = load_costs(crow + j);
+        const __m256i u_lt = _mm256_cmpgt_epi32(dg, up);
+        const __m256i du = _mm256_min_epi32(dg, up);
+        __m256i a = _mm256_add_epi32(du, c), sc = c;
+        // (a, sc)[j] <- (a[j-k], sc[j-k]) followed by (a[j], sc[j]); identity (big, 0) below lane 0.
+        __m256i as = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(a, sh1), big, 0x01);
+        __m256i cs = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(sc, sh1), zero, 0x01);
+        a = _mm256_min_epi32(a, _mm256_add_epi32(as, sc));
+        sc = _mm256_add_epi32(sc, cs);
+        as = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(a, sh2), big, 0x03);
+        cs = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(sc, sh2), zero, 0x03);
+        a = _mm256_min_epi32(a, _mm256_add_epi32(as, sc));
+        sc = _mm256_add_epi32(sc, cs);
+        as = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(a, sh4), big, 0x0F);
+        cs = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(sc, sh4), zero, 0x0F);
+        a = _mm256_min_epi32(a, _mm256_add_epi32(as, sc));
+        sc = _mm256_add_epi32(sc, cs);
+        const __m256i cur = _mm256_min_epi32(a, _mm256_add_epi32(carry, sc));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(cu + j), cur);
+        const __m256i left = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(cur, sh1), carry, 0x01);
+        const __m256i l_lt = _mm256_cmpgt_epi32(du, left);
+        ub[j >> 3] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_castsi256_ps(u_lt)));
+        lb[j >> 3] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_castsi256_ps(l_lt)));
+        carry = _mm256_permutevar8x32_epi32(cur, last);
+    }
+    return j;
+}
+
+#endif
+
+template <class T, class C>
+int64_t forward_backtrack(const std::vector<int32_t>& src_uid, int64_t n2, const std::vector<C>& cost,
+                          Directions& dir, DTWResult& out) {
+    const int64_t n1 = static_cast<int64_t>(src_uid.size());
+    dir.W = (n2 + 7) / 8;
+    dir.up.resize(static_cast<size_t>(n1 * dir.W));  // every byte read is written first
+    dir.left.resize(static_cast<size_t>(n1 * dir.W));
+    std::vector<T> prev(n2), cur(n2);
+    {
+        const C* crow = cost.data() + static_cast<int64_t>(src_uid[0]) * n2;
+        T acc = 0;
+        for (int64_t j = 0; j < n2; ++j) {
+            acc += static_cast<T>(crow[j]);
+            prev[j] = acc;
+        }
+    }
+#if FASTFUSE_DTW_AVX2
+    const bool simd = std::is_same<T, int32_t>::value && n2 >= 16 && g_use_simd.load(std::memory_order_relaxed) &&
+                      cpu_has_avx2();
+#endif
+    for (int64_t i = 1; i < n1; ++i) {
+        const C* crow = cost.data() + static_cast<int64_t>(src_uid[i]) * n2;
+        uint8_t* ub = dir.up.data() + i * dir.W;
+        uint8_t* lb = dir.left.data() + i * dir.W;
+        const T* pr = prev.data();
+        T* cu = cur.data();
+        cu[0] = pr[0] + static_cast<T>(crow[0]);
+#if FASTFUSE_DTW_AVX2
+        if constexpr (std::is_same<T, int32_t>::value) {
+            if (simd) {
+                row_scalar(pr, cu, crow, ub, lb, 1, 8);
+                const int64_t j = row_avx2(pr, cu, crow, ub, lb, 8, n2);
+                if (j < n2) row_scalar(pr, cu, crow, ub, lb, j, n2);
+                std::swap(prev, cur);
+                continue;
+            }
+        }
+#endif
+        if (n2 > 1) row_scalar(pr, cu, crow, ub, lb, 1, n2);
+        std::swap(prev, cur);
+    }
+    const int64_t total = static_cast<int64_t>(prev[n2 - 1]);
+
+    // Backtrack from (n1-1, n2-1) to (0, 0); the path's cells, reversed, are in CSR order.
+    std::vector<int32_t> pi, pj;
+    pi.reserve(n1 + n2);
+    pj.reserve(n1 + n2);
+    int64_t i = n1 - 1, j = n2 - 1;
+    while (i > 0 || j > 0) {
+        pi.push_back(static_cast<int32_t>(i));
+        pj.push_back(static_cast<int32_t>(j));
+        if (i == 0) { --j; continue; }
+        if (j == 0) { --i; continue; }
+        const int64_t byte = i * dir.W + (j >> 3);
+        const int bit = static_cast<int>(j & 7);
+        if ((dir.left[byte] >> bit) & 1) --j;
+        else if ((dir.up[byte] >> bit) & 1) --i;
+        else { --i; --j; }
+    }
+    pi.push_back(0);
+    pj.push_back(0);
+    std::reverse(pi.begin(), pi.end());
+    std::reverse(pj.begin(), pj.end());
+    out.indices = std::move(pi);
+    out.indptr.assign(n2 + 1, 0);
+    for (int32_t jj : pj) ++out.indptr[jj + 1];
+    for (int64_t k = 0; k < n2; ++k) out.indptr[k + 1] += out.indptr[k];
+    return total;
+}
+
+}  // namespace
+
+DTWResult dtw_align(const std::vector<std::string_view>& src, const std::vector<std::string_view>& tgt,
+                    int num_threads) {
+    if (src.empty()) throw std::invalid_argument("src_tokens: expected at least one token");
+    if (tgt.empty()) throw std::invalid_argument("tgt_tokens: expected at least one token");
+    if (src.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max()) ||
+        tgt.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max()))
+        throw std::invalid_argument("src_tokens/tgt_tokens: too many tokens");
+    std::unordered_map<uint32_t, uint32_t> alphabet;
+    Interned s = intern(src, alphabet, "src_tokens");
+    Interned t = intern(tgt, alphabet, "tgt_tokens");
+    const int64_t n1 = static_cast<int64_t>(src.size()), n2 = static_cast<int64_t>(tgt.size());
+    // Levenshtein distance <= the longer token's length: that bounds every cost.
+    int64_t max_len = 0;
+    for (int64_t u = 0; u < s.size(); ++u) max_len = std::max(max_len, s.len(u));
+    for (int64_t u = 0; u < t.size(); ++u) max_len = std::max(max_len, t.len(u));
+    DTWResult out;
+    // Any cell is a sum of at most n1 + n2 - 1 costs: int32 (and the SIMD row, whose sentinel
+    // is 2^30) while that stays below 2^29, else int64.
+    const bool narrow = max_len * (n1 + n2) < (int64_t(1) << 29) && !g_force_wide.load(std::memory_order_relaxed);
+    thread_local Workspace ws;
+    auto run = [&](auto& cost) {
+        cost_rows(s, t, alphabet.size(), num_threads, cost);
+        out.cost = narrow ? forward_backtrack<int32_t>(s.uid, n2, cost, ws.dir, out)
+                          : forward_backtrack<int64_t>(s.uid, n2, cost, ws.dir, out);
+    };
+    try {
+        if (max_len <= 255) run(ws.cost8);
+        else run(ws.cost32);
+    } catch (...) {
+        ws = Workspace();
+        throw;
+    }
+    if (ws.bytes() > kKeepBytes) ws = Workspace();
+    return out;
+}
+
+void dtw_set_paths(bool simd, bool force_wide) {
+    g_use_simd.store(simd);
+    g_force_wide.store(force_wide);
+}
+
+}  // namespace fastfuse
