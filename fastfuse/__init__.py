@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "token_surfaces": "surface", "TokenSurfaces": "surface",
-    "Alignment": "align", "align_texts": "align", "align_offsets": "align", "align_offsets_batch": "align",
+    "Alignment": "align", "align_texts": "align", "align_offsets": "align", "align_offsets_batch": "align", "align_groups": "align",
     "dtw_align": "dtw", "dtw_align_batch": "dtw", "DTWAlignment": "dtw",
     "VocabMap": "vocab",
     "min_ce_weights": "fusion", "avg_ce_weights": "fusion", "reward_weights": "fusion", "fuse_weights": "fusion",

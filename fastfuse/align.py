@@ -50,6 +50,20 @@ def align_offsets_batch(tgt_ends: Sequence[np.ndarray], src_ends: Sequence[np.nd
     return [Alignment(m, p, int(n)) for m, p, n in _C.align_spans_batch(list(tgt_ends), list(src_ends), num_threads)]
 
 
+def align_groups(tgt_ends: np.ndarray, src_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Many-to-many groups: the text is cut at the byte boundaries both tokenisations share; group g
+    is the g-th piece. Returns (group of each target token, group of each source token), int64.
+    A group with one token on each side is a 1-to-1 match; empty tokens join the next group."""
+    t, s = np.asarray(tgt_ends, dtype=np.int64), np.asarray(src_ends, dtype=np.int64)
+    for name, e in (("tgt_ends", t), ("src_ends", s)):
+        if e.ndim != 1 or (len(e) and (e[0] < 0 or (np.diff(e) < 0).any())):
+            raise ValueError(f"{name}: byte end offsets must be a 1-D non-negative, non-decreasing array")
+    shared = np.intersect1d(t, s)
+    shared = shared[shared > 0]
+    # token k belongs to the group of its end: the number of shared boundaries strictly before it
+    return np.searchsorted(shared, t, "left"), np.searchsorted(shared, s, "left")
+
+
 def _char_to_byte(text: str) -> np.ndarray:
     """cum[c] = byte offset of character c in the UTF-8 encoding (len(text)+1 entries)."""
     cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)

@@ -172,3 +172,40 @@ def test_slow_tokenizer_is_rejected():
         is_fast = False
     with pytest.raises(TypeError, match="tgt_tokenizer"):
         align_texts(Slow(), Slow(), ["x"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(t=st.lists(st.integers(-3, 40), max_size=30), s=st.lists(st.integers(-3, 40), max_size=30))
+def test_fuzz_align_spans_entry_point(t, s):
+    """Arbitrary integer arrays: a clear ValueError or exactly the reference, never a crash."""
+    t, s = np.array(t, dtype=np.int64), np.array(s, dtype=np.int64)
+    valid = lambda e: len(e) == 0 or (e[0] >= 0 and (np.diff(e) >= 0).all())
+    if not (valid(t) and valid(s)):
+        with pytest.raises(ValueError, match="(tgt|src)_ends: byte end offsets"):
+            align_offsets(t, s)
+        return
+    al = align_offsets(t, s)
+    np.testing.assert_array_equal(al.match, reference_match(t, s))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_groups_partition_consistently(seed):
+    from fastfuse.align import align_groups
+
+    rng = np.random.default_rng(seed)
+    t = random_ends(rng, 200, 80, 2)
+    s = random_ends(rng, 200, 60, 1)
+    gt, gs = align_groups(t, s)
+    assert (np.diff(gt) >= 0).all() and (np.diff(gs) >= 0).all()
+    al = align_offsets(t, s)
+    for i, j in enumerate(al.match):
+        if j >= 0:  # 1-to-1 matches are groups holding exactly one non-empty token on each side
+            g = gt[i]
+            assert gs[j] == g
+            tspan = [k for k in np.flatnonzero(gt == g) if t[k] > (t[k - 1] if k else 0)]
+            sspan = [k for k in np.flatnonzero(gs == g) if s[k] > (s[k - 1] if k else 0)]
+            assert tspan == [i] and sspan == [j]
+    # both texts are 200 bytes: every group ends at the same shared boundary on both sides
+    assert set(gt.tolist()) == set(gs.tolist())
+    for g in np.unique(gt):
+        assert t[gt == g].max() == s[gs == g].max()
