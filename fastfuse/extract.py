@@ -21,9 +21,9 @@ The output is a shard directory (:mod:`fastfuse.shards`). The pipeline:
    ties by index) and packed greedily while ``padded length x batch size <= token_budget``. Batches
    never cross shard boundaries, so a resumed run reproduces the batches of an uninterrupted one.
 4. **Top-k** (:func:`topk_forward`): one forward pass ``model(input_ids=..., attention_mask=...)``
-   per batch; then, in row chunks of bounded memory, fp32 logits (columns of a padded embedding,
-   ids >= ``len(tokenizer)``, are masked to -inf), ``logsumexp``, ``torch.topk``, and the log-prob of
-   the gold next token; only the top-k and the gold log-probs are copied to the host.
+   per batch; then, on views of each sequence's rows in chunks of bounded memory, fp32 logits
+   (columns of a padded embedding, ids >= ``len(tokenizer)``, are left out), ``logsumexp``,
+   ``torch.topk``, and the log-prob of the gold next token; only the top-k and the gold log-probs are copied to the host.
 5. **Shards** (:class:`fastfuse.shards.ShardWriter`): every ``shard_size`` sequences, one shard and
    an updated ``meta.json``, written atomically and byte-deterministically. A rerun with the same
    arguments skips the completed shards (checking that the corpus still hashes the same) and
@@ -50,7 +50,8 @@ DEFAULT_K = 10
 DEFAULT_BLOCK_SIZE = 2048
 DEFAULT_TOKEN_BUDGET = 16384
 DEFAULT_SHARD_SIZE = 4096
-_CHUNK_ELEMS = 1 << 25  # fp32 logits elements processed at once in the top-k step (128 MiB)
+_CHUNK_ELEMS = 1 << 25  # fp32 logits elements processed at once in the top-k step on GPU (128 MiB)
+_CHUNK_ELEMS_CPU = 1 << 22  # on CPU: smaller chunks stay in cache (16 MiB)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,40 +233,43 @@ def forward_logits(model, input_ids, attention_mask):
     return out.logits if hasattr(out, "logits") else out[0]
 
 
-def topk_from_logits(logits, seqs: list[np.ndarray], k: int, n_real: int, chunk_elems: int = _CHUNK_ELEMS):
+def topk_from_logits(logits, seqs: list[np.ndarray], k: int, n_real: int, chunk_elems: int | None = None):
     """Top-k of log_softmax (fp32) at every real position and the gold next-token log-probs.
 
     ``logits`` [B, L, V] (any float dtype, on any device) for the right-padded ``seqs``. Returns
     device tensors ``ids`` int32 [T, k], ``logprobs`` float16 [T, k], ``gold`` float32 [T] where
     T = sum of lengths, rows in batch order, and ``gold[t]`` the log-prob of the next token (0 at
-    each sequence's last position). Columns ``>= n_real`` are masked out (padded embedding).
+    each sequence's last position). Only columns ``< n_real`` take part (a padded embedding's
+    extra columns are left out). Works on views of ``logits`` in row chunks of at most
+    ``chunk_elems`` fp32 elements; padding positions are never read.
     """
     import torch
 
-    B, L, V = logits.shape
+    V = logits.shape[-1]
     dev = logits.device
-    lens = np.array([len(s) for s in seqs], np.int64)
-    rows = np.concatenate([b * L + np.arange(n) for b, n in enumerate(lens)])
+    if chunk_elems is None:
+        chunk_elems = _CHUNK_ELEMS if dev.type == "cuda" else _CHUNK_ELEMS_CPU
     nxt = np.concatenate([np.append(s[1:], 0) for s in seqs])
-    rows_t = torch.from_numpy(rows).to(dev, non_blocking=True)
     nxt_t = torch.from_numpy(nxt).to(dev, non_blocking=True).unsqueeze(1)
-    flat = logits.reshape(B * L, V)
     step = max(1, chunk_elems // V)
     out_ids, out_lp, out_gold = [], [], []
-    for a in range(0, len(rows), step):
-        x = flat.index_select(0, rows_t[a:a + step]).float()
-        if n_real < V:
-            x[:, n_real:] = float("-inf")
-        lse = torch.logsumexp(x, dim=-1, keepdim=True)
-        vals, idx = torch.topk(x, k, dim=-1)
-        out_ids.append(idx.to(torch.int32))
-        out_lp.append((vals - lse).to(torch.float16))
-        out_gold.append((x.gather(1, nxt_t[a:a + step]) - lse).squeeze(1))
+    pos = 0
+    for b, s in enumerate(seqs):
+        n = len(s)
+        for a in range(0, n, step):
+            e = min(n, a + step)
+            x = logits[b, a:e, :n_real].float()
+            lse = torch.logsumexp(x, dim=-1, keepdim=True)
+            vals, idx = torch.topk(x, k, dim=-1)
+            out_ids.append(idx.to(torch.int32))
+            out_lp.append((vals - lse).to(torch.float16))
+            out_gold.append((x.gather(1, nxt_t[pos + a:pos + e]) - lse).squeeze(1))
+        pos += n
     return torch.cat(out_ids), torch.cat(out_lp), torch.cat(out_gold)
 
 
 def topk_forward(model, seqs: list[np.ndarray], k: int, n_real: int, device, pad_id: int = 0,
-                 chunk_elems: int = _CHUNK_ELEMS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 chunk_elems: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One batch: forward pass, top-k on the device, host copies (ids, logprobs, gold; see
     :func:`topk_from_logits`)."""
     import torch
