@@ -21,7 +21,7 @@ The output is a shard directory (:mod:`fastfuse.shards`). The pipeline:
    ties by index) and packed greedily while ``padded length x batch size <= token_budget``. Batches
    never cross shard boundaries, so a resumed run reproduces the batches of an uninterrupted one.
 4. **Top-k** (:func:`topk_forward`): one forward pass ``model(input_ids=..., attention_mask=...)``
-   per batch; then, on views of each sequence's rows in chunks of bounded memory, fp32 logits
+   per batch; then, on row views of the logits in chunks of bounded memory, fp32 logits
    (columns of a padded embedding, ids >= ``len(tokenizer)``, are left out), ``logsumexp``,
    ``torch.topk``, and the log-prob of the gold next token; only the top-k and the gold log-probs are copied to the host.
 5. **Shards** (:class:`fastfuse.shards.ShardWriter`): every ``shard_size`` sequences, one shard and
@@ -59,7 +59,7 @@ _CHUNK_ELEMS_CPU = 1 << 22  # on CPU: smaller chunks stay in cache (16 MiB)
 
 
 def _iter_file(path: Path, text_field: str) -> Iterator[str]:
-    if path.suffix in (".jsonl", ".ndjson") or path.name.endswith((".jsonl.gz",)):
+    if path.suffix in (".jsonl", ".ndjson"):
         with open(path, "r", encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -83,9 +83,9 @@ def iter_corpus(texts: Any, text_field: str = "text") -> Iterator[str]:
     if isinstance(texts, os.PathLike):
         yield from _iter_file(Path(texts), text_field)
         return
-    cols = getattr(texts, "column_names", None)
-    if cols is not None and not isinstance(texts, (list, tuple)):  # datasets.Dataset / IterableDataset
-        if text_field not in cols:
+    if hasattr(texts, "column_names") and not isinstance(texts, (list, tuple)):  # datasets.(Iterable)Dataset
+        cols = texts.column_names
+        if cols is not None and text_field not in cols:
             raise ValueError(f"texts: dataset has no {text_field!r} column (columns: {cols})")
         for row in texts:
             yield row[text_field]
@@ -240,32 +240,34 @@ def topk_from_logits(logits, seqs: list[np.ndarray], k: int, n_real: int, chunk_
     device tensors ``ids`` int32 [T, k], ``logprobs`` float16 [T, k], ``gold`` float32 [T] where
     T = sum of lengths, rows in batch order, and ``gold[t]`` the log-prob of the next token (0 at
     each sequence's last position). Only columns ``< n_real`` take part (a padded embedding's
-    extra columns are left out). Works on views of ``logits`` in row chunks of at most
-    ``chunk_elems`` fp32 elements; padding positions are never read.
+    extra columns are left out). Works on contiguous row views of ``logits`` in chunks of at most
+    ``chunk_elems`` fp32 elements (few kernel launches; batches are length-sorted, so the padding
+    rows it also reads are few) and keeps the real rows of the small results.
     """
     import torch
 
-    V = logits.shape[-1]
+    B, L, V = logits.shape
     dev = logits.device
     if chunk_elems is None:
         chunk_elems = _CHUNK_ELEMS if dev.type == "cuda" else _CHUNK_ELEMS_CPU
-    nxt = np.concatenate([np.append(s[1:], 0) for s in seqs])
-    nxt_t = torch.from_numpy(nxt).to(dev, non_blocking=True).unsqueeze(1)
+    nxt = np.zeros((B, L), np.int64)
+    keep = np.zeros((B, L), bool)
+    for b, s in enumerate(seqs):
+        nxt[b, :len(s) - 1] = s[1:]
+        keep[b, :len(s)] = True
+    nxt_t = torch.from_numpy(nxt.reshape(-1, 1)).to(dev, non_blocking=True)
+    flat = logits.reshape(B * L, V)
     step = max(1, chunk_elems // V)
     out_ids, out_lp, out_gold = [], [], []
-    pos = 0
-    for b, s in enumerate(seqs):
-        n = len(s)
-        for a in range(0, n, step):
-            e = min(n, a + step)
-            x = logits[b, a:e, :n_real].float()
-            lse = torch.logsumexp(x, dim=-1, keepdim=True)
-            vals, idx = torch.topk(x, k, dim=-1)
-            out_ids.append(idx.to(torch.int32))
-            out_lp.append((vals - lse).to(torch.float16))
-            out_gold.append((x.gather(1, nxt_t[pos + a:pos + e]) - lse).squeeze(1))
-        pos += n
-    return torch.cat(out_ids), torch.cat(out_lp), torch.cat(out_gold)
+    for a in range(0, B * L, step):
+        x = flat[a:a + step, :n_real].float()
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)
+        vals, idx = torch.topk(x, k, dim=-1)
+        out_ids.append(idx.to(torch.int32))
+        out_lp.append((vals - lse).to(torch.float16))
+        out_gold.append((x.gather(1, nxt_t[a:a + step]) - lse).squeeze(1))
+    rows = torch.from_numpy(np.flatnonzero(keep)).to(dev, non_blocking=True)
+    return tuple(torch.cat(o).index_select(0, rows) for o in (out_ids, out_lp, out_gold))
 
 
 def topk_forward(model, seqs: list[np.ndarray], k: int, n_real: int, device, pad_id: int = 0,

@@ -22,6 +22,18 @@ Every shard carries safetensors metadata (str -> str): ``format_version``, ``sou
 The files are written byte-deterministically (fixed tensor order, sorted JSON keys, no
 timestamps), so the same inputs always give the same bytes, and atomically (temp file in the
 same directory, fsync, ``os.replace``). ``meta.json`` is rewritten the same way after each shard.
+
+``meta.json`` (sorted keys): ``format_version``, ``source_name``, ``model`` (identifier),
+``tokenizer_fingerprint`` (sha256 of ``backend_tokenizer.to_str()``), ``tokenizer_size``
+(``len(tokenizer)``), ``vocab_size`` (the model's logits width; may exceed ``tokenizer_size`` for a
+padded embedding, whose extra ids never appear in ``topk_ids``), ``k``, ``block_size``,
+``token_budget``, ``shard_size``, ``dtype``, ``special_tokens`` ([prefix ids, suffix ids]),
+``num_sequences``, ``num_tokens``, ``complete``, ``corpus_fingerprint`` and ``shards``: one entry
+per completed shard with ``file``, ``seq_start``, ``seq_end`` (exclusive), ``num_tokens``,
+``bytes``, ``sha256`` and the ``corpus_fingerprint`` after it. The corpus fingerprint is a sha256
+chain over the sequences (raw digests): ``h_0 = sha256(b"")``, ``h_{i+1} = sha256(h_i || int64 (doc index,
+char start, char end) || UTF-8 text of the sequence)``, hex of the last one; a resumed run checks
+it at every completed shard boundary.
 """
 from __future__ import annotations
 
@@ -253,6 +265,7 @@ class ShardWriter:
                                     "bytes": sum(len(c) for c in chunks), "sha256": h.hexdigest(),
                                     "corpus_fingerprint": corpus_fingerprint})
         self.meta["num_sequences"] = first + n_seq
+        self.meta["complete"] = False
         self.meta["num_tokens"] = int(self.meta["num_tokens"]) + n_tok
         self.meta["corpus_fingerprint"] = corpus_fingerprint
         self._write_meta()

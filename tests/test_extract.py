@@ -131,6 +131,16 @@ def test_corpus_sources(tmp_path):
     (tmp_path / "b.txt").write_text("three\nlines")
     assert list(iter_corpus([tmp_path / "a.jsonl", tmp_path / "b.txt"])) == ["one", "two", "three\nlines"]
     assert list(iter_corpus(iter(["p", "q"]))) == ["p", "q"]
+
+    class FakeDataset:  # the part of datasets.Dataset that iter_corpus uses
+        column_names = ["id", "text"]
+
+        def __iter__(self):
+            return iter([{"id": 0, "text": "r"}, {"id": 1, "text": "s"}])
+
+    assert list(iter_corpus(FakeDataset())) == ["r", "s"]
+    with pytest.raises(ValueError, match="column"):
+        list(iter_corpus(FakeDataset(), text_field="body"))
     with pytest.raises(TypeError, match="texts"):
         list(iter_corpus("a bare string"))
     (tmp_path / "bad.jsonl").write_text('{"txt": "x"}\n')
