@@ -235,3 +235,18 @@ def test_cli_registration(capsys):
     assert a.k == 5 and a.input == ["a.jsonl", "b.txt"] and callable(a.func)
     assert main(["--model", "/nonexistent", "--input", "x", "--out", "o"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_bf16_matches_fp32_roughly(tmp_path, real_tokenizer, corpus):
+    """The low-precision path (logits upcast chunk-wise) on CPU: same shapes, close values."""
+    tok = real_tokenizer("llama-spm")
+    texts = [corpus[0], corpus[4]]
+    kw = dict(k=5, block_size=128, token_budget=512, shard_size=4, progress=False)
+    extract_topk(tiny_model("llama", len(tok) + 3), tok, texts, tmp_path / "f32", **kw)
+    extract_topk(tiny_model("llama", len(tok) + 3), tok, texts, tmp_path / "bf16", dtype="bfloat16", **kw)
+    a, b = ShardReader(tmp_path / "f32"), ShardReader(tmp_path / "bf16")
+    assert b.meta["dtype"] == "bfloat16" and len(a) == len(b) and a.num_tokens == b.num_tokens
+    np.testing.assert_allclose(b.ce, a.ce, rtol=0.05)
+    for x, y in zip(a, b):
+        assert (y["topk_ids"] < len(tok)).all() and np.all(np.diff(y["topk_logprobs"].astype(np.float32), axis=1) <= 0)
+        assert (x["topk_ids"][:, 0] == y["topk_ids"][:, 0]).mean() > 0.8
