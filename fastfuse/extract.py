@@ -23,7 +23,8 @@ The output is a shard directory (:mod:`fastfuse.shards`). The pipeline:
 4. **Top-k** (:func:`topk_forward`): one forward pass ``model(input_ids=..., attention_mask=...)``
    per batch; then, on row views of the logits in chunks of bounded memory, fp32 logits
    (columns of a padded embedding, ids >= ``len(tokenizer)``, are left out), ``logsumexp``,
-   ``torch.topk``, and the log-prob of the gold next token; only the top-k and the gold log-probs are copied to the host.
+   ``torch.topk``, and the log-prob of the gold next token; only the top-k and the gold log-probs
+   are copied to the host.
 5. **Shards** (:class:`fastfuse.shards.ShardWriter`): every ``shard_size`` sequences, one shard and
    an updated ``meta.json``, written atomically and byte-deterministically. A rerun with the same
    arguments skips the completed shards (checking that the corpus still hashes the same) and
@@ -40,7 +41,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 

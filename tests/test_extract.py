@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,7 +150,8 @@ def test_corpus_sources(tmp_path):
 def test_bytes_per_token(tmp_path, real_tokenizer, corpus):
     tok = real_tokenizer("gpt-2")
     model = tiny_model("gpt2", len(tok))
-    stats = extract_topk(model, tok, [corpus[i] for i in (0, 1, 3, 4, 6, 7)], tmp_path, k=10, block_size=512, token_budget=2048, shard_size=16,
+    texts = [corpus[i] for i in (0, 1, 3, 4, 6, 7)]
+    stats = extract_topk(model, tok, texts, tmp_path, k=10, block_size=512, token_budget=2048, shard_size=16,
                          progress=False)
     files = sum(p.stat().st_size for p in tmp_path.iterdir())
     bpt = files / stats["total_tokens"]
@@ -181,8 +181,7 @@ def test_resume_mismatch_errors(tmp_path, real_tokenizer, corpus):
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from pathlib import Path
-    from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
     from fastfuse.extract import extract_topk
     from fastfuse.vocabfiles import load_tokenizer
 

@@ -27,7 +27,8 @@ def fake_shard(rng, first: int, lens: list[int]):
     return dict(offsets=off, topk_ids=rng.integers(0, 100, (n, K)).astype(np.int32),
                 topk_logprobs=(-rng.random((n, K)) * 10).astype(np.float16), ce=ce,
                 seq_index=np.arange(first, first + len(lens), dtype=np.int64),
-                doc_spans=np.stack([np.arange(len(lens)), np.zeros(len(lens)), np.full(len(lens), 5)], 1).astype(np.int64))
+                doc_spans=np.stack([np.arange(len(lens)), np.zeros(len(lens)), np.full(len(lens), 5)], 1)
+                .astype(np.int64))
 
 
 def write(tmp, shards_lens, seed=0, **over):
@@ -56,7 +57,8 @@ def test_roundtrip(tmp_path):
         a, b = s["offsets"][j], s["offsets"][j + 1]
         np.testing.assert_array_equal(item["topk_ids"], s["topk_ids"][a:b])
         np.testing.assert_array_equal(item["topk_logprobs"], s["topk_logprobs"][a:b])
-        assert item["seq_index"] == g and item["topk_ids"].dtype == np.int32 and item["topk_logprobs"].dtype == np.float16
+        assert item["seq_index"] == g and item["topk_ids"].dtype == np.int32
+        assert item["topk_logprobs"].dtype == np.float16
         np.testing.assert_equal(item["ce"], s["ce"][j])
     assert [it["seq_index"] for it in r] == list(range(7))
     np.testing.assert_array_equal(r.ce, np.concatenate([s["ce"] for s in data]))
