@@ -181,7 +181,8 @@ def test_resume_mismatch_errors(tmp_path, real_tokenizer, corpus):
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-        from transformers import AutoModelForCausalLM
+    from pathlib import Path
+    from transformers import AutoModelForCausalLM
     from fastfuse.extract import extract_topk
     from fastfuse.vocabfiles import load_tokenizer
 
