@@ -1,0 +1,521 @@
+"""Offline top-k extraction: a source LM reads the corpus once and keeps its top-k next-token log-probs.
+
+The output is a shard directory (:mod:`fastfuse.shards`). The pipeline:
+
+1. **Corpus** (:func:`iter_corpus`): an iterable of ``str`` (one document each), a path or list of
+   paths (``.jsonl`` -> the ``"text"`` field of every line; any other file -> one document), or a
+   ``datasets.Dataset``-like object with a ``"text"`` column.
+2. **Sequences** (:func:`source_sequences`): each document is tokenised once, without special
+   tokens, with character offsets. A document whose tokenisation plus the tokenizer's own special
+   tokens (e.g. Llama's BOS) fits ``block_size`` is one sequence. A longer one is cut into chunks of
+   at most ``block_size - n_special`` tokens of *that* tokenisation (token ids are sliced, never
+   re-tokenised, never decoded): each cut goes at the latest token boundary within the limit where
+   the next token starts at or after the end of the previous one (so no character is split between
+   chunks; only if there is no such boundary is the cut made at the limit). The chunk's text span
+   is ``[end of the previous chunk's last token, end of its own last token)``, the first starting at
+   0 and the last ending at ``len(document)``, so the spans tile the document and concatenate back
+   to it. Each chunk then gets the tokenizer's special prefix/suffix tokens. Sequences are numbered
+   in document order, then chunk order; documents with no tokens yield no sequence. Consumers that
+   need the source's token ids call :func:`source_sequences` with the same tokenizer and block size.
+3. **Batches** (:func:`plan_batches`): the sequences of one shard, sorted by length (longest first,
+   ties by index) and packed greedily while ``padded length x batch size <= token_budget``. Batches
+   never cross shard boundaries, so a resumed run reproduces the batches of an uninterrupted one.
+4. **Top-k** (:func:`topk_forward`): one forward pass ``model(input_ids=..., attention_mask=...)``
+   per batch; then, on row views of the logits in chunks of bounded memory, fp32 logits
+   (columns of a padded embedding, ids >= ``len(tokenizer)``, are left out), ``logsumexp``,
+   ``torch.topk``, and the log-prob of the gold next token; only the top-k and the gold log-probs
+   are copied to the host.
+5. **Shards** (:class:`fastfuse.shards.ShardWriter`): every ``shard_size`` sequences, one shard and
+   an updated ``meta.json``, written atomically and byte-deterministically. A rerun with the same
+   arguments skips the completed shards (checking that the corpus still hashes the same) and
+   writes exactly the bytes an uninterrupted run writes.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from fastfuse.shards import ShardReader, ShardWriter, tokenizer_fingerprint
+
+DEFAULT_K = 10
+DEFAULT_BLOCK_SIZE = 2048
+DEFAULT_TOKEN_BUDGET = 16384
+DEFAULT_SHARD_SIZE = 4096
+_CHUNK_ELEMS = 1 << 25  # fp32 logits elements processed at once in the top-k step on GPU (128 MiB)
+_CHUNK_ELEMS_CPU = 1 << 22  # on CPU: smaller chunks stay in cache (16 MiB)
+
+
+# ----------------------------------------------------------------------------------------------
+# corpus
+
+
+def _iter_file(path: Path, text_field: str) -> Iterator[str]:
+    if path.suffix in (".jsonl", ".ndjson"):
+        with open(path, "r", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    text = obj[text_field]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path}:{n}: expected a JSON object with a {text_field!r} string ({e!r})") from e
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}:{n}: field {text_field!r} is not a string")
+                yield text
+    else:
+        yield path.read_text(encoding="utf-8")
+
+
+def iter_corpus(texts: Any, text_field: str = "text") -> Iterator[str]:
+    """Documents of a corpus, in order (see the module docstring for what ``texts`` may be)."""
+    if isinstance(texts, str):
+        raise TypeError("texts: a bare str is ambiguous; pass [text] for one document or pathlib.Path(...) for a file")
+    if isinstance(texts, os.PathLike):
+        yield from _iter_file(Path(texts), text_field)
+        return
+    if hasattr(texts, "column_names") and not isinstance(texts, (list, tuple)):  # datasets.(Iterable)Dataset
+        cols = texts.column_names
+        if cols is not None and text_field not in cols:
+            raise ValueError(f"texts: dataset has no {text_field!r} column (columns: {cols})")
+        for row in texts:
+            yield row[text_field]
+        return
+    for i, t in enumerate(texts):
+        if isinstance(t, os.PathLike):
+            yield from _iter_file(Path(t), text_field)
+        elif isinstance(t, str):
+            yield t
+        else:
+            raise TypeError(f"texts[{i}]: expected str or os.PathLike, got {type(t).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# sequences
+
+
+@dataclass
+class SourceSequence:
+    """One sequence the source reads: ``input_ids`` (int64 [n]) tokenised from
+    ``document[char_start:char_end]`` of document ``doc_index``; ``offsets`` (int64 [n, 2]) are the
+    character spans of its tokens in the document ((0, 0) for special tokens)."""
+
+    seq_index: int
+    doc_index: int
+    char_start: int
+    char_end: int
+    input_ids: np.ndarray
+    offsets: np.ndarray
+
+
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """(prefix, suffix) ids the tokenizer adds around a text with ``add_special_tokens=True``."""
+    probe = "a b"
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return list(full[:i]), list(full[i + len(bare):])
+    raise ValueError("tokenizer: cannot locate the text tokens among the special tokens it adds")
+
+
+def split_points(offsets: np.ndarray, cap: int) -> list[int]:
+    """Token indices where a document of ``len(offsets)`` tokens is cut into chunks of <= ``cap``
+    tokens (see the module docstring): returns ``[0, c1, ..., n]``."""
+    n = len(offsets)
+    cuts = [0]
+    if n <= cap:
+        return cuts + [n]
+    # a cut before token j is clean when token j starts at or after the end of token j-1
+    ok = np.nonzero(offsets[1:, 0] >= offsets[:-1, 1])[0] + 1
+    start = 0
+    while n - start > cap:
+        lim = start + cap
+        i = np.searchsorted(ok, lim, side="right") - 1
+        j = int(ok[i]) if i >= 0 and ok[i] > start else lim
+        cuts.append(j)
+        start = j
+    return cuts + [n]
+
+
+def source_sequences(tokenizer, texts: Any, block_size: int, text_field: str = "text",
+                     docs_per_batch: int = 64) -> Iterator[tuple[SourceSequence, str]]:
+    """Yields ``(SourceSequence, document)`` for a corpus, deterministically (module docstring)."""
+    prefix, suffix = special_tokens(tokenizer)
+    cap = block_size - len(prefix) - len(suffix)
+    if cap < 1:
+        raise ValueError(f"block_size: {block_size} leaves no room next to {len(prefix) + len(suffix)} special tokens")
+    pre = np.asarray(prefix, np.int64)
+    suf = np.asarray(suffix, np.int64)
+    pre_off = np.zeros((len(prefix), 2), np.int64)
+    suf_off = np.zeros((len(suffix), 2), np.int64)
+    seq = 0
+    doc_index = 0
+
+    def flush(docs: list[str]):
+        enc = tokenizer(docs, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        for text, ids, offs in zip(docs, enc["input_ids"], enc["offset_mapping"]):
+            yield text, np.asarray(ids, np.int64), np.asarray(offs, np.int64).reshape(-1, 2)
+
+    pending: list[str] = []
+    docs_iter = iter_corpus(texts, text_field)
+    while True:
+        pending = []
+        for t in docs_iter:
+            pending.append(t)
+            if len(pending) >= docs_per_batch:
+                break
+        if not pending:
+            return
+        for text, ids, offs in flush(pending):
+            if len(ids):
+                cuts = split_points(offs, cap)
+                for c, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+                    c0 = 0 if c == 0 else int(offs[a - 1, 1])
+                    c1 = len(text) if b == len(ids) else int(offs[b - 1, 1])
+                    s = SourceSequence(seq, doc_index, c0, c1, np.concatenate([pre, ids[a:b], suf]),
+                                       np.concatenate([pre_off, offs[a:b], suf_off]))
+                    yield s, text
+                    seq += 1
+            doc_index += 1
+
+
+def _chain(h: bytes, s: SourceSequence, text: str) -> bytes:
+    """One link of the corpus fingerprint: sha256(previous || doc, start, end || chunk text)."""
+    m = hashlib.sha256(h)
+    m.update(struct.pack("<qqq", s.doc_index, s.char_start, s.char_end))
+    m.update(text[s.char_start:s.char_end].encode("utf-8", "surrogatepass"))
+    return m.digest()
+
+
+# ----------------------------------------------------------------------------------------------
+# batches and the top-k step
+
+
+def plan_batches(lengths: np.ndarray | list[int], token_budget: int) -> list[np.ndarray]:
+    """Indices of the batches for sequences of ``lengths``: sorted longest first (stable), packed
+    greedily while ``max length x batch size <= token_budget`` (a longer sequence goes alone)."""
+    lengths = np.asarray(lengths, np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    batches: list[np.ndarray] = []
+    start = 0
+    for i in range(1, len(order) + 1):
+        if i == len(order) or lengths[order[start]] * (i - start + 1) > token_budget:
+            batches.append(order[start:i])
+            start = i
+    return batches
+
+
+def pad_batch(seqs: list[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded ``input_ids`` and ``attention_mask``, int64 [B, max length]."""
+    lens = np.array([len(s) for s in seqs])
+    ids = np.full((len(seqs), int(lens.max())), pad_id, np.int64)
+    mask = np.zeros_like(ids)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)] = s
+        mask[b, :len(s)] = 1
+    return ids, mask
+
+
+def forward_logits(model, input_ids, attention_mask):
+    """``model(input_ids=..., attention_mask=...)`` logits [B, L, V] (no KV cache)."""
+    kw = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, **kw)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def topk_from_logits(logits, seqs: list[np.ndarray], k: int, n_real: int, chunk_elems: int | None = None):
+    """Top-k of log_softmax (fp32) at every real position and the gold next-token log-probs.
+
+    ``logits`` [B, L, V] (any float dtype, on any device) for the right-padded ``seqs``. Returns
+    device tensors ``ids`` int32 [T, k], ``logprobs`` float16 [T, k], ``gold`` float32 [T] where
+    T = sum of lengths, rows in batch order, and ``gold[t]`` the log-prob of the next token (0 at
+    each sequence's last position). Only columns ``< n_real`` take part (a padded embedding's
+    extra columns are left out). Works on contiguous row views of ``logits`` in chunks of at most
+    ``chunk_elems`` fp32 elements (few kernel launches; batches are length-sorted, so the padding
+    rows it also reads are few) and keeps the real rows of the small results.
+    """
+    import torch
+
+    B, L, V = logits.shape
+    dev = logits.device
+    if chunk_elems is None:
+        chunk_elems = _CHUNK_ELEMS if dev.type == "cuda" else _CHUNK_ELEMS_CPU
+    nxt = np.zeros((B, L), np.int64)
+    keep = np.zeros((B, L), bool)
+    for b, s in enumerate(seqs):
+        nxt[b, :len(s) - 1] = s[1:]
+        keep[b, :len(s)] = True
+    nxt_t = torch.from_numpy(nxt.reshape(-1, 1)).to(dev, non_blocking=True)
+    flat = logits.reshape(B * L, V)
+    step = max(1, chunk_elems // V)
+    out_ids, out_lp, out_gold = [], [], []
+    for a in range(0, B * L, step):
+        x = flat[a:a + step, :n_real].float()
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)
+        vals, idx = torch.topk(x, k, dim=-1)
+        out_ids.append(idx.to(torch.int32))
+        out_lp.append((vals - lse).to(torch.float16))
+        out_gold.append((x.gather(1, nxt_t[a:a + step]) - lse).squeeze(1))
+    rows = torch.from_numpy(np.flatnonzero(keep)).to(dev, non_blocking=True)
+    return tuple(torch.cat(o).index_select(0, rows) for o in (out_ids, out_lp, out_gold))
+
+
+def topk_forward(model, seqs: list[np.ndarray], k: int, n_real: int, device, pad_id: int = 0,
+                 chunk_elems: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One batch: forward pass, top-k on the device, host copies (ids, logprobs, gold; see
+    :func:`topk_from_logits`)."""
+    import torch
+
+    ids, mask = pad_batch(seqs, pad_id)
+    ids_t = torch.from_numpy(ids).to(device, non_blocking=True)
+    mask_t = torch.from_numpy(mask).to(device, non_blocking=True)
+    logits = forward_logits(model, ids_t, mask_t)
+    r = topk_from_logits(logits, seqs, k, n_real, chunk_elems)
+    del logits
+    return tuple(t.cpu().numpy() for t in r)  # type: ignore[return-value]
+
+
+def sequence_ce(gold: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Mean CE per sequence from per-token gold log-probs (float32 [sum lens]); NaN if len < 2."""
+    out = np.full(len(lens), np.nan, np.float32)
+    pos = 0
+    for i, n in enumerate(lens):
+        if n >= 2:
+            out[i] = -np.mean(gold[pos:pos + n - 1], dtype=np.float64)
+        pos += n
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the driver
+
+
+def _resolve_device_dtype(device, dtype):
+    import torch
+
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype: unknown torch dtype {dtype!r}")
+    return device, dtype
+
+
+def model_vocab_size(model) -> int:
+    """The width of the model's logits (its output embedding rows, else ``config.vocab_size``)."""
+    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return int(emb.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: int = DEFAULT_K,
+                 block_size: int = DEFAULT_BLOCK_SIZE, token_budget: int = DEFAULT_TOKEN_BUDGET,
+                 shard_size: int = DEFAULT_SHARD_SIZE, source_name: str | None = None, device=None, dtype=None,
+                 progress: bool = True, text_field: str = "text",
+                 on_shard: Callable[[int, Path], None] | None = None) -> dict:
+    """Run a Hugging Face causal LM over a corpus and write its top-k next-token log-probs to
+    ``out_dir`` as shards (format: :mod:`fastfuse.shards`; pipeline: this module's docstring).
+
+    ``model``: called as ``model(input_ids=[B, L] int64, attention_mask=[B, L])`` returning logits
+    ``[B, L, V]``; moved to ``device`` (default CUDA if available, else CPU) and ``dtype`` (default
+    bf16 on GPU, fp32 on CPU). ``tokenizer``: the model's fast tokenizer. ``texts``: see
+    :func:`iter_corpus`. ``block_size``: max tokens per sequence (special tokens included).
+    ``token_budget``: max padded tokens per batch. ``shard_size``: sequences per shard.
+    ``on_shard(i, path)`` is called after shard ``i`` and ``meta.json`` are on disk.
+
+    Resumes if ``out_dir`` holds a run with the same settings (``ValueError`` naming what differs
+    otherwise). Returns a summary dict (sequences, tokens, shards written now, seconds, tokens/s,
+    bytes per token).
+    """
+    import torch
+    from tqdm import tqdm
+
+    for name, v in (("k", k), ("block_size", block_size), ("token_budget", token_budget), ("shard_size", shard_size)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    if token_budget < block_size:
+        raise ValueError(f"token_budget: {token_budget} is smaller than block_size {block_size}")
+    device, dtype = _resolve_device_dtype(device, dtype)
+    n_real = len(tokenizer)
+    vocab_size = model_vocab_size(model)
+    if vocab_size < n_real:
+        raise ValueError(f"model: logits have {vocab_size} columns, fewer than the tokenizer's {n_real} tokens")
+    if k > n_real:
+        raise ValueError(f"k: {k} exceeds the tokenizer's {n_real} tokens")
+    ident = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    if source_name is None:
+        source_name = Path(str(ident)).name or type(model).__name__
+    writer = ShardWriter(out_dir, {
+        "source_name": source_name, "model": str(ident), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "tokenizer_size": n_real, "vocab_size": vocab_size, "k": int(k), "block_size": int(block_size),
+        "token_budget": int(token_budget), "shard_size": int(shard_size), "dtype": str(dtype).replace("torch.", ""),
+        "special_tokens": list(map(list, special_tokens(tokenizer))),
+    })
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    checkpoints = dict(writer.shard_fingerprints())
+    done_seq = writer.next_seq
+    stats = {"sequences": done_seq, "tokens_done_before": int(writer.meta["num_tokens"]), "tokens": 0,
+             "shards_written": 0, "seconds": 0.0}
+    bar = tqdm(desc=f"extract {source_name}", unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
+    t_start = time.perf_counter()
+    h = hashlib.sha256(b"").digest()
+
+    def run_shard(buf: list[SourceSequence], fp: str) -> None:
+        seqs = [s.input_ids for s in buf]
+        lens = np.array([len(s) for s in seqs], np.int64)
+        offsets = np.zeros(len(buf) + 1, np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        ids = np.empty((offsets[-1], k), np.int32)
+        lps = np.empty((offsets[-1], k), np.float16)
+        gold = np.empty(offsets[-1], np.float32)
+        for batch in plan_batches(lens, token_budget):
+            bi, bl, bg = topk_forward(model, [seqs[j] for j in batch], k, n_real, device, pad_id)
+            pos = 0
+            for j in batch:
+                n = lens[j]
+                ids[offsets[j]:offsets[j + 1]] = bi[pos:pos + n]
+                lps[offsets[j]:offsets[j + 1]] = bl[pos:pos + n]
+                gold[offsets[j]:offsets[j + 1]] = bg[pos:pos + n]
+                pos += n
+            bar.update(int(lens[batch].sum()))
+        path = writer.write_shard(
+            offsets=offsets, topk_ids=ids, topk_logprobs=lps, ce=sequence_ce(gold, lens),
+            seq_index=np.array([s.seq_index for s in buf], np.int64),
+            doc_spans=np.array([[s.doc_index, s.char_start, s.char_end] for s in buf], np.int64).reshape(-1, 3),
+            corpus_fingerprint=fp)
+        stats["tokens"] += int(offsets[-1])
+        stats["shards_written"] += 1
+        bar.set_postfix(shards=writer.next_shard, seqs=writer.next_seq)
+        if on_shard is not None:
+            on_shard(writer.next_shard - 1, path)
+
+    n_seen = 0
+    buf: list[SourceSequence] = []
+    try:
+        with torch.inference_mode():
+            for s, text in source_sequences(tokenizer, texts, block_size, text_field):
+                h = _chain(h, s, text)
+                n_seen += 1
+                if s.seq_index < done_seq:
+                    want = checkpoints.get(s.seq_index + 1)
+                    if want is not None and want != h.hex():
+                        raise ValueError(f"cannot resume in {writer.out_dir}: the corpus differs from the one it was "
+                                         f"written from (sequences before {s.seq_index + 1} hash differently)")
+                    continue
+                buf.append(s)
+                if len(buf) == shard_size:
+                    run_shard(buf, h.hex())
+                    buf = []
+            if buf:
+                run_shard(buf, h.hex())
+    finally:
+        bar.close()
+    if n_seen < done_seq:
+        raise ValueError(f"cannot resume in {writer.out_dir}: the corpus has {n_seen} sequences, fewer than the "
+                         f"{done_seq} already written")
+    writer.finish()
+    el = time.perf_counter() - t_start
+    stats.update(sequences=writer.next_seq, seconds=el, tokens_per_s=stats["tokens"] / max(el, 1e-9),
+                 total_tokens=int(writer.meta["num_tokens"]), out_dir=str(writer.out_dir))
+    if writer.next_shard:
+        stats["bytes_per_token"] = ShardReader(out_dir, check_sha256=False).bytes_per_token()
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def load_any_tokenizer(name_or_path: str):
+    """A ``fastfuse.vocabfiles`` tokenizer name, else a local tokenizer directory/file."""
+    from fastfuse.vocabfiles import TOKENIZERS, load_tokenizer
+
+    if name_or_path in TOKENIZERS:
+        return load_tokenizer(name_or_path)
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    p = Path(name_or_path)
+    if p.is_file() and p.suffix == ".json":
+        return PreTrainedTokenizerFast(tokenizer_file=str(p))
+    if not p.exists():
+        raise ValueError(f"--tokenizer: {name_or_path!r} is neither a known name ({', '.join(TOKENIZERS)}) nor a path")
+    return AutoTokenizer.from_pretrained(str(p))
+
+
+def _cli_extract(args: argparse.Namespace) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    if not Path(args.model).is_dir():
+        raise ValueError(f"--model: {args.model!r} is not a local model directory")
+    tokenizer = load_any_tokenizer(args.tokenizer or args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    for f in args.input:
+        if not Path(f).is_file():
+            raise ValueError(f"--input: {f!r} is not a file")
+    stats = extract_topk(model, tokenizer, [Path(f) for f in args.input], args.out, k=args.k,
+                         block_size=args.block_size, token_budget=args.token_budget, shard_size=args.shard_size,
+                         source_name=args.source_name, device=args.device, dtype=args.dtype,
+                         progress=not args.quiet, text_field=args.text_field)
+    if not args.quiet:
+        print(f"{stats['sequences']} sequences, {stats['total_tokens']} tokens in {stats['out_dir']} "
+              f"({stats['tokens']} extracted now at {stats['tokens_per_s']:.0f} tok/s; "
+              f"{stats.get('bytes_per_token', float('nan')):.1f} bytes/token)")
+    return stats
+
+
+def add_extract_command(subparsers) -> argparse.ArgumentParser:
+    """Register ``extract`` on an argparse ``subparsers`` object (sets ``func``)."""
+    p = subparsers.add_parser("extract", help="run a source LM over a corpus and store its top-k next-token log-probs",
+                              description="Run a source causal LM over a corpus and write top-k shards "
+                                          "(resumes an interrupted run in the same --out directory).")
+    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--tokenizer", default=None,
+                   help="fastfuse.vocabfiles name or local tokenizer path (default: the model directory)")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                   help="corpus files: .jsonl (one JSON object with a text field per line) or text (one document each)")
+    p.add_argument("--out", required=True, help="output directory (one per source)")
+    p.add_argument("--k", type=int, default=DEFAULT_K)
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
+    p.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET, help="max padded tokens per batch")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="sequences per shard")
+    p.add_argument("--source-name", default=None)
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, help="torch dtype (default bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cli_extract)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fastfuse.extract ...`` (same arguments as ``fastfuse extract``)."""
+    parser = argparse.ArgumentParser(prog="fastfuse")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_extract_command(sub)
+    args = parser.parse_args(["extract", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        args.func(args)
+    except ValueError as e:
+        print(f"fastfuse: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
