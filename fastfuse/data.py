@@ -135,3 +135,43 @@ class FusionCollator:
             batch = {k: (type(v)(*(t.pin_memory() for t in v)) if isinstance(v, tuple) else v.pin_memory())
                      for k, v in batch.items()}
         return batch
+
+
+class FusionDataset(torch.utils.data.Dataset):
+    """Examples for :class:`FusionCollator` from an ``align_corpus`` directory and the sources' shards.
+
+    ``dataset.collator(pad_token_id, ...)`` builds the matching collator (vocabulary maps, padded
+    source vocabularies from the shards' metadata).
+    """
+
+    def __init__(self, align_dir, sources: Sequence[str] | None = None):
+        from fastfuse.corpus_align import AlignedStore
+        from fastfuse.shards import ShardReader
+
+        self.store = AlignedStore(align_dir)
+        self.sources = list(sources) if sources is not None else self.store.sources
+        unknown = [s for s in self.sources if s not in self.store.sources]
+        if unknown:
+            raise ValueError(f"sources: {unknown} not in {align_dir} (has {self.store.sources})")
+        self.readers = [ShardReader(self.store.source_dir(s)) for s in self.sources]
+        for s, r in zip(self.sources, self.readers):
+            if len(r) != len(self.store):
+                raise ValueError(f"sources: '{s}' has {len(r)} sequences, the alignment {len(self.store)}")
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} sequences")
+        recs = [r[i] for r in self.readers]
+        return {"input_ids": self.store.target_ids(i), "topk_ids": [r["topk_ids"] for r in recs],
+                "topk_logprobs": [r["topk_logprobs"] for r in recs],
+                "pos": [self.store.pos(s, i) for s in self.sources],
+                "ce": np.array([r["ce"] for r in recs], dtype=np.float32)}
+
+    def collator(self, pad_token_id: int, **kwargs) -> FusionCollator:
+        maps = [self.store.vocab_map(s).ids for s in self.sources]
+        sizes = [max(int(r.meta["vocab_size"]), len(m)) for r, m in zip(self.readers, maps)]
+        kwargs.setdefault("target_vocab_size", self.store.meta.get("target_vocab"))
+        return FusionCollator(maps, pad_token_id, source_vocab_sizes=sizes, **kwargs)

@@ -101,7 +101,12 @@ def _atomic_write(path: Path, chunks: list[bytes]) -> None:
 
 
 def serialize_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> list[bytes]:
-    """Deterministic safetensors bytes: tensors in the given order, sorted JSON, 8-byte aligned header."""
+    """Deterministic safetensors bytes: tensors in the given order, sorted JSON, 8-byte aligned header.
+
+    Written by hand because the ``safetensors`` library serialises ``__metadata__`` from a Rust
+    HashMap, whose order changes from process to process (measured: four runs, four different
+    sha256), which would break byte-identical resumes. The ``safetensors`` loader reads these files.
+    """
     header: dict[str, Any] = {"__metadata__": {str(k): str(v) for k, v in sorted(metadata.items())}}
     pos = 0
     datas = []

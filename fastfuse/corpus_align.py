@@ -1,0 +1,209 @@
+"""Alignment at corpus scale (``fastfuse align``): target tokenisation, per-source ``AlignMap``
+rows and vocabulary maps for every sequence that the sources' top-k shards hold.
+
+Pipeline (DESIGN.md §3)::
+
+    chunks = split_corpus(texts, [target, *sources], block_size)      # every tokenizer fits
+    extract_topk(source_model, source_tok, chunks, "run/sources/NAME")  # per source
+    align_corpus(chunks, target_tok, {"NAME": (source_tok, "run/sources/NAME")}, "run/align")
+
+Output directory::
+
+    target/shard-*.safetensors   offsets int64 [n+1], input_ids int32 [tokens], seq_index int64 [n]
+    NAME/shard-*.safetensors     offsets int64 [n+1] (target tokens), pos int32 [tokens]
+    NAME/vocab.safetensors       VocabMap (source id -> target id), cached across runs
+    meta.json                    sources, their shard directories, fingerprints, coverage
+
+``pos[t]`` is the source position whose predicted token spans the same bytes as target token t+1
+(next-token semantics), or -1. Written atomically; a finished run is skipped on the next call
+and a run with other tokenizers or shards is refused with a clear error.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from fastfuse.align import TokenizerOffsets, align_offsets_batch, byte_ends
+from fastfuse.extract import iter_corpus, source_sequences
+from fastfuse.shards import (ShardReader, _atomic_write, load_meta, read_safetensors, serialize_safetensors,
+                             shard_name, tokenizer_fingerprint)
+from fastfuse.vocab import VocabMap
+
+ALIGN_FORMAT_VERSION = 1
+NO_SPLIT = 1 << 40  # block size that never splits: alignment reads each sequence whole
+
+
+def _sequences(tokenizer, docs: list[str], name: str):
+    """(ids, byte ends, doc index) of each non-empty document, tokenised as extraction does."""
+    offs = TokenizerOffsets(tokenizer, name)
+    out = []
+    for s, doc in source_sequences(tokenizer, docs, NO_SPLIT):
+        ends = byte_ends(s.input_ids, s.offsets, doc, offs.surfaces, offs.lengths)
+        out.append((s.input_ids, ends, s.doc_index))
+    return out
+
+
+def _check_against_shards(name: str, seqs, reader: ShardReader) -> None:
+    if len(reader) != len(seqs):
+        raise ValueError(f"sources['{name}']: its shards hold {len(reader)} sequences but the corpus gives "
+                         f"{len(seqs)}; extract and align the same (already split) corpus")
+    for i, (ids, _, doc) in enumerate(seqs):
+        rec = reader[i]
+        if rec["doc_index"] != doc or len(rec["topk_ids"]) != len(ids):
+            raise ValueError(
+                f"sources['{name}']: sequence {i} has {len(rec['topk_ids'])} positions from document "
+                f"{rec['doc_index']} in the shards, but {len(ids)} tokens from document {doc} here: the corpus "
+                "was split differently (split it once with fastfuse.chunking.split_corpus for all tokenizers)")
+
+
+def _coverage(pos_rows, reader: ShardReader, vocab: np.ndarray) -> dict[str, float]:
+    positions = aligned = fallback = 0
+    mass = 0.0
+    for i, pos in enumerate(pos_rows):
+        p = pos[:-1]
+        positions += len(p)
+        ok = p >= 0
+        aligned += int(ok.sum())
+        if not ok.any():
+            fallback += len(p)
+            continue
+        rec = reader[i]
+        ids = rec["topk_ids"][p[ok]]
+        prob = np.exp(rec["topk_logprobs"][p[ok]].astype(np.float64))
+        mapped = (ids >= 0) & (vocab[np.clip(ids, 0, len(vocab) - 1)] >= 0)
+        mass += float(((prob * mapped).sum(1) / np.maximum(prob.sum(1), 1e-30)).sum())
+        fallback += len(p) - int(ok.sum()) + int((~mapped.any(1)).sum())
+    n = max(positions, 1)
+    return {"positions": positions, "aligned_1to1": aligned / n, "one_hot_fallback": fallback / n,
+            "vocab_mapped_mass": mass / max(aligned, 1)}
+
+
+def _write_shards(out: Path, arrays_per_seq: list[dict[str, np.ndarray]], offsets_key: str, shard_size: int,
+                  metadata: dict[str, str]) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for k, start in enumerate(range(0, max(len(arrays_per_seq), 1), shard_size)):
+        part = arrays_per_seq[start:start + shard_size]
+        lens = [len(a[offsets_key]) for a in part]
+        tensors = {"offsets": np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+                   "seq_index": np.arange(start, start + len(part), dtype=np.int64)}
+        for key in part[0] if part else []:
+            tensors[key] = np.concatenate([a[key] for a in part]).astype(part[0][key].dtype)
+        _atomic_write(out / shard_name(k), serialize_safetensors(tensors, metadata))
+        names.append(shard_name(k))
+    return names
+
+
+def align_corpus(texts: Any, target_tokenizer, sources: Mapping[str, tuple[Any, str | os.PathLike]],
+                 out_dir: str | os.PathLike, vocab_mode: str = "exact", shard_size: int = 4096,
+                 num_threads: int = 0, progress: bool = True) -> dict:
+    """Align every source's extracted sequences to the target tokenisation; returns the coverage.
+
+    Args:
+        texts: the same corpus the sources were extracted from (already split so that every
+            tokenizer fits its block size): str iterable, files or a dataset (as ``extract_topk``).
+        target_tokenizer: the target's Hugging Face fast tokenizer.
+        sources: ``{name: (source tokenizer, directory of its top-k shards)}``.
+        vocab_mode: ``"exact"`` or ``"mined"`` (see :class:`~fastfuse.vocab.VocabMap`).
+    """
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    docs = list(iter_corpus(texts))
+    tgt_fp = tokenizer_fingerprint(target_tokenizer)
+    identity = {"format_version": ALIGN_FORMAT_VERSION, "target_tokenizer_fingerprint": tgt_fp,
+                "vocab_mode": vocab_mode, "sources": {}}
+    for name, (tok, shard_dir) in sources.items():
+        smeta = load_meta(shard_dir)
+        if smeta["tokenizer_fingerprint"] != tokenizer_fingerprint(tok):
+            raise ValueError(f"sources['{name}']: the tokenizer given is not the one {shard_dir} was extracted with")
+        identity["sources"][name] = {"dir": os.path.relpath(os.path.abspath(shard_dir), os.path.abspath(out)),
+                                     "tokenizer_fingerprint": smeta["tokenizer_fingerprint"],
+                                     "shards": [s["sha256"] for s in smeta["shards"]],
+                                     "vocab_size": int(smeta["vocab_size"])}
+    meta_path = out / "meta.json"
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text("utf-8"))
+        if old.get("complete") and {k: old.get(k) for k in identity} == identity:
+            return old["coverage"]
+
+    tgt_seqs = _sequences(target_tokenizer, docs, "target_tokenizer")
+    _write_shards(out / "target", [{"input_ids": ids.astype(np.int32)} for ids, _, _ in tgt_seqs], "input_ids",
+                  shard_size, {"kind": "fastfuse.target", "tokenizer_fingerprint": tgt_fp})
+    coverage = {}
+    for name, (tok, shard_dir) in tqdm(sources.items(), desc="align", disable=not progress):
+        reader = ShardReader(shard_dir)
+        src_seqs = _sequences(tok, docs, f"sources['{name}']")
+        _check_against_shards(name, src_seqs, reader)
+        if [d for _, _, d in src_seqs] != [d for _, _, d in tgt_seqs]:
+            raise ValueError(f"sources['{name}']: its sequences come from other documents than the target's")
+        als = align_offsets_batch([e for _, e, _ in tgt_seqs], [e for _, e, _ in src_seqs], num_threads)
+        vpath = out / name / "vocab.safetensors"
+        vmap = VocabMap.build(tok, target_tokenizer, mode=vocab_mode, num_threads=num_threads)
+        (out / name).mkdir(parents=True, exist_ok=True)
+        vmap.save(vpath)
+        _write_shards(out / name, [{"pos": a.pos.astype(np.int32)} for a in als], "pos", shard_size,
+                      {"kind": "fastfuse.align", "source": name})
+        coverage[name] = _coverage([a.pos for a in als], reader, vmap.ids) | {"vocab_exact_rate": vmap.exact_rate}
+    meta = identity | {"complete": True, "num_sequences": len(tgt_seqs), "coverage": coverage,
+                       "target_vocab": len(TokenizerOffsets(target_tokenizer).surfaces)}
+    _atomic_write(meta_path, [(json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()])
+    return coverage
+
+
+class AlignedStore:
+    """Reads an ``align_corpus`` output directory: target ids and per-source ``pos`` per sequence."""
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.dir = Path(out_dir)
+        path = self.dir / "meta.json"
+        try:
+            self.meta = json.loads(path.read_text("utf-8"))
+        except FileNotFoundError as e:
+            raise ValueError(f"{path}: not found (run fastfuse align first)") from e
+        if not self.meta.get("complete"):
+            raise ValueError(f"{path}: the alignment run did not finish")
+        self.sources = list(self.meta["sources"])
+        self._target = self._load(self.dir / "target", "input_ids")
+        self._pos = {s: self._load(self.dir / s, "pos") for s in self.sources}
+
+    @staticmethod
+    def _load(d: Path, key: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        shards = sorted(d.glob("shard-*.safetensors"))
+        if not shards:
+            raise ValueError(f"{d}: no shards")
+        out = []
+        for p in shards:
+            t, _ = read_safetensors(p)
+            if key not in t or "offsets" not in t or t["offsets"][-1] != len(t[key]):
+                raise ValueError(f"{p}: not a fastfuse alignment shard (missing or inconsistent '{key}')")
+            out.append((t["offsets"], t[key]))
+        return out
+
+    def __len__(self) -> int:
+        return int(self.meta["num_sequences"])
+
+    @staticmethod
+    def _get(parts, i: int) -> np.ndarray:
+        for off, data in parts:
+            n = len(off) - 1
+            if i < n:
+                return data[off[i]:off[i + 1]]
+            i -= n
+        raise IndexError(i)
+
+    def target_ids(self, i: int) -> np.ndarray:
+        return self._get(self._target, i)
+
+    def pos(self, source: str, i: int) -> np.ndarray:
+        return self._get(self._pos[source], i)
+
+    def vocab_map(self, source: str) -> VocabMap:
+        return VocabMap.load(self.dir / source / "vocab.safetensors")
+
+    def source_dir(self, source: str) -> Path:
+        return (self.dir / self.meta["sources"][source]["dir"]).resolve()
