@@ -13,6 +13,12 @@ The whole public API, by stage (data flows top to bottom; DESIGN.md §3):
     min_ce_weights, avg_ce_weights, reward_weights, fuse_weights, ProgressiveSchedule,
     ConstantSchedule, LinearSchedule, RewardScorer, generate_responses
 
+    # offline pipeline (DESIGN.md §3): chunk -> extract -> align -> batches
+    split_corpus(texts, tokenizers, block_size)        cut documents so every tokenizer fits
+    extract_topk(model, tok, texts, out_dir, k=10)     source top-k shards (resumable); ShardReader
+    align_corpus(texts, tgt_tok, {name: (tok, dir)}, out_dir)   AlignMap rows + vocab maps + coverage
+    FusionDataset(align_dir), dataset.collator(pad_id) -> batches for fused_loss; FusionCollator
+
     # the loss (Triton on GPU, torch on CPU)
     SourceTopK(ids, logprobs), AlignMap(pos, vocab)
     fused_loss(target_logits, source_topk, align_map, labels, source_weights=None, lm_weight=0.9, ...)
@@ -35,6 +41,10 @@ _EXPORTS = {
     "generate_responses": "fusion",
     "ConstantSchedule": "schedules", "LinearSchedule": "schedules", "ProgressiveSchedule": "schedules",
     "SourceTopK": "loss", "AlignMap": "loss", "fused_loss": "loss",
+    "split_document": "chunking", "split_corpus": "chunking",
+    "extract_topk": "extract", "ShardReader": "shards", "ShardWriter": "shards",
+    "align_corpus": "corpus_align", "AlignedStore": "corpus_align",
+    "FusionCollator": "data", "FusionDataset": "data",
 }
 __all__ = sorted(_EXPORTS)
 

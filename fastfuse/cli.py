@@ -101,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=align_demo)
+    from fastfuse.extract import add_extract_command
+    from fastfuse.pipeline_cli import add_pipeline_commands
+
+    add_pipeline_commands(sub)
+    add_extract_command(sub)
     args = parser.parse_args(argv)
     try:
         args.func(args)

@@ -131,3 +131,23 @@ def test_batch_loss_equals_direct_reference(run, lm_weight):
                      source_weights=batch["source_weights"], reduction="none", impl="reference")
     want = direct_reference(run, logits, lm_weight)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_cli_chunk_and_align_reproduce_the_python_api(run, corpus, tmp_path):
+    import json
+
+    from fastfuse.cli import main
+
+    out, toks, chunks, _, cov = run
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus[:3]))
+    assert main(["chunk", "--tokenizers", TARGET, *SOURCES, "--input", str(docs), "--block-size", "96",
+                 "--out", str(tmp_path / "chunks.jsonl"), "--quiet"]) == 0
+    got = [json.loads(line)["text"] for line in (tmp_path / "chunks.jsonl").read_text().splitlines()]
+    assert got == chunks
+    args = ["align", "--target", TARGET, "--input", str(tmp_path / "chunks.jsonl"), "--out", str(tmp_path / "al"), "--quiet"]
+    for n in SOURCES:
+        args += ["--source", f"{n}={n}:{out / n}"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "al" / "meta.json").read_text())["coverage"] == cov
+    assert main(["align", "--target", TARGET, "--source", "oops", "--input", str(docs), "--out", str(tmp_path / "x")]) == 2
