@@ -38,12 +38,34 @@ NO_SPLIT = 1 << 40  # block size that never splits: alignment reads each sequenc
 
 
 def _sequences(tokenizer, docs: list[str], name: str):
-    """(ids, byte ends, doc index) of each non-empty document, tokenised as extraction does."""
+    """(ids, byte ends, doc index) of each non-empty document, tokenised as extraction does, and
+    the tokenizer's surfaces."""
     offs = TokenizerOffsets(tokenizer, name)
     out = []
     for s, doc in source_sequences(tokenizer, docs, NO_SPLIT):
         ends = byte_ends(s.input_ids, s.offsets, doc, offs.surfaces, offs.lengths)
         out.append((s.input_ids, ends, s.doc_index))
+    return out, offs.surfaces
+
+
+def _mined_positions(tgt_seqs, src_seqs, tsurf, ssurf, num_threads: int) -> list[np.ndarray]:
+    """FuseLLM's MinED path: DTW over the tokens' surface strings; target token i is matched to
+    source token j when DTW maps exactly one source token to it and both spell the same bytes."""
+    from fastfuse.dtw import dtw_align_batch
+
+    def strings(ids, surf):
+        return [surf.bytes[t].decode("utf-8", "replace") for t in ids]
+
+    pairs = [(i, a, b) for i, ((a, _, _), (b, _, _)) in enumerate(zip(tgt_seqs, src_seqs)) if len(a) and len(b)]
+    dtws = dtw_align_batch([strings(b, ssurf) for _, _, b in pairs], [strings(a, tsurf) for _, a, _ in pairs], num_threads)
+    out = [np.full(len(a), -1, dtype=np.int32) for a, _, _ in tgt_seqs]
+    for (i, tids, sids), d in zip(pairs, dtws):
+        m = d.one_to_one()
+        ok = m >= 0
+        same = np.zeros(len(m), dtype=bool)
+        same[ok] = [tsurf.bytes[t] == ssurf.bytes[s] and not tsurf.special[t] for t, s in zip(tids[ok], sids[m[ok]])]
+        match = np.where(same, m, -1)
+        out[i][:-1] = np.where(match[1:] >= 1, match[1:] - 1, -1)  # next-token semantics
     return out
 
 
@@ -99,7 +121,7 @@ def _write_shards(out: Path, arrays_per_seq: list[dict[str, np.ndarray]], offset
 
 
 def align_corpus(texts: Any, target_tokenizer, sources: Mapping[str, tuple[Any, str | os.PathLike]],
-                 out_dir: str | os.PathLike, vocab_mode: str = "exact", shard_size: int = 4096,
+                 out_dir: str | os.PathLike, vocab_mode: str = "exact", seq_mode: str = "offsets", shard_size: int = 4096,
                  num_threads: int = 0, progress: bool = True) -> dict:
     """Align every source's extracted sequences to the target tokenisation; returns the coverage.
 
@@ -109,14 +131,18 @@ def align_corpus(texts: Any, target_tokenizer, sources: Mapping[str, tuple[Any, 
         target_tokenizer: the target's Hugging Face fast tokenizer.
         sources: ``{name: (source tokenizer, directory of its top-k shards)}``.
         vocab_mode: ``"exact"`` or ``"mined"`` (see :class:`~fastfuse.vocab.VocabMap`).
+        seq_mode: ``"offsets"`` (exact byte spans, default) or ``"mined"`` (FuseLLM's DTW over token
+            strings, 1-to-1 mappings of equal tokens only).
     """
+    if seq_mode not in ("offsets", "mined"):
+        raise ValueError(f"seq_mode: expected 'offsets' or 'mined', got {seq_mode!r}")
     from tqdm import tqdm
 
     out = Path(out_dir)
     docs = list(iter_corpus(texts))
     tgt_fp = tokenizer_fingerprint(target_tokenizer)
     identity = {"format_version": ALIGN_FORMAT_VERSION, "target_tokenizer_fingerprint": tgt_fp,
-                "vocab_mode": vocab_mode, "sources": {}}
+                "vocab_mode": vocab_mode, "seq_mode": seq_mode, "sources": {}}
     for name, (tok, shard_dir) in sources.items():
         smeta = load_meta(shard_dir)
         if smeta["tokenizer_fingerprint"] != tokenizer_fingerprint(tok):
@@ -131,24 +157,28 @@ def align_corpus(texts: Any, target_tokenizer, sources: Mapping[str, tuple[Any, 
         if old.get("complete") and {k: old.get(k) for k in identity} == identity:
             return old["coverage"]
 
-    tgt_seqs = _sequences(target_tokenizer, docs, "target_tokenizer")
+    tgt_seqs, tsurf = _sequences(target_tokenizer, docs, "target_tokenizer")
     _write_shards(out / "target", [{"input_ids": ids.astype(np.int32)} for ids, _, _ in tgt_seqs], "input_ids",
                   shard_size, {"kind": "fastfuse.target", "tokenizer_fingerprint": tgt_fp})
     coverage = {}
     for name, (tok, shard_dir) in tqdm(sources.items(), desc="align", disable=not progress):
         reader = ShardReader(shard_dir)
-        src_seqs = _sequences(tok, docs, f"sources['{name}']")
+        src_seqs, ssurf = _sequences(tok, docs, f"sources['{name}']")
         _check_against_shards(name, src_seqs, reader)
         if [d for _, _, d in src_seqs] != [d for _, _, d in tgt_seqs]:
             raise ValueError(f"sources['{name}']: its sequences come from other documents than the target's")
-        als = align_offsets_batch([e for _, e, _ in tgt_seqs], [e for _, e, _ in src_seqs], num_threads)
+        if seq_mode == "offsets":
+            positions = [a.pos for a in align_offsets_batch([e for _, e, _ in tgt_seqs], [e for _, e, _ in src_seqs],
+                                                            num_threads)]
+        else:
+            positions = _mined_positions(tgt_seqs, src_seqs, tsurf, ssurf, num_threads)
         vpath = out / name / "vocab.safetensors"
         vmap = VocabMap.build(tok, target_tokenizer, mode=vocab_mode, num_threads=num_threads)
         (out / name).mkdir(parents=True, exist_ok=True)
         vmap.save(vpath)
-        _write_shards(out / name, [{"pos": a.pos.astype(np.int32)} for a in als], "pos", shard_size,
+        _write_shards(out / name, [{"pos": p.astype(np.int32)} for p in positions], "pos", shard_size,
                       {"kind": "fastfuse.align", "source": name})
-        coverage[name] = _coverage([a.pos for a in als], reader, vmap.ids) | {"vocab_exact_rate": vmap.exact_rate}
+        coverage[name] = _coverage(positions, reader, vmap.ids) | {"vocab_exact_rate": vmap.exact_rate}
     meta = identity | {"complete": True, "num_sequences": len(tgt_seqs), "coverage": coverage,
                        "target_vocab": len(TokenizerOffsets(target_tokenizer).surfaces)}
     _atomic_write(meta_path, [(json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()])

@@ -151,3 +151,22 @@ def test_cli_chunk_and_align_reproduce_the_python_api(run, corpus, tmp_path):
     assert main(args) == 0
     assert json.loads((tmp_path / "al" / "meta.json").read_text())["coverage"] == cov
     assert main(["align", "--target", TARGET, "--source", "oops", "--input", str(docs), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_mined_sequence_alignment_agrees_with_offsets_where_it_matches(run, tmp_path):
+    out, toks, chunks, _, _ = run
+    cov = align_corpus(chunks, toks[TARGET], {n: (toks[n], out / n) for n in SOURCES}, tmp_path / "mined",
+                       seq_mode="mined", progress=False)
+    exact, mined = AlignedStore(out / "align"), AlignedStore(tmp_path / "mined")
+    for n in SOURCES:
+        agree = total = 0
+        for i in range(len(exact)):
+            a, b = exact.pos(n, i), mined.pos(n, i)
+            sel = b >= 0
+            total += int(sel.sum())
+            agree += int((a[sel] == b[sel]).sum())
+        assert total > 0.3 * sum(len(exact.pos(n, i)) for i in range(len(exact)))
+        assert agree >= 0.97 * total  # DTW's equal-token 1-to-1 matches are (nearly always) the exact spans
+        assert 0 < cov[n]["aligned_1to1"] <= 1
+    with pytest.raises(ValueError, match="seq_mode"):
+        align_corpus(chunks, toks[TARGET], {}, tmp_path / "bad", seq_mode="dtw")
