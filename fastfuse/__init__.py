@@ -19,6 +19,8 @@ The whole public API, by stage (data flows top to bottom; DESIGN.md §3):
     align_corpus(texts, tgt_tok, {name: (tok, dir)}, out_dir)   AlignMap rows + vocab maps + coverage
     FusionDataset(align_dir), dataset.collator(pad_id) -> batches for fused_loss; FusionCollator
 
+    FusionTrainer(model, args, train_dataset, data_collator, lm_weight=0.9)   Hugging Face Trainer
+
     # the loss (Triton on GPU, torch on CPU)
     SourceTopK(ids, logprobs), AlignMap(pos, vocab)
     fused_loss(target_logits, source_topk, align_map, labels, source_weights=None, lm_weight=0.9, ...)
@@ -45,6 +47,7 @@ _EXPORTS = {
     "extract_topk": "extract", "ShardReader": "shards", "ShardWriter": "shards",
     "align_corpus": "corpus_align", "AlignedStore": "corpus_align",
     "FusionCollator": "data", "FusionDataset": "data",
+    "FusionTrainer": "trainer",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,0 +1,93 @@
+"""Hugging Face ``Trainer`` integration: train a target model with the fusion loss.
+
+``FusionTrainer`` takes the batches of :class:`fastfuse.FusionCollator` (``input_ids``,
+``attention_mask``, ``labels`` already shifted, ``source_topk``, ``align_map``,
+``source_weights``) and replaces the model's own loss by :func:`fastfuse.fused_loss`. The CE and
+fusion terms are logged separately (``ce_loss``, ``fusion_loss``), computed without gradient on
+logging steps only, so they cost nothing on the other steps.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from transformers import Trainer
+
+from fastfuse.loss import fused_loss
+
+
+def _to_device(x: Any, device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # SourceTopK / AlignMap (NamedTuples)
+        return type(x)(*(_to_device(v, device) for v in x))
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x
+
+
+class FusionTrainer(Trainer):
+    """``Trainer`` whose loss is ``fused_loss(logits, source_topk, align_map, labels, ...)``.
+
+    Args (besides ``Trainer``'s):
+        lm_weight: float, or a callable ``step -> float`` (e.g. :class:`fastfuse.LinearSchedule`).
+        temperature: teacher temperature.
+        loss_kwargs: more keyword arguments for :func:`fastfuse.fused_loss` (``inplace_grad``, ``impl``...).
+    """
+
+    def __init__(self, *args, lm_weight: float | Callable[[int], float] = 0.9, temperature: float = 1.0,
+                 loss_kwargs: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lm_weight = lm_weight
+        self.temperature = temperature
+        self.loss_kwargs = dict(loss_kwargs or {})
+        self._term_sums = {"ce_loss": 0.0, "fusion_loss": 0.0}
+        self._term_count = 0
+
+    def current_lm_weight(self) -> float:
+        w = self.lm_weight(self.state.global_step) if callable(self.lm_weight) else self.lm_weight
+        if not 0.0 <= float(w) <= 1.0:
+            raise ValueError(f"lm_weight: expected a value in [0, 1], got {w!r} at step {self.state.global_step}")
+        return float(w)
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        # Trainer rebuilds tuples from a generator, which NamedTuples do not accept.
+        return _to_device(inputs, self.args.device)
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        missing = [k for k in ("input_ids", "labels", "source_topk", "align_map") if k not in inputs]
+        if missing:
+            raise ValueError(f"inputs: missing {missing}; use fastfuse.FusionCollator to build the batches")
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+        lm_weight = self.current_lm_weight()
+        common = dict(source_weights=inputs.get("source_weights"), temperature=self.temperature, **self.loss_kwargs)
+        plain = {k: v for k, v in common.items() if k != "inplace_grad"}  # never consume the logits here
+        if return_outputs:
+            common = plain  # the returned outputs keep their logits
+        logits = outputs.logits
+        if self.model.training and self._should_log_terms():
+            with torch.no_grad():
+                ce = fused_loss(logits.detach(), inputs["source_topk"], inputs["align_map"], inputs["labels"],
+                                lm_weight=1.0, **plain)
+                fu = fused_loss(logits.detach(), inputs["source_topk"], inputs["align_map"], inputs["labels"],
+                                lm_weight=0.0, **plain)
+            self._term_sums["ce_loss"] += float(ce)
+            self._term_sums["fusion_loss"] += float(fu)
+            self._term_count += 1
+        loss = fused_loss(logits, inputs["source_topk"], inputs["align_map"], inputs["labels"],
+                          lm_weight=lm_weight, **common)
+        return (loss, outputs) if return_outputs else loss
+
+    def _should_log_terms(self) -> bool:
+        steps = self.args.logging_steps
+        # the terms of the step that will be logged (global_step is incremented after the update)
+        return steps > 0 and (self.state.global_step + 1) % max(int(steps), 1) == 0
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._term_count and "loss" in logs:
+            for k, v in self._term_sums.items():
+                logs[k] = v / self._term_count
+            logs["lm_weight"] = self.current_lm_weight()
+            self._term_sums = {k: 0.0 for k in self._term_sums}
+            self._term_count = 0
+        super().log(logs, *args, **kwargs)
