@@ -1,0 +1,68 @@
+"""One fused-loss training step under torchrun DDP (also the plain-PyTorch example of the loss).
+
+    torchrun --nproc_per_node 2 examples/ddp_step.py OUT.pt          # gloo on CPU, nccl on GPUs
+    python examples/ddp_step.py OUT.pt                               # one process, whole batch
+
+Each rank takes its share of a fixed batch; DDP averages the gradients. With equal numbers of
+non-ignored tokens per rank that equals the single-process gradient of the mean loss.
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import fastfuse
+
+V, T, B, S, K, VS = 96, 10, 4, 2, 5, 80
+
+
+def batch(device):
+    g = torch.Generator().manual_seed(1234)
+    input_ids = torch.randint(1, V, (B, T), generator=g)
+    labels = torch.cat([input_ids[:, 1:], torch.full((B, 1), -100)], 1)  # next token; last ignored
+    ids = torch.randint(0, VS, (S, B, T, K), generator=g, dtype=torch.int32)
+    logprobs = torch.log_softmax(torch.randn(S, B, T, K, generator=g), -1)
+    pos = torch.where(torch.rand(S, B, T, generator=g) < 0.8, torch.randint(0, T, (S, B, T), generator=g), -1).int()
+    vocab = torch.where(torch.rand(S, VS, generator=g) < 0.9, torch.randint(0, V, (S, VS), generator=g), -1).int()
+    weights = torch.softmax(torch.randn(S, B, generator=g), 0)
+    return {k: v.to(device) for k, v in dict(input_ids=input_ids, labels=labels, ids=ids, logprobs=logprobs, pos=pos,
+                                              vocab=vocab, weights=weights).items()}
+
+
+def model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
+
+
+def main(out_path):
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    net = model().to(device)
+    if distributed:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    b = batch(device)
+    share = slice(rank * B // world, (rank + 1) * B // world)  # this rank's sequences
+    logits = net(input_ids=b["input_ids"][share]).logits
+    loss = fastfuse.fused_loss(
+        logits, fastfuse.SourceTopK(b["ids"][:, share], b["logprobs"][:, share]),
+        fastfuse.AlignMap(b["pos"][:, share], b["vocab"]), b["labels"][share],
+        source_weights=b["weights"][:, share], lm_weight=0.7)
+    loss.backward()
+    if rank == 0:
+        mod = net.module if distributed else net
+        torch.save({n: p.grad.detach().cpu() for n, p in mod.named_parameters()}, out_path)
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
