@@ -24,6 +24,8 @@ The whole public API, by stage (data flows top to bottom; DESIGN.md §3):
     # the loss (Triton on GPU, torch on CPU)
     SourceTopK(ids, logprobs), AlignMap(pos, vocab)
     fused_loss(target_logits, source_topk, align_map, labels, source_weights=None, lm_weight=0.9, ...)
+    fused_linear_loss(hidden, lm_head_weight, source_topk, align_map, labels, bias=None, ...)  no full logits
+    fastfuse.integrations.hf.causal_lm_fusion_loss(model, batch)   through an HF model's hidden states
 
 Names are imported lazily, so ``import fastfuse`` stays cheap and the alignment tools work without torch.
 """
@@ -42,7 +44,7 @@ _EXPORTS = {
     "token_ce_to_sequence_ce": "fusion", "with_target_candidate": "fusion", "RewardScorer": "fusion",
     "generate_responses": "fusion",
     "ConstantSchedule": "schedules", "LinearSchedule": "schedules", "ProgressiveSchedule": "schedules",
-    "SourceTopK": "loss", "AlignMap": "loss", "fused_loss": "loss",
+    "SourceTopK": "loss", "AlignMap": "loss", "fused_loss": "loss", "fused_linear_loss": "linear_loss",
     "split_document": "chunking", "split_corpus": "chunking",
     "extract_topk": "extract", "ShardReader": "shards", "ShardWriter": "shards",
     "align_corpus": "corpus_align", "AlignedStore": "corpus_align",
