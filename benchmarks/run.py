@@ -14,7 +14,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPU = ["bench_align.py", "bench_dtw.py", "bench_vocab.py", "bench_corpus_align.py", "bench_extract.py"]
-GPU = ["bench_loss.py"]
+GPU = ["bench_loss.py", "bench_linear_loss.py"]
 
 
 def main() -> int:

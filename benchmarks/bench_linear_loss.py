@@ -1,0 +1,165 @@
+"""Benchmark of fused_linear_loss (hidden states + lm_head -> fusion loss, no full logits):
+forward + backward time and peak extra memory, N = 8192 tokens, H = 4096, bf16, S = 2, K = 10.
+
+Providers:
+* ``fastfuse_linear`` -- ``fastfuse.fused_linear_loss`` (token chunks, gradient in the forward);
+* ``naive``           -- ``hidden @ W.T`` then ``fastfuse.fused_loss`` (full [N, V] logits);
+* ``liger_flce``      -- Liger-Kernel's fused linear cross-entropy (hard labels), if installed;
+* ``cce``             -- Apple's Cut Cross-Entropy (hard labels), if installed.
+
+The floor is the 3-matmul compute (6 * N * H * V FLOPs) at the measured bf16 matmul rate.
+
+    pytest benchmarks/bench_linear_loss.py --benchmark-enable     # needs CUDA
+    python benchmarks/bench_linear_loss.py [--csv out.csv]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fastfuse.linear_loss import fused_linear_loss  # noqa: E402
+from fastfuse.loss import AlignMap, SourceTopK, fused_loss  # noqa: E402
+
+N, H = 8192, 4096
+SHAPES = [(N, H, 32000), (N, H, 128256)]
+S, K, LM_WEIGHT = 2, 10, 0.9
+PROVIDERS = ["fastfuse_linear", "naive", "liger_flce", "cce"]
+
+
+def make_inputs(N, H, V, device="cuda", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    T = min(N, 2048)
+    B = N // T
+    Vs = 32000
+    hidden = torch.randn(B, T, H, device=device, dtype=torch.bfloat16, generator=g)
+    weight = (torch.randn(V, H, device=device, generator=g) / H ** 0.5).to(torch.bfloat16)
+    ids = torch.randint(0, Vs, (S, B, T, K), device=device, generator=g, dtype=torch.int32)
+    lp = torch.log_softmax(torch.randn(S, B, T, K, device=device, generator=g), -1).half()
+    pos = torch.arange(T, device=device, dtype=torch.int32).expand(S, B, T).contiguous()
+    vocab = torch.randint(0, V, (S, Vs), device=device, generator=g, dtype=torch.int32)
+    labels = torch.randint(0, V, (B, T), device=device, generator=g)
+    w = torch.rand(S, B, device=device, generator=g)
+    return dict(hidden=hidden, weight=weight, topk=SourceTopK(ids, lp), amap=AlignMap(pos, vocab), labels=labels, w=w)
+
+
+def provider_fn(name):
+    if name == "fastfuse_linear":
+        return lambda h, W, d: fused_linear_loss(h, W, d["topk"], d["amap"], d["labels"], source_weights=d["w"],
+                                                 lm_weight=LM_WEIGHT, validate=False)
+    if name == "naive":
+        return lambda h, W, d: fused_loss(h @ W.T, d["topk"], d["amap"], d["labels"], source_weights=d["w"],
+                                          lm_weight=LM_WEIGHT, validate=False)
+    if name == "liger_flce":
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        except Exception:
+            return None
+        loss = LigerFusedLinearCrossEntropyLoss()
+        return lambda h, W, d: loss(W, h.reshape(-1, h.shape[-1]), d["labels"].reshape(-1))
+    if name == "cce":
+        try:
+            from cut_cross_entropy import linear_cross_entropy
+        except Exception:
+            return None
+        return lambda h, W, d: linear_cross_entropy(h, W, d["labels"])
+    raise ValueError(name)
+
+
+def run_once(fn, d):
+    h = d["hidden"].clone().requires_grad_()
+    W = d["weight"].clone().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn(h, W, d).backward()
+    end.record()
+    torch.cuda.synchronize()
+    # extra memory beyond inputs and their gradients (which every provider must produce)
+    extra = torch.cuda.max_memory_allocated() - base - h.numel() * 2 - W.numel() * 2
+    return start.elapsed_time(end), extra
+
+
+def matmul_rate(n=8192) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ a
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * 10 / (start.elapsed_time(end) / 1e3)
+
+
+def table(csv=None, out=print, warmup=2, iters=5):
+    rate = matmul_rate()
+    out(f"device: {torch.cuda.get_device_name()}  bf16 matmul: {rate / 1e12:.0f} TFLOP/s  (S={S}, K={K}, fwd+bwd)")
+    head = f"{'N':>6} {'H':>5} {'V':>7} {'provider':<16} {'ms':>9} {'extra MiB':>10} {'floor ms':>9} {'of floor':>8}"
+    out(head)
+    out("-" * len(head))
+    rows = []
+    for n, h, V in SHAPES:
+        d = make_inputs(n, h, V)
+        floor = 6 * n * h * V / rate * 1e3
+        for p in PROVIDERS:
+            fn = provider_fn(p)
+            if fn is None:
+                out(f"{n:>6} {h:>5} {V:>7} {p:<16} n/a (not installed)")
+                continue
+            try:
+                for _ in range(warmup):
+                    run_once(fn, d)
+                res = [run_once(fn, d) for _ in range(iters)]
+            except torch.cuda.OutOfMemoryError:
+                out(f"{n:>6} {h:>5} {V:>7} {p:<16} OOM")
+                gc.collect()
+                torch.cuda.empty_cache()
+                continue
+            ms = sorted(r[0] for r in res)[len(res) // 2]
+            extra = max(r[1] for r in res) / 2**20
+            rows.append((n, h, V, p, ms, extra, floor))
+            out(f"{n:>6} {h:>5} {V:>7} {p:<16} {ms:>9.2f} {extra:>10.0f} {floor:>9.2f} {floor / ms:>8.1%}")
+        del d
+        gc.collect()
+        torch.cuda.empty_cache()
+    if csv:
+        with open(csv, "w") as f:
+            f.write("operation,provider,N,H,V,ms,extra_mib,floor_ms\n")
+            for r in rows:
+                f.write("fused_linear_loss,{3},{0},{1},{2},{4:.3f},{5:.1f},{6:.3f}\n".format(*r))
+    return rows
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("n,h,V", SHAPES)
+def test_bench_fused_linear_loss(benchmark, provider, n, h, V):
+    fn = provider_fn(provider)
+    if fn is None:
+        pytest.skip(f"{provider} not installed")
+    d = make_inputs(n, h, V)
+    benchmark.pedantic(lambda: run_once(fn, d), rounds=3, warmup_rounds=1)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--csv", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_linear_loss.py needs CUDA")
+    table(csv=args.csv)
