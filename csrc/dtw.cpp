@@ -8,6 +8,7 @@
 #include <unordered_map>
 
 #include "common.hpp"
+#include "myers.hpp"
 
 #include <cstring>
 #include <type_traits>
@@ -79,26 +80,6 @@ Interned intern(const std::vector<std::string_view>& tokens, std::unordered_map<
         out.offset.push_back(static_cast<int64_t>(out.chars.size()));
     }
     return out;
-}
-
-// Hyyrö's bit-parallel Levenshtein for a pattern of 1..64 symbols given as its match masks.
-inline int32_t myers64(const uint64_t* peq, int m, const uint32_t* t, int64_t lt) {
-    uint64_t pv = ~uint64_t(0), mv = 0;
-    const uint64_t hb = uint64_t(1) << (m - 1);
-    int64_t score = m;
-    for (int64_t k = 0; k < lt; ++k) {
-        const uint64_t eq = peq[t[k]];
-        const uint64_t xv = eq | mv;
-        const uint64_t xh = (((eq & pv) + pv) ^ pv) | eq;
-        uint64_t ph = mv | ~(xh | pv);
-        uint64_t mh = pv & xh;
-        score += static_cast<int64_t>((ph & hb) != 0) - static_cast<int64_t>((mh & hb) != 0);
-        ph = (ph << 1) | 1;
-        mh <<= 1;
-        pv = mh | ~(xv | ph);
-        mv = ph & xv;
-    }
-    return static_cast<int32_t>(score);
 }
 
 #if FASTFUSE_DTW_AVX2

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common.hpp"
+#include "myers.hpp"
 
 namespace fastfuse {
 
@@ -30,29 +31,6 @@ void check_byte_vocab(const ByteVocab& v, int64_t buf_len, const char* name) {
 }
 
 namespace {
-
-// Bit-parallel edit distance (Hyyro's formulation of Myers' algorithm, global distance):
-// the pattern's match masks peq[256] are built once, each text byte then costs a few word ops.
-// Column state: Pv/Mv = vertical +1/-1 deltas down the pattern; score = D[m][j].
-inline int32_t myers(const uint64_t* peq, int m, const uint8_t* t, int64_t n) {
-    const uint64_t last = uint64_t(1) << (m - 1);
-    uint64_t pv = ~uint64_t(0), mv = 0;
-    int32_t score = m;
-    for (int64_t j = 0; j < n; ++j) {
-        const uint64_t eq = peq[t[j]];
-        const uint64_t xv = eq | mv;
-        const uint64_t xh = (((eq & pv) + pv) ^ pv) | eq;
-        uint64_t ph = mv | ~(xh | pv);
-        uint64_t mh = pv & xh;
-        score += (ph & last) != 0;
-        score -= (mh & last) != 0;
-        ph = (ph << 1) | 1;  // row 0 is D[0][j] = j: every horizontal step there is +1
-        mh <<= 1;
-        pv = mh | ~(xv | ph);
-        mv = ph & xv;
-    }
-    return score;
-}
 
 inline void build_peq(uint64_t* peq, const uint8_t* p, int m) {
     std::memset(peq, 0, 256 * sizeof(uint64_t));
@@ -121,7 +99,7 @@ int32_t levenshtein(std::string_view a, std::string_view b) {
     if (a.size() > 64) return levenshtein_dp(a, b);
     uint64_t peq[256];
     build_peq(peq, as_u8(a), static_cast<int>(a.size()));
-    return myers(peq, static_cast<int>(a.size()), as_u8(b), static_cast<int64_t>(b.size()));
+    return myers64(peq, static_cast<int>(a.size()), as_u8(b), static_cast<int64_t>(b.size()));
 }
 
 void map_vocab(const ByteVocab& src, const ByteVocab& tgt, bool mined, int num_threads, int32_t* ids,
@@ -206,7 +184,7 @@ void map_vocab(const ByteVocab& src, const ByteVocab& tgt, bool mined, int num_t
                     const int32_t limit = id < best_id ? best : best - 1;  // must reach <= limit to win
                     if (signature_bound(ssig, b.sigs[i]) > limit) continue;
                     const uint8_t* t = b.bytes.data() + i * len;
-                    const int32_t dist = bitpar ? myers(peq, static_cast<int>(m), t, len)
+                    const int32_t dist = bitpar ? myers64(peq, static_cast<int>(m), t, len)
                                                 : dp_cutoff(as_u8(s), m, t, len, limit, row);
                     if (dist <= limit) {
                         best = dist;
