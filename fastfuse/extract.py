@@ -505,16 +505,9 @@ def add_extract_command(subparsers) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m fastfuse.extract ...`` (same arguments as ``fastfuse extract``)."""
-    parser = argparse.ArgumentParser(prog="fastfuse")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_extract_command(sub)
-    args = parser.parse_args(["extract", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        args.func(args)
-    except ValueError as e:
-        print(f"fastfuse: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from fastfuse.cli import main as cli_main
+
+    return cli_main(["extract", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
