@@ -1,211 +1,381 @@
 """``fused_linear_loss``: the fusion loss from hidden states and the lm_head weight, without ever
 holding the full ``[N, V]`` logits.
 
-Exactly ``fused_loss(hidden @ weight.T + bias, ...)`` (same teacher semantics, same validation: it
-calls :func:`fastfuse.fused_loss` on chunks). The tokens are processed in chunks along the sequence
-dimension; per chunk (DESIGN.md §4):
+Exactly ``fused_loss(hidden @ weight.T + bias, ...)``: same teacher semantics, same reference
+(``fastfuse.reference``), same kernels. The algorithm (DESIGN.md §4):
 
-1. ``logits_c = hidden_c @ weight.T (+ bias)`` in the input dtype (tensor cores for bf16/fp16,
-   fp32 accumulation inside the matmul);
-2. ``fused_loss(logits_c, ..., reduction="sum", inplace_grad=True)``: one pass writes the loss and
-   ``dL/dlogits_c`` *into the logits buffer* (Triton on CUDA, the chunked torch path on CPU);
-3. ``d_hidden_c = dlogits_c @ weight``, ``d_weight += dlogits_c.T @ hidden_c``, ``d_bias += sum``.
+0. the sparse target of every token (gold label + fused teacher, ``<= S*K + 1`` (id, coef) pairs
+   per row) is built once for all ``N = B*T`` tokens by the same code as ``fused_loss`` (the
+   Triton ``sparse_teacher`` kernel, or ``reference.sparse_teacher`` on the torch path);
+1. per chunk of ``n`` consecutive tokens (flattened ``[N, H]`` rows, so chunks are contiguous
+   whatever ``B`` and ``T``): ``logits_c = hidden_c @ weight.T (+ bias)`` into one reused
+   ``[n, V]`` buffer, in the input dtype (tensor cores for bf16/fp16, fp32 accumulation inside
+   the matmul);
+2. the fused-loss row kernel (``kernels/fused_ce.py`` via ``kernels/linear_ce.py``; on the torch
+   path ``reference.loss_and_grad_rows``) writes the per-row loss and overwrites the buffer with
+   ``scale * dL/dlogits_c``, ``scale = 1 / #non-ignored`` for ``"mean"`` (a device scalar: no
+   host sync);
+3. ``d_hidden_c = dlogits_c @ weight`` (written straight into ``d_hidden``'s rows),
+   ``d_weight (+)= dlogits_c.T @ hidden_c`` (first chunk ``mm`` into the gradient, then
+   ``addmm_``: one read-modify-write of ``d_weight`` per chunk), ``d_bias += dlogits_c.sum(0)``
+   (fp32 accumulator, ``V`` floats).
 
 For ``"mean"``/``"sum"`` the gradients are complete at the end of the forward (the loss is the last
-op of the graph: three matmuls in all), and the backward only scales them by ``grad_output``.
-For ``"none"`` the backward needs per-token ``grad_output``, so it recomputes the chunk logits
-(four matmuls). Extra memory: one chunk of logits (``chunk_tokens x V``, default <= 256 MiB),
-``d_hidden`` and ``d_weight`` (weight dtype, accumulated chunk by chunk).
+op of the graph: three matmuls, ``6*N*H*V`` FLOPs); the backward only multiplies them by
+``grad_output``, skipped when it is 1 (one scalar sync, as ``fused_loss`` does). For ``"none"``
+the backward needs the per-token ``grad_output`` *before* the ``d_weight`` matmul, so the forward
+computes only the loss (one matmul) and the backward recomputes the chunk logits (three more).
 
-Compared with Liger-Kernel's fused linear cross-entropy (same chunk-and-matmul structure, hard labels
-only) this adds the sparse multi-source teacher; Apple's Cut Cross-Entropy instead fuses the matmul
-into the log-sum-exp kernel and never writes a logits chunk, which saves memory bandwidth on GPU but
-recomputes the logits in the backward. The teacher logits are gathered from the chunk's logits in
-the input dtype (as ``fused_loss`` on bf16 logits does), not by separate fp32 dot products.
+Chunk size: by default as many tokens as keep the chunk's logits under 512 MiB (2048 tokens for
+``V = 128256`` in bf16, 8192 for ``V = 32000``), balanced over the chunks. ``d_weight``'s
+read-modify-write (``2*V*H`` elements per chunk) then costs ``~1/n`` of the chunk's
+``2*n*V*H``-FLOP matmul in bytes per FLOP, i.e. stays compute-bound for ``n >= ~1100`` on an H100
+(DESIGN.md §4). Extra memory: the chunk buffer, ``O(N * (S*K + 1))`` for the sparse targets and
+``V`` floats for the bias gradient; the gradients themselves (``hidden``'s and ``weight``'s shape
+and dtype) are the only other allocations.
+
+Precision choices (documented, deliberate):
+
+* ``d_weight`` is accumulated in the weight's dtype: each chunk's matmul accumulates in fp32 and
+  adds the bf16 running sum with ``beta = 1`` (one rounding per chunk, ``ceil(N / n)`` roundings
+  in all, 4 for N = 8192). An fp32 accumulator would cost ``4*V*H`` bytes (2 GiB at
+  ``V = 128256, H = 4096``) -- more than the whole memory budget. Liger-Kernel makes the same
+  choice; fp32 inputs get an fp32 ``d_weight`` anyway.
+* The teacher/gold logits ``z[tid]`` are gathered from the chunk's logits **in the input dtype**
+  (bf16-rounded for bf16 inputs), not by separate fp32 dot products ``h_n . W[tid]`` as DESIGN.md
+  §4 suggests. That keeps the result *exactly* ``fused_loss(hidden @ W.T + b)`` (whose log-sum-exp
+  and gradient also see the rounded logits), so the loss is the exact loss of the logits whose
+  gradient we return; an fp32 gather would lower the loss's rounding error (about ``2^-9 |z|``
+  per gathered logit, averaged over ``S*K+1`` entries) but make loss and gradient disagree, and
+  costs ``N*(S*K+1)*H`` extra multiply-adds with a gather of ``W`` rows.
+
+Compared with the two published fused linear cross-entropies (hard labels only):
+
+* **Liger-Kernel** (``ops/fused_linear_cross_entropy.py``): the same structure -- chunks of
+  tokens, logits materialised per chunk, the CE kernel overwrites them with their gradient in the
+  forward, then ``grad_input = grad_logits @ W`` and ``grad_weight += grad_logits.T @ x`` -- so
+  the same 3 matmuls and the backward only rescales. Differences: Liger sizes chunks by
+  ``N / (V / H)`` (about ``H`` tokens per chunk: 4096 at ``H = 4096`` -> 1 GiB of bf16 logits at
+  V = 128256), we by a byte budget; Liger's gradient scale for ``"mean"`` uses a host-side count
+  (``.item()``), ours a device scalar; it adds the bias gradient per chunk in the weight dtype,
+  we in fp32; we add the sparse multi-source teacher (``S*K + 1`` gathered logits per row,
+  duplicate ids merged) with per-token source weights.
+* **Apple's Cut Cross-Entropy** (``cce_lse_forward.py``, ``cce_backward.py``): fuses the matmul
+  into the log-sum-exp kernel (blocks of logits live only in registers/SMEM), gathers the label
+  logit with a separate fp32 ``indexed_dot``, and recomputes the logits in the backward
+  (``4*N*H*V`` FLOPs there, 2 forward + 4 backward = 6 with the recompute), skipping blocks whose
+  softmax is negligible (gradient filtering) to claw the recompute back. It needs no logits
+  buffer at all (memory ``O(N + V)`` beyond the gradients) but writes custom matmul kernels; we
+  use cuBLAS matmuls at the measured matmul rate and pay one ``[n, V]`` buffer plus one memory-
+  bound row pass per chunk (about 1.5 ``n*V`` element reads/writes, from L2 for most rows).
+  CCE's filtering is exact only to a tolerance; we compute every gradient entry.
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from fastfuse.loss import AlignMap, SourceTopK, fused_loss
+from fastfuse import reference as _ref
+from fastfuse.loss import AlignMap, SourceTopK, _interpret, _triton_available
 
 __all__ = ["fused_linear_loss"]
 
-_CHUNK_BYTES = 256 << 20
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_INTS = (torch.int32, torch.int64)
+CHUNK_BYTES = 512 << 20     # default budget for one chunk of logits
 
 
-def _chunk_len(B: int, T: int, V: int, elem: int, chunk_tokens: Optional[int]) -> int:
-    """Sequence positions per chunk (all B sequences at once)."""
-    tokens = chunk_tokens if chunk_tokens is not None else max(_CHUNK_BYTES // max(V * elem, 1), 1)
-    return max(1, min(T, tokens // max(B, 1)))
+def default_chunk_tokens(N: int, V: int, element_size: int, budget: int = CHUNK_BYTES) -> int:
+    """Tokens per chunk: the most that keep ``n * V`` logits under ``budget`` bytes (multiples
+    of 128 when that is >= 128), then balanced so that all chunks have about the same size."""
+    cap = max(1, budget // max(V * element_size, 1))
+    if cap >= 128:
+        cap = cap // 128 * 128
+    chunks = math.ceil(N / cap)
+    return min(N, math.ceil(N / chunks))
 
 
 class _FusedLinearLoss(torch.autograd.Function):
+    """Inputs already validated: hidden ``[N, H]`` contiguous, tids/coefs ``[N, E]``,
+    labels/ignored ``[N]``, scale a 1-element float32 tensor."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, logprobs, pos, vocab, labels, weights, lm_weight, temperature,
-                ignore_index, reduction, impl, validate, chunk):
-        B, T, H = hidden.shape
-        V = weight.shape[0]
+    def forward(ctx, hidden, weight, bias, tids, coefs, labels, ignored, scale, ignore_index, reduction, chunk,
+                use_triton):
         need = ctx.needs_input_grad[:3]
-        ctx.save_for_backward(hidden, weight, bias, ids, logprobs, pos, vocab, labels, weights)
-        ctx.opts = (lm_weight, temperature, ignore_index, impl, chunk)
-        ctx.reduction = reduction
-        per_token = weights is not None and weights.dim() == 3
         grad_now = reduction != "none" and any(need)
-        d_hidden = torch.zeros_like(hidden) if grad_now and need[0] else None
-        d_weight = torch.zeros_like(weight) if grad_now and need[1] else None
-        d_bias = torch.zeros_like(bias) if grad_now and bias is not None and need[2] else None
-        if reduction == "mean":  # one host sync: the token count scales every chunk's gradient
-            count = max(int((labels != ignore_index).sum()), 1)
-            scale = 1.0 / count
-        else:
-            scale = 1.0
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        rows = []
-        for t0 in range(0, T, chunk):
-            t1 = min(T, t0 + chunk)
-            h = hidden[:, t0:t1]
-            logits = h @ weight.T
-            if bias is not None:
-                logits = logits + bias
-            topk, amap = SourceTopK(ids, logprobs), AlignMap(pos[:, :, t0:t1], vocab)
-            w = weights[:, :, t0:t1] if per_token else weights
-            kw = dict(source_weights=w, lm_weight=lm_weight, temperature=temperature, ignore_index=ignore_index,
-                      impl=impl, validate=validate)
-            if not grad_now:
-                rows.append(fused_loss(logits, topk, amap, labels[:, t0:t1], reduction="none", **kw))
-                continue
-            with torch.enable_grad():
-                logits = logits.detach().requires_grad_(True)
-                loss_c = fused_loss(logits, topk, amap, labels[:, t0:t1], reduction="sum", inplace_grad=True, **kw)
-                (g,) = torch.autograd.grad(loss_c, logits)  # the logits buffer, now dL/dlogits
-            total += loss_c.detach()
-            g2 = g.reshape(-1, V)
-            if d_hidden is not None:
-                d_hidden[:, t0:t1] = g @ weight
-            if d_weight is not None:
-                d_weight.addmm_(g2.T, h.reshape(-1, H))
-            if d_bias is not None:
-                d_bias.add_(g2.sum(0, dtype=torch.float32).to(d_bias.dtype))
-            del g, g2, logits
+        rows = _chunks(hidden, weight, bias, tids, coefs, labels, ignored, scale, ignore_index, chunk,
+                       use_triton, need if grad_now else (False, False, False), row_scale=None)
+        loss_rows, grads = rows
+        ctx.reduction = reduction
         if reduction == "none":
-            return torch.cat(rows, dim=1)
-        if not grad_now:  # no gradient wanted: the loss from the per-token rows
-            return sum(r.sum() for r in rows) * scale
-        if scale != 1.0:
-            for d in (d_hidden, d_weight, d_bias):
-                if d is not None:
-                    d.mul_(scale)
-        ctx.grads = (d_hidden, d_weight, d_bias)
-        return total * scale
+            ctx.save_for_backward(hidden, weight, bias, tids, coefs, labels, ignored)
+            ctx.opts = (ignore_index, chunk, use_triton)
+            return loss_rows
+        ctx.grads = grads
+        return loss_rows.sum() * scale.reshape(())
 
     @staticmethod
     def backward(ctx, grad_output):
-        hidden, weight, bias, ids, logprobs, pos, vocab, labels, weights = ctx.saved_tensors
         if ctx.reduction != "none":
-            grads = []
-            for d in ctx.grads:
-                if d is not None and not (grad_output.numel() == 1 and float(grad_output) == 1.0):
-                    d = d * grad_output.to(d.dtype)
-                grads.append(d)
-            ctx.grads = None
-            return (*grads,) + (None,) * 13
-        # "none": recompute the chunk logits and backpropagate the per-token grad_output
-        lm_weight, temperature, ignore_index, impl, chunk = ctx.opts
-        B, T, H = hidden.shape
-        V = weight.shape[0]
-        per_token = weights is not None and weights.dim() == 3
-        need = ctx.needs_input_grad[:3]
-        d_hidden = torch.empty_like(hidden) if need[0] else None
-        d_weight = torch.zeros_like(weight) if need[1] else None
-        d_bias = torch.zeros_like(bias) if bias is not None and need[2] else None
-        for t0 in range(0, T, chunk):
-            t1 = min(T, t0 + chunk)
-            h = hidden[:, t0:t1]
-            with torch.enable_grad():
-                logits = (h @ weight.T if bias is None else h @ weight.T + bias).detach().requires_grad_(True)
-                w = weights[:, :, t0:t1] if per_token else weights
-                loss_c = fused_loss(logits, SourceTopK(ids, logprobs), AlignMap(pos[:, :, t0:t1], vocab),
-                                    labels[:, t0:t1], source_weights=w, lm_weight=lm_weight, temperature=temperature,
-                                    ignore_index=ignore_index, reduction="none", impl=impl, validate=False,
-                                    inplace_grad=True)
-                (g,) = torch.autograd.grad(loss_c, logits, grad_output[:, t0:t1])
+            grads, ctx.grads = ctx.grads, None
+            if grads is None:
+                return (None,) * 12
+            if not bool(grad_output == 1):      # one scalar sync; skipped work is a pass over the grads
+                grads = tuple(None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads)
+            return grads + (None,) * 9
+        hidden, weight, bias, tids, coefs, labels, ignored = ctx.saved_tensors
+        ignore_index, chunk, use_triton = ctx.opts
+        one = torch.ones(1, dtype=torch.float32, device=hidden.device)
+        _, grads = _chunks(hidden, weight, bias, tids, coefs, labels, ignored, one, ignore_index, chunk,
+                           use_triton, ctx.needs_input_grad[:3], row_scale=grad_output.reshape(-1))
+        return grads + (None,) * 9
+
+
+def _chunks(hidden, weight, bias, tids, coefs, labels, ignored, scale, ignore_index, chunk, use_triton, need,
+            row_scale) -> Tuple[Tensor, Tuple[Optional[Tensor], ...]]:
+    """The chunk loop: per-row losses ``[N]`` float32 and (d_hidden, d_weight, d_bias) for the
+    gradients flagged in ``need`` (scaled by ``scale``, rows also by ``row_scale [N]`` if given)."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    compute_grad = any(need)
+    d_hidden = torch.empty_like(hidden) if need[0] else None
+    d_weight = torch.empty_like(weight) if need[1] else None
+    d_bias = torch.zeros(V, dtype=torch.float32, device=hidden.device) if (need[2] and bias is not None) else None
+    loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    buf = torch.empty(min(chunk, N), V, dtype=hidden.dtype, device=hidden.device)
+    wt = weight.t()
+    with torch.no_grad():
+        for i, r0 in enumerate(range(0, N, chunk)):
+            r1 = min(N, r0 + chunk)
+            h = hidden[r0:r1]
+            z = buf[: r1 - r0]
+            if bias is None:
+                torch.mm(h, wt, out=z)
+            else:
+                torch.addmm(bias, h, wt, out=z)
+            if use_triton:
+                from fastfuse.kernels.linear_ce import fused_ce_rows_inplace
+                loss[r0:r1] = fused_ce_rows_inplace(z, tids[r0:r1], coefs[r0:r1], labels[r0:r1], ignore_index,
+                                                    scale, compute_grad)
+            else:
+                loss[r0:r1], _ = _ref.loss_and_grad_rows(z.unsqueeze(0), tids[r0:r1], coefs[r0:r1], ignored[r0:r1],
+                                                         scale.reshape(()), compute_grad, inplace_grad=True)
+            if not compute_grad:
+                continue
+            if row_scale is not None:
+                z.mul_(row_scale[r0:r1, None].to(z.dtype))
             if d_hidden is not None:
-                d_hidden[:, t0:t1] = g @ weight
+                torch.mm(z, weight, out=d_hidden[r0:r1])
             if d_weight is not None:
-                d_weight.addmm_(g.reshape(-1, V).T, h.reshape(-1, H))
+                if i == 0:
+                    torch.mm(z.t(), h, out=d_weight)
+                else:
+                    d_weight.addmm_(z.t(), h)
             if d_bias is not None:
-                d_bias.add_(g.reshape(-1, V).sum(0, dtype=torch.float32).to(d_bias.dtype))
-        return (d_hidden, d_weight, d_bias) + (None,) * 13
+                d_bias += z.sum(0, dtype=torch.float32)
+    if d_bias is not None:
+        d_bias = d_bias.to(bias.dtype)
+    return loss, (d_hidden, d_weight, d_bias)
+
+
+def _check_tensor(name: str, x, dtypes=None, what: str = ""):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise TypeError(f"{name} must be {what}, got {x.dtype}")
 
 
 def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, align_map: AlignMap, labels: Tensor,
                       bias: Optional[Tensor] = None, source_weights: Optional[Tensor] = None, lm_weight: float = 0.9,
                       temperature: float = 1.0, ignore_index: int = -100, reduction: str = "mean", *,
-                      impl: str = "auto", validate: bool = True, chunk_tokens: Optional[int] = None) -> Tensor:
+                      inplace_grad: bool = True, impl: str = "auto", validate: bool = True,
+                      chunk_tokens: Optional[int] = None) -> Tensor:
     """:func:`fastfuse.fused_loss` of ``hidden @ weight.T + bias``, never holding all the logits.
 
     Args:
-        hidden: ``[B, T, H]`` (or ``[N, H]``, read as ``B = 1``) final hidden states, float32/bf16/fp16.
+        hidden: ``[B, T, H]`` final hidden states (or ``[N, H]``, read as ``B = 1, T = N`` with the
+            2-d conventions of ``fused_loss``), float32/bfloat16/float16.
         weight: ``[V, H]`` lm_head weight, same dtype and device as ``hidden``.
-        bias: optional ``[V]``.
         source_topk, align_map, labels, source_weights, lm_weight, temperature, ignore_index,
-        reduction, impl, validate: as for :func:`fastfuse.fused_loss` (``labels`` ``[B, T]``).
-        chunk_tokens: tokens per chunk (default: as many as fit 256 MiB of logits).
+        reduction, validate: as for :func:`fastfuse.fused_loss` (``labels [B, T]`` already
+            shifted: ``labels[:, t]`` is the token predicted at position ``t``).
+        bias: optional ``[V]``, same dtype and device.
+        inplace_grad: accepted for signature compatibility with ``fused_loss``; the chunk logits
+            are internal buffers and always overwritten by their gradient.
+        impl: ``"auto"`` (Triton row kernel on CUDA, or on CPU with ``TRITON_INTERPRET=1``; the
+            torch row path otherwise), ``"triton"`` or ``"reference"`` (torch row path). The
+            matmuls are always ``torch.mm``/``addmm`` (cuBLAS on CUDA).
+        chunk_tokens: tokens per chunk (default: chunks of logits under 512 MiB, see
+            :func:`default_chunk_tokens`).
 
-    Gradients flow to ``hidden``, ``weight`` and ``bias``. See the module docstring for the algorithm.
+    Returns the float32 loss (scalar, or ``[B, T]`` / ``[N]`` for ``"none"``). Gradients flow to
+    ``hidden``, ``weight`` and ``bias``; for ``"mean"``/``"sum"`` they are computed in the forward
+    (the loss must be the last op before ``backward``, and ``backward`` may run once). Extra
+    memory: one ``[chunk_tokens, V]`` buffer in the input dtype plus ``O(N * (S*K + 1))``. No host
+    sync in the forward with ``validate=False``. See the module docstring for the algorithm,
+    precision choices and comparison with Liger-Kernel and Cut Cross-Entropy.
     """
-    for name, x in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
-    if hidden.dim() == 2:
-        hidden = hidden.unsqueeze(0)
-        if labels.dim() == 1:
-            labels = labels.unsqueeze(0)
-        ids, logprobs = source_topk
-        pos, vocab = align_map
-        source_topk = SourceTopK(ids.unsqueeze(1) if ids.dim() == 3 else ids,
-                                 logprobs.unsqueeze(1) if logprobs.dim() == 3 else logprobs)
-        align_map = AlignMap(pos.unsqueeze(1) if pos.dim() == 2 else pos, vocab)
-        if source_weights is not None and source_weights.dim() == 1:
-            source_weights = source_weights.unsqueeze(1)
-        elif source_weights is not None and source_weights.dim() == 2 and source_weights.shape[1] == hidden.shape[1] != 1:
-            source_weights = source_weights.unsqueeze(1)
-        squeeze = True
-    else:
-        squeeze = False
-    if hidden.dim() != 3:
+    _check_tensor("hidden", hidden, _FLOATS, "float32, bfloat16 or float16")
+    _check_tensor("weight", weight, _FLOATS, "float32, bfloat16 or float16")
+    if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] or [N, H], got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must be [V, H={hidden.shape[-1]}] (lm_head weight), got shape {tuple(weight.shape)}")
+    H = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] == 0:
+        raise ValueError(f"weight must be [V, H={H}] (the lm_head weight), got shape {tuple(weight.shape)}")
+    V = weight.shape[0]
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
-    if weight.device != hidden.device:
-        raise ValueError(f"weight is on {weight.device}, hidden on {hidden.device}")
+    dev = hidden.device
+    if weight.device != dev:
+        raise ValueError(f"weight is on {weight.device}, hidden on {dev}")
     if bias is not None:
-        if not isinstance(bias, Tensor) or bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must be a [V={weight.shape[0]}] tensor or None, got "
-                             f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
-        if bias.dtype != hidden.dtype or bias.device != hidden.device:
-            raise TypeError(f"bias must have hidden's dtype and device ({hidden.dtype}, {hidden.device})")
+        _check_tensor("bias", bias)
+        if bias.shape != (V,):
+            raise ValueError(f"bias must be [V={V}] or None, got shape {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+        if bias.device != dev:
+            raise ValueError(f"bias is on {bias.device}, hidden on {dev}")
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
+                                     or chunk_tokens < 1):
+        raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
+    _check_tensor("labels", labels, _INTS, "int64 (or int32)")
+    squeeze = hidden.dim() == 2
+    ids, logprobs, pos, vocab, labels, source_weights = _teacher_args(
+        hidden.shape[:-1], V, dev, source_topk, align_map, labels, source_weights, lm_weight, temperature,
+        ignore_index, reduction, impl, validate)
+    B, T = labels.shape
+    N = B * T
+    S = ids.shape[0]
+
+    if impl == "auto":
+        use_triton = _triton_available() and (dev.type == "cuda" or (dev.type == "cpu" and _interpret()))
+    else:
+        use_triton = impl == "triton"
+    if use_triton and dev.type == "cpu":
+        from fastfuse.kernels import fused_ce
+        if not _interpret() or type(fused_ce.fused_ce_kernel).__name__ != "InterpretedFunction":
+            if impl == "triton":
+                raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1, set before triton "
+                                 "and fastfuse.kernels are first imported")
+            use_triton = False
+    elif use_triton and dev.type != "cuda":
+        raise ValueError(f"impl='triton' needs CUDA (or CPU with TRITON_INTERPRET=1) tensors, got {dev}")
+
+    # the sparse targets of all N rows, once (the same code fused_loss runs)
+    weights = _ref.normalize_weights(source_weights, S, B, T, dev).reshape(S, N)
+    lm_weight, temperature = float(lm_weight), float(temperature)
+    with torch.no_grad():
+        if use_triton:
+            from fastfuse.kernels.sparse_teacher import sparse_teacher
+            tids, coefs = sparse_teacher(ids, logprobs, pos, vocab, labels, weights, lm_weight, temperature,
+                                         ignore_index)
+        else:
+            tids, coefs = _ref.sparse_teacher(SourceTopK(ids, logprobs), AlignMap(pos, vocab), labels, weights,
+                                              lm_weight, temperature, ignore_index)
+    flat_labels = labels.reshape(N).contiguous()
+    ignored = flat_labels == ignore_index
+    if reduction == "mean":
+        scale = (1.0 / ignored.logical_not().sum().clamp_min(1).to(torch.float32)).reshape(1)
+    else:
+        scale = torch.ones(1, dtype=torch.float32, device=dev)
+    chunk = chunk_tokens if chunk_tokens is not None else default_chunk_tokens(N, V, hidden.element_size())
+    loss = _FusedLinearLoss.apply(hidden.reshape(N, H).contiguous(), weight, bias, tids, coefs, flat_labels,
+                                  ignored, scale, int(ignore_index), reduction, min(chunk, N), use_triton)
+    if reduction == "none":
+        loss = loss.reshape(N) if squeeze else loss.reshape(B, T)
+    return loss
+
+
+def _teacher_args(lead, V, dev, source_topk, align_map, labels, source_weights, lm_weight, temperature,
+                  ignore_index, reduction, impl, validate):
+    """The checks of ``fused_loss`` on everything but the logits, for logits of shape
+    ``lead + (V,)`` on ``dev``; returns the 3-d layout (ids, logprobs, pos, vocab, labels, weights)."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if chunk_tokens is not None and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
-        raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
-    if not isinstance(labels, Tensor) or labels.shape != hidden.shape[:2]:
-        raise ValueError(f"labels must be a tensor of shape {tuple(hidden.shape[:2])} (B, T of hidden), got "
-                         f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
-    B, T, _ = hidden.shape
-    chunk = _chunk_len(B, T, weight.shape[0], hidden.element_size(), chunk_tokens)
-    hidden = hidden.contiguous()
-    loss = _FusedLinearLoss.apply(hidden, weight, bias, source_topk.ids, source_topk.logprobs, align_map.pos,
-                                  align_map.vocab, labels, source_weights, float(lm_weight), float(temperature),
-                                  ignore_index, reduction, impl, validate, chunk)
-    if squeeze and reduction == "none":
-        loss = loss.squeeze(0)
-    return loss
+    if impl not in ("auto", "triton", "reference"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+    if not (hasattr(source_topk, "ids") and hasattr(source_topk, "logprobs")):
+        raise TypeError("source_topk must be a fastfuse.SourceTopK(ids, logprobs)")
+    if not (hasattr(align_map, "pos") and hasattr(align_map, "vocab")):
+        raise TypeError("align_map must be a fastfuse.AlignMap(pos, vocab)")
+    ids, logprobs, pos, vocab = source_topk.ids, source_topk.logprobs, align_map.pos, align_map.vocab
+    _check_tensor("source_topk.ids", ids, _INTS, "int32 or int64")
+    _check_tensor("source_topk.logprobs", logprobs)
+    if not logprobs.is_floating_point():
+        raise TypeError(f"source_topk.logprobs must be a float tensor, got {logprobs.dtype}")
+    _check_tensor("align_map.pos", pos, _INTS, "int32 (or int64)")
+    _check_tensor("align_map.vocab", vocab, _INTS, "int32 (or int64)")
+    if source_weights is not None:
+        _check_tensor("source_weights", source_weights)
+        if not source_weights.is_floating_point():
+            raise TypeError(f"source_weights must be a float tensor, got {source_weights.dtype}")
+    lm_weight, temperature = float(lm_weight), float(temperature)
+    if not 0.0 <= lm_weight <= 1.0:
+        raise ValueError(f"lm_weight must be in [0, 1], got {lm_weight}")
+    if not (temperature > 0.0 and temperature != float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if len(lead) == 1:      # [N, H]: B = 1, fused_loss's 2-d conventions
+        N2 = lead[0]
+        lead = (1, N2)
+        labels = labels.unsqueeze(0) if labels.dim() == 1 else labels
+        ids = ids.unsqueeze(1) if ids.dim() == 3 else ids
+        logprobs = logprobs.unsqueeze(1) if logprobs.dim() == 3 else logprobs
+        pos = pos.unsqueeze(1) if pos.dim() == 2 else pos
+        if source_weights is not None and (source_weights.dim() == 1 or
+                                           (source_weights.dim() == 2 and source_weights.shape[1] == N2 != 1)):
+            source_weights = source_weights.unsqueeze(1)
+    B, T = lead
+    if B * T == 0:
+        raise ValueError(f"hidden must be non-empty, got {B * T} tokens")
+    if labels.shape != (B, T):
+        raise ValueError(f"labels must have shape {(B, T)} (B, T of hidden), got {tuple(labels.shape)}")
+    if ids.dim() != 4:
+        raise ValueError(f"source_topk.ids must be [S, B, Ts, K], got shape {tuple(ids.shape)}")
+    S, Bi, Ts, K = ids.shape
+    if Bi != B:
+        raise ValueError(f"source_topk.ids has batch size {Bi}, hidden has {B}")
+    if not 1 <= S <= 8:
+        raise ValueError(f"number of sources S must be in 1..8, got S={S} (source_topk.ids)")
+    if not 1 <= K <= 64:
+        raise ValueError(f"top-k K must be in 1..64, got K={K} (source_topk.ids)")
+    if Ts == 0:
+        raise ValueError("source_topk.ids has Ts = 0 source positions")
+    if logprobs.shape != ids.shape:
+        raise ValueError(f"source_topk.logprobs must have the shape of ids {tuple(ids.shape)}, "
+                         f"got {tuple(logprobs.shape)}")
+    if pos.shape != (S, B, T):
+        raise ValueError(f"align_map.pos must have shape {(S, B, T)} (S, B, T), got {tuple(pos.shape)}")
+    if vocab.dim() != 2 or vocab.shape[0] != S or vocab.shape[1] == 0:
+        raise ValueError(f"align_map.vocab must have shape [S={S}, Vs_max > 0], got {tuple(vocab.shape)}")
+    if source_weights is not None and source_weights.shape not in ((S, B), (S, B, T)):
+        raise ValueError(f"source_weights must have shape {(S, B)} or {(S, B, T)}, "
+                         f"got {tuple(source_weights.shape)}")
+    for name, x in (("labels", labels), ("source_topk.ids", ids), ("source_topk.logprobs", logprobs),
+                    ("align_map.pos", pos), ("align_map.vocab", vocab), ("source_weights", source_weights)):
+        if x is not None and x.device != dev:
+            raise ValueError(f"{name} is on {x.device}, hidden on {dev}")
+    if validate:            # the data-dependent checks: one fused host sync
+        Vs = vocab.shape[1]
+        checks = [
+            ("source_topk.ids", f"must be -1 (padding) or in [0, Vs_max={Vs})", ((ids < -1) | (ids >= Vs)).any()),
+            ("align_map.vocab", f"must be -1 or a target id in [0, V={V})", ((vocab < -1) | (vocab >= V)).any()),
+            ("align_map.pos", f"must be -1 or a source position in [0, Ts={Ts})", ((pos < -1) | (pos >= Ts)).any()),
+            ("labels", f"must be ignore_index={ignore_index} or in [0, V={V})",
+             ((labels != ignore_index) & ((labels < 0) | (labels >= V))).any()),
+            ("source_topk.logprobs", "must not be NaN or +inf at non-padding entries",
+             ((ids >= 0) & (torch.isnan(logprobs) | torch.isposinf(logprobs))).any()),
+        ]
+        if source_weights is not None:
+            checks.append(("source_weights", "must be finite and >= 0",
+                           (~torch.isfinite(source_weights) | (source_weights < 0)).any()))
+        for (name, msg, _), bad in zip(checks, torch.stack([c[2] for c in checks]).tolist()):
+            if bad:
+                raise ValueError(f"{name} {msg}")
+    return ids, logprobs, pos, vocab, labels, source_weights
