@@ -148,7 +148,7 @@ def _chunks(hidden, weight, bias, tids, coefs, labels, ignored, scale, ignore_in
     loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
     buf = torch.empty(min(chunk, N), V, dtype=hidden.dtype, device=hidden.device)
     wt = weight.t()
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):   # dtypes as given
         for i, r0 in enumerate(range(0, N, chunk)):
             r1 = min(N, r0 + chunk)
             h = hidden[r0:r1]

@@ -1,17 +1,25 @@
-"""causal_lm_fusion_loss on tiny random HF models: equals fused_loss on the full logits, same
-parameter gradients, and a few training steps lower the loss."""
-import numpy as np
-import pytest
-import torch
+"""causal_lm_fusion_loss on tiny random-initialised HF models (no hub): equals fused_loss on the
+model's full logits, same parameter gradients (untied, tied and biased lm_heads), both label
+conventions, the lm_head never runs on the sequence, and a few training steps lower the loss."""
+import os
 
-from fastfuse.data import FusionCollator
-from fastfuse.integrations.hf import causal_lm_fusion_loss
-from fastfuse.loss import fused_loss
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("transformers")
+
+from fastfuse.data import FusionCollator  # noqa: E402
+from fastfuse.integrations.hf import causal_lm_fusion_loss  # noqa: E402
+from fastfuse.loss import fused_loss  # noqa: E402
 
 V = 80
 
 
 def batch():
+    """A FusionCollator batch: labels already shifted (labels[:, t] = input_ids[:, t + 1])."""
     rng = np.random.default_rng(0)
     maps = [rng.integers(0, V, 40).astype(np.int32), np.where(rng.random(30) < 0.7, rng.integers(0, V, 30), -1).astype(np.int32)]
     exs = []
@@ -25,40 +33,70 @@ def batch():
     return FusionCollator(maps, pad_token_id=0, pin_memory=False, fusion="avg_ce")(exs)
 
 
-def models():
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+def hf_labels(b):
+    """The same targets in Hugging Face's convention: input_ids, padding = -100 (unshifted)."""
+    return torch.where(b["attention_mask"].bool(), b["input_ids"], torch.full_like(b["input_ids"], -100))
+
+
+def make_model(name):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
 
     torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
-    tied = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                                        tie_word_embeddings=True))
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2, n_positions=32))
-    return {"llama": llama, "llama-tied": tied, "gpt2": gpt2}
+    small = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 max_position_embeddings=32)
+    if name == "llama":
+        return LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **small))
+    if name == "llama-tied":
+        return LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **small))
+    if name == "phi-bias":      # lm_head with a bias
+        return PhiForCausalLM(PhiConfig(**small))
+    if name == "gpt2":          # tied, Conv1D blocks, base_model_prefix "transformer"
+        return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2, n_positions=32))
+    raise ValueError(name)
 
 
-@pytest.mark.parametrize("name", ["llama", "llama-tied", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "llama-tied", "phi-bias", "gpt2"])
 def test_equals_full_logits_and_gradients(name):
-    model = models()[name].eval()
+    model = make_model(name).eval()
     b = batch()
-    loss = causal_lm_fusion_loss(model, b, lm_weight=0.6, chunk_tokens=5)
-    grads = torch.autograd.grad(loss, [p for p in model.parameters()], allow_unused=True)
+    params = [p for p in model.parameters()]
+    calls = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    loss = causal_lm_fusion_loss(model, b, lm_weight=0.6, chunk_tokens=5, labels_shifted=True)
+    assert not calls, "the lm_head ran on the sequence"
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    hook.remove()
+
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     ref = fused_loss(logits, b["source_topk"], b["align_map"], b["labels"], source_weights=b["source_weights"],
                      lm_weight=0.6)
-    ref_grads = torch.autograd.grad(ref, [p for p in model.parameters()], allow_unused=True)
+    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-    for g, r in zip(grads, ref_grads):
+    if name == "llama-tied":
+        assert model.lm_head.weight is model.get_input_embeddings().weight
+    if name == "phi-bias":
+        assert model.lm_head.bias is not None
+    for p, g, r in zip(params, grads, ref_grads):
         if r is None:
             assert g is None or float(g.abs().sum()) == 0
         else:
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
+    # Hugging Face's unshifted labels (the default): the same loss, shifted inside
+    hf = dict(b, labels=hf_labels(b))
+    torch.testing.assert_close(causal_lm_fusion_loss(model, hf, lm_weight=0.6), ref, rtol=1e-5, atol=1e-6)
+    # explicit source_topk / align_map arguments, and reduction="none"
+    rows = causal_lm_fusion_loss(model, {k: hf[k] for k in ("input_ids", "attention_mask", "labels", "source_weights")},
+                                 b["source_topk"], b["align_map"], lm_weight=0.6, reduction="none")
+    ref_rows = fused_loss(logits, b["source_topk"], b["align_map"], b["labels"], source_weights=b["source_weights"],
+                          lm_weight=0.6, reduction="none")
+    torch.testing.assert_close(rows, ref_rows.detach(), rtol=1e-5, atol=1e-6)
+
 
 def test_training_steps_lower_the_loss():
-    model = models()["llama"].train()
-    b = batch()
+    model = make_model("llama").train()
+    b = dict(batch())
+    b["labels"] = hf_labels(b)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(8):
@@ -67,11 +105,29 @@ def test_training_steps_lower_the_loss():
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    assert losses[-1] < 0.8 * losses[0]
+    assert losses[-1] < 0.8 * losses[0], losses
 
 
 def test_bad_batch_and_model():
-    with pytest.raises(ValueError, match="batch: missing"):
-        causal_lm_fusion_loss(models()["llama"], {"input_ids": torch.zeros(1, 2, dtype=torch.long)})
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="batch: missing \\['labels', 'source_topk', 'align_map'\\]"):
+        causal_lm_fusion_loss(model, {"input_ids": torch.zeros(1, 2, dtype=torch.long)})
+    with pytest.raises(TypeError, match="batch must be a mapping"):
+        causal_lm_fusion_loss(model, [1, 2])
     with pytest.raises(TypeError, match="model: expected a Hugging Face causal LM"):
         causal_lm_fusion_loss(torch.nn.Linear(2, 2), batch())
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
+        causal_lm_fusion_loss(model, batch())
+
+
+def test_autocast_bf16():
+    """Under torch.autocast the hidden states and the head run in the autocast dtype."""
+    model = make_model("llama")
+    b = batch()
+    ref = causal_lm_fusion_loss(model, b, labels_shifted=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = causal_lm_fusion_loss(model, b, labels_shifted=True)
+    loss.backward()
+    assert loss.dtype == torch.float32 and model.lm_head.weight.grad.dtype == torch.float32
+    assert abs(float(loss.detach()) - float(ref.detach())) < 3e-2 * float(ref.detach())

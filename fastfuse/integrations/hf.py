@@ -2,41 +2,125 @@
 without running the lm_head over the whole sequence (:func:`fastfuse.fused_linear_loss`)."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
+import torch
 from torch import Tensor
 
 from fastfuse.linear_loss import fused_linear_loss
+from fastfuse.loss import AlignMap, SourceTopK
+
+__all__ = ["causal_lm_fusion_loss", "backbone_and_head", "final_hidden_states"]
+
+# config attributes of models that transform the logits after the lm_head (unsupported here)
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 def backbone_and_head(model) -> tuple[Any, Any]:
-    """(the model without its lm_head, the lm_head) of a Hugging Face causal LM."""
+    """(the model without its lm_head, the lm_head module) of a Hugging Face causal LM.
+
+    The backbone is ``model.get_decoder()`` when the model has one, else the attribute named by
+    ``model.base_model_prefix`` (``model.model`` for Llama, ``model.transformer`` for GPT-2); it may
+    be ``None`` (then :func:`final_hidden_states` asks the model for ``output_hidden_states``).
+    The head is ``model.get_output_embeddings()`` (``model.lm_head``); with tied embeddings its
+    weight *is* the input embedding matrix, so gradients reach it through both uses.
+    """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    prefix = getattr(model, "base_model_prefix", None)
-    backbone = getattr(model, prefix, None) if prefix else None
-    if head is None or backbone is None or not hasattr(head, "weight"):
-        raise TypeError(f"model: expected a Hugging Face causal LM with an lm_head and a base model, got "
+    if head is None or not isinstance(getattr(head, "weight", None), Tensor):
+        raise TypeError(f"model: expected a Hugging Face causal LM with an lm_head (get_output_embeddings()), got "
                         f"{type(model).__name__}")
+    config = getattr(model, "config", None)
+    for attr in _LOGIT_TRANSFORMS:
+        value = getattr(config, attr, None)
+        if value not in (None, 1, 1.0, 0, 0.0, False):
+            raise NotImplementedError(f"model: {type(model).__name__} transforms its logits after the lm_head "
+                                      f"(config.{attr}={value}); use fastfuse.fused_loss on model(...).logits")
+    backbone = None
+    if hasattr(model, "get_decoder"):
+        try:
+            backbone = model.get_decoder()
+        except (AttributeError, NotImplementedError, TypeError):
+            backbone = None
+    if backbone is None or backbone is model:
+        prefix = getattr(model, "base_model_prefix", None)
+        backbone = getattr(model, prefix, None) if prefix else None
+    if backbone is model:
+        backbone = None
     return backbone, head
 
 
-def causal_lm_fusion_loss(model, batch: Mapping[str, Any], **loss_kwargs) -> Tensor:
-    """The fusion loss of ``model`` on a :class:`fastfuse.FusionCollator` batch.
+def final_hidden_states(model, input_ids: Tensor, **model_inputs) -> Tensor:
+    """``[B, T, H]`` final hidden states (after the last norm) of ``model`` without its lm_head."""
+    backbone, _ = backbone_and_head(model)
+    if backbone is not None:
+        out = backbone(input_ids=input_ids, **model_inputs)
+        return out[0] if isinstance(out, tuple) else out.last_hidden_state
+    # no separate backbone: ask for the hidden states, with the lm_head on one position only
+    out = model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1, **model_inputs)
+    return out.hidden_states[-1]
 
-    ``batch`` holds ``input_ids``, ``attention_mask`` (optional), ``labels`` **already shifted**
-    (``labels[:, t]`` is the token after position ``t``, as FusionCollator builds them — not
-    Hugging Face's unshifted convention), ``source_topk``, ``align_map`` and ``source_weights``
-    (optional). The backbone's last hidden states go through :func:`fastfuse.fused_linear_loss`
-    with the lm_head's weight and bias (tied embeddings are the same tensor). Models that rescale
-    or soft-cap their logits after the lm_head (e.g. Gemma 2) are not supported here.
-    ``loss_kwargs`` go to ``fused_linear_loss`` (``lm_weight``, ``temperature``, ``reduction``, ...).
+
+def causal_lm_fusion_loss(model, batch: Mapping[str, Any], source_topk: Optional[SourceTopK] = None,
+                          align_map: Optional[AlignMap] = None, *, labels_shifted: bool = False,
+                          **loss_kwargs) -> Tensor:
+    """The fusion loss of a Hugging Face causal LM on ``batch``, through :func:`fastfuse.fused_linear_loss`.
+
+    Args:
+        model: a ``*ForCausalLM`` (Llama, Qwen2, Mistral, GPT-2, Phi, ...). Its backbone runs on
+            ``batch["input_ids"]`` (plus ``attention_mask`` / ``position_ids`` when present); the
+            final hidden states and ``lm_head.weight`` (and ``lm_head.bias`` when it has one) go to
+            ``fused_linear_loss``, so the lm_head never runs on the whole sequence and the
+            ``[B, T, V]`` logits never exist. Tied embeddings need nothing special. Models that
+            rescale or soft-cap logits after the lm_head (Gemma 2, Cohere, ...) raise
+            ``NotImplementedError``.
+        batch: a mapping with ``input_ids [B, T]`` and ``labels [B, T]`` (``ignore_index`` = -100
+            by default for padding/prompt tokens), optionally ``attention_mask``, ``position_ids``,
+            ``source_topk``, ``align_map``, ``source_weights``.
+        source_topk, align_map: default to ``batch["source_topk"]`` / ``batch["align_map"]``.
+            They (and per-token ``source_weights``) are indexed by the **predicting** position ``t``
+            (its teacher is the distribution of token ``t + 1``, DESIGN.md §1) whatever the
+            labels convention.
+        labels_shifted: the labels convention.
+
+            * ``False`` (default, Hugging Face's convention): ``labels[:, t]`` is token ``t`` itself
+              (usually ``input_ids`` with padding set to -100), and the loss at position ``t`` is
+              against ``labels[:, t + 1]``, shifted here, as ``model(input_ids, labels=labels)``
+              does. The last position has no target and is ignored.
+            * ``True``: ``labels[:, t]`` is already the token after position ``t`` (batches of
+              :class:`fastfuse.FusionCollator` and the ``fused_loss`` convention) -- pass this for
+              those batches, or their loss is shifted by one token.
+        loss_kwargs: passed to ``fused_linear_loss`` (``lm_weight``, ``temperature``, ``reduction``,
+            ``chunk_tokens``, ``ignore_index``, ``validate``, ...). ``source_weights`` defaults to
+            ``batch.get("source_weights")``.
+
+    Returns the float32 loss (``[B, T]`` for ``reduction="none"``, the last position 0 when the
+    labels were shifted here). Under ``torch.autocast`` the hidden states and the lm_head weight
+    are cast to the autocast dtype, as ``lm_head(hidden)`` would be.
     """
-    missing = [k for k in ("input_ids", "labels", "source_topk", "align_map") if k not in batch]
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch must be a mapping (dict of tensors), got {type(batch).__name__}")
+    source_topk = batch.get("source_topk") if source_topk is None else source_topk
+    align_map = batch.get("align_map") if align_map is None else align_map
+    missing = [k for k, v in (("input_ids", batch.get("input_ids")), ("labels", batch.get("labels")),
+                              ("source_topk", source_topk), ("align_map", align_map)) if v is None]
     if missing:
-        raise ValueError(f"batch: missing {missing}; build batches with fastfuse.FusionCollator")
-    backbone, head = backbone_and_head(model)
-    out = backbone(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        raise ValueError(f"batch: missing {missing} (pass source_topk/align_map as arguments or batch entries)")
+    _, head = backbone_and_head(model)
+    inputs = {k: batch[k] for k in ("attention_mask", "position_ids") if batch.get(k) is not None}
+    hidden = final_hidden_states(model, batch["input_ids"], **inputs)
+    weight = head.weight
+    bias = getattr(head, "bias", None)
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    labels = batch["labels"]
+    if not isinstance(labels, Tensor) or labels.dim() != 2:
+        raise ValueError(f"batch['labels'] must be a [B, T] tensor, got "
+                         f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
+    if not labels_shifted:
+        # HF convention: position t predicts labels[:, t + 1]; the last position has no target
+        ignore_index = loss_kwargs.get("ignore_index", -100)
+        labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], dim=1)
     loss_kwargs.setdefault("source_weights", batch.get("source_weights"))
-    return fused_linear_loss(hidden, head.weight, batch["source_topk"], batch["align_map"], batch["labels"],
-                             bias=getattr(head, "bias", None), **loss_kwargs)
+    return fused_linear_loss(hidden, weight, source_topk, align_map, labels, bias=bias, **loss_kwargs)
