@@ -115,7 +115,8 @@ class _FusedLinearLoss(torch.autograd.Function):
             ctx.save_for_backward(hidden, weight, bias, tids, coefs, labels, ignored)
             ctx.opts = (ignore_index, chunk, use_triton)
             return loss_rows
-        ctx.grads = grads
+        ctx.grads = grads if grad_now else None
+        ctx.grad_now = grad_now
         return loss_rows.sum() * scale.reshape(())
 
     @staticmethod
@@ -123,6 +124,9 @@ class _FusedLinearLoss(torch.autograd.Function):
         if ctx.reduction != "none":
             grads, ctx.grads = ctx.grads, None
             if grads is None:
+                if ctx.grad_now:
+                    raise RuntimeError("fused_linear_loss: backward through the same loss twice; its gradients are "
+                                       "computed in the forward and handed over by the first backward")
                 return (None,) * 12
             if not bool(grad_output == 1):      # one scalar sync; skipped work is a pass over the grads
                 grads = tuple(None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads)

@@ -165,6 +165,20 @@ def test_twice_in_one_graph_and_accumulation():
     torch.testing.assert_close(W.grad.double(), rW1.grad + rW2.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_second_backward_raises_and_impl_choice():
+    hidden, weight, bias, topk, amap, labels, w = make(12)
+    W = weight.clone().requires_grad_(True)
+    loss = fused_linear_loss(hidden, W, topk, amap, labels, bias=bias, source_weights=w)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward through the same loss twice"):
+        loss.backward()
+    ref = fused_linear_loss(hidden, weight, topk, amap, labels, bias=bias, source_weights=w, impl="reference")
+    torch.testing.assert_close(loss.detach(), ref)
+    if not INTERPRETED:
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            fused_linear_loss(hidden, weight, topk, amap, labels, impl="triton")
+
+
 def test_default_chunk_tokens():
     assert default_chunk_tokens(8192, 128256, 2) == 2048     # 501 MiB of bf16 logits, 4 chunks
     assert default_chunk_tokens(8192, 32000, 2) == 8192      # 500 MiB: one chunk
