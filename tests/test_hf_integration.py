@@ -131,3 +131,15 @@ def test_autocast_bf16():
     loss.backward()
     assert loss.dtype == torch.float32 and model.lm_head.weight.grad.dtype == torch.float32
     assert abs(float(loss.detach()) - float(ref.detach())) < 3e-2 * float(ref.detach())
+
+
+def test_fallback_without_backbone(monkeypatch):
+    """No separate backbone: hidden states from output_hidden_states (lm_head on one position only)."""
+    import fastfuse.integrations.hf as hfmod
+
+    model = make_model("llama")
+    b = batch()
+    ref = causal_lm_fusion_loss(model, b, labels_shifted=True)
+    real = hfmod.backbone_and_head
+    monkeypatch.setattr(hfmod, "backbone_and_head", lambda m: (None, real(m)[1]))
+    torch.testing.assert_close(causal_lm_fusion_loss(model, b, labels_shifted=True), ref, rtol=1e-5, atol=1e-6)
