@@ -54,21 +54,24 @@ Compared with the two published fused linear cross-entropies (hard labels only):
 * **Liger-Kernel** (``ops/fused_linear_cross_entropy.py``): the same structure -- chunks of
   tokens, logits materialised per chunk, the CE kernel overwrites them with their gradient in the
   forward, then ``grad_input = grad_logits @ W`` and ``grad_weight += grad_logits.T @ x`` -- so
-  the same 3 matmuls and the backward only rescales. Differences: Liger sizes chunks by
-  ``N / (V / H)`` (about ``H`` tokens per chunk: 4096 at ``H = 4096`` -> 1 GiB of bf16 logits at
-  V = 128256), we by a byte budget; Liger's gradient scale for ``"mean"`` uses a host-side count
-  (``.item()``), ours a device scalar; it adds the bias gradient per chunk in the weight dtype,
-  we in fp32; we add the sparse multi-source teacher (``S*K + 1`` gathered logits per row,
-  duplicate ids merged) with per-token source weights.
+  the same 3 matmuls and a backward that only rescales. Differences: Liger sizes chunks so the
+  chunk's logits are about as big as the input (``next_pow2(N / ceil(V / H))`` tokens: 256 at
+  N = 8192, H = 4096, V = 128256, i.e. 32 chunks that each re-read and re-write ``grad_weight``
+  and feed cuBLAS 256-row matmuls), we by a byte budget (2048 tokens there, 4 chunks); its
+  ``grad_weight``/``grad_bias`` start as ``zeros_like`` and accumulate in the weight dtype (ours:
+  the first chunk writes ``d_weight`` directly, the bias gradient accumulates in fp32); older
+  versions count the non-ignored tokens with ``.item()`` (a host sync), ours stays on device; we
+  add the sparse multi-source teacher (``S*K + 1`` gathered logits per row, duplicate ids merged)
+  with per-token source weights.
 * **Apple's Cut Cross-Entropy** (``cce_lse_forward.py``, ``cce_backward.py``): fuses the matmul
   into the log-sum-exp kernel (blocks of logits live only in registers/SMEM), gathers the label
-  logit with a separate fp32 ``indexed_dot``, and recomputes the logits in the backward
-  (``4*N*H*V`` FLOPs there, 2 forward + 4 backward = 6 with the recompute), skipping blocks whose
-  softmax is negligible (gradient filtering) to claw the recompute back. It needs no logits
-  buffer at all (memory ``O(N + V)`` beyond the gradients) but writes custom matmul kernels; we
-  use cuBLAS matmuls at the measured matmul rate and pay one ``[n, V]`` buffer plus one memory-
-  bound row pass per chunk (about 1.5 ``n*V`` element reads/writes, from L2 for most rows).
-  CCE's filtering is exact only to a tolerance; we compute every gradient entry.
+  logit with a separate fp32 ``indexed_dot``, and in the backward recomputes the logits blockwise
+  and applies both gradient matmuls in the same kernel: 4 matmuls in all (``8*N*H*V`` FLOPs)
+  against our 3, minus the blocks its gradient filtering skips (softmax entries below the dtype's
+  resolution, an approximation we do not make). It needs no logits buffer at all (memory
+  ``O(N + V)`` beyond the gradients) but hand-written matmul kernels; we use cuBLAS at the
+  measured matmul rate and pay one ``[n, V]`` buffer plus one memory-bound row pass per chunk
+  (read twice, the second mostly from L2, written once).
 """
 from __future__ import annotations
 
@@ -298,7 +301,11 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, a
 def _teacher_args(lead, V, dev, source_topk, align_map, labels, source_weights, lm_weight, temperature,
                   ignore_index, reduction, impl, validate):
     """The checks of ``fused_loss`` on everything but the logits, for logits of shape
-    ``lead + (V,)`` on ``dev``; returns the 3-d layout (ids, logprobs, pos, vocab, labels, weights)."""
+    ``lead + (V,)`` on ``dev``; returns the 3-d layout (ids, logprobs, pos, vocab, labels, weights).
+
+    ``fastfuse.loss`` has no validator separate from the loss itself (it needs the ``[B, T, V]``
+    logits), so these mirror its checks and messages; ``test_same_errors_as_fused_loss`` keeps the
+    two in step."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if impl not in ("auto", "triton", "reference"):

@@ -243,6 +243,32 @@ def test_bad_input():
             fused_linear_loss(**{**base, **change})
 
 
+def test_same_errors_as_fused_loss():
+    """The teacher-side checks raise what fused_loss(hidden @ W.T) raises ('hidden' for 'target_logits')."""
+    hidden, weight, bias, topk, amap, labels, w = make(2)
+    ids, lp = topk
+    pos, vocab = amap
+    cases = [
+        dict(labels=labels[:1]), dict(labels=labels.float()), dict(labels=labels + 1000),
+        dict(source_topk=SourceTopK(ids[:, :1], lp[:, :1])), dict(source_topk=SourceTopK(ids[None], lp[None])),
+        dict(source_topk=SourceTopK(ids, lp[..., :2])), dict(source_topk=SourceTopK(ids - 5, lp)),
+        dict(source_topk=SourceTopK(ids, lp.long())), dict(source_topk=SourceTopK(ids, lp.masked_fill(ids >= 0, float("nan")))),
+        dict(source_topk=(ids, lp)), dict(align_map=AlignMap(pos + 100, vocab)), dict(align_map=AlignMap(pos, vocab[:1])),
+        dict(align_map=AlignMap(pos.float(), vocab)), dict(align_map=AlignMap(pos, vocab.to("meta"))),
+        dict(source_weights=w[:1]), dict(source_weights=w.long()), dict(source_weights=w * float("inf")),
+        dict(lm_weight=-0.1), dict(temperature=0.0), dict(ignore_index=1.5), dict(reduction="max"),
+    ]
+    base = dict(source_topk=topk, align_map=amap, labels=labels, source_weights=w)
+    logits = hidden @ weight.T
+    for change in cases:
+        kw = {**base, **change}
+        with pytest.raises(Exception) as theirs:
+            fused_loss(logits, **kw)
+        with pytest.raises(type(theirs.value)) as ours:
+            fused_linear_loss(hidden, weight, **kw)
+        assert str(ours.value) == str(theirs.value).replace("target_logits", "hidden"), change
+
+
 def test_uses_triton_when_interpreted(monkeypatch):
     """Under TRITON_INTERPRET=1 (subprocess below) impl='auto' takes the Triton row kernel."""
     if not INTERPRETED:
