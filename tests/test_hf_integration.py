@@ -82,10 +82,13 @@ def test_equals_full_logits_and_gradients(name):
         else:
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
-    # Hugging Face's unshifted labels (the default): the same loss, shifted inside
+    # the default for a FusionCollator batch: labels already shifted
+    torch.testing.assert_close(causal_lm_fusion_loss(model, b, lm_weight=0.6), ref, rtol=1e-5, atol=1e-6)
+    # Hugging Face's unshifted labels: the same loss, shifted inside
     hf = dict(b, labels=hf_labels(b))
-    torch.testing.assert_close(causal_lm_fusion_loss(model, hf, lm_weight=0.6), ref, rtol=1e-5, atol=1e-6)
-    # explicit source_topk / align_map arguments, and reduction="none"
+    torch.testing.assert_close(causal_lm_fusion_loss(model, hf, lm_weight=0.6, labels_shifted=False), ref,
+                               rtol=1e-5, atol=1e-6)
+    # an HF batch with the teacher as arguments (default: unshifted), and reduction="none"
     rows = causal_lm_fusion_loss(model, {k: hf[k] for k in ("input_ids", "attention_mask", "labels", "source_weights")},
                                  b["source_topk"], b["align_map"], lm_weight=0.6, reduction="none")
     ref_rows = fused_loss(logits, b["source_topk"], b["align_map"], b["labels"], source_weights=b["source_weights"],
@@ -100,7 +103,7 @@ def test_training_steps_lower_the_loss():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(8):
-        loss = causal_lm_fusion_loss(model, b, lm_weight=0.9)
+        loss = causal_lm_fusion_loss(model, b, lm_weight=0.9, labels_shifted=False)
         opt.zero_grad()
         loss.backward()
         opt.step()

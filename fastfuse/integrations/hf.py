@@ -61,7 +61,7 @@ def final_hidden_states(model, input_ids: Tensor, **model_inputs) -> Tensor:
 
 
 def causal_lm_fusion_loss(model, batch: Mapping[str, Any], source_topk: Optional[SourceTopK] = None,
-                          align_map: Optional[AlignMap] = None, *, labels_shifted: bool = False,
+                          align_map: Optional[AlignMap] = None, *, labels_shifted: Optional[bool] = None,
                           **loss_kwargs) -> Tensor:
     """The fusion loss of a Hugging Face causal LM on ``batch``, through :func:`fastfuse.fused_linear_loss`.
 
@@ -82,13 +82,16 @@ def causal_lm_fusion_loss(model, batch: Mapping[str, Any], source_topk: Optional
             labels convention.
         labels_shifted: the labels convention.
 
-            * ``False`` (default, Hugging Face's convention): ``labels[:, t]`` is token ``t`` itself
-              (usually ``input_ids`` with padding set to -100), and the loss at position ``t`` is
-              against ``labels[:, t + 1]``, shifted here, as ``model(input_ids, labels=labels)``
-              does. The last position has no target and is ignored.
-            * ``True``: ``labels[:, t]`` is already the token after position ``t`` (batches of
-              :class:`fastfuse.FusionCollator` and the ``fused_loss`` convention) -- pass this for
-              those batches, or their loss is shifted by one token.
+            * ``False``: Hugging Face's convention, ``labels[:, t]`` is token ``t`` itself (usually
+              ``input_ids`` with padding set to -100) and the loss at position ``t`` is against
+              ``labels[:, t + 1]``, shifted here as ``model(input_ids, labels=labels)`` does. The
+              last position has no target and is ignored.
+            * ``True``: ``labels[:, t]`` is already the token after position ``t`` (the
+              ``fused_loss`` convention, and what :class:`fastfuse.FusionCollator` builds).
+            * ``None`` (default): ``True`` when ``batch`` carries ``source_topk`` (a FusionCollator
+              batch), ``False`` when the teacher comes as arguments next to a Hugging Face batch.
+              Pass it explicitly when building batches by hand: a wrong choice shifts the loss by
+              one token.
         loss_kwargs: passed to ``fused_linear_loss`` (``lm_weight``, ``temperature``, ``reduction``,
             ``chunk_tokens``, ``ignore_index``, ``validate``, ...). ``source_weights`` defaults to
             ``batch.get("source_weights")``.
@@ -118,6 +121,8 @@ def causal_lm_fusion_loss(model, batch: Mapping[str, Any], source_topk: Optional
     if not isinstance(labels, Tensor) or labels.dim() != 2:
         raise ValueError(f"batch['labels'] must be a [B, T] tensor, got "
                          f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
+    if labels_shifted is None:
+        labels_shifted = batch.get("source_topk") is not None
     if not labels_shifted:
         # HF convention: position t predicts labels[:, t + 1]; the last position has no target
         ignore_index = loss_kwargs.get("ignore_index", -100)
