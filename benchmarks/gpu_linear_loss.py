@@ -103,7 +103,7 @@ def correctness_large(N=8192, H=4096, V=128256) -> bool:
     ref = fused_loss(h32 @ W32.T, d["topk"], d["amap"], d["labels"], inplace_grad=True, **kw)
     ref.backward()
     ref_g = (h32.grad, W32.grad)
-    ref = float(ref)
+    ref = float(ref.detach())
     del h32, W32
     gc.collect()
     torch.cuda.empty_cache()
@@ -116,7 +116,7 @@ def correctness_large(N=8192, H=4096, V=128256) -> bool:
         else:
             loss = fused_linear_loss(h, W, d["topk"], d["amap"], d["labels"], **kw)
         loss.backward()
-        res[name] = (abs(float(loss) - ref) / abs(ref), rel(h.grad, ref_g[0]), rel(W.grad, ref_g[1]))
+        res[name] = (abs(float(loss.detach()) - ref) / abs(ref), rel(h.grad, ref_g[0]), rel(W.grad, ref_g[1]))
         print(f"  {name:<16} loss {res[name][0]:.1e}  d_hidden {res[name][1]:.1e}  d_weight {res[name][2]:.1e}")
         del h, W, loss
         gc.collect()
