@@ -37,6 +37,8 @@ class Preset:
     """Sizes and schedule of one demo run."""
     heldout_chars: int        # held-out documents are drawn until they hold this many characters
     max_train_chars: int      # 0 = every remaining document
+    fuse_chars: int           # the fusion corpus (extract, align, target training): the first train
+                              # documents up to this many characters (0 = all); sources pre-train on all
     block_size: int
     src_hidden: int
     src_layers: int
@@ -56,15 +58,15 @@ class Preset:
 
 PRESETS = {
     # the test preset: seconds, proves the pipeline runs, says nothing about quality
-    "tiny": Preset(heldout_chars=3000, max_train_chars=12000, block_size=64, src_hidden=32, src_layers=1,
+    "tiny": Preset(heldout_chars=3000, max_train_chars=12000, fuse_chars=0, block_size=64, src_hidden=32, src_layers=1,
                    src_steps=4, src_batch=4, src_lr=3e-3, tgt_hidden=32, tgt_layers=1, tgt_steps=4, tgt_batch=4,
                    tgt_lr=3e-3, k=5, lm_weight=0.5, temperature=1.0, eval_points=2),
     # the CPU default: a few minutes on 2 cores
-    "small": Preset(heldout_chars=24000, max_train_chars=0, block_size=128, src_hidden=64, src_layers=2,
-                    src_steps=60, src_batch=16, src_lr=3e-3, tgt_hidden=64, tgt_layers=2, tgt_steps=30, tgt_batch=16,
-                    tgt_lr=3e-3, k=10, lm_weight=0.5, temperature=1.0, eval_points=4),
+    "small": Preset(heldout_chars=16000, max_train_chars=0, fuse_chars=100000, block_size=128, src_hidden=64,
+                    src_layers=2, src_steps=80, src_batch=16, src_lr=4e-3, tgt_hidden=64, tgt_layers=2, tgt_steps=20,
+                    tgt_batch=16, tgt_lr=4e-3, k=10, lm_weight=0.2, temperature=1.0, eval_points=2),
     # a GPU: wider, deeper, longer
-    "large": Preset(heldout_chars=40000, max_train_chars=0, block_size=256, src_hidden=256, src_layers=4,
+    "large": Preset(heldout_chars=40000, max_train_chars=0, fuse_chars=0, block_size=256, src_hidden=256, src_layers=4,
                     src_steps=600, src_batch=32, src_lr=1e-3, tgt_hidden=128, tgt_layers=2, tgt_steps=150,
                     tgt_batch=32, tgt_lr=1e-3, k=10, lm_weight=0.5, temperature=1.0, eval_points=6),
 }
@@ -269,7 +271,7 @@ def train_target(model, dataset, collate, steps: int, preset: Preset, seed: int,
         opt.step()
         sched.step()
         curve["step"].append(step)
-        curve["train_ce"].append(float(ce))
+        curve["train_ce"].append(ce.item())
         if step % every == 0 or step == steps:
             if curve["eval_step"][-1] != step:
                 curve["eval_step"].append(step)
@@ -332,8 +334,22 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
     for i, (name, tok) in enumerate(toks.items()):
         with stage(f"pretrain {name}"):
             model = make_model(tok, preset.src_hidden, preset.src_layers, preset.block_size, seed + 1 + i)
-            losses = pretrain_source(model, tok, half[name], preset, preset.src_steps, seed + 11 + i, dev, name,
-                                     progress)
+            # a re-run in the same workdir with the same source settings reuses the pre-trained source
+            key = json.dumps([name, seed, {k: v for k, v in asdict(preset).items()
+                                           if k.startswith("src_") or k in ("heldout_chars", "max_train_chars",
+                                                                            "block_size")}], sort_keys=True)
+            ckpt = work / "sources" / f"{name}.pt"
+            saved = torch.load(ckpt, map_location="cpu") if ckpt.exists() else None
+            if saved is not None and saved["key"] == key:
+                model.load_state_dict(saved["state"])
+                model.to(dev).eval()
+                losses = saved["losses"]
+            else:
+                losses = pretrain_source(model, tok, half[name], preset, preset.src_steps, seed + 11 + i, dev, name,
+                                         progress)
+                ckpt.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"key": key, "state": model.state_dict(), "losses": losses}, str(ckpt) + ".tmp")
+                os.replace(str(ckpt) + ".tmp", ckpt)
         with stage("eval"):
             ev = evaluate(model, tok, held, preset.block_size, dev)
         sources[name] = model
@@ -341,7 +357,13 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
                                     "eval_bpb": ev["bpb"], "final_train_loss": losses[-1]}
 
     with stage("split"):
-        chunks = [c for _, c in split_corpus(train, [tgt_tok, *toks.values()], preset.block_size)]
+        fuse_docs, n = [], 0
+        for d in train:
+            if preset.fuse_chars and n >= preset.fuse_chars:
+                break
+            fuse_docs.append(d)
+            n += len(d)
+        chunks = [c for _, c in split_corpus(fuse_docs, [tgt_tok, *toks.values()], preset.block_size)]
     for name, tok in toks.items():
         with stage(f"extract {name}"):
             extract_topk(sources[name], tok, chunks, work / "topk" / name, k=preset.k, block_size=preset.block_size,
@@ -380,7 +402,7 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
         "target": {"tokenizer": TARGET, "vocab": len(tgt_tok)},
         "heldout": {"documents": len(held), "bytes_target": results["fused"]["bytes"],
                     "tokens_target": results["fused"]["tokens"]},
-        "train": {"documents": len(train), "sequences": len(dataset)},
+        "train": {"documents": len(train), "fusion_documents": len(fuse_docs), "sequences": len(dataset)},
         "minCE_picks": picked, "coverage": coverage, "curves": curves,
         "seconds": {k: round(v, 2) for k, v in times.items()}, "workdir": str(work),
     })
