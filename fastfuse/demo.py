@@ -80,7 +80,8 @@ def load_corpus(seed: int, heldout_chars: int, max_train_chars: int = 0) -> tupl
     """(train, held-out) documents of ``pydoc_data.topics``, split by document, deterministically.
 
     Documents are shuffled with ``seed``; held-out takes documents of at most 20000 characters
-    until it holds ``heldout_chars``; train the rest (cut at ``max_train_chars`` if > 0)."""
+    until it holds ``heldout_chars``; train the rest (if ``max_train_chars`` > 0, only documents
+    of at most a quarter of it, until it is reached)."""
     from pydoc_data.topics import topics
 
     # some topics share one text ("Exceptions", "exceptions"): deduplicate, or it lands on both sides
@@ -93,13 +94,12 @@ def load_corpus(seed: int, heldout_chars: int, max_train_chars: int = 0) -> tupl
             n += len(d)
         else:
             train.append(d)
-    if max_train_chars > 0:
+    if max_train_chars > 0:  # whole documents of at most a quarter of the cap, until it is reached
         out, n = [], 0
         for d in train:
-            if n >= max_train_chars:
-                break
-            out.append(d[: max_train_chars - n])
-            n += len(out[-1])
+            if n < max_train_chars and len(d) <= max_train_chars // 4:
+                out.append(d)
+                n += len(d)
         train = out
     return train, held
 
@@ -197,6 +197,8 @@ def pretrain_source(model, tokenizer, docs: list[str], preset: Preset, steps: in
     from tqdm import tqdm
 
     inputs, _ = windows(tokenizer, docs, preset.block_size)
+    if not inputs:
+        raise ValueError(f"source {name}: no training text (too few training documents for two halves)")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     g = torch.Generator().manual_seed(seed)
     opt, sched = _optimizer(model, preset.src_lr, steps)
