@@ -64,7 +64,7 @@ PRESETS = {
     # the CPU default: a few minutes on 2 cores
     "small": Preset(heldout_chars=16000, max_train_chars=0, fuse_chars=100000, block_size=128, src_hidden=64,
                     src_layers=2, src_steps=80, src_batch=16, src_lr=4e-3, tgt_hidden=64, tgt_layers=2, tgt_steps=20,
-                    tgt_batch=16, tgt_lr=4e-3, k=10, lm_weight=0.5, temperature=4.0, eval_points=2),
+                    tgt_batch=16, tgt_lr=4e-3, k=10, lm_weight=0.9, temperature=1.0, eval_points=2),
     # a GPU: wider, deeper, longer
     "large": Preset(heldout_chars=40000, max_train_chars=0, fuse_chars=0, block_size=256, src_hidden=256, src_layers=4,
                     src_steps=600, src_batch=32, src_lr=1e-3, tgt_hidden=128, tgt_layers=2, tgt_steps=150,
@@ -457,11 +457,12 @@ def report(f: dict) -> str:
                  f"({'fused is better' if d < 0 else 'fused is NOT better'}; lm_weight {f['preset']['lm_weight']}, "
                  f"temperature {f['preset']['temperature']}, {f['preset']['tgt_steps']} target steps)")
     best = min(s["eval_bpb"] for s in f["sources"].values())
-    if best > f["clm_only_eval_bpb"] - 0.1:
-        lines.append(f"note: the best source ({best:.3f} bits/byte) is hardly better than the CLM-only target "
-                     f"({f['clm_only_eval_bpb']:.3f}): weak teachers, whose top-{f['preset']['k']} (renormalised) "
-                     "misses much of their own mass, have little to teach; pre-train them longer (--src-steps) or "
-                     "train the target for fewer steps")
+    if d > -0.02:
+        lines.append(f"note: no clear gain (a difference under 0.02 nats/token is within the spread that other "
+                     f"lm_weight / temperature settings give on this run). The teachers are weak: the best source reaches {best:.3f} bits/byte against "
+                     f"{f['clm_only_eval_bpb']:.3f} for the CLM-only target, and at that quality their renormalised "
+                     f"top-{f['preset']['k']} leaves out much of their own probability mass. Sources pre-trained "
+                     "much longer than the target (--src-steps, or --device cuda) are what fusion needs.")
     lines.append("")
     lines.append("alignment coverage (per source):")
     for name, c in f["coverage"].items():
