@@ -104,8 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     from fastfuse.extract import add_extract_command
     from fastfuse.pipeline_cli import add_pipeline_commands
 
+    from fastfuse.demo import add_demo_command
+
     add_pipeline_commands(sub)
     add_extract_command(sub)
+    add_demo_command(sub)
     args = parser.parse_args(argv)
     try:
         args.func(args)
