@@ -164,127 +164,24 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
         raise TypeError(f"target_logits must be a torch.Tensor, got {type(target_logits).__name__}")
     if target_logits.dtype not in _FLOATS:
         raise TypeError(f"target_logits must be float32, bfloat16 or float16, got {target_logits.dtype}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if impl not in ("auto", "triton", "reference"):
-        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
-    if not isinstance(source_topk, SourceTopK) and not (
-            hasattr(source_topk, "ids") and hasattr(source_topk, "logprobs")):
-        raise TypeError("source_topk must be a fastfuse.SourceTopK(ids, logprobs)")
-    if not isinstance(align_map, AlignMap) and not (
-            hasattr(align_map, "pos") and hasattr(align_map, "vocab")):
-        raise TypeError("align_map must be a fastfuse.AlignMap(pos, vocab)")
-    ids, logprobs = source_topk.ids, source_topk.logprobs
-    pos, vocab = align_map.pos, align_map.vocab
-    for name, x in (("labels", labels), ("source_topk.ids", ids),
-                    ("source_topk.logprobs", logprobs), ("align_map.pos", pos),
-                    ("align_map.vocab", vocab)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if source_weights is not None and not isinstance(source_weights, Tensor):
-        raise TypeError(f"source_weights must be a torch.Tensor or None, got {type(source_weights).__name__}")
-    lm_weight, temperature = float(lm_weight), float(temperature)
-    if not 0.0 <= lm_weight <= 1.0:
-        raise ValueError(f"lm_weight must be in [0, 1], got {lm_weight}")
-    if not (temperature > 0.0 and temperature != float("inf")):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-
-    # ---- 2-d logits: B = 1 ----
-    squeeze = target_logits.dim() == 2
-    if squeeze:
-        N2 = target_logits.shape[0]
-        target_logits = target_logits.unsqueeze(0)
-        if labels.dim() == 1:
-            labels = labels.unsqueeze(0)
-        if ids.dim() == 3:
-            ids = ids.unsqueeze(1)
-        if logprobs.dim() == 3:
-            logprobs = logprobs.unsqueeze(1)
-        if pos.dim() == 2:
-            pos = pos.unsqueeze(1)
-        if source_weights is not None:
-            if source_weights.dim() == 1:
-                source_weights = source_weights.unsqueeze(1)
-            elif source_weights.dim() == 2 and (source_weights.shape[1] == N2 and N2 != 1):
-                source_weights = source_weights.unsqueeze(1)
-    if target_logits.dim() != 3:
+    if target_logits.dim() not in (2, 3):
         raise ValueError(f"target_logits must be [B, T, V] or [N, V], got shape {tuple(target_logits.shape)}")
-    B, T, V = target_logits.shape
-    if V == 0 or B * T == 0:
+    V = target_logits.shape[-1]
+    if V == 0 or target_logits.numel() == 0:
         raise ValueError(f"target_logits must be non-empty, got shape {tuple(target_logits.shape)}")
     if target_logits.stride(-1) != 1:
         raise ValueError("target_logits must be contiguous in its last (vocabulary) dimension")
-
-    # ---- dtypes ----
-    if labels.dtype not in _INTS:
-        raise TypeError(f"labels must be int64 (or int32), got {labels.dtype}")
-    if ids.dtype not in _INTS:
-        raise TypeError(f"source_topk.ids must be int32 or int64, got {ids.dtype}")
-    if not logprobs.is_floating_point():
-        raise TypeError(f"source_topk.logprobs must be a float tensor, got {logprobs.dtype}")
-    if pos.dtype not in _INTS:
-        raise TypeError(f"align_map.pos must be int32 (or int64), got {pos.dtype}")
-    if vocab.dtype not in _INTS:
-        raise TypeError(f"align_map.vocab must be int32 (or int64), got {vocab.dtype}")
-    if source_weights is not None and not source_weights.is_floating_point():
-        raise TypeError(f"source_weights must be a float tensor, got {source_weights.dtype}")
-
-    # ---- shapes ----
-    if labels.shape != (B, T):
-        raise ValueError(f"labels must have shape {(B, T)} (B, T of target_logits), got {tuple(labels.shape)}")
-    if ids.dim() != 4:
-        raise ValueError(f"source_topk.ids must be [S, B, Ts, K], got shape {tuple(ids.shape)}")
-    S, Bi, Ts, K = ids.shape
-    if Bi != B:
-        raise ValueError(f"source_topk.ids has batch size {Bi}, target_logits has {B}")
-    if not 1 <= S <= 8:
-        raise ValueError(f"number of sources S must be in 1..8, got S={S} (source_topk.ids)")
-    if not 1 <= K <= 64:
-        raise ValueError(f"top-k K must be in 1..64, got K={K} (source_topk.ids)")
-    if Ts == 0:
-        raise ValueError("source_topk.ids has Ts = 0 source positions")
-    if logprobs.shape != ids.shape:
-        raise ValueError(f"source_topk.logprobs must have the shape of ids {tuple(ids.shape)}, got {tuple(logprobs.shape)}")
-    if pos.shape != (S, B, T):
-        raise ValueError(f"align_map.pos must have shape {(S, B, T)} (S, B, T), got {tuple(pos.shape)}")
-    if vocab.dim() != 2 or vocab.shape[0] != S or vocab.shape[1] == 0:
-        raise ValueError(f"align_map.vocab must have shape [S={S}, Vs_max > 0], got {tuple(vocab.shape)}")
-    if source_weights is not None and source_weights.shape not in ((S, B), (S, B, T)):
-        raise ValueError(f"source_weights must have shape {(S, B)} or {(S, B, T)}, got {tuple(source_weights.shape)}")
-
-    # ---- devices ----
+    _check_tensor("labels", labels, _INTS, "int64 (or int32)")
     dev = target_logits.device
-    for name, x in (("labels", labels), ("source_topk.ids", ids),
-                    ("source_topk.logprobs", logprobs), ("align_map.pos", pos),
-                    ("align_map.vocab", vocab), ("source_weights", source_weights)):
-        if x is not None and x.device != dev:
-            raise ValueError(f"{name} is on {x.device}, target_logits on {dev}")
-
-    # ---- data-dependent checks: one fused host sync ----
-    if validate:
-        Vs = vocab.shape[1]
-        valid_ids = ids >= 0
-        checks = [
-            ("source_topk.ids", f"must be -1 (padding) or in [0, Vs_max={Vs})",
-             ((ids < -1) | (ids >= Vs)).any()),
-            ("align_map.vocab", f"must be -1 or a target id in [0, V={V})",
-             ((vocab < -1) | (vocab >= V)).any()),
-            ("align_map.pos", f"must be -1 or a source position in [0, Ts={Ts})",
-             ((pos < -1) | (pos >= Ts)).any()),
-            ("labels", f"must be ignore_index={ignore_index} or in [0, V={V})",
-             ((labels != ignore_index) & ((labels < 0) | (labels >= V))).any()),
-            ("source_topk.logprobs", "must not be NaN or +inf at non-padding entries",
-             (valid_ids & (torch.isnan(logprobs) | torch.isposinf(logprobs))).any()),
-        ]
-        if source_weights is not None:
-            checks.append(("source_weights", "must be finite and >= 0",
-                           (~torch.isfinite(source_weights) | (source_weights < 0)).any()))
-        flags = torch.stack([c[2] for c in checks]).tolist()
-        for (name, msg, _), bad in zip(checks, flags):
-            if bad:
-                raise ValueError(f"{name} {msg}")
+    squeeze = target_logits.dim() == 2
+    ids, logprobs, pos, vocab, labels, source_weights = check_teacher_args(
+        target_logits.shape[:-1], V, dev, source_topk, align_map, labels, source_weights, lm_weight, temperature,
+        ignore_index, reduction, impl, validate)
+    lm_weight, temperature = float(lm_weight), float(temperature)
+    if squeeze:
+        target_logits = target_logits.unsqueeze(0)
+    B, T, _ = target_logits.shape
+    S = ids.shape[0]
 
     # ---- implementation ----
     if impl == "auto":
@@ -310,3 +207,103 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
     if squeeze and reduction == "none":
         loss = loss.squeeze(0)
     return loss
+
+
+def _check_tensor(name: str, x, dtypes=None, what: str = ""):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise TypeError(f"{name} must be {what}, got {x.dtype}")
+
+
+
+def check_teacher_args(lead, V, dev, source_topk, align_map, labels, source_weights, lm_weight, temperature,
+                       ignore_index, reduction, impl, validate, owner: str = "target_logits"):
+    """Every check of the loss inputs but those of the logits tensor itself, for logits of shape
+    ``lead + (V,)`` on ``dev``; ``owner`` names that tensor in the messages. Shared by
+    :func:`fused_loss` and :func:`fastfuse.fused_linear_loss`. ``lead`` of length 1 (``[N, V]``) is
+    read as ``B = 1``. Returns the 3-d layout (ids, logprobs, pos, vocab, labels, source_weights)."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if impl not in ("auto", "triton", "reference"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+    if not (hasattr(source_topk, "ids") and hasattr(source_topk, "logprobs")):
+        raise TypeError("source_topk must be a fastfuse.SourceTopK(ids, logprobs)")
+    if not (hasattr(align_map, "pos") and hasattr(align_map, "vocab")):
+        raise TypeError("align_map must be a fastfuse.AlignMap(pos, vocab)")
+    ids, logprobs, pos, vocab = source_topk.ids, source_topk.logprobs, align_map.pos, align_map.vocab
+    _check_tensor("source_topk.ids", ids, _INTS, "int32 or int64")
+    _check_tensor("source_topk.logprobs", logprobs)
+    if not logprobs.is_floating_point():
+        raise TypeError(f"source_topk.logprobs must be a float tensor, got {logprobs.dtype}")
+    _check_tensor("align_map.pos", pos, _INTS, "int32 (or int64)")
+    _check_tensor("align_map.vocab", vocab, _INTS, "int32 (or int64)")
+    if source_weights is not None:
+        _check_tensor("source_weights", source_weights)
+        if not source_weights.is_floating_point():
+            raise TypeError(f"source_weights must be a float tensor, got {source_weights.dtype}")
+    lm_weight, temperature = float(lm_weight), float(temperature)
+    if not 0.0 <= lm_weight <= 1.0:
+        raise ValueError(f"lm_weight must be in [0, 1], got {lm_weight}")
+    if not (temperature > 0.0 and temperature != float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if len(lead) == 1:      # [N, H]: B = 1, fused_loss's 2-d conventions
+        N2 = lead[0]
+        lead = (1, N2)
+        labels = labels.unsqueeze(0) if labels.dim() == 1 else labels
+        ids = ids.unsqueeze(1) if ids.dim() == 3 else ids
+        logprobs = logprobs.unsqueeze(1) if logprobs.dim() == 3 else logprobs
+        pos = pos.unsqueeze(1) if pos.dim() == 2 else pos
+        if source_weights is not None and (source_weights.dim() == 1 or
+                                           (source_weights.dim() == 2 and source_weights.shape[1] == N2 != 1)):
+            source_weights = source_weights.unsqueeze(1)
+    B, T = lead
+    if B * T == 0:
+        raise ValueError(f"{owner} must be non-empty, got {B * T} tokens")
+    if labels.shape != (B, T):
+        raise ValueError(f"labels must have shape {(B, T)} (B, T of {owner}), got {tuple(labels.shape)}")
+    if ids.dim() != 4:
+        raise ValueError(f"source_topk.ids must be [S, B, Ts, K], got shape {tuple(ids.shape)}")
+    S, Bi, Ts, K = ids.shape
+    if Bi != B:
+        raise ValueError(f"source_topk.ids has batch size {Bi}, {owner} has {B}")
+    if not 1 <= S <= 8:
+        raise ValueError(f"number of sources S must be in 1..8, got S={S} (source_topk.ids)")
+    if not 1 <= K <= 64:
+        raise ValueError(f"top-k K must be in 1..64, got K={K} (source_topk.ids)")
+    if Ts == 0:
+        raise ValueError("source_topk.ids has Ts = 0 source positions")
+    if logprobs.shape != ids.shape:
+        raise ValueError(f"source_topk.logprobs must have the shape of ids {tuple(ids.shape)}, "
+                         f"got {tuple(logprobs.shape)}")
+    if pos.shape != (S, B, T):
+        raise ValueError(f"align_map.pos must have shape {(S, B, T)} (S, B, T), got {tuple(pos.shape)}")
+    if vocab.dim() != 2 or vocab.shape[0] != S or vocab.shape[1] == 0:
+        raise ValueError(f"align_map.vocab must have shape [S={S}, Vs_max > 0], got {tuple(vocab.shape)}")
+    if source_weights is not None and source_weights.shape not in ((S, B), (S, B, T)):
+        raise ValueError(f"source_weights must have shape {(S, B)} or {(S, B, T)}, "
+                         f"got {tuple(source_weights.shape)}")
+    for name, x in (("labels", labels), ("source_topk.ids", ids), ("source_topk.logprobs", logprobs),
+                    ("align_map.pos", pos), ("align_map.vocab", vocab), ("source_weights", source_weights)):
+        if x is not None and x.device != dev:
+            raise ValueError(f"{name} is on {x.device}, {owner} on {dev}")
+    if validate:            # the data-dependent checks: one fused host sync
+        Vs = vocab.shape[1]
+        checks = [
+            ("source_topk.ids", f"must be -1 (padding) or in [0, Vs_max={Vs})", ((ids < -1) | (ids >= Vs)).any()),
+            ("align_map.vocab", f"must be -1 or a target id in [0, V={V})", ((vocab < -1) | (vocab >= V)).any()),
+            ("align_map.pos", f"must be -1 or a source position in [0, Ts={Ts})", ((pos < -1) | (pos >= Ts)).any()),
+            ("labels", f"must be ignore_index={ignore_index} or in [0, V={V})",
+             ((labels != ignore_index) & ((labels < 0) | (labels >= V))).any()),
+            ("source_topk.logprobs", "must not be NaN or +inf at non-padding entries",
+             ((ids >= 0) & (torch.isnan(logprobs) | torch.isposinf(logprobs))).any()),
+        ]
+        if source_weights is not None:
+            checks.append(("source_weights", "must be finite and >= 0",
+                           (~torch.isfinite(source_weights) | (source_weights < 0)).any()))
+        for (name, msg, _), bad in zip(checks, torch.stack([c[2] for c in checks]).tolist()):
+            if bad:
+                raise ValueError(f"{name} {msg}")
+    return ids, logprobs, pos, vocab, labels, source_weights
