@@ -54,6 +54,27 @@ def launch_config(V: int):
 
 
 @triton.jit
+def _gather_sparse_loss(row, tids_ptr, coefs_ptr, loss_ptr, n, E, lse, BLOCK_E: tl.constexpr):
+    """Load row n's sparse target (ids, coefficients), gather those logits from ``row`` and store
+    ``loss = lse - sum coef * z[id]``. Runs before any gradient store, so ``inplace_grad`` is safe."""
+    eoffs = tl.arange(0, BLOCK_E)
+    emask = eoffs < E
+    tid = tl.load(tids_ptr + n * E + eoffs, mask=emask, other=-1).to(tl.int64)
+    coef = tl.load(coefs_ptr + n * E + eoffs, mask=emask, other=0.0)
+    has = tid >= 0
+    zt = tl.load(row + tl.where(has, tid, 0), mask=has, other=0.0).to(tl.float32)
+    tl.store(loss_ptr + n, lse - tl.sum(tl.where(has, coef * zt, 0.0), axis=0))
+    return tid, coef, has, zt
+
+
+@triton.jit
+def _store_sparse_grad(grow, tid, coef, has, zt, lse, scale):
+    """``scale * (softmax(z[id]) - coef)`` at the (unique) sparse ids, from the fp32 gathered logits."""
+    gs = (tl.exp(tl.where(has, zt - lse, float("-inf"))) - coef) * scale
+    tl.store(grow + tl.where(has, tid, 0), gs.to(grow.dtype.element_ty), mask=has)
+
+
+@triton.jit
 def fused_ce_kernel(
     logits_ptr, stride_lb, stride_lt,
     grad_ptr, stride_gb, stride_gt,
@@ -82,20 +103,13 @@ def fused_ce_kernel(
         x = tl.load(row + offs, mask=msk, other=float("-inf")).to(tl.float32)
         m = tl.max(x, axis=0)
         lse = m + tl.log(tl.sum(tl.exp(x - m), axis=0))
-        eoffs = tl.arange(0, BLOCK_E)
-        emask = eoffs < E
-        tid = tl.load(tids_ptr + n * E + eoffs, mask=emask, other=-1).to(tl.int64)
-        coef = tl.load(coefs_ptr + n * E + eoffs, mask=emask, other=0.0)
-        has = tid >= 0
-        zt = tl.load(row + tl.where(has, tid, 0), mask=has, other=0.0).to(tl.float32)
-        tl.store(loss_ptr + n, lse - tl.sum(tl.where(has, coef * zt, 0.0), axis=0))
+        tid, coef, has, zt = _gather_sparse_loss(row, tids_ptr, coefs_ptr, loss_ptr, n, E, lse, BLOCK_E)
         if COMPUTE_GRAD:
             scale = tl.load(scale_ptr).to(tl.float32)
             tl.debug_barrier()      # inplace: every gather above precedes the row overwrite
             tl.store(grow + offs, (tl.exp(x - lse) * scale).to(grad_ptr.dtype.element_ty), mask=msk)
-            tl.debug_barrier()
-            gs = (tl.exp(tl.where(has, zt - lse, float("-inf"))) - coef) * scale
-            tl.store(grow + tl.where(has, tid, 0), gs.to(grad_ptr.dtype.element_ty), mask=has)
+            tl.debug_barrier()      # the sparse stores overwrite dense ones of the same addresses
+            _store_sparse_grad(grow, tid, coef, has, zt, lse, scale)
     else:
         # 1. online log-sum-exp
         m = float("-inf")
@@ -109,14 +123,7 @@ def fused_ce_kernel(
             m = m_new
         lse = m + tl.log(s)
         # 2. gather the sparse target's logits (before any gradient store: inplace-safe)
-        eoffs = tl.arange(0, BLOCK_E)
-        emask = eoffs < E
-        tid = tl.load(tids_ptr + n * E + eoffs, mask=emask, other=-1).to(tl.int64)
-        coef = tl.load(coefs_ptr + n * E + eoffs, mask=emask, other=0.0)
-        has = tid >= 0
-        zt = tl.load(row + tl.where(has, tid, 0), mask=has, other=0.0).to(tl.float32)
-        loss = lse - tl.sum(tl.where(has, coef * zt, 0.0), axis=0)
-        tl.store(loss_ptr + n, loss)
+        tid, coef, has, zt = _gather_sparse_loss(row, tids_ptr, coefs_ptr, loss_ptr, n, E, lse, BLOCK_E)
         # 3. gradient
         if COMPUTE_GRAD:
             scale = tl.load(scale_ptr).to(tl.float32)
@@ -127,9 +134,8 @@ def fused_ce_kernel(
                             eviction_policy="evict_first").to(tl.float32)
                 g = tl.exp(x - lse) * scale
                 tl.store(grow + o, g.to(grad_ptr.dtype.element_ty), mask=o < V)
-            tl.debug_barrier()
-            gs = (tl.exp(tl.where(has, zt - lse, float("-inf"))) - coef) * scale
-            tl.store(grow + tl.where(has, tid, 0), gs.to(grad_ptr.dtype.element_ty), mask=has)
+            tl.debug_barrier()      # the sparse stores overwrite dense ones of the same addresses
+            _store_sparse_grad(grow, tid, coef, has, zt, lse, scale)
 
 
 def fused_loss_rows(logits, ids, logprobs, pos, vocab, labels, weights, lm_weight: float,
