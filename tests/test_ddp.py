@@ -8,6 +8,7 @@ import pytest
 import torch
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ddp_step.py"
+WORKER = Path(__file__).resolve().with_name("_ddp_worker.py")  # runs EXAMPLE, skips gloo teardown
 
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -16,7 +17,7 @@ def test_ddp_gradients_match_single_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     subprocess.run([sys.executable, str(EXAMPLE), str(tmp_path / "single.pt")], check=True, env=env, timeout=300)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(EXAMPLE), str(tmp_path / "ddp.pt")], check=True, env=env, timeout=300)
+                    str(WORKER), str(tmp_path / "ddp.pt")], check=True, env=env, timeout=300)
     single, ddp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
     assert single.keys() == ddp.keys()
     for name in single:
