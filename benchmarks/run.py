@@ -13,7 +13,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CPU = ["bench_align.py", "bench_dtw.py", "bench_vocab.py", "bench_corpus_align.py", "bench_extract.py"]
+CPU = ["bench_align.py", "bench_dtw.py", "bench_vocab.py", "bench_corpus_align.py", "bench_extract.py",
+       "kernel_resources.py"]
 GPU = ["bench_loss.py", "bench_linear_loss.py"]
 
 

@@ -1,0 +1,58 @@
+"""Registers and spills of every kernel launch fused_loss / fused_linear_loss would make on an
+H100 (sm_90a), compiled ahead of time on this machine (no GPU needed).
+
+    python benchmarks/kernel_resources.py
+
+One row per (kernel, V path, dtype): launch shape (BLOCK_V, num_warps), registers per thread,
+spill bytes, and the CTAs per SM the register file allows (65536 registers per SM).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import triton
+
+from fastfuse.kernels import aot, fused_ce, linear_ce, sparse_teacher
+
+
+def _inputs(V, S=2, B=1, T=4, K=10, Vs=100):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randint(0, Vs, (S, B, T, K), generator=g, dtype=torch.int32), torch.randn(S, B, T, K).half(),
+            torch.zeros(S, B, T, dtype=torch.int32), torch.randint(0, V, (S, Vs), generator=g, dtype=torch.int32),
+            torch.randint(0, V, (B, T), generator=g), torch.full((S, B * T), 1.0 / S))
+
+
+def launches():
+    for V in (32000, 128256, 262144):
+        for dtype in (torch.bfloat16, torch.float32):
+            with aot.record_launches(fused_ce.fused_ce_kernel, sparse_teacher.sparse_teacher_kernel) as rec:
+                fused_ce.fused_loss_rows(torch.empty(1, 4, V, dtype=dtype), *_inputs(V), 0.9, 1.0, -100,
+                                         torch.tensor(1.0), True, inplace_grad=True)
+            for kernel, args, kwargs in rec:
+                if kernel is fused_ce.fused_ce_kernel or (V == 32000 and dtype == torch.bfloat16):
+                    yield f"fused_loss V={V}", dtype if kernel is fused_ce.fused_ce_kernel else None, kernel, args, kwargs
+    with aot.record_launches(fused_ce.fused_ce_kernel) as rec:
+        linear_ce.fused_ce_rows_inplace(torch.empty(8, 128256, dtype=torch.bfloat16),
+                                        torch.zeros(8, 21, dtype=torch.int32), torch.zeros(8, 21),
+                                        torch.zeros(8, dtype=torch.int64), -100, torch.ones(1), compute_grad=True)
+    for kernel, args, kwargs in rec:
+        yield "fused_linear_loss chunk V=128256", torch.bfloat16, kernel, args, kwargs
+
+
+def main() -> int:
+    print(f"Triton {triton.__version__}, target sm_90a (compiled ahead of time, no GPU)\n")
+    print(f"| launch | kernel | dtype | BLOCK | warps | registers | spill st/ld (B) | CTAs/SM by registers |")
+    print("|---|---|---|---|---|---|---|---|")
+    for what, dtype, kernel, args, kwargs in launches():
+        res = aot.ptxas_resources(aot.compile_launch(kernel, args, kwargs, aot.HOPPER))
+        warps = kwargs.get("num_warps", 4)
+        block = kwargs.get("BLOCK_V", kwargs.get("BLOCK_K"))
+        ctas = 65536 // (res["registers"] * 32 * warps)
+        print(f"| {what} | {kernel.__name__} | {str(dtype).replace('torch.', '') if dtype else '-'} | {block} | {warps} | "
+              f"{res['registers']} | {res['spill_stores']}/{res['spill_loads']} | {ctas} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Ahead-of-time compilation of the library's kernel launches, on a machine without a GPU.
+
+The interpreter checks the kernels' arithmetic; only the compiler checks types of loop-carried
+values, layouts and register pressure. :func:`record_launches` swaps ``JITFunction.run`` for a
+recorder, so the real launch wrappers (``fused_loss_rows``...) can run on CPU tensors and yield
+the launches they would make; :func:`compile_launch` compiles one down to a cubin for a CUDA
+target and :func:`ptxas_resources` reads its registers and spills. Used by
+``tests/test_kernels_compile.py`` and ``benchmarks/kernel_resources.py``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+HOPPER = GPUTarget("cuda", 90, 32)
+AMPERE = GPUTarget("cuda", 80, 32)
+
+
+@contextlib.contextmanager
+def record_launches(*kernels):
+    """Within the block, ``kernel[grid](...)`` of each given kernel appends ``(kernel, args,
+    kwargs)`` to the yielded list instead of launching."""
+    launches = []
+    saved = {k: k.__dict__.get("run") for k in kernels}
+    for k in kernels:
+        def run(*args, grid, warmup, _k=k, **kwargs):
+            launches.append((_k, args, kwargs))
+        k.run = run
+    try:
+        yield launches
+    finally:
+        for k, old in saved.items():
+            if old is None:
+                del k.run
+            else:
+                k.run = old
+
+
+def _arg_type(name: str, value) -> str:
+    import torch
+
+    pointee = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
+               torch.int64: "i64"}
+    if isinstance(value, torch.Tensor):
+        return "*" + pointee[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"{name}: no Triton type for {type(value).__name__}")
+
+
+def compile_launch(kernel, args, kwargs, target=HOPPER):
+    """Compile one recorded launch for ``target``; the signature comes from the recorded values
+    (no divisibility specialisation, so the code is the general case of what a GPU would run)."""
+    names = [p.name for p in kernel.params]
+    values = dict(zip(names, args), **{k: v for k, v in kwargs.items() if k in names})
+    signature, constexprs = {}, {}
+    for p in kernel.params:
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = values[p.name]
+        else:
+            signature[p.name] = _arg_type(p.name, values[p.name])
+    return triton.compile(ASTSource(kernel, signature, constexprs), target=target,
+                          options={"num_warps": kwargs.get("num_warps", 4)})
+
+
+def ptxas_resources(compiled, arch: str = "sm_90a") -> dict:
+    """``{"registers", "spill_stores", "spill_loads"}`` of a compiled kernel, from ``ptxas -v``
+    on its PTX with the newest ptxas this Triton ships."""
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    candidates = [os.path.join(bin_dir, n) for n in ("ptxas-blackwell", "ptxas")]
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        for exe in filter(os.path.exists, candidates):
+            out = subprocess.run([exe, "-v", "--gpu-name", arch, ptx, "-o", os.path.join(tmp, "k.cubin")],
+                                 capture_output=True, text=True)
+            if out.returncode == 0:
+                log = out.stderr
+                regs = re.search(r"Used (\d+) registers", log)
+                spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+                return {"registers": int(regs.group(1)), "spill_stores": int(spills.group(1)),
+                        "spill_loads": int(spills.group(2))}
+    raise RuntimeError(f"no ptxas in {bin_dir} accepted this PTX")

@@ -1,0 +1,124 @@
+"""The Triton kernels compile for real GPUs (sm_80, sm_90) on a machine without one.
+
+The interpreter (``TRITON_INTERPRET=1``) checks the kernels' arithmetic but not what only the
+compiler checks (e.g. a loop-carried value that changes type passes the interpreter). The launch
+wrappers run here on CPU tensors with the launches recorded instead of run
+(:mod:`fastfuse.kernels.aot`), and every recorded launch is compiled down to a cubin.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+# triton itself is imported only inside the tests: importing it here, at collection, would fix
+# compiled mode for the interpreter tests of other modules (Triton reads TRITON_INTERPRET once).
+
+
+def _kernels_interpreted() -> bool:
+    import fastfuse.kernels.fused_ce as fc
+    return type(fc.fused_ce_kernel).__name__ == "InterpretedFunction"
+
+
+@pytest.fixture(scope="module")
+def kern():
+    """The kernel modules and the AOT helpers, compiled mode (else the tests run in a subprocess)."""
+    if _kernels_interpreted():
+        pytest.skip("kernels are interpreted in this process; test_in_fresh_process compiles them")
+    try:
+        from fastfuse.kernels import aot
+    except ImportError as e:  # pragma: no cover - a Triton without ASTSource/GPUTarget
+        pytest.skip(f"no ahead-of-time compilation in this Triton: {e}")
+    from fastfuse.kernels import fused_ce, linear_ce, sparse_teacher
+    return SimpleNamespace(aot=aot, fused_ce=fused_ce, linear_ce=linear_ce, sparse_teacher=sparse_teacher)
+
+
+def test_in_fresh_process():
+    """When another test module turned the interpreter on, run this module again without it."""
+    if not _kernels_interpreted():
+        pytest.skip("the kernels are compiled in this process: the tests here ran in-process")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout, out.stdout[-2000:]
+
+
+def _teacher_inputs(S, B, T, K, Vs, V, g):
+    ids = torch.randint(0, Vs, (S, B, T, K), generator=g, dtype=torch.int32)
+    logprobs = torch.randn(S, B, T, K, generator=g).half()
+    pos = torch.randint(-1, T, (S, B, T), generator=g, dtype=torch.int32)
+    vocab = torch.randint(-1, V, (S, Vs), generator=g, dtype=torch.int32)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    weights = torch.full((S, B * T), 1.0 / S)
+    return ids, logprobs, pos, vocab, labels, weights
+
+
+def _compile_all(k, launches, hopper_only=False):
+    for target in [k.aot.HOPPER] + ([] if hopper_only else [k.aot.AMPERE]):
+        for kernel, args, kwargs in launches:
+            assert k.aot.compile_launch(kernel, args, kwargs, target).asm.get("cubin"), (kernel, target)
+
+
+# V: a small vocabulary, Llama-2 (one block per row), Llama-3 and Gemma (two passes)
+@pytest.mark.parametrize("V", [1000, 32000, 128256, 262144])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("compute_grad", [True, False])
+def test_fused_loss_kernels_compile_for_gpus(kern, V, dtype, compute_grad):
+    aot, fc, st = kern.aot, kern.fused_ce, kern.sparse_teacher
+    g = torch.Generator().manual_seed(V)
+    logits = torch.empty(2, 4, V, dtype=dtype)  # never touched: the launches are only recorded
+    with aot.record_launches(fc.fused_ce_kernel, st.sparse_teacher_kernel) as launches:
+        fc.fused_loss_rows(logits, *_teacher_inputs(3, 2, 4, 10, 500, V, g), 0.9, 1.0, -100,
+                           torch.tensor(1.0), compute_grad, inplace_grad=False)
+    assert [k for k, _, _ in launches] == [st.sparse_teacher_kernel, fc.fused_ce_kernel]
+    _compile_all(kern, launches)
+
+
+@pytest.mark.parametrize("K", [1, 64])  # BLOCK_K and num_warps change with K
+def test_sparse_teacher_compiles_for_any_k(kern, K):
+    g = torch.Generator().manual_seed(K)
+    with kern.aot.record_launches(kern.sparse_teacher.sparse_teacher_kernel) as launches:
+        kern.sparse_teacher.sparse_teacher(*_teacher_inputs(8, 1, 3, K, 100, 300, g), 0.5, 2.0, -100)
+    assert len(launches) == 1
+    _compile_all(kern, launches)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_linear_loss_row_kernel_compiles_for_gpus(kern, dtype):
+    n, V, E = 16, 128256, 21
+    with kern.aot.record_launches(kern.fused_ce.fused_ce_kernel) as launches:
+        kern.linear_ce.fused_ce_rows_inplace(torch.empty(n, V, dtype=dtype), torch.zeros(n, E, dtype=torch.int32),
+                                             torch.zeros(n, E), torch.zeros(n, dtype=torch.int64), -100,
+                                             torch.ones(1), compute_grad=True)
+    assert len(launches) == 1
+    _compile_all(kern, launches, hopper_only=True)
+
+
+def test_recording_is_undone(kern):
+    kernel = kern.fused_ce.fused_ce_kernel
+    with kern.aot.record_launches(kernel):
+        assert "run" in vars(kernel)
+    assert "run" not in vars(kernel)
+
+
+def test_hopper_kernels_do_not_spill(kern):
+    """Register spills would put the row's values in local memory: a performance bug the
+    interpreter cannot see. Checked on the two Hopper paths (one block per row; two passes)."""
+    aot, fc, st = kern.aot, kern.fused_ce, kern.sparse_teacher
+    g = torch.Generator().manual_seed(0)
+    for V in (32000, 128256):
+        with aot.record_launches(fc.fused_ce_kernel, st.sparse_teacher_kernel) as launches:
+            fc.fused_loss_rows(torch.empty(1, 4, V, dtype=torch.bfloat16), *_teacher_inputs(2, 1, 4, 10, 50, V, g),
+                               0.9, 1.0, -100, torch.tensor(1.0), True, inplace_grad=True)
+        for kernel, args, kwargs in launches:
+            try:
+                res = aot.ptxas_resources(aot.compile_launch(kernel, args, kwargs, aot.HOPPER))
+            except RuntimeError as e:  # this Triton ships no ptxas that takes its own PTX
+                pytest.skip(str(e))
+            assert res["spill_stores"] == 0 and res["spill_loads"] == 0, (kernel.__name__, V, res)
