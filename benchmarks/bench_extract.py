@@ -20,7 +20,6 @@ through pytest-benchmark.
 from __future__ import annotations
 
 import argparse
-import csv
 import tempfile
 import time
 
@@ -32,6 +31,8 @@ torch = pytest.importorskip("torch")
 from fastfuse.extract import (extract_topk, forward_logits, pad_batch, plan_batches,  # noqa: E402
                               source_sequences, topk_forward)
 from fastfuse.shards import ShardReader  # noqa: E402
+
+from _common import write_csv  # noqa: E402
 
 
 def make_model(vocab: int, hidden: int, layers: int, seed: int = 0):
@@ -138,10 +139,7 @@ def main(argv: list[str] | None = None) -> None:
                a.repeats)
     print_table(rows)
     if a.csv:
-        with open(a.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(a.csv, rows)
 
 
 # ------------------------------------------------------------------ pytest-benchmark

@@ -19,7 +19,6 @@ the teacher costs. Targets (H100, V = 128256): <= 42 ms forward + backward, <= 1
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 
@@ -30,6 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastfuse.linear_loss import fused_linear_loss  # noqa: E402
 from fastfuse.loss import AlignMap, SourceTopK, fused_loss  # noqa: E402
+
+from _common import cuda_ms_per_call, cuda_timed, free_cuda, median_run  # noqa: E402
 
 N, H = 8192, 4096
 SHAPES = [(N, H, 32000), (N, H, 128256)]
@@ -79,31 +80,14 @@ def provider_fn(name):
 def run_once(fn, d):
     h = d["hidden"].clone().requires_grad_()
     W = d["weight"].clone().requires_grad_()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn(h, W, d).backward()
-    end.record()
-    torch.cuda.synchronize()
+    ms, peak = cuda_timed(lambda: fn(h, W, d).backward())
     # extra memory beyond inputs and their gradients (which every provider must produce)
-    extra = torch.cuda.max_memory_allocated() - base - h.numel() * 2 - W.numel() * 2
-    return start.elapsed_time(end), extra
+    return ms, peak - h.numel() * 2 - W.numel() * 2
 
 
 def matmul_rate(n=8192) -> float:
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ a
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        a @ a
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * n ** 3 * 10 / (start.elapsed_time(end) / 1e3)
+    return 2 * n ** 3 / (cuda_ms_per_call(lambda: a @ a) / 1e3)
 
 
 def table(csv=None, out=print, warmup=2, iters=5):
@@ -122,21 +106,16 @@ def table(csv=None, out=print, warmup=2, iters=5):
                 out(f"{n:>6} {h:>5} {V:>7} {p:<16} n/a (not installed)")
                 continue
             try:
-                for _ in range(warmup):
-                    run_once(fn, d)
-                res = [run_once(fn, d) for _ in range(iters)]
+                ms, extra = median_run(lambda: run_once(fn, d), warmup, iters)
             except torch.cuda.OutOfMemoryError:
                 out(f"{n:>6} {h:>5} {V:>7} {p:<16} OOM")
-                gc.collect()
-                torch.cuda.empty_cache()
+                free_cuda()
                 continue
-            ms = sorted(r[0] for r in res)[len(res) // 2]
-            extra = max(r[1] for r in res) / 2**20
+            extra /= 2**20
             rows.append((n, h, V, p, ms, extra, floor))
             out(f"{n:>6} {h:>5} {V:>7} {p:<16} {ms:>9.2f} {extra:>10.0f} {floor:>9.2f} {floor / ms:>8.1%}")
         del d
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_cuda()
     if csv:
         with open(csv, "w") as f:
             f.write("operation,provider,N,H,V,ms,extra_mib,floor_ms\n")

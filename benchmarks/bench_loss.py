@@ -26,7 +26,6 @@ each provider's fraction of it (floor / time).
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 
@@ -37,6 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastfuse.loss import AlignMap, SourceTopK, fused_loss  # noqa: E402
 from fastfuse.reference import normalize_weights, sparse_teacher  # noqa: E402
+
+from _common import cuda_ms_per_call, cuda_timed, free_cuda, median_run  # noqa: E402
 
 LM_WEIGHT = 0.9
 SHAPES = [(8192, 32000), (8192, 128256), (16384, 32000), (16384, 128256)]
@@ -133,45 +134,19 @@ PROVIDERS = ["fastfuse", "fastfuse_inplace", "fastfuse_2pass", "dense", "torch_s
 def run_once(fn, d):
     """Fresh logits copy (untimed), then fwd+bwd between CUDA events; (ms, peak extra bytes)."""
     x = d["z"].clone().requires_grad_()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    loss = fn(x, d)
-    loss.backward()
-    end.record()
-    torch.cuda.synchronize()
-    ms = start.elapsed_time(end)
-    peak = torch.cuda.max_memory_allocated() - base
-    del x, loss
-    return ms, peak
+    return cuda_timed(lambda: fn(x, d).backward())
 
 
 def measure(fn, d, warmup=2, iters=5):
-    for _ in range(warmup):
-        run_once(fn, d)
-    res = [run_once(fn, d) for _ in range(iters)]
-    times = sorted(r[0] for r in res)
-    return times[len(times) // 2], max(r[1] for r in res)
+    return median_run(lambda: run_once(fn, d), warmup, iters)
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    sec = start.elapsed_time(end) / 1e3 / 10
-    del src, dst
-    return 2 * nbytes / sec
+    ms = cuda_ms_per_call(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms / 1e3)
 
 
 def table(shapes=SHAPES, providers=PROVIDERS, csv=None, warmup=2, iters=5, out=print):
@@ -195,8 +170,7 @@ def table(shapes=SHAPES, providers=PROVIDERS, csv=None, warmup=2, iters=5, out=p
                 ms, peak = measure(fn, d, warmup, iters)
             except torch.cuda.OutOfMemoryError:
                 out(f"{N:>6} {V:>7} {p:<17} {'OOM':>9}")
-                gc.collect()
-                torch.cuda.empty_cache()
+                free_cuda()
                 continue
             except Exception as e:  # keep the table going
                 out(f"{N:>6} {V:>7} {p:<17} error: {type(e).__name__}: {str(e)[:80]}")
@@ -205,8 +179,7 @@ def table(shapes=SHAPES, providers=PROVIDERS, csv=None, warmup=2, iters=5, out=p
             out(f"{N:>6} {V:>7} {p:<17} {ms:>9.3f} {peak / 2**20:>10.0f} {floor_ms:>9.3f} "
                 f"{floor_ms / ms:>8.1%}")
         del d
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_cuda()
     if csv:
         with open(csv, "w") as f:
             f.write("operation,provider,N,V,ms,extra_mib,floor_ms\n")

@@ -12,7 +12,6 @@ the same maps run through pytest-benchmark; both skip when ``fastfuse.vocabfiles
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 
@@ -20,6 +19,8 @@ import numpy as np
 import pytest
 
 from fastfuse.vocab import VocabMap, reference_vocab_map
+
+from _common import write_csv
 
 SRC, TGT = "llama-spm", "llama-bpe"
 LIMITS_S = {"exact": 1.0, "mined": 30.0}
@@ -112,10 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         rows += run_pair(a, b, threads, args.sample)
     print_table(rows)
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(args.csv, rows)
 
 
 # ------------------------------------------------------------------ pytest-benchmark

@@ -152,6 +152,7 @@ def correctness_large(N=8192, H=4096, V=128256) -> bool:
 
 
 def chunk_sweep(N=8192, H=4096, V=128256, iters=5):
+    from _common import median_run
     from bench_linear_loss import LM_WEIGHT, make_inputs, run_once
 
     print(f"\nchunk-size sweep N={N} H={H} V={V} bf16 (fwd+bwd, median of {iters})")
@@ -160,10 +161,8 @@ def chunk_sweep(N=8192, H=4096, V=128256, iters=5):
         fn = lambda h, W, dd, c=chunk: fused_linear_loss(h, W, dd["topk"], dd["amap"], dd["labels"],  # noqa: E731
                                                           source_weights=dd["w"], lm_weight=LM_WEIGHT,
                                                           validate=False, chunk_tokens=c)
-        run_once(fn, d)
-        res = [run_once(fn, d) for _ in range(iters)]
-        ms = sorted(r[0] for r in res)[iters // 2]
-        print(f"  chunk {chunk:>5}: {ms:8.2f} ms  extra {max(r[1] for r in res) / 2**20:8.0f} MiB")
+        ms, extra = median_run(lambda: run_once(fn, d), warmup=1, iters=iters)
+        print(f"  chunk {chunk:>5}: {ms:8.2f} ms  extra {extra / 2**20:8.0f} MiB")
 
 
 def main():

@@ -42,7 +42,7 @@ def launches():
 
 def main() -> int:
     print(f"Triton {triton.__version__}, target sm_90a (compiled ahead of time, no GPU)\n")
-    print(f"| launch | kernel | dtype | BLOCK | warps | registers | spill st/ld (B) | CTAs/SM by registers |")
+    print("| launch | kernel | dtype | BLOCK | warps | registers | spill st/ld (B) | CTAs/SM by registers |")
     print("|---|---|---|---|---|---|---|---|")
     for what, dtype, kernel, args, kwargs in launches():
         res = aot.ptxas_resources(aot.compile_launch(kernel, args, kwargs, aot.HOPPER))
