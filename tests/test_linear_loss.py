@@ -17,7 +17,9 @@ from fastfuse.linear_loss import default_chunk_tokens, fused_linear_loss
 from fastfuse.loss import AlignMap, SourceTopK, fused_loss
 from fastfuse.reference import fused_loss_reference, random_inputs
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# set only in the subprocess of test_triton_path_under_interpreter (decided by us, not by which
+# other test module happened to set TRITON_INTERPRET during collection)
+CHILD = os.environ.get("FASTFUSE_TEST_LINEAR_INTERP") == "1"
 INTERP_TESTS = "(matches_reference_fp32 and not seq and not 64) or low_precision or spans_sequences"
 
 
@@ -271,7 +273,7 @@ def test_same_errors_as_fused_loss():
 
 def test_uses_triton_when_interpreted(monkeypatch):
     """Under TRITON_INTERPRET=1 (subprocess below) impl='auto' takes the Triton row kernel."""
-    if not INTERPRETED:
+    if not CHILD:
         pytest.skip("runs in the interpreter subprocess")
     import fastfuse.kernels.linear_ce as lc
 
@@ -284,11 +286,11 @@ def test_uses_triton_when_interpreted(monkeypatch):
     assert len(calls) == 3
 
 
-@pytest.mark.skipif(INTERPRETED, reason="already under the interpreter")
+@pytest.mark.skipif(CHILD, reason="already under the interpreter")
 def test_triton_path_under_interpreter():
     """The tests selected by ``INTERP_TESTS`` again with the Triton kernels (TRITON_INTERPRET=1, fresh process)."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", FASTFUSE_TEST_LINEAR_INTERP="1")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__,
                         "-k", f"{INTERP_TESTS} or uses_triton_when_interpreted"],
                        env=env, capture_output=True, text=True, timeout=600)
