@@ -50,7 +50,8 @@ class FusionTrainer(Trainer):
 
     ``compute_loss(..., return_outputs=True)`` (what ``Trainer.evaluate`` / ``predict`` call) takes
     the ``"logits"`` path whatever ``loss`` is, so the returned outputs are the model's own, with
-    real ``logits``; the loss value is the same.
+    real ``logits``; the loss value is the same. The loss is a mean over the batch's tokens, and
+    ``Trainer`` divides it by the gradient-accumulation steps.
     """
 
     def __init__(self, *args, lm_weight: float | Callable[[int], float] = 0.9, temperature: float = 1.0,
@@ -64,6 +65,10 @@ class FusionTrainer(Trainer):
         self.loss_kwargs = dict(loss_kwargs or {})
         self._term_sums = {"ce_loss": 0.0, "fusion_loss": 0.0}
         self._term_count = 0
+        # Our loss is a per-batch mean, so Trainer must divide it by the gradient-accumulation steps;
+        # it does not when the model accepts loss kwargs (it then expects num_items_in_batch to be used)
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
 
     def current_lm_weight(self) -> float:
         w = self.lm_weight(self.state.global_step) if callable(self.lm_weight) else self.lm_weight

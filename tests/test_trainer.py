@@ -1,6 +1,7 @@
 """FusionTrainer: a Hugging Face Trainer whose loss is fused_linear_loss (default) or fused_loss,
 on tiny random Llama / GPT-2 models (CPU): both paths give the same loss and gradients (also
-through a DDP-like wrapper), training lowers the loss, the terms are logged, and evaluation works."""
+through a DDP-like wrapper), training lowers the loss, the terms are logged, evaluation works and
+the loss is divided by the gradient-accumulation steps."""
 import numpy as np
 import pytest
 import torch
@@ -185,6 +186,23 @@ def test_return_outputs_and_evaluate(tmp_path):
     torch.testing.assert_close(loss, trainer.compute_loss(model, batch), rtol=1e-5, atol=1e-6)
     metrics = trainer.evaluate()
     assert np.isfinite(metrics["eval_loss"])
+
+
+def test_gradient_accumulation_divides_the_loss(tmp_path):
+    """Two accumulated micro-batches of the same examples make one SGD step of lr * their gradient."""
+    model = tiny_llama()
+    item = RandomFusionData(1, seed=4)[0]
+    data = [item] * 4
+    trainer = make_trainer(tmp_path, model, lm_weight=0.7, train_dataset=data,
+                           train=dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1,
+                                      optim="sgd", learning_rate=0.1, lr_scheduler_type="constant",
+                                      max_grad_norm=0.0, weight_decay=0.0, logging_strategy="no"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = trainer._prepare_inputs(FusionCollator(maps(), pad_token_id=0, pin_memory=False)([item, item]))
+    grads = torch.autograd.grad(trainer.compute_loss(model, batch), list(model.parameters()))
+    trainer.train()
+    for (n, p), g in zip(model.named_parameters(), grads):
+        torch.testing.assert_close(before[n] - p.detach(), 0.1 * g, rtol=1e-3, atol=1e-7, msg=n)
 
 
 def test_bad_loss_argument(tmp_path):
