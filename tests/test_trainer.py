@@ -44,12 +44,14 @@ def tiny_llama():
 
 
 def tiny_gpt2():
-    """Tied embeddings (lm_head.weight is wte.weight), base_model_prefix "transformer"."""
+    """Tied embeddings (lm_head.weight is wte.weight), base_model_prefix "transformer"; no dropout,
+    so that two forwards in train mode compare exactly."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2, n_positions=64,
-                                      bos_token_id=1, eos_token_id=1))
+                                      bos_token_id=1, eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0,
+                                      attn_pdrop=0.0))
 
 
 class Wrapper(torch.nn.Module):
