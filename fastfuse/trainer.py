@@ -93,29 +93,32 @@ class FusionTrainer(Trainer):
             if log_terms:
                 head = backbone_and_head(unwrap_model(model))[1]
                 bias = getattr(head, "bias", None)
-                self._log_terms(fused_linear_loss, hidden, inputs, head.weight.detach().to(hidden.dtype),
-                                bias=None if bias is None else bias.detach().to(hidden.dtype))
+                weight = head.weight.detach().to(hidden.dtype)
+                bias = None if bias is None else bias.detach().to(hidden.dtype)
+                self._log_terms(lambda *a, **k: fused_linear_loss(hidden, weight, *a, bias=bias, **k), inputs,
+                                self.loss_kwargs)
             return loss
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
-        common = dict(source_weights=inputs.get("source_weights"), temperature=self.temperature, **self.loss_kwargs)
+        # fused_loss has no chunks: drop the option when a "linear" trainer evaluates here
+        options = {k: v for k, v in self.loss_kwargs.items() if k != "chunk_tokens" or self.loss == "logits"}
+        common = dict(source_weights=inputs.get("source_weights"), temperature=self.temperature, **options)
         plain = {k: v for k, v in common.items() if k != "inplace_grad"}  # never consume the logits here
         if return_outputs:
             common = plain  # the returned outputs keep their logits
         logits = outputs.logits
         if log_terms:
-            self._log_terms(fused_loss, logits.detach(), inputs)
+            self._log_terms(lambda *a, **k: fused_loss(logits.detach(), *a, **k), inputs, options)
         loss = fused_loss(logits, inputs["source_topk"], inputs["align_map"], inputs["labels"],
                           lm_weight=lm_weight, **common)
         return (loss, outputs) if return_outputs else loss
 
-    def _log_terms(self, loss_fn, x, inputs, *extra, **extra_kwargs) -> None:
-        """Accumulates the CE (``lm_weight=1``) and fusion (``lm_weight=0``) terms of ``loss_fn(x, ...)``."""
+    def _log_terms(self, loss_of: Callable[..., torch.Tensor], inputs: dict[str, Any], options: dict) -> None:
+        """Accumulates the CE (``lm_weight=1``) and fusion (``lm_weight=0``) terms, without gradient."""
         kwargs = dict(source_weights=inputs.get("source_weights"), temperature=self.temperature,
-                      **{k: v for k, v in self.loss_kwargs.items() if k != "inplace_grad"}, **extra_kwargs)
+                      **{k: v for k, v in options.items() if k != "inplace_grad"})  # never consume the logits
         with torch.no_grad():
             for name, w in (("ce_loss", 1.0), ("fusion_loss", 0.0)):
-                term = loss_fn(x, *extra, inputs["source_topk"], inputs["align_map"], inputs["labels"],
-                               lm_weight=w, **kwargs)
+                term = loss_of(inputs["source_topk"], inputs["align_map"], inputs["labels"], lm_weight=w, **kwargs)
                 self._term_sums[name] += float(term)
         self._term_count += 1
 

@@ -164,24 +164,29 @@ def test_trainer_trains_and_logs_terms(tmp_path, lm_weight):
             assert h["loss"] == pytest.approx(lm_weight * h["ce_loss"] + (1 - lm_weight) * h["fusion_loss"], rel=0.05)
 
 
-def test_logits_path_trains_and_logs_terms(tmp_path):
-    data = RandomFusionData(8)
-    trainer = make_trainer(tmp_path, tiny_llama(), loss="logits", lm_weight=0.5, train_dataset=data,
-                           train=dict(per_device_train_batch_size=4, num_train_epochs=4, learning_rate=3e-3,
-                                      logging_steps=2))
-    trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert len(logs) >= 3 and all({"ce_loss", "fusion_loss"} <= set(h) for h in logs)
-    assert logs[-1]["loss"] < logs[0]["loss"]
-    for h in logs:
-        assert h["loss"] == pytest.approx(0.5 * h["ce_loss"] + 0.5 * h["fusion_loss"], rel=0.05)
+def test_both_paths_train_and_log_the_same(tmp_path):
+    """Same data, seed and schedule: the linear and logits paths log the same losses and terms."""
+    logs = {}
+    for loss in ("linear", "logits"):
+        trainer = make_trainer(tmp_path, tiny_llama(), loss=loss, lm_weight=LinearSchedule(0.3, 0.9, 8),
+                               train_dataset=RandomFusionData(8),
+                               train=dict(per_device_train_batch_size=4, num_train_epochs=4, learning_rate=3e-3,
+                                          logging_steps=2))
+        trainer.train()
+        logs[loss] = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs["linear"]) == len(logs["logits"]) >= 3
+    for a, b in zip(logs["linear"], logs["logits"]):
+        for key in ("loss", "ce_loss", "fusion_loss", "lm_weight"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), (key, a, b)
+    assert logs["logits"][-1]["loss"] < logs["logits"][0]["loss"]
 
 
 def test_return_outputs_and_evaluate(tmp_path):
     """Trainer.evaluate / predict ask for outputs: the model's own, with real logits, same loss."""
     model = tiny_llama()
     data = RandomFusionData(6, seed=2)
-    trainer = make_trainer(tmp_path, model, eval_dataset=data, train=dict(per_device_eval_batch_size=3))
+    trainer = make_trainer(tmp_path, model, eval_dataset=data, loss_kwargs={"chunk_tokens": 4},
+                           train=dict(per_device_eval_batch_size=3))
     batch = trainer._prepare_inputs(FusionCollator(maps(), pad_token_id=0, pin_memory=False)([data[i] for i in range(3)]))
     loss, outputs = trainer.compute_loss(model, batch, return_outputs=True)
     assert outputs.logits.shape == (*batch["input_ids"].shape, V)
