@@ -39,7 +39,8 @@ def hf_labels(b):
 
 
 def make_model(name):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
 
     torch.manual_seed(0)
     small = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -48,6 +49,8 @@ def make_model(name):
         return LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **small))
     if name == "llama-tied":
         return LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **small))
+    if name == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, **small))
     if name == "phi-bias":      # lm_head with a bias
         return PhiForCausalLM(PhiConfig(**small))
     if name == "gpt2":          # tied, Conv1D blocks, base_model_prefix "transformer"; no dropout
@@ -56,7 +59,7 @@ def make_model(name):
     raise ValueError(name)
 
 
-@pytest.mark.parametrize("name", ["llama", "llama-tied", "phi-bias", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "llama-tied", "qwen2", "phi-bias", "gpt2"])
 def test_equals_full_logits_and_gradients(name):
     model = make_model(name).eval()
     b = batch()
@@ -197,3 +200,11 @@ def test_head_restored_after_an_error():
     assert dict(model.named_modules())["lm_head"] is head
     causal_lm_fusion_loss(model, b).backward()
     assert model.transformer.wte.weight.grad is not None
+
+
+def test_data_parallel_over_several_gpus_is_refused():
+    """It would scatter the batch to replicas but not the teacher and labels the loss closes over."""
+    net = torch.nn.DataParallel(make_model("llama"))
+    net.device_ids = [0, 1]     # what it holds on a 2-GPU machine
+    with pytest.raises(NotImplementedError, match="DataParallel over several GPUs"):
+        causal_lm_fusion_loss(net, batch())
