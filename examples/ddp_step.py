@@ -5,6 +5,14 @@
 
 Each rank takes its share of a fixed batch; DDP averages the gradients. With equal numbers of
 non-ignored tokens per rank that equals the single-process gradient of the mean loss.
+
+The step runs twice, on two copies of the model, and OUT.pt holds both gradients:
+- "logits": ``fused_loss`` on ``net(...).logits``;
+- "linear": ``fused_linear_loss`` through ``causal_lm_fusion_loss(net, ...)`` (what
+  ``FusionTrainer`` does by default): the loss is computed inside the DDP wrapper's forward, with
+  the model's lm_head swapped for a loss module, so the ``[B, T, V]`` logits never exist. Its DDP
+  uses ``find_unused_parameters=True``, Hugging Face Trainer's default, under which a loss that
+  used the lm_head weight after the forward would fail.
 """
 import os
 import sys
@@ -13,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 import fastfuse
+from fastfuse.integrations.hf import causal_lm_fusion_loss
 
 V, T, B, S, K, VS = 96, 10, 4, 2, 5, 80
 
@@ -38,6 +47,20 @@ def model():
                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
 
 
+def step(net, b, share, linear):
+    """Forward and backward of this rank's share of the batch; ``net`` may be DDP-wrapped."""
+    topk = fastfuse.SourceTopK(b["ids"][:, share], b["logprobs"][:, share])
+    align = fastfuse.AlignMap(b["pos"][:, share], b["vocab"])
+    if linear:
+        loss = causal_lm_fusion_loss(net, {"input_ids": b["input_ids"][share], "labels": b["labels"][share]}, topk,
+                                     align, labels_shifted=True, source_weights=b["weights"][:, share], lm_weight=0.7)
+    else:
+        logits = net(input_ids=b["input_ids"][share]).logits
+        loss = fastfuse.fused_loss(logits, topk, align, b["labels"][share], source_weights=b["weights"][:, share],
+                                   lm_weight=0.7)
+    loss.backward()
+
+
 def main(out_path):
     distributed = "RANK" in os.environ
     if distributed:
@@ -46,20 +69,19 @@ def main(out_path):
     else:
         rank, world = 0, 1
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-    net = model().to(device)
-    if distributed:
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     b = batch(device)
     share = slice(rank * B // world, (rank + 1) * B // world)  # this rank's sequences
-    logits = net(input_ids=b["input_ids"][share]).logits
-    loss = fastfuse.fused_loss(
-        logits, fastfuse.SourceTopK(b["ids"][:, share], b["logprobs"][:, share]),
-        fastfuse.AlignMap(b["pos"][:, share], b["vocab"]), b["labels"][share],
-        source_weights=b["weights"][:, share], lm_weight=0.7)
-    loss.backward()
-    if rank == 0:
+    grads = {}
+    for path in ("logits", "linear"):
+        net = model().to(device)
+        if distributed:
+            net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                                            find_unused_parameters=path == "linear")
+        step(net, b, share, linear=path == "linear")
         mod = net.module if distributed else net
-        torch.save({n: p.grad.detach().cpu() for n, p in mod.named_parameters()}, out_path)
+        grads[path] = {n: p.grad.detach().cpu() for n, p in mod.named_parameters()}
+    if rank == 0:
+        torch.save(grads, out_path)
     if distributed:
         dist.destroy_process_group()
 

@@ -19,13 +19,13 @@ The whole public API, by stage (data flows top to bottom; DESIGN.md §3):
     align_corpus(texts, tgt_tok, {name: (tok, dir)}, out_dir)   AlignMap rows + vocab maps + coverage
     FusionDataset(align_dir), dataset.collator(pad_id) -> batches for fused_loss; FusionCollator
 
-    FusionTrainer(model, args, train_dataset, data_collator, lm_weight=0.9)   Hugging Face Trainer
+    FusionTrainer(model, args, train_dataset, data_collator, lm_weight=0.9, loss="linear")   HF Trainer
 
     # the loss (Triton on GPU, torch on CPU)
     SourceTopK(ids, logprobs), AlignMap(pos, vocab)
     fused_loss(target_logits, source_topk, align_map, labels, source_weights=None, lm_weight=0.9, ...)
     fused_linear_loss(hidden, lm_head_weight, source_topk, align_map, labels, bias=None, ...)  no full logits
-    fastfuse.integrations.hf.causal_lm_fusion_loss(model, batch)   through an HF model's hidden states
+    fastfuse.integrations.hf.causal_lm_fusion_loss(model, batch)   through an HF model (or its DDP wrapper)
 
 Names are imported lazily, so ``import fastfuse`` stays cheap and the alignment tools work without torch.
 """

@@ -2,9 +2,11 @@
 
 ``FusionTrainer`` takes the batches of :class:`fastfuse.FusionCollator` (``input_ids``,
 ``attention_mask``, ``labels`` already shifted, ``source_topk``, ``align_map``,
-``source_weights``) and replaces the model's own loss by :func:`fastfuse.fused_loss`. The CE and
-fusion terms are logged separately (``ce_loss``, ``fusion_loss``), computed without gradient on
-logging steps only, so they cost nothing on the other steps.
+``source_weights``) and replaces the model's own loss by the fusion loss: by default
+:func:`fastfuse.fused_linear_loss` on the final hidden states and the lm_head weight (the
+``[B, T, V]`` logits never exist), or :func:`fastfuse.fused_loss` on ``model(...).logits``. The CE
+and fusion terms are logged separately (``ce_loss``, ``fusion_loss``), computed without gradient
+on logging steps only, so they cost nothing on the other steps.
 """
 from __future__ import annotations
 
@@ -13,7 +15,11 @@ from typing import Any, Callable
 import torch
 from transformers import Trainer
 
+from fastfuse.integrations.hf import backbone_and_head, causal_lm_fusion_loss, unwrap_model
+from fastfuse.linear_loss import fused_linear_loss
 from fastfuse.loss import fused_loss
+
+_LOSSES = ("linear", "logits")
 
 
 def _to_device(x: Any, device) -> Any:
@@ -27,22 +33,42 @@ def _to_device(x: Any, device) -> Any:
 
 
 class FusionTrainer(Trainer):
-    """``Trainer`` whose loss is ``fused_loss(logits, source_topk, align_map, labels, ...)``.
+    """``Trainer`` whose loss is the fusion loss of :class:`fastfuse.FusionCollator` batches.
 
     Args (besides ``Trainer``'s):
         lm_weight: float, or a callable ``step -> float`` (e.g. :class:`fastfuse.LinearSchedule`).
         temperature: teacher temperature.
-        loss_kwargs: more keyword arguments for :func:`fastfuse.fused_loss` (``inplace_grad``, ``impl``...).
+        loss: ``"linear"`` (default): :func:`fastfuse.fused_linear_loss` of the final hidden states
+            and the lm_head weight, computed inside the model's forward through its DDP /
+            accelerate wrapper (:func:`fastfuse.integrations.hf.causal_lm_fusion_loss`): the
+            ``[B, T, V]`` logits never exist. Models that transform their logits after the lm_head
+            (soft-capping, scaling) raise ``NotImplementedError``: use ``"logits"`` for them.
+            ``"logits"``: :func:`fastfuse.fused_loss` on ``model(...).logits``. Both give the same
+            loss and gradients.
+        loss_kwargs: more keyword arguments for the loss function (``impl``, ``validate``; for
+            ``"linear"`` also ``chunk_tokens``; for ``"logits"`` also ``inplace_grad``...).
+
+    ``compute_loss(..., return_outputs=True)`` (what ``Trainer.evaluate`` / ``predict`` call) takes
+    the ``"logits"`` path whatever ``loss`` is, so the returned outputs are the model's own, with
+    real ``logits``; the loss value is the same. The loss is a mean over the batch's tokens, and
+    ``Trainer`` divides it by the gradient-accumulation steps.
     """
 
     def __init__(self, *args, lm_weight: float | Callable[[int], float] = 0.9, temperature: float = 1.0,
-                 loss_kwargs: dict | None = None, **kwargs):
+                 loss: str = "linear", loss_kwargs: dict | None = None, **kwargs):
+        if loss not in _LOSSES:
+            raise ValueError(f"loss: expected one of {_LOSSES}, got {loss!r}")
         super().__init__(*args, **kwargs)
         self.lm_weight = lm_weight
         self.temperature = temperature
+        self.loss = loss
         self.loss_kwargs = dict(loss_kwargs or {})
         self._term_sums = {"ce_loss": 0.0, "fusion_loss": 0.0}
         self._term_count = 0
+        # Our loss is a per-batch mean, so Trainer must divide it by the gradient-accumulation steps;
+        # it does not when the model accepts loss kwargs (it then expects num_items_in_batch to be used)
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
 
     def current_lm_weight(self) -> float:
         w = self.lm_weight(self.state.global_step) if callable(self.lm_weight) else self.lm_weight
@@ -58,25 +84,43 @@ class FusionTrainer(Trainer):
         missing = [k for k in ("input_ids", "labels", "source_topk", "align_map") if k not in inputs]
         if missing:
             raise ValueError(f"inputs: missing {missing}; use fastfuse.FusionCollator to build the batches")
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
         lm_weight = self.current_lm_weight()
-        common = dict(source_weights=inputs.get("source_weights"), temperature=self.temperature, **self.loss_kwargs)
+        log_terms = self.model.training and self._should_log_terms()
+        if self.loss == "linear" and not return_outputs:
+            loss, hidden = causal_lm_fusion_loss(model, inputs, labels_shifted=True, return_hidden=True,
+                                                 lm_weight=lm_weight, temperature=self.temperature,
+                                                 **self.loss_kwargs)
+            if log_terms:
+                head = backbone_and_head(unwrap_model(model))[1]
+                bias = getattr(head, "bias", None)
+                weight = head.weight.detach().to(hidden.dtype)
+                bias = None if bias is None else bias.detach().to(hidden.dtype)
+                self._log_terms(lambda *a, **k: fused_linear_loss(hidden, weight, *a, bias=bias, **k), inputs,
+                                self.loss_kwargs)
+            return loss
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+        # fused_loss has no chunks: drop the option when a "linear" trainer evaluates here
+        options = {k: v for k, v in self.loss_kwargs.items() if k != "chunk_tokens" or self.loss == "logits"}
+        common = dict(source_weights=inputs.get("source_weights"), temperature=self.temperature, **options)
         plain = {k: v for k, v in common.items() if k != "inplace_grad"}  # never consume the logits here
         if return_outputs:
             common = plain  # the returned outputs keep their logits
         logits = outputs.logits
-        if self.model.training and self._should_log_terms():
-            with torch.no_grad():
-                ce = fused_loss(logits.detach(), inputs["source_topk"], inputs["align_map"], inputs["labels"],
-                                lm_weight=1.0, **plain)
-                fu = fused_loss(logits.detach(), inputs["source_topk"], inputs["align_map"], inputs["labels"],
-                                lm_weight=0.0, **plain)
-            self._term_sums["ce_loss"] += float(ce)
-            self._term_sums["fusion_loss"] += float(fu)
-            self._term_count += 1
+        if log_terms:
+            self._log_terms(lambda *a, **k: fused_loss(logits.detach(), *a, **k), inputs, options)
         loss = fused_loss(logits, inputs["source_topk"], inputs["align_map"], inputs["labels"],
                           lm_weight=lm_weight, **common)
         return (loss, outputs) if return_outputs else loss
+
+    def _log_terms(self, loss_of: Callable[..., torch.Tensor], inputs: dict[str, Any], options: dict) -> None:
+        """Accumulates the CE (``lm_weight=1``) and fusion (``lm_weight=0``) terms, without gradient."""
+        kwargs = dict(source_weights=inputs.get("source_weights"), temperature=self.temperature,
+                      **{k: v for k, v in options.items() if k != "inplace_grad"})  # never consume the logits
+        with torch.no_grad():
+            for name, w in (("ce_loss", 1.0), ("fusion_loss", 0.0)):
+                term = loss_of(inputs["source_topk"], inputs["align_map"], inputs["labels"], lm_weight=w, **kwargs)
+                self._term_sums[name] += float(term)
+        self._term_count += 1
 
     def _should_log_terms(self) -> bool:
         steps = self.args.logging_steps

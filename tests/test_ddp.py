@@ -1,4 +1,6 @@
-"""torchrun DDP with 2 CPU processes (gloo): gradients equal a single-process run."""
+"""torchrun DDP with 2 CPU processes (gloo): gradients equal a single-process run, for fused_loss on
+the logits and for fused_linear_loss computed inside the DDP wrapper's forward (FusionTrainer's
+default path, under find_unused_parameters=True as Hugging Face Trainer sets it)."""
 import os
 import subprocess
 import sys
@@ -19,7 +21,11 @@ def test_ddp_gradients_match_single_process(tmp_path):
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     str(WORKER), str(tmp_path / "ddp.pt")], check=True, env=env, timeout=300)
     single, ddp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
-    assert single.keys() == ddp.keys()
-    for name in single:
-        torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert any(g.abs().sum() > 0 for g in single.values())
+    assert single.keys() == ddp.keys() == {"logits", "linear"}
+    for path in single:
+        assert single[path].keys() == ddp[path].keys()
+        for name in single[path]:
+            torch.testing.assert_close(ddp[path][name], single[path][name], rtol=1e-4, atol=1e-6, msg=f"{path} {name}")
+            # the two paths compute the same loss
+            torch.testing.assert_close(single["linear"][name], single["logits"][name], rtol=1e-4, atol=1e-6, msg=name)
+        assert any(g.abs().sum() > 0 for g in single[path].values())

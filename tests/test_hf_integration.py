@@ -39,7 +39,8 @@ def hf_labels(b):
 
 
 def make_model(name):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
 
     torch.manual_seed(0)
     small = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -48,14 +49,17 @@ def make_model(name):
         return LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **small))
     if name == "llama-tied":
         return LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **small))
+    if name == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, **small))
     if name == "phi-bias":      # lm_head with a bias
         return PhiForCausalLM(PhiConfig(**small))
-    if name == "gpt2":          # tied, Conv1D blocks, base_model_prefix "transformer"
-        return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2, n_positions=32))
+    if name == "gpt2":          # tied, Conv1D blocks, base_model_prefix "transformer"; no dropout
+        return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2, n_positions=32,
+                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
     raise ValueError(name)
 
 
-@pytest.mark.parametrize("name", ["llama", "llama-tied", "phi-bias", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "llama-tied", "qwen2", "phi-bias", "gpt2"])
 def test_equals_full_logits_and_gradients(name):
     model = make_model(name).eval()
     b = batch()
@@ -136,13 +140,71 @@ def test_autocast_bf16():
     assert abs(float(loss.detach()) - float(ref.detach())) < 3e-2 * float(ref.detach())
 
 
-def test_fallback_without_backbone(monkeypatch):
+def test_final_hidden_states_without_backbone(monkeypatch):
     """No separate backbone: hidden states from output_hidden_states (lm_head on one position only)."""
     import fastfuse.integrations.hf as hfmod
 
     model = make_model("llama")
     b = batch()
-    ref = causal_lm_fusion_loss(model, b, labels_shifted=True)
+    ref = hfmod.final_hidden_states(model, b["input_ids"], attention_mask=b["attention_mask"])
     real = hfmod.backbone_and_head
     monkeypatch.setattr(hfmod, "backbone_and_head", lambda m: (None, real(m)[1]))
-    torch.testing.assert_close(causal_lm_fusion_loss(model, b, labels_shifted=True), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hfmod.final_hidden_states(model, b["input_ids"], attention_mask=b["attention_mask"]),
+                               ref, rtol=1e-5, atol=1e-6)
+
+
+class Wrapper(torch.nn.Module):
+    """Stands in for DistributedDataParallel: the model under ``.module``, a forward of its own."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+        self.calls = 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.module(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_through_a_wrapper(name):
+    """A wrapped model runs through the wrapper's forward; same loss, gradients and hidden states."""
+    from fastfuse.integrations.hf import final_hidden_states, unwrap_model
+
+    model = make_model(name)
+    net = Wrapper(Wrapper(model))
+    assert unwrap_model(net) is model and unwrap_model(model) is model
+    b = batch()
+    params = list(model.parameters())
+    loss, hidden = causal_lm_fusion_loss(net, b, lm_weight=0.6, return_hidden=True)
+    assert net.calls == 1 and net.module.calls == 1
+    assert not hidden.requires_grad
+    torch.testing.assert_close(hidden, final_hidden_states(model, b["input_ids"], attention_mask=b["attention_mask"]))
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    ref = causal_lm_fusion_loss(model, b, lm_weight=0.6)
+    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+    torch.testing.assert_close(loss, ref, rtol=0, atol=0)
+    for g, r in zip(grads, ref_grads):
+        assert (g is None) == (r is None)
+        if r is not None:
+            torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+def test_head_restored_after_an_error():
+    model = make_model("gpt2")
+    head = model.get_output_embeddings()
+    b = batch()
+    with pytest.raises(RuntimeError, match="its lm_head received hidden states of shape"):
+        causal_lm_fusion_loss(Wrapper(model), dict(b, labels=b["labels"][:, :-1]), labels_shifted=True)
+    assert model.get_output_embeddings() is head and model.lm_head.weight is model.transformer.wte.weight
+    assert dict(model.named_modules())["lm_head"] is head
+    causal_lm_fusion_loss(model, b).backward()
+    assert model.transformer.wte.weight.grad is not None
+
+
+def test_data_parallel_over_several_gpus_is_refused():
+    """It would scatter the batch to replicas but not the teacher and labels the loss closes over."""
+    net = torch.nn.DataParallel(make_model("llama"))
+    net.device_ids = [0, 1]     # what it holds on a 2-GPU machine
+    with pytest.raises(NotImplementedError, match="DataParallel over several GPUs"):
+        causal_lm_fusion_loss(net, batch())

@@ -1,8 +1,18 @@
 """Hugging Face causal LMs: the fusion loss through the final hidden states and the lm_head,
-without running the lm_head over the whole sequence (:func:`fastfuse.fused_linear_loss`)."""
+without running the lm_head over the whole sequence (:func:`fastfuse.fused_linear_loss`).
+
+The loss is computed *inside* the model's forward, called through its wrappers (DDP, accelerate):
+for that one call the lm_head is replaced by a module that turns the hidden states it receives into
+the loss. Calling the unwrapped backbone instead would bypass DDP's forward, and computing the loss
+after a forward that returned hidden states would use the lm_head weight outside it: DDP with
+``find_unused_parameters=True`` (Hugging Face ``Trainer``'s default) then marks that weight unused
+and fails when its gradient arrives ("Expected to mark a variable ready only once"), and
+accelerate's mixed-precision autocast, which wraps only the forward, would not apply.
+"""
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+import contextlib
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -10,7 +20,7 @@ from torch import Tensor
 from fastfuse.linear_loss import fused_linear_loss
 from fastfuse.loss import AlignMap, SourceTopK
 
-__all__ = ["causal_lm_fusion_loss", "backbone_and_head", "final_hidden_states"]
+__all__ = ["causal_lm_fusion_loss", "backbone_and_head", "final_hidden_states", "unwrap_model"]
 
 # config attributes of models that transform the logits after the lm_head (unsupported here)
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -49,8 +59,18 @@ def backbone_and_head(model) -> tuple[Any, Any]:
     return backbone, head
 
 
+def unwrap_model(model):
+    """The model inside ``model``'s wrappers: follows ``.module`` (``DistributedDataParallel``,
+    ``DataParallel``, DeepSpeed, FSDP) while there is one; ``model`` itself when unwrapped."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
 def final_hidden_states(model, input_ids: Tensor, **model_inputs) -> Tensor:
-    """``[B, T, H]`` final hidden states (after the last norm) of ``model`` without its lm_head."""
+    """``[B, T, H]`` final hidden states (after the last norm) of an *unwrapped* ``model`` without
+    its lm_head. It runs the backbone directly, bypassing any DDP wrapper: to train, use
+    :func:`causal_lm_fusion_loss`, which goes through the wrapper."""
     backbone, _ = backbone_and_head(model)
     if backbone is not None:
         out = backbone(input_ids=input_ids, **model_inputs)
@@ -62,17 +82,22 @@ def final_hidden_states(model, input_ids: Tensor, **model_inputs) -> Tensor:
 
 def causal_lm_fusion_loss(model, batch: Mapping[str, Any], source_topk: Optional[SourceTopK] = None,
                           align_map: Optional[AlignMap] = None, *, labels_shifted: Optional[bool] = None,
-                          **loss_kwargs) -> Tensor:
+                          return_hidden: bool = False, **loss_kwargs):
     """The fusion loss of a Hugging Face causal LM on ``batch``, through :func:`fastfuse.fused_linear_loss`.
 
     Args:
-        model: a ``*ForCausalLM`` (Llama, Qwen2, Mistral, GPT-2, Phi, ...). Its backbone runs on
-            ``batch["input_ids"]`` (plus ``attention_mask`` / ``position_ids`` when present); the
-            final hidden states and ``lm_head.weight`` (and ``lm_head.bias`` when it has one) go to
-            ``fused_linear_loss``, so the lm_head never runs on the whole sequence and the
-            ``[B, T, V]`` logits never exist. Tied embeddings need nothing special. Models that
-            rescale or soft-cap logits after the lm_head (Gemma 2, Cohere, ...) raise
-            ``NotImplementedError``.
+        model: a ``*ForCausalLM`` (Llama, Qwen2, Mistral, GPT-2, Phi, ...), plain or wrapped
+            (``DistributedDataParallel``, accelerate, DeepSpeed: the model is found through
+            ``.module``, see :func:`unwrap_model`). ``model`` itself is called on
+            ``batch["input_ids"]`` (plus ``attention_mask`` / ``position_ids`` when present), so the
+            wrapper's forward runs (DDP's gradient bookkeeping, accelerate's autocast), with the
+            lm_head swapped for that call (``set_output_embeddings``, restored in a ``finally``)
+            for a module that hands the final hidden states and ``lm_head.weight`` (and
+            ``lm_head.bias`` when it has one) to ``fused_linear_loss``: the lm_head never runs on the
+            whole sequence and the ``[B, T, V]`` logits never exist. Tied embeddings need nothing
+            special. Models that rescale or soft-cap logits after the lm_head (Gemma 2, Cohere, ...)
+            raise ``NotImplementedError``; so does ``torch.nn.DataParallel`` over several GPUs (it
+            splits the batch but not the teacher: use DDP).
         batch: a mapping with ``input_ids [B, T]`` and ``labels [B, T]`` (``ignore_index`` = -100
             by default for padding/prompt tokens), optionally ``attention_mask``, ``position_ids``,
             ``source_topk``, ``align_map``, ``source_weights``.
@@ -92,13 +117,16 @@ def causal_lm_fusion_loss(model, batch: Mapping[str, Any], source_topk: Optional
               batch), ``False`` when the teacher comes as arguments next to a Hugging Face batch.
               Pass it explicitly when building batches by hand: a wrong choice shifts the loss by
               one token.
+        return_hidden: also return the ``[B, T, H]`` final hidden states, detached, in the dtype the
+            loss used (the autocast dtype under autocast), e.g. to evaluate other loss terms.
         loss_kwargs: passed to ``fused_linear_loss`` (``lm_weight``, ``temperature``, ``reduction``,
             ``chunk_tokens``, ``ignore_index``, ``validate``, ...). ``source_weights`` defaults to
             ``batch.get("source_weights")``.
 
     Returns the float32 loss (``[B, T]`` for ``reduction="none"``, the last position 0 when the
-    labels were shifted here). Under ``torch.autocast`` the hidden states and the lm_head weight
-    are cast to the autocast dtype, as ``lm_head(hidden)`` would be.
+    labels were shifted here), or ``(loss, hidden)`` with ``return_hidden``. Under
+    ``torch.autocast`` (yours, or accelerate's around the forward) the hidden states and the
+    lm_head weight are cast to the autocast dtype, as ``lm_head(hidden)`` would be.
     """
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch must be a mapping (dict of tensors), got {type(batch).__name__}")
@@ -108,15 +136,8 @@ def causal_lm_fusion_loss(model, batch: Mapping[str, Any], source_topk: Optional
                               ("source_topk", source_topk), ("align_map", align_map)) if v is None]
     if missing:
         raise ValueError(f"batch: missing {missing} (pass source_topk/align_map as arguments or batch entries)")
-    _, head = backbone_and_head(model)
-    inputs = {k: batch[k] for k in ("attention_mask", "position_ids") if batch.get(k) is not None}
-    hidden = final_hidden_states(model, batch["input_ids"], **inputs)
-    weight = head.weight
-    bias = getattr(head, "bias", None)
-    if torch.is_autocast_enabled(hidden.device.type):
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+    inner = _check_wrappers(model)
+    _, head = backbone_and_head(inner)
     labels = batch["labels"]
     if not isinstance(labels, Tensor) or labels.dim() != 2:
         raise ValueError(f"batch['labels'] must be a [B, T] tensor, got "
@@ -128,4 +149,73 @@ def causal_lm_fusion_loss(model, batch: Mapping[str, Any], source_topk: Optional
         ignore_index = loss_kwargs.get("ignore_index", -100)
         labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], dim=1)
     loss_kwargs.setdefault("source_weights", batch.get("source_weights"))
-    return fused_linear_loss(hidden, weight, source_topk, align_map, labels, bias=bias, **loss_kwargs)
+
+    def loss_of(hidden: Tensor) -> tuple[Tensor, Tensor]:
+        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(labels.shape):
+            raise RuntimeError(f"model: its lm_head received hidden states of shape {tuple(hidden.shape)} for "
+                               f"labels of shape {tuple(labels.shape)}; expected [B, T, H] for the whole batch")
+        weight, bias = head.weight, getattr(head, "bias", None)
+        if torch.is_autocast_enabled(hidden.device.type):
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        loss = fused_linear_loss(hidden, weight, source_topk, align_map, labels, bias=bias, **loss_kwargs)
+        return loss, hidden
+
+    inputs = {k: batch[k] for k in ("attention_mask", "position_ids") if batch.get(k) is not None}
+    fusion_head = _FusionHead(loss_of)
+    with _output_embeddings_replaced(inner, fusion_head):
+        outputs = model(input_ids=batch["input_ids"], **inputs)
+    if fusion_head.calls != 1:
+        raise NotImplementedError(f"model: {type(inner).__name__}'s forward called its lm_head "
+                                  f"(get_output_embeddings()) {fusion_head.calls} times, expected once")
+    # the loss as the wrapper returned it, so that DDP's output hooks stay in the graph
+    loss = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+    if not isinstance(loss, Tensor) or loss.shape != fusion_head.loss.shape or loss.dtype != torch.float32:
+        raise NotImplementedError(f"model: {type(inner).__name__} transforms the output of its lm_head; use "
+                                  f"fastfuse.fused_loss on model(...).logits")
+    return (loss, fusion_head.hidden.detach()) if return_hidden else loss
+
+
+class _FusionHead(torch.nn.Module):
+    """Stands in for the lm_head during one forward: returns ``loss_of(hidden)``'s loss instead of
+    the logits, and keeps the loss and the hidden states it saw."""
+
+    def __init__(self, loss_of: Callable[[Tensor], tuple[Tensor, Tensor]]):
+        super().__init__()
+        self.loss_of = loss_of
+        self.calls = 0
+        self.loss: Optional[Tensor] = None
+        self.hidden: Optional[Tensor] = None
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        self.calls += 1
+        self.loss, self.hidden = self.loss_of(hidden)
+        return self.loss
+
+
+@contextlib.contextmanager
+def _output_embeddings_replaced(model, module: torch.nn.Module) -> Iterator[None]:
+    """``model``'s lm_head is ``module`` inside the block and the original one again after it, also
+    when the block raises. The original module object goes back, so a tied weight stays tied."""
+    head = model.get_output_embeddings()
+    try:
+        model.set_output_embeddings(module)
+        if model.get_output_embeddings() is not module:
+            raise NotImplementedError(f"model: {type(model).__name__}.set_output_embeddings() did not replace "
+                                      f"its lm_head")
+        yield
+    finally:
+        model.set_output_embeddings(head)
+
+
+def _check_wrappers(model):
+    """The unwrapped model; refuses ``DataParallel`` over several devices, which would scatter
+    the batch to replicas whose lm_head is not the one the teacher and labels go with."""
+    wrapper = model
+    while isinstance(getattr(wrapper, "module", None), torch.nn.Module):
+        if isinstance(wrapper, torch.nn.DataParallel) and len(wrapper.device_ids or []) > 1:
+            raise NotImplementedError("model: torch.nn.DataParallel over several GPUs splits the batch but not its "
+                                      "teacher; use DistributedDataParallel (torchrun), or fused_loss on the logits")
+        wrapper = wrapper.module
+    return wrapper
