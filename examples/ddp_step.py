@@ -1,10 +1,11 @@
-"""One fused-loss training step under torchrun DDP (also the plain-PyTorch example of the loss).
+"""One fused-loss training step under torchrun DDP or FSDP2 (also the plain-PyTorch example of the loss).
 
-    torchrun --nproc_per_node 2 examples/ddp_step.py OUT.pt          # gloo on CPU, nccl on GPUs
+    torchrun --nproc_per_node 2 examples/ddp_step.py OUT.pt          # DDP: gloo on CPU, nccl on GPUs
+    torchrun --nproc_per_node 2 examples/ddp_step.py --fsdp OUT.pt   # FSDP2 (fully_shard per layer + root)
     python examples/ddp_step.py OUT.pt                               # one process, whole batch
 
-Each rank takes its share of a fixed batch; DDP averages the gradients. With equal numbers of
-non-ignored tokens per rank that equals the single-process gradient of the mean loss.
+Each rank takes its share of a fixed batch; DDP and FSDP average the gradients. With equal numbers
+of non-ignored tokens per rank that equals the single-process gradient of the mean loss.
 
 The step runs twice, on two copies of the model, and OUT.pt holds both gradients:
 - "logits": ``fused_loss`` on ``net(...).logits``;
@@ -12,7 +13,8 @@ The step runs twice, on two copies of the model, and OUT.pt holds both gradients
   ``FusionTrainer`` does by default): the loss is computed inside the DDP wrapper's forward, with
   the model's lm_head swapped for a loss module, so the ``[B, T, V]`` logits never exist. Its DDP
   uses ``find_unused_parameters=True``, Hugging Face Trainer's default, under which a loss that
-  used the lm_head weight after the forward would fail.
+  used the lm_head weight after the forward would fail. Under FSDP2 the root module's forward
+  gathers the (sharded) lm_head weight, so the loss module sees it whole.
 """
 import os
 import sys
@@ -61,7 +63,26 @@ def step(net, b, share, linear):
     loss.backward()
 
 
-def main(out_path):
+def wrap(net, how, device):
+    """``net`` for this rank: DDP, or FSDP2 with each decoder layer and the root sharded."""
+    if how == "fsdp":
+        from torch.distributed.fsdp import fully_shard  # torch >= 2.6
+
+        for layer in net.model.layers:
+            fully_shard(layer)
+        return fully_shard(net)
+    return torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                                     find_unused_parameters=how == "ddp-linear")
+
+
+def full_grads(net):
+    """Parameter gradients on the CPU, whole (FSDP2 keeps them as sharded DTensors)."""
+    mod = net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
+    return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().cpu()
+            for n, p in mod.named_parameters()}
+
+
+def main(out_path, how="ddp"):
     distributed = "RANK" in os.environ
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -75,11 +96,9 @@ def main(out_path):
     for path in ("logits", "linear"):
         net = model().to(device)
         if distributed:
-            net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                                            find_unused_parameters=path == "linear")
+            net = wrap(net, "fsdp" if how == "fsdp" else f"ddp-{path}", device)
         step(net, b, share, linear=path == "linear")
-        mod = net.module if distributed else net
-        grads[path] = {n: p.grad.detach().cpu() for n, p in mod.named_parameters()}
+        grads[path] = full_grads(net)
     if rank == 0:
         torch.save(grads, out_path)
     if distributed:
@@ -87,4 +106,5 @@ def main(out_path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    args = sys.argv[1:]
+    main(args[-1], how="fsdp" if "--fsdp" in args else "ddp")

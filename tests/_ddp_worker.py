@@ -10,7 +10,7 @@ from pathlib import Path
 
 if __name__ == "__main__":
     example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "ddp_step.py"))
-    example["main"](sys.argv[1])
+    example["main"](sys.argv[-1], how="fsdp" if "--fsdp" in sys.argv else "ddp")
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
