@@ -26,7 +26,7 @@ def single(tmp_path_factory):
 
 def _fsdp2_available() -> bool:
     try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
+        from torch.distributed.fsdp import fully_shard  # noqa: F401  (FSDP2, torch >= 2.6)
     except ImportError:
         return False
     return True
