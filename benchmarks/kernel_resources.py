@@ -13,23 +13,13 @@ import sys
 import torch
 import triton
 
-from fastfuse.kernels import aot, fused_ce, linear_ce, sparse_teacher
-
-
-def _inputs(V, S=2, B=1, T=4, K=10, Vs=100):
-    g = torch.Generator().manual_seed(0)
-    return (torch.randint(0, Vs, (S, B, T, K), generator=g, dtype=torch.int32), torch.randn(S, B, T, K).half(),
-            torch.zeros(S, B, T, dtype=torch.int32), torch.randint(0, V, (S, Vs), generator=g, dtype=torch.int32),
-            torch.randint(0, V, (B, T), generator=g), torch.full((S, B * T), 1.0 / S))
+from fastfuse.kernels import aot, fused_ce, linear_ce
 
 
 def launches():
     for V in (32000, 128256, 262144):
         for dtype in (torch.bfloat16, torch.float32):
-            with aot.record_launches(fused_ce.fused_ce_kernel, sparse_teacher.sparse_teacher_kernel) as rec:
-                fused_ce.fused_loss_rows(torch.empty(1, 4, V, dtype=dtype), *_inputs(V), 0.9, 1.0, -100,
-                                         torch.tensor(1.0), True, inplace_grad=True)
-            for kernel, args, kwargs in rec:
+            for kernel, args, kwargs in aot.fused_loss_launches(V, dtype, inplace_grad=True, Vs=100):
                 if kernel is fused_ce.fused_ce_kernel or (V == 32000 and dtype == torch.bfloat16):
                     yield f"fused_loss V={V}", dtype if kernel is fused_ce.fused_ce_kernel else None, kernel, args, kwargs
     with aot.record_launches(fused_ce.fused_ce_kernel) as rec:

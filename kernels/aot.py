@@ -3,7 +3,8 @@
 The interpreter checks the kernels' arithmetic; only the compiler checks types of loop-carried
 values, layouts and register pressure. :func:`record_launches` swaps ``JITFunction.run`` for a
 recorder, so the real launch wrappers (``fused_loss_rows``...) can run on CPU tensors and yield
-the launches they would make; :func:`compile_launch` compiles one down to a cubin for a CUDA
+the launches they would make (:func:`fused_loss_launches` does it for ``fused_loss``);
+:func:`compile_launch` compiles one down to a cubin for a CUDA
 target and :func:`ptxas_resources` reads its registers and spills. Used by
 ``tests/test_kernels_compile.py`` and ``benchmarks/kernel_resources.py``.
 """
@@ -41,6 +42,28 @@ def record_launches(*kernels):
                 del k.run
             else:
                 k.run = old
+
+
+def fused_loss_launches(V: int, dtype, compute_grad: bool = True, inplace_grad: bool = False, *, S: int = 2,
+                        B: int = 1, T: int = 4, K: int = 10, Vs: int = 500, seed: int = 0):
+    """The launches (sparse teacher, then row kernel) that ``fused_loss`` makes for ``[B, T, V]``
+    logits of ``dtype`` and ``S`` sources of top-``K``, recorded on CPU tensors (inputs from
+    :func:`fastfuse.reference.random_inputs`, fp16 log-probs as extraction stores them)."""
+    import torch
+
+    from fastfuse.reference import normalize_weights, random_inputs
+
+    from .fused_ce import fused_ce_kernel, fused_loss_rows
+    from .sparse_teacher import sparse_teacher_kernel
+
+    d = random_inputs(B=B, T=T, V=V, S=S, K=K, Ts=T, Vs=Vs, dtype=dtype,
+                      generator=torch.Generator().manual_seed(seed))
+    (ids, logprobs), (pos, vocab) = d["source_topk"], d["align_map"]
+    weights = normalize_weights(d["source_weights"], S, B, T, "cpu").reshape(S, B * T)
+    with record_launches(fused_ce_kernel, sparse_teacher_kernel) as launches:
+        fused_loss_rows(d["target_logits"], ids, logprobs.half(), pos, vocab, d["labels"], weights, 0.9, 1.0, -100,
+                        torch.tensor(1.0), compute_grad, inplace_grad)
+    return launches
 
 
 def _arg_type(name: str, value) -> str:

@@ -49,16 +49,6 @@ def test_in_fresh_process():
     assert " passed" in out.stdout and "failed" not in out.stdout, out.stdout[-2000:]
 
 
-def _teacher_inputs(S, B, T, K, Vs, V, g):
-    ids = torch.randint(0, Vs, (S, B, T, K), generator=g, dtype=torch.int32)
-    logprobs = torch.randn(S, B, T, K, generator=g).half()
-    pos = torch.randint(-1, T, (S, B, T), generator=g, dtype=torch.int32)
-    vocab = torch.randint(-1, V, (S, Vs), generator=g, dtype=torch.int32)
-    labels = torch.randint(0, V, (B, T), generator=g)
-    weights = torch.full((S, B * T), 1.0 / S)
-    return ids, logprobs, pos, vocab, labels, weights
-
-
 def _compile_all(k, launches, hopper_only=False):
     for target in [k.aot.HOPPER] + ([] if hopper_only else [k.aot.AMPERE]):
         for kernel, args, kwargs in launches:
@@ -70,23 +60,17 @@ def _compile_all(k, launches, hopper_only=False):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("compute_grad", [True, False])
 def test_fused_loss_kernels_compile_for_gpus(kern, V, dtype, compute_grad):
-    aot, fc, st = kern.aot, kern.fused_ce, kern.sparse_teacher
-    g = torch.Generator().manual_seed(V)
-    logits = torch.empty(2, 4, V, dtype=dtype)  # never touched: the launches are only recorded
-    with aot.record_launches(fc.fused_ce_kernel, st.sparse_teacher_kernel) as launches:
-        fc.fused_loss_rows(logits, *_teacher_inputs(3, 2, 4, 10, 500, V, g), 0.9, 1.0, -100,
-                           torch.tensor(1.0), compute_grad, inplace_grad=False)
-    assert [k for k, _, _ in launches] == [st.sparse_teacher_kernel, fc.fused_ce_kernel]
+    launches = kern.aot.fused_loss_launches(V, dtype, compute_grad, S=3, B=2, seed=V)
+    assert [k for k, _, _ in launches] == [kern.sparse_teacher.sparse_teacher_kernel, kern.fused_ce.fused_ce_kernel]
     _compile_all(kern, launches)
 
 
 @pytest.mark.parametrize("K", [1, 64])  # BLOCK_K and num_warps change with K
 def test_sparse_teacher_compiles_for_any_k(kern, K):
-    g = torch.Generator().manual_seed(K)
-    with kern.aot.record_launches(kern.sparse_teacher.sparse_teacher_kernel) as launches:
-        kern.sparse_teacher.sparse_teacher(*_teacher_inputs(8, 1, 3, K, 100, 300, g), 0.5, 2.0, -100)
-    assert len(launches) == 1
-    _compile_all(kern, launches)
+    launches = kern.aot.fused_loss_launches(300, torch.float32, S=8, T=3, K=K, Vs=100, seed=K)
+    teacher = [launch for launch in launches if launch[0] is kern.sparse_teacher.sparse_teacher_kernel]
+    assert len(teacher) == 1
+    _compile_all(kern, teacher)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -110,13 +94,9 @@ def test_recording_is_undone(kern):
 def test_hopper_kernels_do_not_spill(kern):
     """Register spills would put the row's values in local memory: a performance bug the
     interpreter cannot see. Checked on the two Hopper paths (one block per row; two passes)."""
-    aot, fc, st = kern.aot, kern.fused_ce, kern.sparse_teacher
-    g = torch.Generator().manual_seed(0)
+    aot = kern.aot
     for V in (32000, 128256):
-        with aot.record_launches(fc.fused_ce_kernel, st.sparse_teacher_kernel) as launches:
-            fc.fused_loss_rows(torch.empty(1, 4, V, dtype=torch.bfloat16), *_teacher_inputs(2, 1, 4, 10, 50, V, g),
-                               0.9, 1.0, -100, torch.tensor(1.0), True, inplace_grad=True)
-        for kernel, args, kwargs in launches:
+        for kernel, args, kwargs in aot.fused_loss_launches(V, torch.bfloat16, inplace_grad=True, Vs=50):
             try:
                 res = aot.ptxas_resources(aot.compile_launch(kernel, args, kwargs, aot.HOPPER))
             except RuntimeError as e:  # this Triton ships no ptxas that takes its own PTX
