@@ -59,11 +59,20 @@ def backbone_and_head(model) -> tuple[Any, Any]:
     return backbone, head
 
 
-def unwrap_model(model):
-    """The model inside ``model``'s wrappers: follows ``.module`` (``DistributedDataParallel``,
-    ``DataParallel``, DeepSpeed, FSDP) while there is one; ``model`` itself when unwrapped."""
+def _wrapper_chain(model) -> Iterator[Any]:
+    """``model``, then each module it wraps under ``.module`` (``DistributedDataParallel``,
+    ``DataParallel``, DeepSpeed, FSDP), innermost last."""
+    yield model
     while isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module
+        yield model
+
+
+def unwrap_model(model):
+    """The model inside ``model``'s wrappers (the innermost of :func:`_wrapper_chain`); ``model``
+    itself when unwrapped."""
+    for model in _wrapper_chain(model):
+        pass
     return model
 
 
@@ -212,10 +221,8 @@ def _output_embeddings_replaced(model, module: torch.nn.Module) -> Iterator[None
 def _check_wrappers(model):
     """The unwrapped model; refuses ``DataParallel`` over several devices, which would scatter
     the batch to replicas whose lm_head is not the one the teacher and labels go with."""
-    wrapper = model
-    while isinstance(getattr(wrapper, "module", None), torch.nn.Module):
+    for wrapper in _wrapper_chain(model):
         if isinstance(wrapper, torch.nn.DataParallel) and len(wrapper.device_ids or []) > 1:
             raise NotImplementedError("model: torch.nn.DataParallel over several GPUs splits the batch but not its "
                                       "teacher; use DistributedDataParallel (torchrun), or fused_loss on the logits")
-        wrapper = wrapper.module
     return wrapper
