@@ -15,6 +15,8 @@ from fastfuse.data import FusionCollator  # noqa: E402
 from fastfuse.integrations.hf import causal_lm_fusion_loss  # noqa: E402
 from fastfuse.loss import fused_loss  # noqa: E402
 
+from _wrappers import Wrapper  # noqa: E402  (tests/ is on sys.path under pytest)
+
 V = 80
 
 
@@ -151,19 +153,6 @@ def test_final_hidden_states_without_backbone(monkeypatch):
     monkeypatch.setattr(hfmod, "backbone_and_head", lambda m: (None, real(m)[1]))
     torch.testing.assert_close(hfmod.final_hidden_states(model, b["input_ids"], attention_mask=b["attention_mask"]),
                                ref, rtol=1e-5, atol=1e-6)
-
-
-class Wrapper(torch.nn.Module):
-    """Stands in for DistributedDataParallel: the model under ``.module``, a forward of its own."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-        self.calls = 0
-
-    def forward(self, *args, **kwargs):
-        self.calls += 1
-        return self.module(*args, **kwargs)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])

@@ -9,6 +9,8 @@ import torch
 from fastfuse.data import FusionCollator
 from fastfuse.schedules import LinearSchedule
 
+from _wrappers import Wrapper  # tests/ is on sys.path under pytest
+
 V = 64
 
 
@@ -52,19 +54,6 @@ def tiny_gpt2():
     return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2, n_positions=64,
                                       bos_token_id=1, eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0,
                                       attn_pdrop=0.0))
-
-
-class Wrapper(torch.nn.Module):
-    """Stands in for DistributedDataParallel: the model under ``.module``, a forward of its own."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-        self.calls = 0
-
-    def forward(self, *args, **kwargs):
-        self.calls += 1
-        return self.module(*args, **kwargs)
 
 
 def maps():
