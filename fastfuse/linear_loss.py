@@ -82,8 +82,8 @@ import torch
 from torch import Tensor
 
 from fastfuse import reference as _ref
-from fastfuse.loss import (_FLOATS, _INTS, AlignMap, SourceTopK, _check_tensor, _interpret, _triton_available,
-                           check_teacher_args)
+from fastfuse._dispatch import FLOATS, INTS, check_teacher_args, check_tensor, choose_impl
+from fastfuse.loss import AlignMap, SourceTopK
 
 __all__ = ["fused_linear_loss"]
 
@@ -218,8 +218,8 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, a
     sync in the forward with ``validate=False``. See the module docstring for the algorithm,
     precision choices and comparison with Liger-Kernel and Cut Cross-Entropy.
     """
-    _check_tensor("hidden", hidden, _FLOATS, "float32, bfloat16 or float16")
-    _check_tensor("weight", weight, _FLOATS, "float32, bfloat16 or float16")
+    check_tensor("hidden", hidden, FLOATS, "float32, bfloat16 or float16")
+    check_tensor("weight", weight, FLOATS, "float32, bfloat16 or float16")
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] or [N, H], got shape {tuple(hidden.shape)}")
     H = hidden.shape[-1]
@@ -232,7 +232,7 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, a
     if weight.device != dev:
         raise ValueError(f"weight is on {weight.device}, hidden on {dev}")
     if bias is not None:
-        _check_tensor("bias", bias)
+        check_tensor("bias", bias)
         if bias.shape != (V,):
             raise ValueError(f"bias must be [V={V}] or None, got shape {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype:
@@ -242,7 +242,7 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, a
     if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
                                      or chunk_tokens < 1):
         raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
-    _check_tensor("labels", labels, _INTS, "int64 (or int32)")
+    check_tensor("labels", labels, INTS, "int64 (or int32)")
     squeeze = hidden.dim() == 2
     ids, logprobs, pos, vocab, labels, source_weights = check_teacher_args(
         hidden.shape[:-1], V, dev, source_topk, align_map, labels, source_weights, lm_weight, temperature,
@@ -251,19 +251,7 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, a
     N = B * T
     S = ids.shape[0]
 
-    if impl == "auto":
-        use_triton = _triton_available() and (dev.type == "cuda" or (dev.type == "cpu" and _interpret()))
-    else:
-        use_triton = impl == "triton"
-    if use_triton and dev.type == "cpu":
-        from fastfuse.kernels import fused_ce
-        if not _interpret() or type(fused_ce.fused_ce_kernel).__name__ != "InterpretedFunction":
-            if impl == "triton":
-                raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1, set before triton "
-                                 "and fastfuse.kernels are first imported")
-            use_triton = False
-    elif use_triton and dev.type != "cuda":
-        raise ValueError(f"impl='triton' needs CUDA (or CPU with TRITON_INTERPRET=1) tensors, got {dev}")
+    use_triton = choose_impl(impl, dev) == "triton"
 
     # the sparse targets of all N rows, once (the same code fused_loss runs)
     weights = _ref.normalize_weights(source_weights, S, B, T, dev).reshape(S, N)

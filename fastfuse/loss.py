@@ -5,7 +5,6 @@ module only checks inputs, picks an implementation and wraps it in an ``autograd
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -13,11 +12,10 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from fastfuse import reference as _ref
+from fastfuse._dispatch import FLOATS, INTS, check_teacher_args, check_tensor, choose_impl
 
 __all__ = ["SourceTopK", "AlignMap", "fused_loss"]
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-_INTS = (torch.int32, torch.int64)
 
 
 class SourceTopK(NamedTuple):
@@ -40,18 +38,6 @@ class AlignMap(NamedTuple):
     """
     pos: Tensor
     vocab: Tensor
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the installation
-        return False
-    return True
 
 
 class _FusedLoss(torch.autograd.Function):
@@ -162,7 +148,7 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
     """
     if not isinstance(target_logits, Tensor):
         raise TypeError(f"target_logits must be a torch.Tensor, got {type(target_logits).__name__}")
-    if target_logits.dtype not in _FLOATS:
+    if target_logits.dtype not in FLOATS:
         raise TypeError(f"target_logits must be float32, bfloat16 or float16, got {target_logits.dtype}")
     if target_logits.dim() not in (2, 3):
         raise ValueError(f"target_logits must be [B, T, V] or [N, V], got shape {tuple(target_logits.shape)}")
@@ -171,7 +157,7 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
         raise ValueError(f"target_logits must be non-empty, got shape {tuple(target_logits.shape)}")
     if target_logits.stride(-1) != 1:
         raise ValueError("target_logits must be contiguous in its last (vocabulary) dimension")
-    _check_tensor("labels", labels, _INTS, "int64 (or int32)")
+    check_tensor("labels", labels, INTS, "int64 (or int32)")
     dev = target_logits.device
     squeeze = target_logits.dim() == 2
     ids, logprobs, pos, vocab, labels, source_weights = check_teacher_args(
@@ -183,24 +169,7 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
     B, T, _ = target_logits.shape
     S = ids.shape[0]
 
-    # ---- implementation ----
-    if impl == "auto":
-        use_triton = _triton_available() and (dev.type == "cuda" or (dev.type == "cpu" and _interpret()))
-        impl = "triton" if use_triton else "reference"
-    if impl == "triton":
-        if not _triton_available():
-            raise ValueError("impl='triton' needs the triton package")
-        if dev.type == "cpu":
-            if not _interpret():
-                raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1, set "
-                                 "before triton is first imported")
-            from fastfuse.kernels import fused_ce
-            if type(fused_ce.fused_ce_kernel).__name__ != "InterpretedFunction":
-                raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1, set "
-                                 "before triton and fastfuse.kernels are first imported")
-        elif dev.type != "cuda":
-            raise ValueError(f"impl='triton' needs CUDA (or CPU with TRITON_INTERPRET=1) tensors, got {dev}")
-
+    impl = choose_impl(impl, dev)
     weights = _ref.normalize_weights(source_weights, S, B, T, dev).reshape(S, B * T)
     loss = _FusedLoss.apply(target_logits, ids, logprobs, pos, vocab, labels, weights, lm_weight,
                             temperature, ignore_index, reduction, bool(inplace_grad), impl)
@@ -209,101 +178,3 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
     return loss
 
 
-def _check_tensor(name: str, x, dtypes=None, what: str = ""):
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if dtypes is not None and x.dtype not in dtypes:
-        raise TypeError(f"{name} must be {what}, got {x.dtype}")
-
-
-
-def check_teacher_args(lead, V, dev, source_topk, align_map, labels, source_weights, lm_weight, temperature,
-                       ignore_index, reduction, impl, validate, owner: str = "target_logits"):
-    """Every check of the loss inputs but those of the logits tensor itself, for logits of shape
-    ``lead + (V,)`` on ``dev``; ``owner`` names that tensor in the messages. Shared by
-    :func:`fused_loss` and :func:`fastfuse.fused_linear_loss`. ``lead`` of length 1 (``[N, V]``) is
-    read as ``B = 1``. Returns the 3-d layout (ids, logprobs, pos, vocab, labels, source_weights)."""
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if impl not in ("auto", "triton", "reference"):
-        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
-    if not (hasattr(source_topk, "ids") and hasattr(source_topk, "logprobs")):
-        raise TypeError("source_topk must be a fastfuse.SourceTopK(ids, logprobs)")
-    if not (hasattr(align_map, "pos") and hasattr(align_map, "vocab")):
-        raise TypeError("align_map must be a fastfuse.AlignMap(pos, vocab)")
-    ids, logprobs, pos, vocab = source_topk.ids, source_topk.logprobs, align_map.pos, align_map.vocab
-    _check_tensor("source_topk.ids", ids, _INTS, "int32 or int64")
-    _check_tensor("source_topk.logprobs", logprobs)
-    if not logprobs.is_floating_point():
-        raise TypeError(f"source_topk.logprobs must be a float tensor, got {logprobs.dtype}")
-    _check_tensor("align_map.pos", pos, _INTS, "int32 (or int64)")
-    _check_tensor("align_map.vocab", vocab, _INTS, "int32 (or int64)")
-    if source_weights is not None:
-        _check_tensor("source_weights", source_weights)
-        if not source_weights.is_floating_point():
-            raise TypeError(f"source_weights must be a float tensor, got {source_weights.dtype}")
-    lm_weight, temperature = float(lm_weight), float(temperature)
-    if not 0.0 <= lm_weight <= 1.0:
-        raise ValueError(f"lm_weight must be in [0, 1], got {lm_weight}")
-    if not (temperature > 0.0 and temperature != float("inf")):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if len(lead) == 1:      # [N, H]: B = 1, fused_loss's 2-d conventions
-        N2 = lead[0]
-        lead = (1, N2)
-        labels = labels.unsqueeze(0) if labels.dim() == 1 else labels
-        ids = ids.unsqueeze(1) if ids.dim() == 3 else ids
-        logprobs = logprobs.unsqueeze(1) if logprobs.dim() == 3 else logprobs
-        pos = pos.unsqueeze(1) if pos.dim() == 2 else pos
-        if source_weights is not None and (source_weights.dim() == 1 or
-                                           (source_weights.dim() == 2 and source_weights.shape[1] == N2 != 1)):
-            source_weights = source_weights.unsqueeze(1)
-    B, T = lead
-    if B * T == 0:
-        raise ValueError(f"{owner} must be non-empty, got {B * T} tokens")
-    if labels.shape != (B, T):
-        raise ValueError(f"labels must have shape {(B, T)} (B, T of {owner}), got {tuple(labels.shape)}")
-    if ids.dim() != 4:
-        raise ValueError(f"source_topk.ids must be [S, B, Ts, K], got shape {tuple(ids.shape)}")
-    S, Bi, Ts, K = ids.shape
-    if Bi != B:
-        raise ValueError(f"source_topk.ids has batch size {Bi}, {owner} has {B}")
-    if not 1 <= S <= 8:
-        raise ValueError(f"number of sources S must be in 1..8, got S={S} (source_topk.ids)")
-    if not 1 <= K <= 64:
-        raise ValueError(f"top-k K must be in 1..64, got K={K} (source_topk.ids)")
-    if Ts == 0:
-        raise ValueError("source_topk.ids has Ts = 0 source positions")
-    if logprobs.shape != ids.shape:
-        raise ValueError(f"source_topk.logprobs must have the shape of ids {tuple(ids.shape)}, "
-                         f"got {tuple(logprobs.shape)}")
-    if pos.shape != (S, B, T):
-        raise ValueError(f"align_map.pos must have shape {(S, B, T)} (S, B, T), got {tuple(pos.shape)}")
-    if vocab.dim() != 2 or vocab.shape[0] != S or vocab.shape[1] == 0:
-        raise ValueError(f"align_map.vocab must have shape [S={S}, Vs_max > 0], got {tuple(vocab.shape)}")
-    if source_weights is not None and source_weights.shape not in ((S, B), (S, B, T)):
-        raise ValueError(f"source_weights must have shape {(S, B)} or {(S, B, T)}, "
-                         f"got {tuple(source_weights.shape)}")
-    for name, x in (("labels", labels), ("source_topk.ids", ids), ("source_topk.logprobs", logprobs),
-                    ("align_map.pos", pos), ("align_map.vocab", vocab), ("source_weights", source_weights)):
-        if x is not None and x.device != dev:
-            raise ValueError(f"{name} is on {x.device}, {owner} on {dev}")
-    if validate:            # the data-dependent checks: one fused host sync
-        Vs = vocab.shape[1]
-        checks = [
-            ("source_topk.ids", f"must be -1 (padding) or in [0, Vs_max={Vs})", ((ids < -1) | (ids >= Vs)).any()),
-            ("align_map.vocab", f"must be -1 or a target id in [0, V={V})", ((vocab < -1) | (vocab >= V)).any()),
-            ("align_map.pos", f"must be -1 or a source position in [0, Ts={Ts})", ((pos < -1) | (pos >= Ts)).any()),
-            ("labels", f"must be ignore_index={ignore_index} or in [0, V={V})",
-             ((labels != ignore_index) & ((labels < 0) | (labels >= V))).any()),
-            ("source_topk.logprobs", "must not be NaN or +inf at non-padding entries",
-             ((ids >= 0) & (torch.isnan(logprobs) | torch.isposinf(logprobs))).any()),
-        ]
-        if source_weights is not None:
-            checks.append(("source_weights", "must be finite and >= 0",
-                           (~torch.isfinite(source_weights) | (source_weights < 0)).any()))
-        for (name, msg, _), bad in zip(checks, torch.stack([c[2] for c in checks]).tolist()):
-            if bad:
-                raise ValueError(f"{name} {msg}")
-    return ids, logprobs, pos, vocab, labels, source_weights

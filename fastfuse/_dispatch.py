@@ -1,0 +1,169 @@
+"""What both loss entry points share: dtype sets, tensor checks, the teacher-argument checks and
+the one rule that picks an implementation.
+
+``fused_loss`` and ``fused_linear_loss`` call :func:`check_teacher_args` and :func:`choose_impl`
+so that they can never disagree on what they accept or on which backend runs (a second copy of
+the backend rule once drifted: one entry point raised where the other silently fell back).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+__all__ = ["FLOATS", "INTS", "IMPLS", "check_tensor", "check_teacher_args", "choose_impl"]
+
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+INTS = (torch.int32, torch.int64)
+IMPLS = ("auto", "triton", "reference")
+
+_NEEDS_INTERPRETER = ("impl='triton' on CPU tensors needs TRITON_INTERPRET=1, set before triton and "
+                      "fastfuse.kernels are first imported")
+
+
+def _interpreter_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the installation
+        return False
+    return True
+
+
+def _kernels_interpreted() -> bool:
+    """The kernels were compiled for the interpreter (the variable was set before their import)."""
+    from fastfuse.kernels import fused_ce
+    return type(fused_ce.fused_ce_kernel).__name__ == "InterpretedFunction"
+
+
+def choose_impl(impl: str, device: torch.device) -> str:
+    """``"triton"`` or ``"reference"`` for a call with ``impl`` on tensors on ``device``.
+
+    ``"auto"``: Triton on CUDA; on CPU Triton only when the kernels run under the interpreter
+    (``TRITON_INTERPRET=1`` set before they were imported), else the torch path -- ``"auto"``
+    never fails for the backend's sake. ``"triton"`` raises ``ValueError`` where it cannot run;
+    ``"reference"`` always runs the torch path.
+    """
+    if impl == "reference":
+        return "reference"
+    if impl == "auto":
+        if not _triton_importable():
+            return "reference"
+        if device.type == "cuda":
+            return "triton"
+        if device.type == "cpu" and _interpreter_requested() and _kernels_interpreted():
+            return "triton"
+        return "reference"
+    if impl == "triton":
+        if not _triton_importable():
+            raise ValueError("impl='triton' needs the triton package")
+        if device.type == "cpu":
+            if not (_interpreter_requested() and _kernels_interpreted()):
+                raise ValueError(_NEEDS_INTERPRETER)
+            return "triton"
+        if device.type != "cuda":
+            raise ValueError(f"impl='triton' needs CUDA (or CPU with TRITON_INTERPRET=1) tensors, got {device}")
+        return "triton"
+    raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+
+
+def check_tensor(name: str, x, dtypes=None, what: str = ""):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise TypeError(f"{name} must be {what}, got {x.dtype}")
+
+def check_teacher_args(lead, V, dev, source_topk, align_map, labels, source_weights, lm_weight, temperature,
+                       ignore_index, reduction, impl, validate, owner: str = "target_logits"):
+    """Every check of the loss inputs but those of the logits tensor itself, for logits of shape
+    ``lead + (V,)`` on ``dev``; ``owner`` names that tensor in the messages. Shared by
+    :func:`fused_loss` and :func:`fastfuse.fused_linear_loss`. ``lead`` of length 1 (``[N, V]``) is
+    read as ``B = 1``. Returns the 3-d layout (ids, logprobs, pos, vocab, labels, source_weights)."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+    if not (hasattr(source_topk, "ids") and hasattr(source_topk, "logprobs")):
+        raise TypeError("source_topk must be a fastfuse.SourceTopK(ids, logprobs)")
+    if not (hasattr(align_map, "pos") and hasattr(align_map, "vocab")):
+        raise TypeError("align_map must be a fastfuse.AlignMap(pos, vocab)")
+    ids, logprobs, pos, vocab = source_topk.ids, source_topk.logprobs, align_map.pos, align_map.vocab
+    check_tensor("source_topk.ids", ids, INTS, "int32 or int64")
+    check_tensor("source_topk.logprobs", logprobs)
+    if not logprobs.is_floating_point():
+        raise TypeError(f"source_topk.logprobs must be a float tensor, got {logprobs.dtype}")
+    check_tensor("align_map.pos", pos, INTS, "int32 (or int64)")
+    check_tensor("align_map.vocab", vocab, INTS, "int32 (or int64)")
+    if source_weights is not None:
+        check_tensor("source_weights", source_weights)
+        if not source_weights.is_floating_point():
+            raise TypeError(f"source_weights must be a float tensor, got {source_weights.dtype}")
+    lm_weight, temperature = float(lm_weight), float(temperature)
+    if not 0.0 <= lm_weight <= 1.0:
+        raise ValueError(f"lm_weight must be in [0, 1], got {lm_weight}")
+    if not (temperature > 0.0 and temperature != float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if len(lead) == 1:      # [N, H]: B = 1, fused_loss's 2-d conventions
+        N2 = lead[0]
+        lead = (1, N2)
+        labels = labels.unsqueeze(0) if labels.dim() == 1 else labels
+        ids = ids.unsqueeze(1) if ids.dim() == 3 else ids
+        logprobs = logprobs.unsqueeze(1) if logprobs.dim() == 3 else logprobs
+        pos = pos.unsqueeze(1) if pos.dim() == 2 else pos
+        if source_weights is not None and (source_weights.dim() == 1 or
+                                           (source_weights.dim() == 2 and source_weights.shape[1] == N2 != 1)):
+            source_weights = source_weights.unsqueeze(1)
+    B, T = lead
+    if B * T == 0:
+        raise ValueError(f"{owner} must be non-empty, got {B * T} tokens")
+    if labels.shape != (B, T):
+        raise ValueError(f"labels must have shape {(B, T)} (B, T of {owner}), got {tuple(labels.shape)}")
+    if ids.dim() != 4:
+        raise ValueError(f"source_topk.ids must be [S, B, Ts, K], got shape {tuple(ids.shape)}")
+    S, Bi, Ts, K = ids.shape
+    if Bi != B:
+        raise ValueError(f"source_topk.ids has batch size {Bi}, {owner} has {B}")
+    if not 1 <= S <= 8:
+        raise ValueError(f"number of sources S must be in 1..8, got S={S} (source_topk.ids)")
+    if not 1 <= K <= 64:
+        raise ValueError(f"top-k K must be in 1..64, got K={K} (source_topk.ids)")
+    if Ts == 0:
+        raise ValueError("source_topk.ids has Ts = 0 source positions")
+    if logprobs.shape != ids.shape:
+        raise ValueError(f"source_topk.logprobs must have the shape of ids {tuple(ids.shape)}, "
+                         f"got {tuple(logprobs.shape)}")
+    if pos.shape != (S, B, T):
+        raise ValueError(f"align_map.pos must have shape {(S, B, T)} (S, B, T), got {tuple(pos.shape)}")
+    if vocab.dim() != 2 or vocab.shape[0] != S or vocab.shape[1] == 0:
+        raise ValueError(f"align_map.vocab must have shape [S={S}, Vs_max > 0], got {tuple(vocab.shape)}")
+    if source_weights is not None and source_weights.shape not in ((S, B), (S, B, T)):
+        raise ValueError(f"source_weights must have shape {(S, B)} or {(S, B, T)}, "
+                         f"got {tuple(source_weights.shape)}")
+    for name, x in (("labels", labels), ("source_topk.ids", ids), ("source_topk.logprobs", logprobs),
+                    ("align_map.pos", pos), ("align_map.vocab", vocab), ("source_weights", source_weights)):
+        if x is not None and x.device != dev:
+            raise ValueError(f"{name} is on {x.device}, {owner} on {dev}")
+    if validate:            # the data-dependent checks: one fused host sync
+        Vs = vocab.shape[1]
+        checks = [
+            ("source_topk.ids", f"must be -1 (padding) or in [0, Vs_max={Vs})", ((ids < -1) | (ids >= Vs)).any()),
+            ("align_map.vocab", f"must be -1 or a target id in [0, V={V})", ((vocab < -1) | (vocab >= V)).any()),
+            ("align_map.pos", f"must be -1 or a source position in [0, Ts={Ts})", ((pos < -1) | (pos >= Ts)).any()),
+            ("labels", f"must be ignore_index={ignore_index} or in [0, V={V})",
+             ((labels != ignore_index) & ((labels < 0) | (labels >= V))).any()),
+            ("source_topk.logprobs", "must not be NaN or +inf at non-padding entries",
+             ((ids >= 0) & (torch.isnan(logprobs) | torch.isposinf(logprobs))).any()),
+        ]
+        if source_weights is not None:
+            checks.append(("source_weights", "must be finite and >= 0",
+                           (~torch.isfinite(source_weights) | (source_weights < 0)).any()))
+        for (name, msg, _), bad in zip(checks, torch.stack([c[2] for c in checks]).tolist()):
+            if bad:
+                raise ValueError(f"{name} {msg}")
+    return ids, logprobs, pos, vocab, labels, source_weights
