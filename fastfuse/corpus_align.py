@@ -28,9 +28,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from fastfuse.align import TokenizerOffsets, align_offsets_batch, byte_ends
-from fastfuse.extract import iter_corpus, source_sequences
-from fastfuse.shards import (ShardReader, _atomic_write, load_meta, read_safetensors, serialize_safetensors,
-                             shard_name, tokenizer_fingerprint)
+from fastfuse.corpus import iter_corpus, source_sequences
+from fastfuse.shards import ShardReader, load_meta, shard_name, tokenizer_fingerprint
+from fastfuse.storage import atomic_write, json_bytes, read_safetensors, serialize_safetensors
 from fastfuse.vocab import VocabMap
 
 ALIGN_FORMAT_VERSION = 1
@@ -115,7 +115,7 @@ def _write_shards(out: Path, arrays_per_seq: list[dict[str, np.ndarray]], offset
                    "seq_index": np.arange(start, start + len(part), dtype=np.int64)}
         for key in part[0] if part else []:
             tensors[key] = np.concatenate([a[key] for a in part]).astype(part[0][key].dtype)
-        _atomic_write(out / shard_name(k), serialize_safetensors(tensors, metadata))
+        atomic_write(out / shard_name(k), serialize_safetensors(tensors, metadata))
         names.append(shard_name(k))
     return names
 
@@ -181,7 +181,7 @@ def align_corpus(texts: Any, target_tokenizer, sources: Mapping[str, tuple[Any, 
         coverage[name] = _coverage(positions, reader, vmap.ids) | {"vocab_exact_rate": vmap.exact_rate}
     meta = identity | {"complete": True, "num_sequences": len(tgt_seqs), "coverage": coverage,
                        "target_vocab": len(TokenizerOffsets(target_tokenizer).surfaces)}
-    _atomic_write(meta_path, [(json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()])
+    atomic_write(meta_path, [json_bytes(meta)])
     return coverage
 
 

@@ -2,21 +2,8 @@
 
 The output is a shard directory (:mod:`fastfuse.shards`). The pipeline:
 
-1. **Corpus** (:func:`iter_corpus`): an iterable of ``str`` (one document each), a path or list of
-   paths (``.jsonl`` -> the ``"text"`` field of every line; any other file -> one document), or a
-   ``datasets.Dataset``-like object with a ``"text"`` column.
-2. **Sequences** (:func:`source_sequences`): each document is tokenised once, without special
-   tokens, with character offsets. A document whose tokenisation plus the tokenizer's own special
-   tokens (e.g. Llama's BOS) fits ``block_size`` is one sequence. A longer one is cut into chunks of
-   at most ``block_size - n_special`` tokens of *that* tokenisation (token ids are sliced, never
-   re-tokenised, never decoded): each cut goes at the latest token boundary within the limit where
-   the next token starts at or after the end of the previous one (so no character is split between
-   chunks; only if there is no such boundary is the cut made at the limit). The chunk's text span
-   is ``[end of the previous chunk's last token, end of its own last token)``, the first starting at
-   0 and the last ending at ``len(document)``, so the spans tile the document and concatenate back
-   to it. Each chunk then gets the tokenizer's special prefix/suffix tokens. Sequences are numbered
-   in document order, then chunk order; documents with no tokens yield no sequence. Consumers that
-   need the source's token ids call :func:`source_sequences` with the same tokenizer and block size.
+1. **Corpus and sequences** (:mod:`fastfuse.corpus`): documents read by ``iter_corpus`` and cut into
+   sequences of at most ``block_size`` tokens (special tokens included) by ``source_sequences``.
 3. **Batches** (:func:`plan_batches`): the sequences of one shard, sorted by length (longest first,
    ties by index) and packed greedily while ``padded length x batch size <= token_budget``. Batches
    never cross shard boundaries, so a resumed run reproduces the batches of an uninterrupted one.
@@ -32,19 +19,15 @@ The output is a shard directory (:mod:`fastfuse.shards`). The pipeline:
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import os
-import struct
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
+from fastfuse.corpus import SourceSequence, chain_fingerprint, pad_token_id, source_sequences, special_tokens
 from fastfuse.shards import ShardReader, ShardWriter, tokenizer_fingerprint
 
 DEFAULT_K = 10
@@ -53,149 +36,6 @@ DEFAULT_TOKEN_BUDGET = 16384
 DEFAULT_SHARD_SIZE = 4096
 _CHUNK_ELEMS = 1 << 25  # fp32 logits elements processed at once in the top-k step on GPU (128 MiB)
 _CHUNK_ELEMS_CPU = 1 << 22  # on CPU: smaller chunks stay in cache (16 MiB)
-
-
-# ----------------------------------------------------------------------------------------------
-# corpus
-
-
-def _iter_file(path: Path, text_field: str) -> Iterator[str]:
-    if path.suffix in (".jsonl", ".ndjson"):
-        with open(path, "r", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                    text = obj[text_field]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path}:{n}: expected a JSON object with a {text_field!r} string ({e!r})") from e
-                if not isinstance(text, str):
-                    raise ValueError(f"{path}:{n}: field {text_field!r} is not a string")
-                yield text
-    else:
-        yield path.read_text(encoding="utf-8")
-
-
-def iter_corpus(texts: Any, text_field: str = "text") -> Iterator[str]:
-    """Documents of a corpus, in order (see the module docstring for what ``texts`` may be)."""
-    if isinstance(texts, str):
-        raise TypeError("texts: a bare str is ambiguous; pass [text] for one document or pathlib.Path(...) for a file")
-    if isinstance(texts, os.PathLike):
-        yield from _iter_file(Path(texts), text_field)
-        return
-    if hasattr(texts, "column_names") and not isinstance(texts, (list, tuple)):  # datasets.(Iterable)Dataset
-        cols = texts.column_names
-        if cols is not None and text_field not in cols:
-            raise ValueError(f"texts: dataset has no {text_field!r} column (columns: {cols})")
-        for row in texts:
-            yield row[text_field]
-        return
-    for i, t in enumerate(texts):
-        if isinstance(t, os.PathLike):
-            yield from _iter_file(Path(t), text_field)
-        elif isinstance(t, str):
-            yield t
-        else:
-            raise TypeError(f"texts[{i}]: expected str or os.PathLike, got {type(t).__name__}")
-
-
-# ----------------------------------------------------------------------------------------------
-# sequences
-
-
-@dataclass
-class SourceSequence:
-    """One sequence the source reads: ``input_ids`` (int64 [n]) tokenised from
-    ``document[char_start:char_end]`` of document ``doc_index``; ``offsets`` (int64 [n, 2]) are the
-    character spans of its tokens in the document ((0, 0) for special tokens)."""
-
-    seq_index: int
-    doc_index: int
-    char_start: int
-    char_end: int
-    input_ids: np.ndarray
-    offsets: np.ndarray
-
-
-def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
-    """(prefix, suffix) ids the tokenizer adds around a text with ``add_special_tokens=True``."""
-    probe = "a b"
-    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
-    for i in range(len(full) - len(bare) + 1):
-        if full[i:i + len(bare)] == bare:
-            return list(full[:i]), list(full[i + len(bare):])
-    raise ValueError("tokenizer: cannot locate the text tokens among the special tokens it adds")
-
-
-def split_points(offsets: np.ndarray, cap: int) -> list[int]:
-    """Token indices where a document of ``len(offsets)`` tokens is cut into chunks of <= ``cap``
-    tokens (see the module docstring): returns ``[0, c1, ..., n]``."""
-    n = len(offsets)
-    cuts = [0]
-    if n <= cap:
-        return cuts + [n]
-    # a cut before token j is clean when token j starts at or after the end of token j-1
-    ok = np.nonzero(offsets[1:, 0] >= offsets[:-1, 1])[0] + 1
-    start = 0
-    while n - start > cap:
-        lim = start + cap
-        i = np.searchsorted(ok, lim, side="right") - 1
-        j = int(ok[i]) if i >= 0 and ok[i] > start else lim
-        cuts.append(j)
-        start = j
-    return cuts + [n]
-
-
-def source_sequences(tokenizer, texts: Any, block_size: int, text_field: str = "text",
-                     docs_per_batch: int = 64) -> Iterator[tuple[SourceSequence, str]]:
-    """Yields ``(SourceSequence, document)`` for a corpus, deterministically (module docstring)."""
-    prefix, suffix = special_tokens(tokenizer)
-    cap = block_size - len(prefix) - len(suffix)
-    if cap < 1:
-        raise ValueError(f"block_size: {block_size} leaves no room next to {len(prefix) + len(suffix)} special tokens")
-    pre = np.asarray(prefix, np.int64)
-    suf = np.asarray(suffix, np.int64)
-    pre_off = np.zeros((len(prefix), 2), np.int64)
-    suf_off = np.zeros((len(suffix), 2), np.int64)
-    seq = 0
-    doc_index = 0
-
-    def flush(docs: list[str]):
-        enc = tokenizer(docs, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        for text, ids, offs in zip(docs, enc["input_ids"], enc["offset_mapping"]):
-            yield text, np.asarray(ids, np.int64), np.asarray(offs, np.int64).reshape(-1, 2)
-
-    pending: list[str] = []
-    docs_iter = iter_corpus(texts, text_field)
-    while True:
-        pending = []
-        for t in docs_iter:
-            pending.append(t)
-            if len(pending) >= docs_per_batch:
-                break
-        if not pending:
-            return
-        for text, ids, offs in flush(pending):
-            if len(ids):
-                cuts = split_points(offs, cap)
-                for c, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
-                    c0 = 0 if c == 0 else int(offs[a - 1, 1])
-                    c1 = len(text) if b == len(ids) else int(offs[b - 1, 1])
-                    s = SourceSequence(seq, doc_index, c0, c1, np.concatenate([pre, ids[a:b], suf]),
-                                       np.concatenate([pre_off, offs[a:b], suf_off]))
-                    yield s, text
-                    seq += 1
-            doc_index += 1
-
-
-def _chain(h: bytes, s: SourceSequence, text: str) -> bytes:
-    """One link of the corpus fingerprint: sha256(previous || doc, start, end || chunk text)."""
-    m = hashlib.sha256(h)
-    m.update(struct.pack("<qqq", s.doc_index, s.char_start, s.char_end))
-    m.update(text[s.char_start:s.char_end].encode("utf-8", "surrogatepass"))
-    return m.digest()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,7 +173,7 @@ def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: in
     ``model``: called as ``model(input_ids=[B, L] int64, attention_mask=[B, L])`` returning logits
     ``[B, L, V]``; moved to ``device`` (default CUDA if available, else CPU) and ``dtype`` (default
     bf16 on GPU, fp32 on CPU). ``tokenizer``: the model's fast tokenizer. ``texts``: see
-    :func:`iter_corpus`. ``block_size``: max tokens per sequence (special tokens included).
+    :func:`fastfuse.corpus.iter_corpus`. ``block_size``: max tokens per sequence (special tokens included).
     ``token_budget``: max padded tokens per batch. ``shard_size``: sequences per shard.
     ``on_shard(i, path)`` is called after shard ``i`` and ``meta.json`` are on disk.
 
@@ -365,7 +205,7 @@ def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: in
         "token_budget": int(token_budget), "shard_size": int(shard_size), "dtype": str(dtype).replace("torch.", ""),
         "special_tokens": list(map(list, special_tokens(tokenizer))),
     })
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     model.to(device=device, dtype=dtype)
     model.eval()
     checkpoints = dict(writer.shard_fingerprints())
@@ -410,7 +250,7 @@ def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: in
     try:
         with torch.inference_mode():
             for s, text in source_sequences(tokenizer, texts, block_size, text_field):
-                h = _chain(h, s, text)
+                h = chain_fingerprint(h, s, text)
                 n_seen += 1
                 if s.seq_index < done_seq:
                     want = checkpoints.get(s.seq_index + 1)
@@ -436,79 +276,3 @@ def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: in
     if writer.next_shard:
         stats["bytes_per_token"] = ShardReader(out_dir, check_sha256=False).bytes_per_token()
     return stats
-
-
-# ----------------------------------------------------------------------------------------------
-# command line
-
-
-def load_any_tokenizer(name_or_path: str):
-    """A ``fastfuse.vocabfiles`` tokenizer name, else a local tokenizer directory/file."""
-    from fastfuse.vocabfiles import TOKENIZERS, load_tokenizer
-
-    if name_or_path in TOKENIZERS:
-        return load_tokenizer(name_or_path)
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    p = Path(name_or_path)
-    if p.is_file() and p.suffix == ".json":
-        return PreTrainedTokenizerFast(tokenizer_file=str(p))
-    if not p.exists():
-        raise ValueError(f"--tokenizer: {name_or_path!r} is neither a known name ({', '.join(TOKENIZERS)}) nor a path")
-    return AutoTokenizer.from_pretrained(str(p))
-
-
-def _cli_extract(args: argparse.Namespace) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    if not Path(args.model).is_dir():
-        raise ValueError(f"--model: {args.model!r} is not a local model directory")
-    tokenizer = load_any_tokenizer(args.tokenizer or args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model)
-    for f in args.input:
-        if not Path(f).is_file():
-            raise ValueError(f"--input: {f!r} is not a file")
-    stats = extract_topk(model, tokenizer, [Path(f) for f in args.input], args.out, k=args.k,
-                         block_size=args.block_size, token_budget=args.token_budget, shard_size=args.shard_size,
-                         source_name=args.source_name, device=args.device, dtype=args.dtype,
-                         progress=not args.quiet, text_field=args.text_field)
-    if not args.quiet:
-        print(f"{stats['sequences']} sequences, {stats['total_tokens']} tokens in {stats['out_dir']} "
-              f"({stats['tokens']} extracted now at {stats['tokens_per_s']:.0f} tok/s; "
-              f"{stats.get('bytes_per_token', float('nan')):.1f} bytes/token)")
-    return stats
-
-
-def add_extract_command(subparsers) -> argparse.ArgumentParser:
-    """Register ``extract`` on an argparse ``subparsers`` object (sets ``func``)."""
-    p = subparsers.add_parser("extract", help="run a source LM over a corpus and store its top-k next-token log-probs",
-                              description="Run a source causal LM over a corpus and write top-k shards "
-                                          "(resumes an interrupted run in the same --out directory).")
-    p.add_argument("--model", required=True, help="local Hugging Face model directory")
-    p.add_argument("--tokenizer", default=None,
-                   help="fastfuse.vocabfiles name or local tokenizer path (default: the model directory)")
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                   help="corpus files: .jsonl (one JSON object with a text field per line) or text (one document each)")
-    p.add_argument("--out", required=True, help="output directory (one per source)")
-    p.add_argument("--k", type=int, default=DEFAULT_K)
-    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
-    p.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET, help="max padded tokens per batch")
-    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="sequences per shard")
-    p.add_argument("--source-name", default=None)
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
-    p.add_argument("--dtype", default=None, help="torch dtype (default bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cli_extract)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m fastfuse.extract ...`` (same arguments as ``fastfuse extract``)."""
-    from fastfuse.cli import main as cli_main
-
-    return cli_main(["extract", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -41,20 +41,18 @@ import bisect
 import hashlib
 import json
 import os
-import struct
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from fastfuse.storage import atomic_write, json_bytes, read_safetensors, serialize_safetensors, sha256_file
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
 TENSOR_ORDER = ("offsets", "seq_index", "doc_spans", "topk_ids", "ce", "topk_logprobs")
 _DTYPES = {"offsets": np.int64, "seq_index": np.int64, "doc_spans": np.int64, "topk_ids": np.int32,
            "ce": np.float32, "topk_logprobs": np.float16}
-_ST_DTYPE = {np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.float32): "F32",
-             np.dtype(np.float16): "F16"}
-_NP_DTYPE = {v: k for k, v in _ST_DTYPE.items()}
 # Keys of meta.json that must agree between a run and the run it resumes (they change the bytes).
 IDENTITY_KEYS = ("format_version", "source_name", "tokenizer_fingerprint", "vocab_size", "k", "block_size",
                  "token_budget", "shard_size", "dtype")
@@ -71,97 +69,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     if backend is None:
         raise TypeError("tokenizer: a Hugging Face fast tokenizer (with backend_tokenizer) is required")
     return hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, chunks: list[bytes]) -> None:
-    """Write ``chunks`` to ``path`` through a temp file in the same directory, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        for c in chunks:
-            f.write(c)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def serialize_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> list[bytes]:
-    """Deterministic safetensors bytes: tensors in the given order, sorted JSON, 8-byte aligned header.
-
-    Written by hand because the ``safetensors`` library serialises ``__metadata__`` from a Rust
-    HashMap, whose order changes from process to process (measured: four runs, four different
-    sha256), which would break byte-identical resumes. The ``safetensors`` loader reads these files.
-    """
-    header: dict[str, Any] = {"__metadata__": {str(k): str(v) for k, v in sorted(metadata.items())}}
-    pos = 0
-    datas = []
-    for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
-        if arr.dtype not in _ST_DTYPE:
-            raise TypeError(f"{name}: unsupported dtype {arr.dtype}")
-        b = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": _ST_DTYPE[arr.dtype], "shape": list(arr.shape), "data_offsets": [pos, pos + len(b)]}
-        pos += len(b)
-        datas.append(b)
-    hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    hb += b" " * (-len(hb) % 8)
-    return [struct.pack("<Q", len(hb)), hb, *datas]
-
-
-def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read a safetensors file written by :func:`serialize_safetensors`; ``ValueError`` naming the
-    file if it is missing, truncated or malformed."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read shard ({e.strerror or e})") from e
-    try:
-        if len(raw) < 8:
-            raise ValueError("file shorter than the 8-byte header length")
-        (n,) = struct.unpack("<Q", raw[:8])
-        if 8 + n > len(raw):
-            raise ValueError(f"header of {n} bytes runs past the end of the file ({len(raw)} bytes)")
-        header = json.loads(raw[8:8 + n])
-        meta = header.pop("__metadata__", {}) or {}
-        data = memoryview(raw)[8 + n:]
-        out = {}
-        end = 0
-        for name, info in header.items():
-            b, e = info["data_offsets"]
-            dt = _NP_DTYPE[info["dtype"]]
-            shape = tuple(info["shape"])
-            if not (0 <= b <= e <= len(data)) or e - b != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
-                raise ValueError(f"tensor {name!r} has data offsets [{b}, {e}) inconsistent with its shape "
-                                 f"{list(shape)} or the file size (truncated?)")
-            out[name] = np.frombuffer(data[b:e], dtype=dt.newbyteorder("<")).astype(dt, copy=False).reshape(shape)
-            end = max(end, e)
-        if end != len(data):
-            raise ValueError(f"{len(data) - end} trailing bytes after the last tensor")
-    except ValueError as e:
-        raise ValueError(f"{path}: corrupted shard: {e}") from e
-    except (KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: corrupted shard: bad header ({e!r})") from e
-    return out, meta
-
-
-def _dump_meta(meta: dict) -> bytes:
-    return (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 def load_meta(out_dir: str | os.PathLike) -> dict:
@@ -262,7 +169,7 @@ class ShardWriter:
         chunks = serialize_safetensors(tensors, md)
         name = shard_name(self.next_shard)
         path = self.out_dir / name
-        _atomic_write(path, chunks)
+        atomic_write(path, chunks)
         h = hashlib.sha256()
         for c in chunks:
             h.update(c)
@@ -282,7 +189,7 @@ class ShardWriter:
         self._write_meta()
 
     def _write_meta(self) -> None:
-        _atomic_write(self.out_dir / META_NAME, [_dump_meta(self.meta)])
+        atomic_write(self.out_dir / META_NAME, [json_bytes(self.meta)])
 
 
 class ShardReader:
@@ -334,7 +241,7 @@ class ShardReader:
             return self._cache[i]
         s = self._shards[i]
         path = self.out_dir / s["file"]
-        if self.check_sha256 and _sha256_file(path) != s["sha256"]:
+        if self.check_sha256 and sha256_file(path) != s["sha256"]:
             raise ValueError(f"{path}: sha256 differs from meta.json (corrupted shard)")
         t, md = read_safetensors(path)
         self._validate(path, s, t, md)
@@ -369,7 +276,7 @@ class ShardReader:
         """Check every shard now (sha256, header, shapes); ``ValueError`` naming the first bad file."""
         for i, s in enumerate(self._shards):
             path = self.out_dir / s["file"]
-            if _sha256_file(path) != s["sha256"]:
+            if sha256_file(path) != s["sha256"]:
                 raise ValueError(f"{path}: sha256 differs from meta.json (corrupted shard)")
             t, md = read_safetensors(path)
             self._validate(path, s, t, md)

@@ -213,6 +213,22 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(str(converted))
 
 
+def load_any_tokenizer(name_or_path: str):
+    """A tokenizer by :data:`TOKENIZERS` name (:func:`load_tokenizer`), else from a local
+    ``tokenizer.json`` file or a local tokenizer/model directory (never from a hub)."""
+    if name_or_path in TOKENIZERS:
+        return load_tokenizer(name_or_path)
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    p = Path(name_or_path)
+    if p.is_file() and p.suffix == ".json":
+        return PreTrainedTokenizerFast(tokenizer_file=str(p))
+    if not p.exists():
+        raise ValueError(f"name_or_path: {name_or_path!r} is neither a known tokenizer name "
+                         f"({', '.join(TOKENIZERS)}) nor a local path")
+    return AutoTokenizer.from_pretrained(str(p))
+
+
 @dataclass
 class VocabTestCase:
     text: str

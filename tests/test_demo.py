@@ -1,6 +1,5 @@
 """``fastfuse demo`` end to end with the tiny preset (the table, the JSON figures and the plot), and
 the pieces it is built from: the models' vocabulary rows and their unigram initialisation."""
-import argparse
 import json
 import math
 
@@ -9,12 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from fastfuse import demo
+from fastfuse.cli import build_parser
+from fastfuse.cli import demos as demo_cli
+from fastfuse.cli import main as cli_main
 
 
 def test_tiny_demo_runs_end_to_end(real_tokenizer, tmp_path, capsys):
     out = tmp_path / "figures.json"
     png = tmp_path / "curves.png"
-    assert demo.main(["--size", "tiny", "--seed", "1", "--workdir", str(tmp_path / "work"), "--json", str(out),
+    assert cli_main(["demo", "--size", "tiny", "--seed", "1", "--workdir", str(tmp_path / "work"), "--json", str(out),
                       "--plot", str(png), "--quiet"]) == 0
     text = capsys.readouterr().out
     for row in ("source llama2", "source gpt2", "target at init", "target clm-only", "target fused", "bits/byte",
@@ -50,11 +52,9 @@ def test_tiny_demo_runs_end_to_end(real_tokenizer, tmp_path, capsys):
 
 
 def test_cli_registration_and_argument_errors():
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers(dest="command")
-    demo.add_demo_command(sub)
-    args = p.parse_args(["demo", "--size", "tiny", "--lm-weight", "0.3"])
-    assert args.func is demo._run and demo._overrides(args) == {"lm_weight": 0.3}
+    args = build_parser().parse_args(["demo", "--size", "tiny", "--lm-weight", "0.3"])
+    assert args.func.__module__ == "fastfuse.cli.demos" and demo_cli.demo_overrides(args) == {"lm_weight": 0.3}
+    assert sorted(demo_cli.PRESET_NAMES) == sorted(demo.PRESETS)
     import torch
 
     if not torch.cuda.is_available():

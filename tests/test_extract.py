@@ -13,8 +13,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from fastfuse.extract import (add_extract_command, extract_topk, iter_corpus, main, plan_batches,  # noqa: E402
-                              source_sequences, special_tokens, split_points)
+from fastfuse.cli import build_parser  # noqa: E402
+from fastfuse.cli import main as cli_main  # noqa: E402
+from fastfuse.corpus import iter_corpus, source_sequences, special_tokens, split_points  # noqa: E402
+from fastfuse.extract import extract_topk, plan_batches  # noqa: E402
 from fastfuse.shards import META_NAME, ShardReader, shard_name  # noqa: E402
 
 
@@ -225,13 +227,12 @@ def test_kill_and_resume_byte_identical(tmp_path, real_tokenizer, corpus):
     assert (fresh / META_NAME).read_bytes() == (killed / META_NAME).read_bytes()
 
 
-def test_cli_registration(capsys):
-    import argparse
+def main(args: list[str]) -> int:
+    return cli_main(["extract", *args])
 
-    parser = argparse.ArgumentParser(prog="fastfuse")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_extract_command(sub)
-    a = parser.parse_args(["extract", "--model", "m", "--input", "a.jsonl", "b.txt", "--out", "o", "--k", "5"])
+
+def test_cli_registration(capsys):
+    a = build_parser().parse_args(["extract", "--model", "m", "--input", "a.jsonl", "b.txt", "--out", "o", "--k", "5"])
     assert a.k == 5 and a.input == ["a.jsonl", "b.txt"] and callable(a.func)
     assert main(["--model", "/nonexistent", "--input", "x", "--out", "o"]) == 2
     assert "--model" in capsys.readouterr().err

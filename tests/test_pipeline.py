@@ -8,7 +8,8 @@ from fastfuse.align import TokenizerOffsets
 from fastfuse.chunking import split_corpus
 from fastfuse.corpus_align import AlignedStore, align_corpus
 from fastfuse.data import FusionDataset
-from fastfuse.extract import extract_topk, source_sequences
+from fastfuse.corpus import source_sequences
+from fastfuse.extract import extract_topk
 from fastfuse.loss import fused_loss
 from fastfuse.surface import token_surfaces
 

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from fastfuse.shards import META_NAME, ShardReader, ShardWriter, read_safetensors, shard_name
+from fastfuse.shards import META_NAME, ShardReader, ShardWriter, shard_name
+from fastfuse.storage import read_safetensors
 
 K = 4
 

@@ -27,7 +27,6 @@ the log unigram frequencies of the model's own training text (smoothed).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -141,7 +140,7 @@ def windows(tokenizer, docs: list[str], block_size: int) -> tuple[list[list[int]
     Input ``t`` predicts input ``t+1``. With a BOS prefix every text token is predicted; without
     one, a document's first token is context only, and each later window starts with the last
     token of the previous one (context again), so no other token is skipped."""
-    from fastfuse.extract import special_tokens
+    from fastfuse.corpus import special_tokens
 
     prefix, _ = special_tokens(tokenizer)
     cap = block_size - len(prefix)
@@ -694,68 +693,3 @@ def report(f: dict) -> str:
     if f.get("plot"):
         lines.append(f"plot: {f['plot']}")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# command line
-
-
-def _overrides(args) -> dict:
-    out = {}
-    for field in ("src_steps", "tgt_steps", "lm_weight", "temperature"):
-        v = getattr(args, field, None)
-        if v is not None:
-            out[field] = v
-    return out
-
-
-def _run(args) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    device = args.device or "cpu"
-    size = args.size or ("large" if device.startswith("cuda") else "small")
-    figures = run_demo(size=size, device=device, seed=args.seed, workdir=args.workdir, threads=args.threads,
-                       progress=not args.quiet, plot=args.plot, overrides=_overrides(args))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
-        print(f"json: {args.json}")
-    return 0
-
-
-def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--size", choices=sorted(PRESETS), default=None,
-                   help="preset: tiny (seconds, for tests), small (CPU default), large (CUDA default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", default=None, help="where shards and alignments go (default: a new temp dir)")
-    p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
-    p.add_argument("--plot", default=None, metavar="PATH", help="PNG of the training curves (default: WORKDIR/curves.png)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
-    p.add_argument("--src-steps", type=int, default=None, help="override the preset's source pre-training steps")
-    p.add_argument("--tgt-steps", type=int, default=None, help="override the preset's target training steps")
-    p.add_argument("--lm-weight", type=float, default=None, help="override the preset's lm_weight")
-    p.add_argument("--temperature", type=float, default=None, help="override the preset's teacher temperature")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_run)
-    return p
-
-
-def add_demo_command(subparsers) -> argparse.ArgumentParser:
-    """Register ``demo`` on an argparse sub-parsers object (``func`` set to run it)."""
-    return _configure(subparsers.add_parser(
-        "demo", help="end-to-end fusion on Python's own docs: two sources, CLM-only vs fused target",
-        description=__doc__.split("\n\n")[0]))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = _configure(argparse.ArgumentParser(prog="python -m fastfuse.demo", description=__doc__.split("\n\n")[0]))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except ValueError as e:
-        print(f"error: {e}")
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""``fastfuse chunk``, ``fastfuse extract`` and ``fastfuse align``: the offline pipeline's commands."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fastfuse.cli import CommandError
+from fastfuse.extract import DEFAULT_BLOCK_SIZE, DEFAULT_K, DEFAULT_SHARD_SIZE, DEFAULT_TOKEN_BUDGET
+
+
+def load_tokenizer_flag(flag: str, value: str):
+    """``load_any_tokenizer(value)`` with its error stated in terms of ``flag``."""
+    from fastfuse.vocabfiles import load_any_tokenizer
+
+    try:
+        return load_any_tokenizer(value)
+    except ValueError as e:
+        raise CommandError(f"{flag}: {str(e).removeprefix('name_or_path: ')}") from e
+
+
+def input_files(values: list[str]) -> list[Path]:
+    for f in values:
+        if not Path(f).is_file():
+            raise CommandError(f"--input: {f!r} is not a file")
+    return [Path(f) for f in values]
+
+
+def _chunk(args: argparse.Namespace) -> dict:
+    from fastfuse.align import TokenizerOffsets
+    from fastfuse.chunking import split_document
+    from fastfuse.corpus import iter_corpus
+    from fastfuse.storage import atomic_write
+
+    toks = [TokenizerOffsets(load_tokenizer_flag("--tokenizers", t), f"--tokenizers {t}") for t in args.tokenizers]
+    lines, n_docs = [], 0
+    for d, text in enumerate(iter_corpus(input_files(args.input), args.text_field)):
+        n_docs += 1
+        for c in split_document(text, toks, args.block_size):
+            lines.append(json.dumps({"text": c, "doc": d}, ensure_ascii=False))
+    atomic_write(Path(args.out), [("\n".join(lines) + "\n").encode("utf-8")])
+    result = {"documents": n_docs, "chunks": len(lines), "out": args.out}
+    if not args.quiet:
+        print(f"{n_docs} documents -> {len(lines)} chunks of <= {args.block_size} tokens for every tokenizer: {args.out}")
+    return result
+
+
+def _extract(args: argparse.Namespace) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from fastfuse.extract import extract_topk
+
+    if not Path(args.model).is_dir():
+        raise CommandError(f"--model: {args.model!r} is not a local model directory")
+    tokenizer = load_tokenizer_flag("--tokenizer", args.tokenizer or args.model)
+    files = input_files(args.input)
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    stats = extract_topk(model, tokenizer, files, args.out, k=args.k, block_size=args.block_size,
+                         token_budget=args.token_budget, shard_size=args.shard_size, source_name=args.source_name,
+                         device=args.device, dtype=args.dtype, progress=not args.quiet, text_field=args.text_field)
+    if not args.quiet:
+        print(f"{stats['sequences']} sequences, {stats['total_tokens']} tokens in {stats['out_dir']} "
+              f"({stats['tokens']} extracted now at {stats['tokens_per_s']:.0f} tok/s; "
+              f"{stats.get('bytes_per_token', float('nan')):.1f} bytes/token)")
+    return stats
+
+
+def parse_source(spec: str) -> tuple[str, str, str]:
+    """``NAME=TOKENIZER:SHARD_DIR`` -> (name, tokenizer, shard_dir)."""
+    try:
+        name, rest = spec.split("=", 1)
+        tok, shard_dir = rest.rsplit(":", 1)
+    except ValueError:
+        raise CommandError(f"--source: expected NAME=TOKENIZER:SHARD_DIR, got {spec!r}") from None
+    return name, tok, shard_dir
+
+
+def _align(args: argparse.Namespace) -> dict:
+    from fastfuse.corpus_align import align_corpus
+
+    sources = {}
+    for spec in args.source:
+        name, tok, shard_dir = parse_source(spec)
+        sources[name] = (load_tokenizer_flag("--source", tok), shard_dir)
+    cov = align_corpus(input_files(args.input), load_tokenizer_flag("--target", args.target), sources, args.out,
+                       vocab_mode=args.mode, num_threads=args.threads, progress=not args.quiet)
+    if not args.quiet:
+        print(f"{'source':<14}{'1-to-1':>9}{'one-hot':>9}{'mapped mass':>13}{'exact vocab':>13}")
+        for name, c in cov.items():
+            print(f"{name:<14}{c['aligned_1to1']:>9.1%}{c['one_hot_fallback']:>9.1%}{c['vocab_mapped_mass']:>13.1%}"
+                  f"{c['vocab_exact_rate']:>13.1%}")
+    return cov
+
+
+def add_chunk(subparsers) -> None:
+    p = subparsers.add_parser("chunk", help="split documents so that every tokenizer's tokenisation fits a block")
+    p.add_argument("--tokenizers", nargs="+", required=True, help="target and source tokenizers (names or paths)")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help=".jsonl or text files")
+    p.add_argument("--block-size", type=int, required=True)
+    p.add_argument("--out", required=True, help="output .jsonl (one chunk per line, field 'text')")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_chunk)
+
+
+def add_extract(subparsers) -> None:
+    p = subparsers.add_parser("extract", help="run a source LM over a corpus and store its top-k next-token log-probs",
+                              description="Run a source causal LM over a corpus and write top-k shards "
+                                          "(resumes an interrupted run in the same --out directory).")
+    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--tokenizer", default=None,
+                   help="fastfuse.vocabfiles name or local tokenizer path (default: the model directory)")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                   help="corpus files: .jsonl (one JSON object with a text field per line) or text (one document each)")
+    p.add_argument("--out", required=True, help="output directory (one per source)")
+    p.add_argument("--k", type=int, default=DEFAULT_K)
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
+    p.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET, help="max padded tokens per batch")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="sequences per shard")
+    p.add_argument("--source-name", default=None)
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, help="torch dtype (default bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_extract)
+
+
+def add_align(subparsers) -> None:
+    p = subparsers.add_parser("align", help="align extracted sources to the target tokenisation (corpus scale)")
+    p.add_argument("--target", required=True, help="target tokenizer (name or path)")
+    p.add_argument("--source", action="append", required=True, metavar="NAME=TOKENIZER:SHARD_DIR",
+                   help="a source: its name, tokenizer and `fastfuse extract` output directory (repeat)")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="the chunked corpus (.jsonl)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--mode", choices=["exact", "mined"], default="exact", help="vocabulary map mode")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_align)
