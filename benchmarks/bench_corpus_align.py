@@ -14,9 +14,9 @@ TARGET, SOURCES = "llama-bpe", ["llama-spm", "gpt-2", "mpt", "qwen2"]
 
 
 def corpus(repeat: int = 1) -> list[str]:
-    from pydoc_data.topics import topics
+    from fastfuse.corpus import python_docs
 
-    return [topics[k] for k in sorted(topics)] * repeat
+    return python_docs() * repeat
 
 
 _OFFSETS = {}

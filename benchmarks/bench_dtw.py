@@ -25,10 +25,11 @@ N_TGT, N_SRC = 2048, 2250
 
 @functools.lru_cache(maxsize=None)
 def tokenizers_for_bench():
-    from pydoc_data.topics import topics
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    corpus = list(topics.values())
+    from fastfuse.corpus import python_docs
+
+    corpus = python_docs()
     tgt = Tokenizer(models.BPE())
     tgt.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tgt.train_from_iterator(

@@ -47,9 +47,9 @@ def make_model(vocab: int, hidden: int, layers: int, seed: int = 0):
 
 
 def corpus(n_docs: int) -> list[str]:
-    from pydoc_data.topics import topics
+    from fastfuse.corpus import python_docs
 
-    return [topics[k] for k in sorted(topics)][:n_docs]
+    return python_docs(n_docs)
 
 
 def _sync(device):

@@ -41,15 +41,15 @@ _EXPORTS = {
     "dtw_align": "dtw", "dtw_align_batch": "dtw", "DTWAlignment": "dtw",
     "VocabMap": "vocab",
     "min_ce_weights": "fusion", "avg_ce_weights": "fusion", "reward_weights": "fusion", "fuse_weights": "fusion",
-    "token_ce_to_sequence_ce": "fusion", "with_target_candidate": "fusion", "RewardScorer": "fusion",
-    "generate_responses": "fusion",
+    "token_ce_to_sequence_ce": "fusion", "with_target_candidate": "fusion",
+    "RewardScorer": "integrations.reward", "generate_responses": "integrations.reward",
     "ConstantSchedule": "schedules", "LinearSchedule": "schedules", "ProgressiveSchedule": "schedules",
     "SourceTopK": "loss", "AlignMap": "loss", "fused_loss": "loss", "fused_linear_loss": "linear_loss",
     "split_document": "chunking", "split_corpus": "chunking",
     "extract_topk": "extract", "ShardReader": "shards", "ShardWriter": "shards",
     "align_corpus": "corpus_align", "AlignedStore": "corpus_align",
     "FusionCollator": "data", "FusionDataset": "data",
-    "FusionTrainer": "trainer",
+    "FusionTrainer": "integrations.trainer",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -36,6 +36,6 @@ def real_tokenizer(vocab_dir):
 @pytest.fixture(scope="session")
 def corpus():
     """Real English text that ships with Python: the pydoc topic pages."""
-    from pydoc_data.topics import topics
+    from fastfuse.corpus import python_docs
 
-    return [topics[k] for k in sorted(topics)]
+    return python_docs()

@@ -13,6 +13,8 @@ import torch
 
 
 from fastfuse import fusion
+from fastfuse.corpus import python_docs
+from fastfuse.integrations import reward
 
 NAN, INF = float("nan"), float("inf")
 
@@ -263,10 +265,9 @@ RESPONSES = ["A class is an object.", "It loops.", "Use the raise statement, the
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer():
-    from pydoc_data.topics import topics
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    texts = [topics[k] for k in sorted(topics)[:40]] + PROMPTS + RESPONSES
+    texts = python_docs(40) + PROMPTS + RESPONSES
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -297,7 +298,7 @@ def reward_model(tiny_tokenizer):
 
 
 def test_reward_scorer_matches_unbatched_forward(tiny_tokenizer, reward_model):
-    scorer = fusion.RewardScorer(reward_model, tiny_tokenizer)
+    scorer = reward.RewardScorer(reward_model, tiny_tokenizer)
     reward_model.train()  # the scorer must score in eval mode and restore the mode
     got = scorer(PROMPTS, RESPONSES, batch_size=2)
     assert reward_model.training
@@ -313,7 +314,7 @@ def test_reward_scorer_matches_unbatched_forward(tiny_tokenizer, reward_model):
     # Rewards straight into ProFuser's inference-mode weights: [S=3 sources, B=1 prompt].
     w = fusion.reward_weights(got[:, None], method="max")
     assert w[int(got.argmax()), 0] == 1.0
-    custom = fusion.RewardScorer(reward_model, tiny_tokenizer, format=lambda p, r: p + "\n" + r)
+    custom = reward.RewardScorer(reward_model, tiny_tokenizer, format=lambda p, r: p + "\n" + r)
     assert custom(PROMPTS[:1], RESPONSES[:1]).shape == (1,)
     assert scorer([], []).shape == (0,)
 
@@ -323,7 +324,7 @@ def test_reward_scorer_uses_chat_template_when_present(tiny_tokenizer, reward_mo
     old = tiny_tokenizer.chat_template
     tiny_tokenizer.chat_template = template
     try:
-        got = fusion.RewardScorer(reward_model, tiny_tokenizer)(PROMPTS, RESPONSES, batch_size=3)
+        got = reward.RewardScorer(reward_model, tiny_tokenizer)(PROMPTS, RESPONSES, batch_size=3)
     finally:
         tiny_tokenizer.chat_template = old
     with torch.no_grad():
@@ -335,14 +336,14 @@ def test_reward_scorer_uses_chat_template_when_present(tiny_tokenizer, reward_mo
 def test_reward_scorer_two_labels_uses_positive(tiny_tokenizer):
     torch.manual_seed(1)
     model = transformers.LlamaForSequenceClassification(_config(tiny_tokenizer, num_labels=2)).eval()
-    got = fusion.RewardScorer(model, tiny_tokenizer)(PROMPTS[:2], RESPONSES[:2])
+    got = reward.RewardScorer(model, tiny_tokenizer)(PROMPTS[:2], RESPONSES[:2])
     with torch.no_grad():
         ids = tiny_tokenizer(PROMPTS[0], RESPONSES[0], return_tensors="pt").input_ids
         torch.testing.assert_close(got[0], model(input_ids=ids).logits[0, 1], atol=1e-5, rtol=1e-5)
 
 
 def test_reward_scorer_bad_inputs(tiny_tokenizer, reward_model):
-    scorer = fusion.RewardScorer(reward_model, tiny_tokenizer)
+    scorer = reward.RewardScorer(reward_model, tiny_tokenizer)
     with pytest.raises(ValueError, match="responses"):
         scorer(PROMPTS, RESPONSES[:2])
     with pytest.raises(TypeError, match="prompts"):
@@ -353,17 +354,17 @@ def test_reward_scorer_bad_inputs(tiny_tokenizer, reward_model):
         scorer(PROMPTS, RESPONSES, batch_size=0)
     three = transformers.LlamaForSequenceClassification(_config(tiny_tokenizer, num_labels=3))
     with pytest.raises(ValueError, match="label"):
-        fusion.RewardScorer(three, tiny_tokenizer)
-    assert fusion.RewardScorer(three, tiny_tokenizer, label=2).label == 2
+        reward.RewardScorer(three, tiny_tokenizer)
+    assert reward.RewardScorer(three, tiny_tokenizer, label=2).label == 2
     no_pad = transformers.LlamaConfig(**{**_config(tiny_tokenizer).to_dict(), "pad_token_id": None})
     with pytest.raises(ValueError, match="pad_token_id"):
-        fusion.RewardScorer(transformers.LlamaForSequenceClassification(no_pad), tiny_tokenizer)
+        reward.RewardScorer(transformers.LlamaForSequenceClassification(no_pad), tiny_tokenizer)
 
 
 def test_generate_responses_greedy_left_padded(tiny_tokenizer):
     torch.manual_seed(2)
     model = transformers.LlamaForCausalLM(_config(tiny_tokenizer)).eval()
-    out = fusion.generate_responses(model, tiny_tokenizer, PROMPTS, max_new_tokens=6, batch_size=3)
+    out = reward.generate_responses(model, tiny_tokenizer, PROMPTS, max_new_tokens=6, batch_size=3)
     assert len(out) == 3 and all(isinstance(s, str) for s in out)
     # Batched left-padded greedy decoding equals decoding each prompt alone.
     for p, o in zip(PROMPTS, out):
@@ -373,8 +374,8 @@ def test_generate_responses_greedy_left_padded(tiny_tokenizer):
                                  do_sample=False, pad_token_id=tiny_tokenizer.pad_token_id)
         assert o == tiny_tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
         assert ref.shape[1] - ids.shape[1] <= 6
-    assert fusion.generate_responses(model, tiny_tokenizer, PROMPTS, max_new_tokens=6, batch_size=2) == out
+    assert reward.generate_responses(model, tiny_tokenizer, PROMPTS, max_new_tokens=6, batch_size=2) == out
     with pytest.raises(ValueError, match="max_new_tokens"):
-        fusion.generate_responses(model, tiny_tokenizer, PROMPTS, max_new_tokens=0)
+        reward.generate_responses(model, tiny_tokenizer, PROMPTS, max_new_tokens=0)
     with pytest.raises(TypeError, match="prompts"):
-        fusion.generate_responses(model, tiny_tokenizer, "one prompt")
+        reward.generate_responses(model, tiny_tokenizer, "one prompt")

@@ -65,7 +65,7 @@ def maps():
 def make_trainer(tmp_path, model, **kwargs):
     from transformers import TrainingArguments
 
-    from fastfuse.trainer import FusionTrainer
+    from fastfuse.integrations.trainer import FusionTrainer
 
     train = kwargs.pop("train", {})
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, remove_unused_columns=False,
@@ -130,7 +130,7 @@ def test_head_restored_after_an_error_in_the_forward(tmp_path):
 def test_trainer_trains_and_logs_terms(tmp_path, lm_weight):
     from transformers import TrainingArguments
 
-    from fastfuse.trainer import FusionTrainer
+    from fastfuse.integrations.trainer import FusionTrainer
 
     rng = np.random.default_rng(1)
     maps = [rng.integers(0, V, 40).astype(np.int32), np.where(rng.random(50) < 0.7, rng.integers(0, V, 50), -1).astype(np.int32)]
@@ -209,7 +209,7 @@ def test_bad_loss_argument(tmp_path):
 def test_missing_inputs_are_a_clear_error(tmp_path):
     from transformers import TrainingArguments
 
-    from fastfuse.trainer import FusionTrainer
+    from fastfuse.integrations.trainer import FusionTrainer
 
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     trainer = FusionTrainer(model=tiny_llama(), args=args)

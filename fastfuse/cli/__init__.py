@@ -11,12 +11,9 @@ import importlib
 import sys
 import traceback
 
-__all__ = ["main", "CommandError"]
+from fastfuse.cli.errors import CommandError
 
-
-class CommandError(ValueError):
-    """A bad command line: the message names the flag."""
-
+__all__ = ["main", "build_parser", "CommandError"]
 
 # command -> (module under fastfuse.cli that registers it, the function that adds its parser)
 _COMMANDS = {

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fastfuse.cli import CommandError
+from fastfuse.cli.errors import CommandError
 from fastfuse.extract import DEFAULT_BLOCK_SIZE, DEFAULT_K, DEFAULT_SHARD_SIZE, DEFAULT_TOKEN_BUDGET
 
 
