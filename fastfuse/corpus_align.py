@@ -20,8 +20,11 @@ and a run with other tokenizers or shards is refused with a clear error.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import struct
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -30,11 +33,33 @@ import numpy as np
 from fastfuse.align import TokenizerOffsets, align_offsets_batch, byte_ends
 from fastfuse.corpus import iter_corpus, source_sequences
 from fastfuse.shards import ShardReader, load_meta, shard_name, tokenizer_fingerprint
-from fastfuse.storage import atomic_write, json_bytes, read_safetensors, serialize_safetensors
+from fastfuse.storage import atomic_write, json_bytes, read_safetensors, serialize_safetensors, sha256_file
 from fastfuse.vocab import VocabMap
 
-ALIGN_FORMAT_VERSION = 1
+ALIGN_FORMAT_VERSION = 2     # 2: the corpus and every output file's sha256 are part of meta.json
 NO_SPLIT = 1 << 40  # block size that never splits: alignment reads each sequence whole
+RESERVED_NAMES = ("target",)                                   # directories of the output itself
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def check_source_name(name: Any) -> str:
+    """A source name is a directory of the output: a short identifier, not a reserved name."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"sources: name {name!r} must be 1-64 letters, digits, '_' or '-', starting with a "
+                         "letter or digit (it names a directory of the output)")
+    if name.lower() in RESERVED_NAMES:
+        raise ValueError(f"sources: name {name!r} is reserved (the output's own {name.lower()}/ directory)")
+    return name
+
+
+def corpus_fingerprint(docs: list[str]) -> str:
+    """sha256 over the documents (length-prefixed UTF-8): part of the alignment's identity."""
+    h = hashlib.sha256()
+    for d in docs:
+        b = d.encode("utf-8", "surrogatepass")
+        h.update(struct.pack("<q", len(b)))
+        h.update(b)
+    return h.hexdigest()
 
 
 def _sequences(tokenizer, docs: list[str], name: str):
@@ -120,6 +145,39 @@ def _write_shards(out: Path, arrays_per_seq: list[dict[str, np.ndarray]], offset
     return names
 
 
+def _align_meta_problem(meta: Any) -> str | None:
+    """What is wrong with a parsed align meta.json, or None."""
+    if not isinstance(meta, dict):
+        return f"expected a JSON object, got {type(meta).__name__}"
+    if meta.get("format_version") != ALIGN_FORMAT_VERSION:
+        return (f"format_version {meta.get('format_version')!r}: written by another fastfuse version "
+                f"(this one reads {ALIGN_FORMAT_VERSION}); re-run fastfuse align")
+    if not meta.get("complete"):
+        return "the alignment run did not finish"
+    if not isinstance(meta.get("sources"), dict) or not all(isinstance(v, dict) and isinstance(v.get("dir"), str)
+                                                            and isinstance(v.get("shards"), list)
+                                                            for v in meta["sources"].values()):
+        return "sources must map each name to an object with 'dir' and 'shards'"
+    bad = [name for name in meta["sources"] if not (isinstance(name, str) and _NAME.fullmatch(name))
+           or name.lower() in RESERVED_NAMES]
+    if bad:
+        return f"source names {bad} are not valid directory names"
+    n = meta.get("num_sequences")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return f"num_sequences must be a positive integer, got {n!r}"
+    files = meta.get("files")
+    if not isinstance(files, dict) or not all(
+            isinstance(r, dict) and isinstance(r.get("bytes"), int) and isinstance(r.get("sha256"), str)
+            and ".." not in Path(k).parts and not Path(k).is_absolute() for k, r in files.items()):
+        return "files must map relative paths to {bytes, sha256}"
+    return None
+
+
+def file_digests(root: Path, paths: list[Path]) -> dict[str, dict[str, Any]]:
+    """{path relative to root: {"bytes", "sha256"}} of files just written."""
+    return {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths}
+
+
 def align_corpus(texts: Any, target_tokenizer, sources: Mapping[str, tuple[Any, str | os.PathLike]],
                  out_dir: str | os.PathLike, vocab_mode: str = "exact", seq_mode: str = "offsets", shard_size: int = 4096,
                  num_threads: int = 0, progress: bool = True) -> dict:
@@ -139,10 +197,15 @@ def align_corpus(texts: Any, target_tokenizer, sources: Mapping[str, tuple[Any, 
     from tqdm import tqdm
 
     out = Path(out_dir)
+    for name in sources:
+        check_source_name(name)
     docs = list(iter_corpus(texts))
+    if not any(d.strip() for d in docs):
+        raise ValueError("texts: the corpus is empty")
     tgt_fp = tokenizer_fingerprint(target_tokenizer)
     identity = {"format_version": ALIGN_FORMAT_VERSION, "target_tokenizer_fingerprint": tgt_fp,
-                "vocab_mode": vocab_mode, "seq_mode": seq_mode, "sources": {}}
+                "corpus_fingerprint": corpus_fingerprint(docs), "vocab_mode": vocab_mode, "seq_mode": seq_mode,
+                "sources": {}}
     for name, (tok, shard_dir) in sources.items():
         smeta = load_meta(shard_dir)
         if smeta["tokenizer_fingerprint"] != tokenizer_fingerprint(tok):
@@ -153,13 +216,20 @@ def align_corpus(texts: Any, target_tokenizer, sources: Mapping[str, tuple[Any, 
                                      "vocab_size": int(smeta["vocab_size"])}
     meta_path = out / "meta.json"
     if meta_path.exists():
-        old = json.loads(meta_path.read_text("utf-8"))
-        if old.get("complete") and {k: old.get(k) for k in identity} == identity:
+        try:
+            old = json.loads(meta_path.read_text("utf-8"))
+        except (OSError, ValueError):
+            old = None          # unreadable: redo the run, which rewrites it
+        if isinstance(old, dict) and old.get("complete") and {k: old.get(k) for k in identity} == identity:
             return old["coverage"]
 
     tgt_seqs, tsurf = _sequences(target_tokenizer, docs, "target_tokenizer")
-    _write_shards(out / "target", [{"input_ids": ids.astype(np.int32)} for ids, _, _ in tgt_seqs], "input_ids",
-                  shard_size, {"kind": "fastfuse.target", "tokenizer_fingerprint": tgt_fp})
+    if not tgt_seqs:
+        raise ValueError("texts: the corpus is empty (no document has a target token)")
+    written: list[Path] = []
+    written += [out / "target" / n for n in _write_shards(
+        out / "target", [{"input_ids": ids.astype(np.int32)} for ids, _, _ in tgt_seqs], "input_ids", shard_size,
+        {"kind": "fastfuse.target", "tokenizer_fingerprint": tgt_fp})]
     coverage = {}
     for name, (tok, shard_dir) in tqdm(sources.items(), desc="align", disable=not progress):
         reader = ShardReader(shard_dir)
@@ -176,17 +246,25 @@ def align_corpus(texts: Any, target_tokenizer, sources: Mapping[str, tuple[Any, 
         vmap = VocabMap.build(tok, target_tokenizer, mode=vocab_mode, num_threads=num_threads)
         (out / name).mkdir(parents=True, exist_ok=True)
         vmap.save(vpath)
-        _write_shards(out / name, [{"pos": p.astype(np.int32)} for p in positions], "pos", shard_size,
-                      {"kind": "fastfuse.align", "source": name})
+        written += [vpath] + [out / name / n for n in _write_shards(
+            out / name, [{"pos": p.astype(np.int32)} for p in positions], "pos", shard_size,
+            {"kind": "fastfuse.align", "source": name})]
         coverage[name] = _coverage(positions, reader, vmap.ids) | {"vocab_exact_rate": vmap.exact_rate}
     meta = identity | {"complete": True, "num_sequences": len(tgt_seqs), "coverage": coverage,
-                       "target_vocab": len(TokenizerOffsets(target_tokenizer).surfaces)}
+                       "target_vocab": len(TokenizerOffsets(target_tokenizer).surfaces),
+                       "files": file_digests(out, written)}
     atomic_write(meta_path, [json_bytes(meta)])
     return coverage
 
 
 class AlignedStore:
-    """Reads an ``align_corpus`` output directory: target ids and per-source ``pos`` per sequence."""
+    """Reads an ``align_corpus`` output directory: target ids and per-source ``pos`` per sequence.
+
+    Opening checks ``meta.json``'s shape and that every file it lists exists with its recorded size,
+    and reads the target and ``pos`` shards whole, checking each one's sha256 as it is read (so an
+    edited or swapped file is refused, never silently used); vocabulary maps are checked when loaded.
+    Every problem is a ``ValueError`` naming the file.
+    """
 
     def __init__(self, out_dir: str | os.PathLike):
         self.dir = Path(out_dir)
@@ -195,23 +273,38 @@ class AlignedStore:
             self.meta = json.loads(path.read_text("utf-8"))
         except FileNotFoundError as e:
             raise ValueError(f"{path}: not found (run fastfuse align first)") from e
-        if not self.meta.get("complete"):
-            raise ValueError(f"{path}: the alignment run did not finish")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: unreadable ({e})") from e
+        problem = _align_meta_problem(self.meta)
+        if problem:
+            raise ValueError(f"{path}: {problem}")
+        for rel, rec in self.meta["files"].items():
+            f = self.dir / rel
+            if not f.is_file() or f.stat().st_size != rec["bytes"]:
+                raise ValueError(f"{f}: missing or of another size than {path} records (re-run fastfuse align)")
         self.sources = list(self.meta["sources"])
-        self._target = self._load(self.dir / "target", "input_ids")
-        self._pos = {s: self._load(self.dir / s, "pos") for s in self.sources}
+        self._target = self._load("target", "input_ids")
+        self._pos = {s: self._load(s, "pos") for s in self.sources}
 
-    @staticmethod
-    def _load(d: Path, key: str) -> list[tuple[np.ndarray, np.ndarray]]:
-        shards = sorted(d.glob("shard-*.safetensors"))
-        if not shards:
-            raise ValueError(f"{d}: no shards")
+    def _checked(self, rel: str) -> Path:
+        f = self.dir / rel
+        if sha256_file(f) != self.meta["files"][rel]["sha256"]:
+            raise ValueError(f"{f}: sha256 differs from {self.dir / 'meta.json'} (edited or replaced after align)")
+        return f
+
+    def _load(self, sub: str, key: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        rels = sorted(r for r in self.meta["files"] if r.startswith(f"{sub}/shard-"))
+        if not rels:
+            raise ValueError(f"{self.dir / sub}: no shards listed in meta.json")
         out = []
-        for p in shards:
+        for rel in rels:
+            p = self._checked(rel)
             t, _ = read_safetensors(p)
             if key not in t or "offsets" not in t or t["offsets"][-1] != len(t[key]):
                 raise ValueError(f"{p}: not a fastfuse alignment shard (missing or inconsistent '{key}')")
             out.append((t["offsets"], t[key]))
+        if sum(len(o) - 1 for o, _ in out) != self.meta["num_sequences"]:
+            raise ValueError(f"{self.dir / sub}: shards hold another number of sequences than meta.json says")
         return out
 
     def __len__(self) -> int:
@@ -233,7 +326,11 @@ class AlignedStore:
         return self._get(self._pos[source], i)
 
     def vocab_map(self, source: str) -> VocabMap:
-        return VocabMap.load(self.dir / source / "vocab.safetensors")
+        return VocabMap.load(self._checked(f"{source}/vocab.safetensors"))
 
     def source_dir(self, source: str) -> Path:
         return (self.dir / self.meta["sources"][source]["dir"]).resolve()
+
+    def source_shards(self, source: str) -> list[str]:
+        """The sha256 of each of the source's top-k shards that this alignment was built from."""
+        return list(self.meta["sources"][source]["shards"])

@@ -155,6 +155,9 @@ class FusionDataset(torch.utils.data.Dataset):
             raise ValueError(f"sources: {unknown} not in {align_dir} (has {self.store.sources})")
         self.readers = [ShardReader(self.store.source_dir(s)) for s in self.sources]
         for s, r in zip(self.sources, self.readers):
+            if [e["sha256"] for e in r.meta["shards"]] != self.store.source_shards(s):
+                raise ValueError(f"sources: the shards of '{s}' in {r.out_dir} are not the ones {align_dir} was "
+                                 "aligned against (re-extracted since?); run fastfuse align again")
             if len(r) != len(self.store):
                 raise ValueError(f"sources: '{s}' has {len(r)} sequences, the alignment {len(self.store)}")
 

@@ -162,6 +162,31 @@ def model_vocab_size(model) -> int:
     return int(model.config.vocab_size)
 
 
+def model_fingerprint(model) -> str:
+    """sha256 over a model's state dict (names, dtypes, shapes and bytes of every tensor), one tensor
+    at a time: a resumed extraction refuses other weights under the same output directory. Costs one
+    read of the weights (about a second per GB), and at most one tensor's copy of extra memory."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def check_finite(logprobs: np.ndarray, gold: np.ndarray, lens: np.ndarray, seq_index: list[int], what: str) -> None:
+    """``ValueError`` naming the first sequence whose log-probs hold NaN (a broken model or input)."""
+    bad = np.isnan(logprobs).any(axis=1) | np.isnan(gold)
+    if bad.any():
+        row = int(np.argmax(bad))
+        j = int(np.searchsorted(np.cumsum(lens), row, side="right"))
+        raise ValueError(f"{what}: produced NaN log-probs at position {row - int(lens[:j].sum())} of "
+                         f"sequence {seq_index[j]} (NaN weights or activations?); nothing was written for its shard")
+
+
 def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: int = DEFAULT_K,
                  block_size: int = DEFAULT_BLOCK_SIZE, token_budget: int = DEFAULT_TOKEN_BUDGET,
                  shard_size: int = DEFAULT_SHARD_SIZE, source_name: str | None = None, device=None, dtype=None,
@@ -199,15 +224,20 @@ def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: in
     ident = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     if source_name is None:
         source_name = Path(str(ident)).name or type(model).__name__
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or \
+        getattr(getattr(model, "config", None), "n_positions", None)
+    if isinstance(limit, int) and block_size > limit:
+        raise ValueError(f"block_size: {block_size} exceeds the model's {limit} positions "
+                         "(config.max_position_embeddings / n_positions)")
+    model.to(device=device, dtype=dtype)
+    model.eval()
     writer = ShardWriter(out_dir, {
         "source_name": source_name, "model": str(ident), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "tokenizer_size": n_real, "vocab_size": vocab_size, "k": int(k), "block_size": int(block_size),
         "token_budget": int(token_budget), "shard_size": int(shard_size), "dtype": str(dtype).replace("torch.", ""),
-        "special_tokens": list(map(list, special_tokens(tokenizer))),
+        "special_tokens": list(map(list, special_tokens(tokenizer))), "model_fingerprint": model_fingerprint(model),
     })
     pad_id = pad_token_id(tokenizer)
-    model.to(device=device, dtype=dtype)
-    model.eval()
     checkpoints = dict(writer.shard_fingerprints())
     done_seq = writer.next_seq
     stats = {"sequences": done_seq, "tokens_done_before": int(writer.meta["num_tokens"]), "tokens": 0,
@@ -226,6 +256,7 @@ def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: in
         gold = np.empty(offsets[-1], np.float32)
         for batch in plan_batches(lens, token_budget):
             bi, bl, bg = topk_forward(model, [seqs[j] for j in batch], k, n_real, device, pad_id)
+            check_finite(bl, bg, lens[batch], [buf[j].seq_index for j in batch], "model")
             pos = 0
             for j in batch:
                 n = lens[j]
@@ -266,6 +297,8 @@ def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: in
                 run_shard(buf, h.hex())
     finally:
         bar.close()
+    if n_seen == 0:
+        raise ValueError("texts: the corpus is empty (no document has a token)")
     if n_seen < done_seq:
         raise ValueError(f"cannot resume in {writer.out_dir}: the corpus has {n_seen} sequences, fewer than the "
                          f"{done_seq} already written")

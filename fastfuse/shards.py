@@ -24,6 +24,7 @@ timestamps), so the same inputs always give the same bytes, and atomically (temp
 same directory, fsync, ``os.replace``). ``meta.json`` is rewritten the same way after each shard.
 
 ``meta.json`` (sorted keys): ``format_version``, ``source_name``, ``model`` (identifier),
+``model_fingerprint`` (sha256 of the weights, :func:`fastfuse.extract.model_fingerprint`),
 ``tokenizer_fingerprint`` (sha256 of ``backend_tokenizer.to_str()``), ``tokenizer_size``
 (``len(tokenizer)``), ``vocab_size`` (the model's logits width; may exceed ``tokenizer_size`` for a
 padded embedding, whose extra ids never appear in ``topk_ids``), ``k``, ``block_size``,
@@ -55,8 +56,9 @@ _DTYPES = {"offsets": np.int64, "seq_index": np.int64, "doc_spans": np.int64, "t
            "ce": np.float32, "topk_logprobs": np.float16}
 # Keys of meta.json that must agree between a run and the run it resumes (they change the bytes).
 IDENTITY_KEYS = ("format_version", "source_name", "tokenizer_fingerprint", "vocab_size", "k", "block_size",
-                 "token_budget", "shard_size", "dtype")
-REQUIRED_META = IDENTITY_KEYS + ("model", "tokenizer_size")
+                 "token_budget", "shard_size", "dtype", "model_fingerprint")
+# model_fingerprint is optional: writers without a model (tests, converters) leave it out
+REQUIRED_META = tuple(k for k in IDENTITY_KEYS if k != "model_fingerprint") + ("model", "tokenizer_size")
 
 
 def shard_name(i: int) -> str:
@@ -72,6 +74,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def load_meta(out_dir: str | os.PathLike) -> dict:
+    """``out_dir/meta.json``, checked for shape: ``ValueError`` naming the file for anything that is
+    not what :class:`ShardWriter` writes (bad JSON, wrong types, a shard entry naming another file)."""
     path = Path(out_dir) / META_NAME
     try:
         meta = json.loads(path.read_text("utf-8"))
@@ -79,12 +83,48 @@ def load_meta(out_dir: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: not found (not a shard directory, or no shard completed yet)") from e
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: unreadable ({e})") from e
-    missing = [k for k in REQUIRED_META + ("shards", "num_sequences") if k not in meta]
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    missing = [k for k in REQUIRED_META + ("shards", "num_sequences", "num_tokens") if k not in meta]
     if missing:
         raise ValueError(f"{path}: missing keys {missing}")
     if meta["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {meta['format_version']} (this fastfuse reads {FORMAT_VERSION})")
+        raise ValueError(f"{path}: format_version {meta['format_version']!r} (this fastfuse reads {FORMAT_VERSION})")
+    problem = _meta_problem(meta)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     return meta
+
+
+def _is_int(x, low: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def _meta_problem(meta: dict) -> str | None:
+    """What is wrong with a parsed meta.json's types and shard list, or None."""
+    for k in ("k", "vocab_size", "tokenizer_size", "block_size", "token_budget", "shard_size"):
+        if k in meta and not _is_int(meta[k], 1):
+            return f"{k} must be a positive integer, got {meta[k]!r}"
+    for k in ("num_sequences", "num_tokens"):
+        if not _is_int(meta[k]):
+            return f"{k} must be a non-negative integer, got {meta[k]!r}"
+    for k in ("source_name", "tokenizer_fingerprint"):
+        if not isinstance(meta[k], str):
+            return f"{k} must be a string, got {meta[k]!r}"
+    if not isinstance(meta["shards"], list):
+        return f"shards must be a list, got {type(meta['shards']).__name__}"
+    for i, e in enumerate(meta["shards"]):
+        if not isinstance(e, dict):
+            return f"shards[{i}] must be an object, got {e!r}"
+        if e.get("file") != shard_name(i):
+            return f"shards[{i}].file must be {shard_name(i)!r}, got {e.get('file')!r}"
+        for k in ("seq_start", "seq_end", "num_tokens", "bytes"):
+            if not _is_int(e.get(k)):
+                return f"shards[{i}].{k} must be a non-negative integer, got {e.get(k)!r}"
+        for k in ("sha256", "corpus_fingerprint"):
+            if not isinstance(e.get(k), str):
+                return f"shards[{i}].{k} must be a string, got {e.get(k)!r}"
+    return None
 
 
 class ShardWriter:
@@ -108,8 +148,8 @@ class ShardWriter:
             p.unlink()
         if (self.out_dir / META_NAME).exists():
             old = load_meta(self.out_dir)
-            diff = [f"{k}: {old.get(k)!r} in {self.out_dir / META_NAME}, {meta[k]!r} now"
-                    for k in IDENTITY_KEYS if old.get(k) != meta[k]]
+            diff = [f"{k}: {old.get(k)!r} in {self.out_dir / META_NAME}, {meta.get(k)!r} now"
+                    for k in IDENTITY_KEYS if old.get(k) != meta.get(k)]
             if diff:
                 raise ValueError(f"cannot resume in {self.out_dir}: it was written with other settings ("
                                  + "; ".join(diff) + "); use another output directory or delete it")

@@ -38,6 +38,8 @@ def _chunk(args: argparse.Namespace) -> dict:
         n_docs += 1
         for c in split_document(text, toks, args.block_size):
             lines.append(json.dumps({"text": c, "doc": d}, ensure_ascii=False))
+    if not lines:
+        raise CommandError(f"--input: the corpus is empty ({n_docs} documents, no text)")
     atomic_write(Path(args.out), [("\n".join(lines) + "\n").encode("utf-8")])
     result = {"documents": n_docs, "chunks": len(lines), "out": args.out}
     if not args.quiet:
@@ -76,11 +78,17 @@ def parse_source(spec: str) -> tuple[str, str, str]:
 
 
 def _align(args: argparse.Namespace) -> dict:
-    from fastfuse.corpus_align import align_corpus
+    from fastfuse.corpus_align import align_corpus, check_source_name
 
     sources = {}
     for spec in args.source:
         name, tok, shard_dir = parse_source(spec)
+        if name in sources:
+            raise CommandError(f"--source: the name {name!r} is given twice")
+        try:
+            check_source_name(name)
+        except ValueError as e:
+            raise CommandError(f"--source: {str(e).removeprefix('sources: ')}") from e
         sources[name] = (load_tokenizer_flag("--source", tok), shard_dir)
     cov = align_corpus(input_files(args.input), load_tokenizer_flag("--target", args.target), sources, args.out,
                        vocab_mode=args.mode, num_threads=args.threads, progress=not args.quiet)
