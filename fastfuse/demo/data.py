@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from fastfuse.corpus import special_tokens
+from fastfuse.corpus import python_docs, special_tokens
 
 
 def load_corpus(seed: int, heldout_chars: int, max_train_chars: int = 0) -> tuple[list[str], list[str]]:
@@ -13,10 +13,8 @@ def load_corpus(seed: int, heldout_chars: int, max_train_chars: int = 0) -> tupl
     Documents are shuffled with ``seed``; held-out takes documents of at most 20000 characters
     until it holds ``heldout_chars``; train the rest (if ``max_train_chars`` > 0, only documents
     of at most a quarter of it, until it is reached)."""
-    from pydoc_data.topics import topics
-
     # some topics share one text ("Exceptions", "exceptions"): deduplicate, or it lands on both sides
-    docs = list(dict.fromkeys(topics[k] for k in sorted(topics) if topics[k].strip()))
+    docs = list(dict.fromkeys(d for d in python_docs() if d.strip()))
     random.Random(seed).shuffle(docs)
     held, train, n = [], [], 0
     for d in docs:

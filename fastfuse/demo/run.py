@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastfuse.corpus import pad_token_id
 from fastfuse.demo.data import fusion_docs, halves, load_corpus, windows
 from fastfuse.demo.models import FullVocabLM, make_model, model_vocab, unigram_counts
 from fastfuse.demo.presets import PRESETS, SOURCES, TARGET, Preset
@@ -139,8 +140,7 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
         coverage = align_corpus(chunks, tgt_tok, {n: (t, topk_dirs[n]) for n, t in toks.items()}, work / "align",
                                 progress=progress)
     dataset = FusionDataset(work / "align")
-    pad_id = tgt_tok.pad_token_id if tgt_tok.pad_token_id is not None else 0
-    collate = dataset.collator(pad_token_id=pad_id, pin_memory=False)
+    collate = dataset.collator(pad_token_id=pad_token_id(tgt_tok), pin_memory=False)
     with stage("align"):
         teachers = teacher_stats(dataset, collate, list(toks))
     tgt_ids = [dataset.store.target_ids(i) for i in range(len(dataset))]

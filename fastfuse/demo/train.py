@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from fastfuse.corpus import pad_token_id
 from fastfuse.demo.data import pad_batch, windows
 from fastfuse.demo.models import ModelVocab
 from fastfuse.demo.presets import Preset
@@ -31,7 +32,7 @@ def pretrain_source(model, tokenizer, vocab: ModelVocab, inputs: list[list[int]]
 
     if not inputs:
         raise ValueError(f"source {name}: no training text (too few training documents for two halves)")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     g = torch.Generator().manual_seed(seed)
     opt, sched = make_optimizer(model, preset.src_lr, steps)
     model.to(device).train()
@@ -61,7 +62,7 @@ def evaluate(model, tokenizer, vocab: ModelVocab, docs: list[str], block_size: i
     import torch.nn.functional as F
 
     inputs, nbytes = windows(tokenizer, docs, block_size)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     total, count, tot_unseen, n_unseen = 0.0, 0, 0.0, 0
     was_training = model.training
     model.eval()
