@@ -1,0 +1,166 @@
+"""The demo's training and evaluation: sources pre-trained with plain CLM, the target trained
+CLM-only or with ``fused_loss``, held-out loss (per token and in bits per byte), and how good the
+aligned teachers are."""
+from __future__ import annotations
+
+import math
+
+from fastfuse.corpus import pad_token_id
+from fastfuse.demo.data import pad_batch, windows
+from fastfuse.demo.models import ModelVocab
+from fastfuse.demo.presets import Preset
+
+
+def make_optimizer(model, lr: float, steps: int):
+    """AdamW with a linear warm-up over the first tenth of ``steps``, then a cosine decay to a tenth of ``lr``."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    return opt, sched
+
+
+def pretrain_source(model, tokenizer, vocab: ModelVocab, inputs: list[list[int]], preset: Preset, steps: int, seed: int,
+                    device, name: str, progress: bool) -> list[float]:
+    """Plain CLM training of a source on its own inputs (``windows`` of its documents); returns the
+    loss per step."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    if not inputs:
+        raise ValueError(f"source {name}: no training text (too few training documents for two halves)")
+    pad = pad_token_id(tokenizer)
+    g = torch.Generator().manual_seed(seed)
+    opt, sched = make_optimizer(model, preset.src_lr, steps)
+    model.to(device).train()
+    losses = []
+    for _ in tqdm(range(steps), desc=f"pretrain {name}", disable=not progress, dynamic_ncols=True):
+        pick = torch.randint(len(inputs), (preset.src_batch,), generator=g).tolist()
+        ids, att, labels = pad_batch([inputs[i] for i in pick], pad)
+        ids, att, labels = vocab.rows(ids).to(device), att.to(device), vocab.rows(labels).to(device)
+        logits = model(input_ids=ids, attention_mask=att).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def evaluate(model, tokenizer, vocab: ModelVocab, docs: list[str], block_size: int, device, seen=None,
+             batch: int = 16) -> dict:
+    """Held-out loss: per-token CE (nats) of the model's own tokenisation over its full vocabulary, and
+    bits per UTF-8 byte. With ``seen`` (bool ``[len(tokenizer)]``) also the mean CE over the tokens
+    whose id is / is not ``seen`` (``loss_seen``, ``loss_unseen``, ``unseen_rate``)."""
+    import torch
+    import torch.nn.functional as F
+
+    inputs, nbytes = windows(tokenizer, docs, block_size)
+    pad = pad_token_id(tokenizer)
+    total, count, tot_unseen, n_unseen = 0.0, 0, 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(inputs), batch):
+            ids, att, labels = pad_batch(inputs[i:i + batch], pad)
+            rows = vocab.rows(labels)
+            logits = model(input_ids=vocab.rows(ids).to(device), attention_mask=att.to(device)).logits.float()
+            ce = F.cross_entropy(logits.flatten(0, 1), rows.flatten().to(device), reduction="none").cpu().double()
+            ce = ce + vocab.token_nats(rows.flatten())
+            mask = labels.flatten() != -100
+            total += float(ce[mask].sum())
+            count += int(mask.sum())
+            if seen is not None:
+                un = mask & ~seen[labels.flatten().clamp_min(0)]
+                tot_unseen += float(ce[un].sum())
+                n_unseen += int(un.sum())
+    model.train(was_training)
+    out = {"loss": total / count, "bpb": total / math.log(2) / nbytes, "tokens": count, "bytes": nbytes}
+    if seen is not None:
+        out.update(unseen_rate=n_unseen / count, loss_unseen=tot_unseen / max(n_unseen, 1),
+                   loss_seen=(total - tot_unseen) / max(count - n_unseen, 1))
+    return out
+
+
+def train_target(model, vocab: ModelVocab, dataset, collate, steps: int, preset: Preset, seed: int, device,
+                 fused: bool, eval_fn, progress: bool) -> dict:
+    """Train the target ``steps`` steps on batches drawn with ``seed``: with ``fused_loss`` when
+    ``fused``, else plain cross-entropy on the same labels. Returns the curves (the last held-out
+    evaluation, of the trained model, in ``curve["final"]``)."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from fastfuse.loss import AlignMap, SourceTopK, fused_loss
+
+    g = torch.Generator().manual_seed(seed)
+    opt, sched = make_optimizer(model, preset.tgt_lr, steps)
+    model.to(device).train()
+    every = max(1, steps // max(1, preset.eval_points))
+    curve = {"step": [], "train_ce": [], "eval_step": [], "eval_loss": [], "final": None}
+    for step in tqdm(range(1, steps + 1), desc="train target " + ("fused" if fused else "CLM-only"),
+                     disable=not progress, dynamic_ncols=True):
+        pick = torch.randint(len(dataset), (preset.tgt_batch,), generator=g).tolist()
+        b = collate([dataset[i] for i in pick])
+        # real target ids -> the model's rows (identity for vocab="full")
+        ids, labels = vocab.rows(b["input_ids"]).to(device), vocab.rows(b["labels"]).to(device)
+        logits = model(input_ids=ids, attention_mask=b["attention_mask"].to(device)).logits
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        if fused:
+            topk = SourceTopK(*(t.to(device) for t in b["source_topk"]))
+            amap = AlignMap(b["align_map"].pos.to(device), vocab.rows(b["align_map"].vocab).to(device))
+            loss = fused_loss(logits, topk, amap, labels, source_weights=b["source_weights"].to(device),
+                              lm_weight=preset.lm_weight, temperature=preset.temperature)
+        else:
+            loss = ce
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        curve["step"].append(step)
+        curve["train_ce"].append(ce.item())
+        if step % every == 0 or step == steps:
+            if not curve["eval_step"] or curve["eval_step"][-1] != step:
+                ev = eval_fn(model)
+                curve["eval_step"].append(step)
+                curve["eval_loss"].append(ev["loss"])
+                curve["final"] = ev
+    model.eval()
+    return curve
+
+
+def teacher_stats(dataset, collate, names: list[str], batch: int = 64) -> dict:
+    """How good the aligned teachers are on the fusion corpus, per source: ``gold_in_topk`` (the
+    target's next token is among the source's top-k mapped to target ids, over 1-to-1 aligned
+    positions), ``topk_mass`` (mean probability the source puts on its own top-k there), and
+    ``picks`` (sequences for which MinCE picks each source)."""
+    import torch
+
+    hit = torch.zeros(len(names))
+    mass = torch.zeros(len(names), dtype=torch.float64)
+    n = torch.zeros(len(names))
+    picks = torch.zeros(len(names), dtype=torch.long)
+    for a in range(0, len(dataset), batch):
+        b = collate([dataset[i] for i in range(a, min(len(dataset), a + batch))])
+        labels = b["labels"]
+        picks += torch.bincount(b["source_ce"].argmin(0), minlength=len(names))
+        for s in range(len(names)):
+            pos = b["align_map"].pos[s].long()
+            m = (pos >= 0) & (labels != -100)
+            idx = pos.clamp_min(0)[..., None].expand(-1, -1, b["source_topk"].ids.shape[-1])
+            ids = b["source_topk"].ids[s].long().gather(1, idx)
+            lps = b["source_topk"].logprobs[s].float().gather(1, idx)
+            mapped = torch.where(ids >= 0, b["align_map"].vocab[s].long()[ids.clamp_min(0)], -1)
+            hit[s] += float(((mapped == labels[..., None]).any(-1) & m).sum())
+            mass[s] += float(lps.exp().sum(-1)[m].double().sum())
+            n[s] += float(m.sum())
+    return {"picks": {k: int(picks[i]) for i, k in enumerate(names)},
+            "gold_in_topk": {k: float(hit[i] / n[i].clamp_min(1)) for i, k in enumerate(names)},
+            "topk_mass": {k: float(mass[i] / n[i].clamp_min(1)) for i, k in enumerate(names)}}
