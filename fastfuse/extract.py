@@ -196,7 +196,8 @@ def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: in
     ``out_dir`` as shards (format: :mod:`fastfuse.shards`; pipeline: this module's docstring).
 
     ``model``: called as ``model(input_ids=[B, L] int64, attention_mask=[B, L])`` returning logits
-    ``[B, L, V]``; moved to ``device`` (default CUDA if available, else CPU) and ``dtype`` (default
+    ``[B, L, V]``, with a ``state_dict()`` (any ``nn.Module``: its :func:`model_fingerprint` makes the
+    weights part of the run's identity, so a resume with other weights is refused); moved to ``device`` (default CUDA if available, else CPU) and ``dtype`` (default
     bf16 on GPU, fp32 on CPU). ``tokenizer``: the model's fast tokenizer. ``texts``: see
     :func:`fastfuse.corpus.iter_corpus`. ``block_size``: max tokens per sequence (special tokens included).
     ``token_budget``: max padded tokens per batch. ``shard_size``: sequences per shard.

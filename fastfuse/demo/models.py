@@ -91,6 +91,13 @@ class FullVocabLM:
         self.model.eval()
         return self
 
+    def state_dict(self) -> dict:
+        """The wrapped model's weights and the kept ids (what ``extract_topk`` fingerprints)."""
+        import torch
+
+        kept = torch.as_tensor([] if self.vocab.kept is None else list(self.vocab.kept), dtype=torch.long)
+        return {**self.model.state_dict(), "vocab.kept": kept}
+
     def __call__(self, input_ids, attention_mask=None, **kwargs):
         from types import SimpleNamespace
 
