@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from fastfuse import _C
-from fastfuse.surface import TokenSurfaces, _backend, token_surfaces
+from fastfuse.surface import TokenSurfaces, backend_tokenizer, token_surfaces
 
 
 @dataclass
@@ -126,7 +126,7 @@ class TokenizerOffsets:
         if not getattr(tokenizer, "is_fast", True) or not hasattr(tokenizer, "backend_tokenizer") and not hasattr(tokenizer, "to_str"):
             raise TypeError(f"{name}: byte offsets need a Hugging Face fast tokenizer, got {type(tokenizer).__name__}; "
                             "align tokenizers without offsets with fastfuse.dtw_align (MinED)")
-        backend = _backend(tokenizer)
+        backend = backend_tokenizer(tokenizer)
         self.tokenizer = tokenizer
         self.backend = backend
         self.surfaces = token_surfaces(tokenizer)

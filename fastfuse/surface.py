@@ -75,7 +75,7 @@ class SurfaceRule:
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "SurfaceRule":
-        decoder = _backend(tokenizer).decoder
+        decoder = backend_tokenizer(tokenizer).decoder
         # The decoder's own state is its JSON config: cheaper than serialising the whole tokenizer.
         return cls(None if decoder is None else json.loads(decoder.__getstate__()))
 
@@ -110,7 +110,9 @@ class SurfaceRule:
         return self.replace_chars(token).encode("utf-8")
 
 
-def _backend(tokenizer):
+def backend_tokenizer(tokenizer):
+    """The ``tokenizers.Tokenizer`` behind a Hugging Face fast tokenizer (or the bare one itself);
+    TypeError for anything else (slow tokenizers have no decoder config or offsets)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         if type(tokenizer).__name__ == "Tokenizer" and hasattr(tokenizer, "to_str"):
@@ -124,7 +126,7 @@ def _backend(tokenizer):
 
 def token_surfaces(tokenizer) -> TokenSurfaces:
     """Bytes of every token id (``len(tokenizer)`` entries, added tokens included)."""
-    backend = _backend(tokenizer)
+    backend = backend_tokenizer(tokenizer)
     rule = SurfaceRule.from_tokenizer(tokenizer)
     size = backend.get_vocab_size(with_added_tokens=True)
     vocab = backend.get_vocab(with_added_tokens=False)
@@ -144,7 +146,7 @@ def normalized_text(tokenizer, text: str) -> bytes:
     """The text as the tokenizer's tokens spell it: its normaliser applied (e.g. SentencePiece's dummy
     prefix space, NFC), then the same character replacements as the tokens. Concatenating the surface
     bytes of ``encode(text)`` (special tokens excluded) gives exactly this for BPE/SentencePiece tokenizers."""
-    backend = _backend(tokenizer)
+    backend = backend_tokenizer(tokenizer)
     rule = SurfaceRule.from_tokenizer(tokenizer)
     if backend.normalizer is not None:
         text = backend.normalizer.normalize_str(text)
