@@ -12,6 +12,7 @@ import numpy as np
 
 from fastfuse import _C
 from fastfuse.surface import TokenSurfaces, backend_tokenizer, token_surfaces
+from fastfuse.threads import check_num_threads
 
 
 @dataclass
@@ -46,7 +47,9 @@ def align_offsets(tgt_ends: np.ndarray, src_ends: np.ndarray) -> Alignment:
 
 
 def align_offsets_batch(tgt_ends: Sequence[np.ndarray], src_ends: Sequence[np.ndarray], num_threads: int = 0) -> list[Alignment]:
-    """:func:`align_offsets` over many sequence pairs, on ``num_threads`` threads (0 = all cores)."""
+    """:func:`align_offsets` over many sequence pairs, on ``num_threads`` threads (0 = all cores;
+    see :func:`fastfuse.threads.check_num_threads`)."""
+    num_threads = check_num_threads(num_threads)
     return [Alignment(m, p, int(n)) for m, p, n in _C.align_spans_batch(list(tgt_ends), list(src_ends), num_threads)]
 
 
@@ -150,6 +153,7 @@ class TokenizerOffsets:
 def align_texts(tgt_tokenizer, src_tokenizer, texts: Sequence[str], num_threads: int = 0,
                 add_special_tokens: bool = True) -> list[Alignment]:
     """Tokenise each text with both tokenizers and align them exactly through byte offsets."""
+    num_threads = check_num_threads(num_threads)  # before tokenising
     tgt = TokenizerOffsets(tgt_tokenizer, "tgt_tokenizer").encode(texts, add_special_tokens)
     src = TokenizerOffsets(src_tokenizer, "src_tokenizer").encode(texts, add_special_tokens)
     return align_offsets_batch([e for _, e in tgt], [e for _, e in src], num_threads)

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from fastfuse import _C
+from fastfuse.threads import check_num_threads
 
 __all__ = ["DTWAlignment", "dtw_align", "dtw_align_batch"]
 
@@ -74,7 +75,7 @@ def dtw_align(src_tokens: Sequence[str], tgt_tokens: Sequence[str], num_threads:
         TypeError: an argument is not a list/tuple of str (the message names it).
         ValueError: an empty sequence.
     """
-    indptr, indices, cost = _C.dtw_align(src_tokens, tgt_tokens, _threads(num_threads))
+    indptr, indices, cost = _C.dtw_align(src_tokens, tgt_tokens, check_num_threads(num_threads))
     return DTWAlignment(indptr, indices, cost)
 
 
@@ -88,13 +89,6 @@ def dtw_align_batch(
         tgt_batch: ``B`` lists of str, each non-empty.
         num_threads: worker threads (0: all cores).
     """
-    out = _C.dtw_align_batch(src_batch, tgt_batch, _threads(num_threads))
+    out = _C.dtw_align_batch(src_batch, tgt_batch, check_num_threads(num_threads))
     return [DTWAlignment(indptr, indices, cost) for indptr, indices, cost in out]
 
-
-def _threads(num_threads: int) -> int:
-    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
-        raise TypeError(f"num_threads: expected an int, got {type(num_threads).__name__}")
-    if num_threads < 0:
-        raise ValueError(f"num_threads: expected >= 0, got {num_threads}")
-    return int(num_threads)
