@@ -42,10 +42,16 @@ def gpt2_unicode_to_byte() -> dict[str, int]:
 
 @dataclass
 class TokenSurfaces:
-    """``bytes[i]`` is what token id ``i`` stands for; ``special[i]`` marks control/special tokens."""
+    """``bytes[i]`` is what token id ``i`` stands for; ``special[i]`` marks control/special tokens;
+    ``missing[i]`` marks ids no token has (vocabularies with id gaps; their bytes are empty)."""
 
     bytes: list[bytes]
     special: np.ndarray  # bool [V]
+    missing: np.ndarray | None = None  # bool [V]; None: no gaps
+
+    def __post_init__(self) -> None:
+        if self.missing is None:
+            self.missing = np.zeros(len(self.bytes), dtype=bool)
 
     def __len__(self) -> int:
         return len(self.bytes)
@@ -125,21 +131,25 @@ def backend_tokenizer(tokenizer):
 
 
 def token_surfaces(tokenizer) -> TokenSurfaces:
-    """Bytes of every token id (``len(tokenizer)`` entries, added tokens included)."""
+    """Bytes of every token id, added tokens included: ``max id + 1`` entries, which is
+    ``len(tokenizer)`` unless the ids have gaps (``get_vocab_size`` counts tokens, not ids)."""
     backend = backend_tokenizer(tokenizer)
     rule = SurfaceRule.from_tokenizer(tokenizer)
-    size = backend.get_vocab_size(with_added_tokens=True)
     vocab = backend.get_vocab(with_added_tokens=False)
+    added_tokens = backend.get_added_tokens_decoder()
+    size = max(backend.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=-1) + 1,
+               max(added_tokens, default=-1) + 1)
     out: list[bytes] = [b""] * size
+    missing = np.ones(size, dtype=bool)
     for tok, i in vocab.items():
-        if i < size:
-            out[i] = rule.token_bytes(tok)
+        out[i] = rule.token_bytes(tok)
+        missing[i] = False
     special = np.zeros(size, dtype=bool)
-    for i, added in backend.get_added_tokens_decoder().items():
-        if i < size:
-            out[i] = added.content.encode("utf-8")
-            special[i] = bool(added.special)
-    return TokenSurfaces(out, special)
+    for i, added in added_tokens.items():
+        out[i] = added.content.encode("utf-8")
+        special[i] = bool(added.special)
+        missing[i] = False
+    return TokenSurfaces(out, special, missing)
 
 
 def normalized_text(tokenizer, text: str) -> bytes:
