@@ -236,3 +236,19 @@ def test_groups_partition_consistently(seed):
     assert set(gt.tolist()) == set(gs.tolist())
     for g in np.unique(gt):
         assert t[gt == g].max() == s[gs == g].max()
+
+
+def test_alignment_modules_import_no_private_names():
+    # Project rule: no module imports another module's private names (align.py took _backend).
+    import ast
+    import pathlib
+
+    import fastfuse
+
+    root = pathlib.Path(fastfuse.__file__).parent
+    for name in ("align", "dtw", "surface", "threads", "vocab"):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fastfuse"):
+                private = [a.name for a in node.names if a.name.startswith("_") and a.name != "_C"]
+                assert not private, f"fastfuse/{name}.py imports {private} from {node.module}"
