@@ -2,6 +2,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -61,18 +62,18 @@ py::tuple to_python(const DTWResult& r) {
     return py::make_tuple(indptr, indices, r.cost);
 }
 
-py::tuple py_dtw_align(py::handle src_tokens, py::handle tgt_tokens, int num_threads) {
+py::tuple py_dtw_align(py::handle src_tokens, py::handle tgt_tokens, int num_threads, int64_t max_cells) {
     Tokens s = borrow_tokens(src_tokens, "src_tokens");
     Tokens t = borrow_tokens(tgt_tokens, "tgt_tokens");
     DTWResult r;
     {
         py::gil_scoped_release release;
-        r = dtw_align(s.views, t.views, num_threads);
+        r = dtw_align(s.views, t.views, num_threads, max_cells);
     }
     return to_python(r);
 }
 
-py::list py_dtw_align_batch(py::handle src_batch, py::handle tgt_batch, int num_threads) {
+py::list py_dtw_align_batch(py::handle src_batch, py::handle tgt_batch, int num_threads, int64_t max_cells) {
     for (auto [obj, name] : {std::pair{src_batch, "src_batch"}, std::pair{tgt_batch, "tgt_batch"}})
         if (!PyList_Check(obj.ptr()) && !PyTuple_Check(obj.ptr()))
             throw py::type_error(std::string(name) + ": expected a list of token lists, got " +
@@ -97,7 +98,13 @@ py::list py_dtw_align_batch(py::handle src_batch, py::handle tgt_batch, int num_
         py::gil_scoped_release release;
         // One sequence pair per task, single-threaded inside (a lone pair may use the threads).
         const int inner = n == 1 ? num_threads : 1;
-        parallel_for(n, num_threads, [&](int64_t b) { results[b] = dtw_align(ss[b].views, ts[b].views, inner); });
+        parallel_for(n, num_threads, [&](int64_t b) {
+            try {
+                results[b] = dtw_align(ss[b].views, ts[b].views, inner, max_cells);
+            } catch (const std::invalid_argument& e) {
+                throw std::invalid_argument(std::string(e.what()) + " (pair " + std::to_string(b) + ")");
+            }
+        });
     }
     py::list out;
     for (const auto& r : results) out.append(to_python(r));
@@ -107,10 +114,13 @@ py::list py_dtw_align_batch(py::handle src_batch, py::handle tgt_batch, int num_
 }  // namespace
 
 void bind_dtw(py::module_& m) {
+    m.attr("DTW_DEFAULT_MAX_CELLS") = kDefaultMaxCells;
     m.def("dtw_align", &py_dtw_align, py::arg("src_tokens"), py::arg("tgt_tokens"), py::arg("num_threads") = 0,
+          py::arg("max_cells") = kDefaultMaxCells,
           "MinED / DTW alignment (FuseLLM semantics) -> (indptr int64[T+1], indices int32[P], cost int).");
     m.def("dtw_align_batch", &py_dtw_align_batch, py::arg("src_batch"), py::arg("tgt_batch"),
-          py::arg("num_threads") = 0, "Batched dtw_align over many sequence pairs, multithreaded, GIL released.");
+          py::arg("num_threads") = 0, py::arg("max_cells") = kDefaultMaxCells,
+          "Batched dtw_align over many sequence pairs, multithreaded, GIL released.");
     m.def("_dtw_set_paths", &dtw_set_paths, py::arg("simd") = true, py::arg("force_wide") = false,
           "Testing hook: pick the DTW DP path (AVX2 row on/off, int64 forced); all give the same result.");
 }

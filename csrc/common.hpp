@@ -15,11 +15,14 @@
 
 namespace fastfuse {
 
-// Resolve a user thread count: <= 0 means "all hardware threads".
+// The most threads one call starts; fastfuse/threads.py caps num_threads at the same value.
+constexpr int kMaxThreads = 1024;
+
+// Resolve a user thread count: <= 0 means "all hardware threads"; at most kMaxThreads.
 inline int resolve_threads(int num_threads) {
-    if (num_threads > 0) return num_threads;
+    if (num_threads > 0) return std::min(num_threads, kMaxThreads);
     unsigned hc = std::thread::hardware_concurrency();
-    return hc == 0 ? 1 : static_cast<int>(hc);
+    return hc == 0 ? 1 : static_cast<int>(std::min<unsigned>(hc, kMaxThreads));
 }
 
 // Run fn(i) for i in [0, n) on up to num_threads threads with dynamic scheduling.
@@ -50,9 +53,15 @@ void parallel_for(int64_t n, int num_threads, Fn&& fn, int64_t chunk = 1) {
             next.store(n);  // stop the other workers early
         }
     };
+    // The OS may refuse a thread (no memory for its stack, a process limit): std::thread then
+    // throws. Stop starting more and let the threads that exist, this one included, claim the
+    // remaining items; destroying a joinable std::thread would call std::terminate.
     std::vector<std::thread> threads;
-    threads.reserve(nt - 1);
-    for (int t = 0; t < nt - 1; ++t) threads.emplace_back(worker);
+    try {
+        threads.reserve(nt - 1);
+        for (int t = 0; t < nt - 1; ++t) threads.emplace_back(worker);
+    } catch (...) {
+    }
     worker();
     for (auto& th : threads) th.join();
     if (error) std::rethrow_exception(error);

@@ -402,10 +402,54 @@ int64_t forward_backtrack(const std::vector<int32_t>& src_uid, int64_t n2, const
     return total;
 }
 
+std::string first_index(const Interned& side, int64_t u, const char* name) {
+    const auto k = std::find(side.uid.begin(), side.uid.end(), static_cast<int32_t>(u)) - side.uid.begin();
+    return std::string(name) + "[" + std::to_string(k) + "]";
+}
+
+std::string mib(double bytes) { return std::to_string(static_cast<int64_t>(bytes / (1 << 20)) + 1) + " MiB"; }
+
+// Refuse, before allocating, work that would not fit in memory or not finish (see dtw.hpp).
+void check_size(const Interned& s, const Interned& t, int64_t max_len, int64_t max_cells) {
+    const int64_t n1 = static_cast<int64_t>(s.uid.size()), n2 = static_cast<int64_t>(t.uid.size());
+    if (n1 * n2 > max_cells) {  // both < 2^31: no overflow
+        // Cost rows (one per unique source token) plus two direction bits per cell.
+        const double bytes = double(s.size()) * double(n2) * (max_len <= 255 ? 1 : 4) + 2.0 * n1 * ((n2 + 7) / 8);
+        throw std::invalid_argument("src_tokens/tgt_tokens: a " + std::to_string(n1) + " x " + std::to_string(n2) +
+                                    " alignment has " + std::to_string(n1 * n2) + " DTW cells, more than max_cells=" +
+                                    std::to_string(max_cells) + " (it would need about " + mib(bytes) +
+                                    "); align shorter pieces or raise max_cells");
+    }
+    // Edit distances: a source token of m > 64 code points runs an m x len DP against every unique
+    // target token; a shorter one costs one bit-parallel step per target code point, which only
+    // adds up for long target tokens. Short-short pairs are bounded by the check above.
+    double t_all = 0, t_long = 0, work = 0;
+    int64_t longest_s = 0, longest_t = 0;
+    for (int64_t v = 0; v < t.size(); ++v) {
+        t_all += double(t.len(v));
+        if (t.len(v) > 64) t_long += double(t.len(v));
+        if (t.len(v) > t.len(longest_t)) longest_t = v;
+    }
+    for (int64_t u = 0; u < s.size(); ++u) {
+        const int64_t m = s.len(u);
+        work += m > 64 ? double(m) * t_all : m > 0 ? t_long : 0.0;
+        if (m > s.len(longest_s)) longest_s = u;
+    }
+    if (work > double(max_cells)) {
+        const bool src_side = s.len(longest_s) >= t.len(longest_t);
+        const std::string where = src_side ? first_index(s, longest_s, "src_tokens") : first_index(t, longest_t, "tgt_tokens");
+        throw std::invalid_argument(
+            "src_tokens/tgt_tokens: the edit distances of tokens longer than 64 code points need about " +
+            std::to_string(static_cast<int64_t>(work)) + " DP cells, more than max_cells=" + std::to_string(max_cells) +
+            " (the longest token, " + where + ", has " + std::to_string(src_side ? s.len(longest_s) : t.len(longest_t)) +
+            " code points); shorten such tokens or raise max_cells");
+    }
+}
+
 }  // namespace
 
 DTWResult dtw_align(const std::vector<std::string_view>& src, const std::vector<std::string_view>& tgt,
-                    int num_threads) {
+                    int num_threads, int64_t max_cells) {
     if (src.empty()) throw std::invalid_argument("src_tokens: expected at least one token");
     if (tgt.empty()) throw std::invalid_argument("tgt_tokens: expected at least one token");
     if (src.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max()) ||
@@ -419,6 +463,7 @@ DTWResult dtw_align(const std::vector<std::string_view>& src, const std::vector<
     int64_t max_len = 0;
     for (int64_t u = 0; u < s.size(); ++u) max_len = std::max(max_len, s.len(u));
     for (int64_t u = 0; u < t.size(); ++u) max_len = std::max(max_len, t.len(u));
+    check_size(s, t, max_len, max_cells);
     DTWResult out;
     // Any cell is a sum of at most n1 + n2 - 1 costs: int32 (and the SIMD row, whose sentinel
     // is 2^30) while that stays below 2^29, else int64.

@@ -36,8 +36,15 @@ int64_t levenshtein(const uint32_t* a, int64_t la, const uint32_t* b, int64_t lb
 //    +inf in both), so the choice is recorded in the forward pass as two bits per cell and the
 //    backtrack just follows it. Ties resolve as np.argmin does: diag, then up, then left.
 // The whole matrix is computed (no band), as in the reference: a band could change the path.
+//
+// max_cells refuses (std::invalid_argument with the sizes, before any large allocation) inputs
+// whose work would not fit or not finish: more than max_cells DTW cells (n_src * n_tgt; about
+// 1.25 bytes each, 4.25 when a token has > 255 code points), or more than max_cells edit-distance
+// DP cells for the pairs involving a token longer than 64 code points (such a pair costs
+// len_a * len_b, or len_long bit-parallel steps when the source token is short).
+constexpr int64_t kDefaultMaxCells = int64_t(1) << 30;
 DTWResult dtw_align(const std::vector<std::string_view>& src, const std::vector<std::string_view>& tgt,
-                    int num_threads = 1);
+                    int num_threads = 1, int64_t max_cells = kDefaultMaxCells);
 
 // Testing hook, process-wide: simd = use the AVX2 DP row where the CPU has it (default true);
 // force_wide = run the DP in int64 even when int32 is safe (default false). Every path must

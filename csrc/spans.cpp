@@ -3,6 +3,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -60,22 +61,27 @@ namespace {
 using I64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 using I32Array = py::array_t<int32_t, py::array::c_style>;
 
-I64Array as_1d(py::handle obj, const char* name) {
-    I64Array a;
-    try {
-        a = I64Array::ensure(obj);
-    } catch (...) {
-        a = I64Array();
-    }
-    if (!a) throw py::type_error(std::string(name) + ": expected a 1-D integer array of byte end offsets");
-    if (a.ndim() != 1)
-        throw py::value_error(std::string(name) + ": expected a 1-D array, got " + std::to_string(a.ndim()) +
+// Byte end offsets: an integer array or a list of int, nothing numpy would have to cast (a float
+// end would be truncated, NaN become INT64_MIN, "1" be parsed). Empty input may have any dtype.
+I64Array as_ends(py::handle obj, const char* name) {
+    const std::string expected = std::string(name) + ": expected a 1-D integer array (or list of int) of byte end offsets";
+    py::array raw = py::array::ensure(obj);  // no dtype given: nothing is cast yet
+    if (!raw) throw py::type_error(expected + ", got " + std::string(Py_TYPE(obj.ptr())->tp_name));
+    const char kind = raw.dtype().kind();
+    if (raw.size() > 0 && kind != 'i' && kind != 'u')
+        throw py::type_error(expected + ", got " + std::string(Py_TYPE(obj.ptr())->tp_name) + " of dtype " +
+                             std::string(py::str(raw.dtype())));
+    if (raw.ndim() != 1)
+        throw py::value_error(std::string(name) + ": expected a 1-D array, got " + std::to_string(raw.ndim()) +
                               " dimensions");
-    return a;
+    if (kind == 'u' && raw.itemsize() == 8 && raw.size() > 0 &&
+        py::cast<uint64_t>(raw.attr("max")()) > static_cast<uint64_t>(INT64_MAX))
+        throw py::value_error(std::string(name) + ": byte end offsets must fit int64");
+    return I64Array::ensure(raw);
 }
 
 py::tuple py_align_spans(py::handle tgt_ends, py::handle src_ends) {
-    I64Array t = as_1d(tgt_ends, "tgt_ends"), s = as_1d(src_ends, "src_ends");
+    I64Array t = as_ends(tgt_ends, "tgt_ends"), s = as_ends(src_ends, "src_ends");
     const int64_t nt = t.shape(0), ns = s.shape(0);
     I32Array match(nt), pos(nt);
     int64_t matched;
@@ -97,8 +103,8 @@ py::list py_align_spans_batch(py::sequence tgt, py::sequence src, int num_thread
     ts.reserve(n); ss.reserve(n); matches.reserve(n); poses.reserve(n);
     for (int64_t b = 0; b < n; ++b) {
         std::string tn = "tgt_ends[" + std::to_string(b) + "]", sn = "src_ends[" + std::to_string(b) + "]";
-        ts.push_back(as_1d(tgt[b], tn.c_str()));
-        ss.push_back(as_1d(src[b], sn.c_str()));
+        ts.push_back(as_ends(tgt[b], tn.c_str()));
+        ss.push_back(as_ends(src[b], sn.c_str()));
         matches.emplace_back(ts.back().shape(0));
         poses.emplace_back(ts.back().shape(0));
     }

@@ -11,7 +11,8 @@ from typing import Sequence
 import numpy as np
 
 from fastfuse import _C
-from fastfuse.surface import TokenSurfaces, _backend, token_surfaces
+from fastfuse.surface import TokenSurfaces, backend_tokenizer, token_surfaces
+from fastfuse.threads import check_num_threads
 
 
 @dataclass
@@ -40,13 +41,17 @@ def align_offsets(tgt_ends: np.ndarray, src_ends: np.ndarray) -> Alignment:
     """Align two tokenisations from their byte end offsets (int [T], int [S]).
 
     Token k covers bytes ``[ends[k-1], ends[k])``; ends must be non-negative and non-decreasing.
+    Ends are integer numpy arrays or lists of int: anything else (floats, strings, bools) is a
+    TypeError naming the argument, never silently truncated or parsed.
     """
     match, pos, n = _C.align_spans(tgt_ends, src_ends)
     return Alignment(match, pos, int(n))
 
 
 def align_offsets_batch(tgt_ends: Sequence[np.ndarray], src_ends: Sequence[np.ndarray], num_threads: int = 0) -> list[Alignment]:
-    """:func:`align_offsets` over many sequence pairs, on ``num_threads`` threads (0 = all cores)."""
+    """:func:`align_offsets` over many sequence pairs, on ``num_threads`` threads (0 = all cores;
+    see :func:`fastfuse.threads.check_num_threads`)."""
+    num_threads = check_num_threads(num_threads)
     return [Alignment(m, p, int(n)) for m, p, n in _C.align_spans_batch(list(tgt_ends), list(src_ends), num_threads)]
 
 
@@ -54,7 +59,7 @@ def align_groups(tgt_ends: np.ndarray, src_ends: np.ndarray) -> tuple[np.ndarray
     """Many-to-many groups: the text is cut at the byte boundaries both tokenisations share; group g
     is the g-th piece. Returns (group of each target token, group of each source token), int64.
     A group with one token on each side is a 1-to-1 match; empty tokens join the next group."""
-    t, s = np.asarray(tgt_ends, dtype=np.int64), np.asarray(src_ends, dtype=np.int64)
+    t, s = _int_ends(tgt_ends, "tgt_ends"), _int_ends(src_ends, "src_ends")
     for name, e in (("tgt_ends", t), ("src_ends", s)):
         if e.ndim != 1 or (len(e) and (e[0] < 0 or (np.diff(e) < 0).any())):
             raise ValueError(f"{name}: byte end offsets must be a 1-D non-negative, non-decreasing array")
@@ -62,6 +67,15 @@ def align_groups(tgt_ends: np.ndarray, src_ends: np.ndarray) -> tuple[np.ndarray
     shared = shared[shared > 0]
     # token k belongs to the group of its end: the number of shared boundaries strictly before it
     return np.searchsorted(shared, t, "left"), np.searchsorted(shared, s, "left")
+
+
+def _int_ends(ends, name: str) -> np.ndarray:
+    """The C++ binding's rule for byte end offsets: integers only (empty input of any dtype)."""
+    arr = np.asarray(ends)
+    if arr.size and arr.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected a 1-D integer array (or list of int) of byte end offsets, "
+                        f"got {type(ends).__name__} of dtype {arr.dtype}")
+    return arr.astype(np.int64)
 
 
 def _char_to_byte(text: str) -> np.ndarray:
@@ -126,7 +140,7 @@ class TokenizerOffsets:
         if not getattr(tokenizer, "is_fast", True) or not hasattr(tokenizer, "backend_tokenizer") and not hasattr(tokenizer, "to_str"):
             raise TypeError(f"{name}: byte offsets need a Hugging Face fast tokenizer, got {type(tokenizer).__name__}; "
                             "align tokenizers without offsets with fastfuse.dtw_align (MinED)")
-        backend = _backend(tokenizer)
+        backend = backend_tokenizer(tokenizer)
         self.tokenizer = tokenizer
         self.backend = backend
         self.surfaces = token_surfaces(tokenizer)
@@ -150,6 +164,7 @@ class TokenizerOffsets:
 def align_texts(tgt_tokenizer, src_tokenizer, texts: Sequence[str], num_threads: int = 0,
                 add_special_tokens: bool = True) -> list[Alignment]:
     """Tokenise each text with both tokenizers and align them exactly through byte offsets."""
+    num_threads = check_num_threads(num_threads)  # before tokenising
     tgt = TokenizerOffsets(tgt_tokenizer, "tgt_tokenizer").encode(texts, add_special_tokens)
     src = TokenizerOffsets(src_tokenizer, "src_tokenizer").encode(texts, add_special_tokens)
     return align_offsets_batch([e for _, e in tgt], [e for _, e in src], num_threads)

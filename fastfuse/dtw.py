@@ -8,13 +8,19 @@ direction recorded in the forward pass.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import operator
+from typing import Any, Sequence
 
 import numpy as np
 
 from fastfuse import _C
+from fastfuse.threads import check_num_threads
 
-__all__ = ["DTWAlignment", "dtw_align", "dtw_align_batch"]
+__all__ = ["DTWAlignment", "dtw_align", "dtw_align_batch", "DEFAULT_MAX_CELLS"]
+
+# 2**30 (a 32768 x 32768 alignment): at most ~1.3 GiB of cost rows and backtrack bits, ~4.3 GiB
+# when a token has > 255 code points (int32 costs), and a few seconds of DP. See dtw_align.
+DEFAULT_MAX_CELLS: int = _C.DTW_DEFAULT_MAX_CELLS
 
 
 class DTWAlignment:
@@ -59,27 +65,36 @@ class DTWAlignment:
         return f"DTWAlignment(num_tgt={self.num_tgt}, path_len={len(self.indices)}, cost={self.cost})"
 
 
-def dtw_align(src_tokens: Sequence[str], tgt_tokens: Sequence[str], num_threads: int = 0) -> DTWAlignment:
+def dtw_align(src_tokens: Sequence[str], tgt_tokens: Sequence[str], num_threads: int = 0,
+              max_cells: int = DEFAULT_MAX_CELLS) -> DTWAlignment:
     """Align two tokenisations of one text by DTW over their token strings (FuseLLM's MinED).
 
     Args:
         src_tokens: list of str ``[S]``, S >= 1 (FuseLLM's ``series_1``).
         tgt_tokens: list of str ``[T]``, T >= 1 (``series_2``).
         num_threads: threads for the edit-distance table (0: all cores).
+        max_cells: refuse (ValueError, before allocating) an alignment larger than this:
+            ``S * T`` DTW cells (about 1.25 bytes each; 4.25 when some token has more than 255
+            code points), or this many edit-distance DP cells for the pairs involving a token
+            longer than 64 code points (``len_a * len_b`` each, ``len`` steps when the source
+            token is short: edit distance is quadratic in token length). Every result that is
+            computed is exact; raise the limit to align more, or align shorter pieces.
 
     Returns:
         A :class:`DTWAlignment` with the target-side mapping and the total cost.
 
     Raises:
         TypeError: an argument is not a list/tuple of str (the message names it).
-        ValueError: an empty sequence.
+        ValueError: an empty sequence, or more work than ``max_cells`` (the message has the sizes).
     """
-    indptr, indices, cost = _C.dtw_align(src_tokens, tgt_tokens, _threads(num_threads))
+    indptr, indices, cost = _C.dtw_align(src_tokens, tgt_tokens, check_num_threads(num_threads),
+                                         _check_max_cells(max_cells))
     return DTWAlignment(indptr, indices, cost)
 
 
 def dtw_align_batch(
-    src_batch: Sequence[Sequence[str]], tgt_batch: Sequence[Sequence[str]], num_threads: int = 0
+    src_batch: Sequence[Sequence[str]], tgt_batch: Sequence[Sequence[str]], num_threads: int = 0,
+    max_cells: int = DEFAULT_MAX_CELLS,
 ) -> list[DTWAlignment]:
     """:func:`dtw_align` over many sequence pairs, one pair per C++ thread, GIL released.
 
@@ -87,14 +102,17 @@ def dtw_align_batch(
         src_batch: ``B`` lists of str, each non-empty.
         tgt_batch: ``B`` lists of str, each non-empty.
         num_threads: worker threads (0: all cores).
+        max_cells: :func:`dtw_align`'s limit, for each pair (the error names the pair).
     """
-    out = _C.dtw_align_batch(src_batch, tgt_batch, _threads(num_threads))
+    out = _C.dtw_align_batch(src_batch, tgt_batch, check_num_threads(num_threads), _check_max_cells(max_cells))
     return [DTWAlignment(indptr, indices, cost) for indptr, indices, cost in out]
 
 
-def _threads(num_threads: int) -> int:
-    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
-        raise TypeError(f"num_threads: expected an int, got {type(num_threads).__name__}")
-    if num_threads < 0:
-        raise ValueError(f"num_threads: expected >= 0, got {num_threads}")
-    return int(num_threads)
+
+def _check_max_cells(value: Any) -> int:
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"max_cells: expected an int >= 1, got {type(value).__name__}")
+    n = operator.index(value)
+    if n < 1:
+        raise ValueError(f"max_cells: expected an int >= 1, got {n}")
+    return min(n, 2**62)  # more is unlimited anyway; keeps the C++ int64 from overflowing

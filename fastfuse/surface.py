@@ -42,10 +42,16 @@ def gpt2_unicode_to_byte() -> dict[str, int]:
 
 @dataclass
 class TokenSurfaces:
-    """``bytes[i]`` is what token id ``i`` stands for; ``special[i]`` marks control/special tokens."""
+    """``bytes[i]`` is what token id ``i`` stands for; ``special[i]`` marks control/special tokens;
+    ``missing[i]`` marks ids no token has (vocabularies with id gaps; their bytes are empty)."""
 
     bytes: list[bytes]
     special: np.ndarray  # bool [V]
+    missing: np.ndarray | None = None  # bool [V]; None: no gaps
+
+    def __post_init__(self) -> None:
+        if self.missing is None:
+            self.missing = np.zeros(len(self.bytes), dtype=bool)
 
     def __len__(self) -> int:
         return len(self.bytes)
@@ -75,7 +81,7 @@ class SurfaceRule:
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "SurfaceRule":
-        decoder = _backend(tokenizer).decoder
+        decoder = backend_tokenizer(tokenizer).decoder
         # The decoder's own state is its JSON config: cheaper than serialising the whole tokenizer.
         return cls(None if decoder is None else json.loads(decoder.__getstate__()))
 
@@ -110,7 +116,9 @@ class SurfaceRule:
         return self.replace_chars(token).encode("utf-8")
 
 
-def _backend(tokenizer):
+def backend_tokenizer(tokenizer):
+    """The ``tokenizers.Tokenizer`` behind a Hugging Face fast tokenizer (or the bare one itself);
+    TypeError for anything else (slow tokenizers have no decoder config or offsets)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         if type(tokenizer).__name__ == "Tokenizer" and hasattr(tokenizer, "to_str"):
@@ -123,28 +131,32 @@ def _backend(tokenizer):
 
 
 def token_surfaces(tokenizer) -> TokenSurfaces:
-    """Bytes of every token id (``len(tokenizer)`` entries, added tokens included)."""
-    backend = _backend(tokenizer)
+    """Bytes of every token id, added tokens included: ``max id + 1`` entries, which is
+    ``len(tokenizer)`` unless the ids have gaps (``get_vocab_size`` counts tokens, not ids)."""
+    backend = backend_tokenizer(tokenizer)
     rule = SurfaceRule.from_tokenizer(tokenizer)
-    size = backend.get_vocab_size(with_added_tokens=True)
     vocab = backend.get_vocab(with_added_tokens=False)
+    added_tokens = backend.get_added_tokens_decoder()
+    size = max(backend.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=-1) + 1,
+               max(added_tokens, default=-1) + 1)
     out: list[bytes] = [b""] * size
+    missing = np.ones(size, dtype=bool)
     for tok, i in vocab.items():
-        if i < size:
-            out[i] = rule.token_bytes(tok)
+        out[i] = rule.token_bytes(tok)
+        missing[i] = False
     special = np.zeros(size, dtype=bool)
-    for i, added in backend.get_added_tokens_decoder().items():
-        if i < size:
-            out[i] = added.content.encode("utf-8")
-            special[i] = bool(added.special)
-    return TokenSurfaces(out, special)
+    for i, added in added_tokens.items():
+        out[i] = added.content.encode("utf-8")
+        special[i] = bool(added.special)
+        missing[i] = False
+    return TokenSurfaces(out, special, missing)
 
 
 def normalized_text(tokenizer, text: str) -> bytes:
     """The text as the tokenizer's tokens spell it: its normaliser applied (e.g. SentencePiece's dummy
     prefix space, NFC), then the same character replacements as the tokens. Concatenating the surface
     bytes of ``encode(text)`` (special tokens excluded) gives exactly this for BPE/SentencePiece tokenizers."""
-    backend = _backend(tokenizer)
+    backend = backend_tokenizer(tokenizer)
     rule = SurfaceRule.from_tokenizer(tokenizer)
     if backend.normalizer is not None:
         text = backend.normalizer.normalize_str(text)

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fastfuse import _C
+from fastfuse.threads import check_num_threads
 
 __all__ = ["VocabMap", "reference_vocab_map", "levenshtein_reference"]
 
@@ -39,12 +40,6 @@ def _check_mode(mode: Any) -> str:
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     return mode
-
-
-def _check_threads(num_threads: Any) -> int:
-    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 0:
-        raise ValueError(f"num_threads: expected an int >= 0 (0 = all cores), got {num_threads!r}")
-    return int(num_threads)
 
 
 def _pack(tokens: Any, name: str) -> tuple[bytes, np.ndarray]:
@@ -122,7 +117,7 @@ class VocabMap:
             num_threads: worker threads for the mined search, 0 = all cores. The GIL is released.
         """
         mode = _check_mode(mode)
-        num_threads = _check_threads(num_threads)
+        num_threads = check_num_threads(num_threads)
         sbuf, soff = _pack(src_bytes, "src_bytes")
         tbuf, toff = _pack(tgt_bytes, "tgt_bytes")
         ss = _special_mask(src_special, len(src_bytes), "src_special")
@@ -136,6 +131,7 @@ class VocabMap:
         from fastfuse.surface import token_surfaces
 
         mode = _check_mode(mode)
+        num_threads = check_num_threads(num_threads)  # before the slow part
         s = token_surfaces(src_tokenizer)
         t = token_surfaces(tgt_tokenizer)
         return cls.from_token_bytes(s.bytes, t.bytes, mode, s.special, t.special, num_threads)

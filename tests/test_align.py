@@ -92,6 +92,33 @@ def test_bad_types_and_batch_lengths():
         align_offsets_batch([np.array([1]), np.array([2, 1])], [np.array([1]), np.array([1])])
 
 
+@pytest.mark.parametrize("bad", [
+    [1.7, 3.0], np.array([1.0, 3.0]), np.array([np.nan, 3.0]), ["1", "3"], np.array([True, True]),
+    [1, None], np.float32(2.0),
+], ids=["float-list", "float-array", "nan", "str", "bool", "none", "float-scalar"])
+def test_ends_must_be_integers(bad):
+    # Floats used to be truncated (1.7 -> 1), strings parsed, NaN reported as INT64_MIN.
+    from fastfuse.align import align_groups
+
+    ok = np.array([2, 3])
+    for call, arg in ((lambda b: align_offsets(b, ok), "tgt_ends"), (lambda b: align_offsets(ok, b), "src_ends"),
+                      (lambda b: align_offsets_batch([ok, b], [ok, ok]), r"tgt_ends\[1\]"),
+                      (lambda b: align_groups(ok, b), "src_ends")):
+        with pytest.raises(TypeError, match=arg + ": expected a 1-D integer array"):
+            call(bad)
+
+
+def test_integer_ends_of_any_width_and_lists():
+    ref = align_offsets(np.array([1, 3, 4]), np.array([3, 4]))
+    for t, s in (([1, 3, 4], [3, 4]), (np.array([1, 3, 4], np.uint8), np.array([3, 4], np.int32)), ((1, 3, 4), (3, 4))):
+        got = align_offsets(t, s)
+        np.testing.assert_array_equal(got.match, ref.match)
+        np.testing.assert_array_equal(got.pos, ref.pos)
+    assert len(align_offsets([], [1]).match) == 0  # an empty list has no dtype to check
+    with pytest.raises(ValueError, match="tgt_ends: byte end offsets must fit int64"):
+        align_offsets(np.array([2**63], dtype=np.uint64), [1])
+
+
 def test_empty_sequences():
     al = align_offsets(np.zeros(0, dtype=np.int64), np.array([1, 2]))
     assert len(al.match) == 0 and len(al.pos) == 0 and al.one_to_one_rate == 0.0
@@ -209,3 +236,19 @@ def test_groups_partition_consistently(seed):
     assert set(gt.tolist()) == set(gs.tolist())
     for g in np.unique(gt):
         assert t[gt == g].max() == s[gs == g].max()
+
+
+def test_alignment_modules_import_no_private_names():
+    # Project rule: no module imports another module's private names (align.py took _backend).
+    import ast
+    import pathlib
+
+    import fastfuse
+
+    root = pathlib.Path(fastfuse.__file__).parent
+    for name in ("align", "dtw", "surface", "threads", "vocab"):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fastfuse"):
+                private = [a.name for a in node.names if a.name.startswith("_") and a.name != "_C"]
+                assert not private, f"fastfuse/{name}.py imports {private} from {node.module}"

@@ -363,3 +363,65 @@ def test_bad_batch_input():
     with pytest.raises(ValueError, match="num_threads"):
         dtw_align_batch([["a"]], [["a"]], num_threads=-1)
     assert dtw_align_batch([], []) == []
+
+
+# ----------------------------------------------------------------------------- size limits
+def test_max_cells_bounds_the_dtw_matrix():
+    src, tgt = ["ab", "a", ""] * 40, ["b", "ab"] * 50  # 120 x 100
+    got = dtw_align(src, tgt, max_cells=120 * 100)  # the limit itself is allowed, and exact
+    assert got.to_lists() == reference_dtw(src, tgt)[3]
+    with pytest.raises(ValueError, match=r"120 x 100 alignment has 12000 DTW cells, more than max_cells=11999"):
+        dtw_align(src, tgt, max_cells=120 * 100 - 1)
+    with pytest.raises(ValueError, match=r"max_cells=11999 .*\(pair 1\)"):
+        dtw_align_batch([["a"], src], [["a"], tgt], max_cells=11999)
+    for bad, exc in ((True, TypeError), (1.5, TypeError), ("9", TypeError), (0, ValueError), (-5, ValueError)):
+        with pytest.raises(exc, match="max_cells"):
+            dtw_align(["a"], ["a"], max_cells=bad)
+    assert dtw_align(["a"], ["b"], max_cells=np.int64(1)).cost == 1
+    assert dtw_align(["a"], ["b"], max_cells=2**100).cost == 1  # capped, not overflowed
+
+
+def test_max_cells_bounds_long_token_edit_distances():
+    # A long source token runs a len x len DP against each unique target token; a short one
+    # a bit-parallel pass over each long target token. Within the limit, still exact.
+    rng = random.Random(5)
+    long_a = "".join(rng.choice("ab") for _ in range(3000))
+    long_b = "".join(rng.choice("ab") for _ in range(2000))
+    got = dtw_align([long_a, "ab"], ["b", long_b, "a"])
+    assert got.to_lists() == reference_dtw([long_a, "ab"], ["b", long_b, "a"])[3]
+    assert dtw_align([long_a], [long_b]).cost == editdistance.eval(long_a, long_b)
+    work = 3000 * (1 + 2000 + 1) + 2000  # long_a against every target token, "ab" against long_b
+    dtw_align([long_a, "ab"], ["b", long_b, "a"], max_cells=work)
+    with pytest.raises(ValueError, match=rf"need about {work} DP cells, more than max_cells={work - 1} "
+                                         r"\(the longest token, src_tokens\[0\], has 3000 code points\)"):
+        dtw_align([long_a, "ab"], ["b", long_b, "a"], max_cells=work - 1)
+    with pytest.raises(ValueError, match=r"the longest token, tgt_tokens\[2\], has 3000 code points"):
+        dtw_align(["a", "b"], ["a", "b", long_a], max_cells=3000)
+
+
+# Sizes that used to allocate gigabytes or never finish: refused at once with the default limit.
+# A subprocess under a 1 GiB address-space margin and a timeout, so a regression fails fast.
+_HUGE = {
+    "100k x 100k tokens": "dtw_align(['a', 'b'] * 50_000, ['b', 'a'] * 50_000)",
+    "two 10^6-character tokens": "dtw_align(['ab' * 500_000], ['ba' * 500_000])",
+    "a 10^6-character token vs 5000 short ones": "dtw_align(['ab' * 500_000], [str(k) for k in range(5000)])",
+}
+
+
+@pytest.mark.parametrize("case", sorted(_HUGE))
+def test_default_limit_refuses_huge_work(case):
+    import subprocess
+    import sys
+
+    code = (
+        "import resource\nfrom fastfuse.dtw import dtw_align\n"
+        "vm = [l for l in open('/proc/self/status') if l.startswith('VmSize:')][0]\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (int(vm.split()[1]) * 1024 + (1 << 30), resource.RLIM_INFINITY))\n"
+        f"try:\n    {_HUGE[case]}\nexcept ValueError as e:\n    print('REFUSED', e)\n"
+    )
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{case}: still running after 60 s")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "REFUSED" in proc.stdout and "max_cells=1073741824" in proc.stdout, proc.stdout

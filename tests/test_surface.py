@@ -67,3 +67,39 @@ def test_round_trip_fuzz(spm_and_bpe, text):
 def test_slow_or_foreign_tokenizer_is_rejected():
     with pytest.raises(TypeError, match="tokenizer: expected a Hugging Face fast tokenizer"):
         token_surfaces(object())
+
+
+def _gapped_tokenizer():
+    """A real tokenizers.Tokenizer whose ids skip 3, 4 and 8 (added tokens then take 5 and 6)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2, "ab": 7, "c": 9}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken("<s>", special=True)])
+    tok.add_tokens(["zz"])
+    assert tok.get_vocab_size(with_added_tokens=True) == 7  # tokens, not ids
+    return tok
+
+
+def test_vocabulary_with_id_gaps():
+    # ids >= get_vocab_size() (7 and 9 here) used to be dropped.
+    tok = _gapped_tokenizer()
+    surf = token_surfaces(tok)
+    assert len(surf) == 10
+    assert surf.bytes == [b"[UNK]", b"a", b"b", b"", b"", b"<s>", b"zz", b"ab", b"", b"c"]
+    assert surf.missing.tolist() == [k in (3, 4, 8) for k in range(10)]
+    assert surf.special.tolist() == [k == 5 for k in range(10)]
+    ids = tok.encode("ab c zz a", add_special_tokens=False).ids
+    assert ids == [7, 9, 6, 1] and b" ".join(surf.bytes[i] for i in ids) == b"ab c zz a"
+
+
+def test_vocabulary_with_id_gaps_aligns_and_maps():
+    from fastfuse.align import TokenizerOffsets
+    from fastfuse.vocab import VocabMap
+
+    tok = _gapped_tokenizer()
+    (ids, ends), = TokenizerOffsets(tok).encode(["ab c"])
+    assert ids.tolist() == [7, 9] and ends.tolist() == [2, 4]
+    vm = VocabMap.build(tok, tok, "exact")
+    assert vm.src_size == vm.tgt_size == 10
+    assert vm.ids.tolist() == [0, 1, 2, -1, -1, 5, 6, 7, -1, 9]  # gaps map to nothing
