@@ -189,10 +189,10 @@ def test_hypothesis_derived_tokenisation(src, data):
 @pytest.fixture(scope="module")
 def tokenizers_pair():
     tk = pytest.importorskip("tokenizers")
-    from pydoc_data.topics import topics
+    from fastfuse.corpus import python_docs
     from tokenizers import models, pre_tokenizers, trainers
 
-    corpus = list(topics.values())
+    corpus = python_docs()
     bpe = tk.Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.train_from_iterator(

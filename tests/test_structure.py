@@ -160,3 +160,23 @@ def test_library_modules_do_not_parse_command_lines():
         for src, _, _, node in imports(module):
             assert src != "argparse" and not src.startswith("fastfuse.cli"), \
                 f"{module}:{node.lineno} imports {src}"
+
+
+def test_compiled_core_stub_matches_the_module():
+    """fastfuse/_C.pyi declares exactly what the compiled module exports, with the same parameters."""
+    import inspect
+
+    from fastfuse import _C
+
+    stub = ast.parse((ROOT / "fastfuse" / "_C.pyi").read_text())
+    declared = {n.name: [a.arg for a in n.args.args] for n in stub.body if isinstance(n, ast.FunctionDef)}
+    declared |= {n.target.id: None for n in stub.body if isinstance(n, ast.AnnAssign)}
+    exported = {n for n in dir(_C) if not n.startswith("__")}
+    assert set(declared) == exported
+    for name, params in declared.items():
+        if params is None:
+            continue
+        sig = getattr(_C, name).__doc__.splitlines()[0]              # pybind11: "name(a: T, b: T = 0) -> R"
+        got = [p.split(":")[0].strip() for p in sig[sig.index("(") + 1: sig.rindex(")")].split(", ") if p]
+        assert got == params, (name, got, params)
+        assert inspect.isbuiltin(getattr(_C, name))

@@ -1,0 +1,42 @@
+"""Typed stub of ``fastfuse._C``, the compiled C++ core (csrc/; pybind11, numpy in and out, GIL released
+in the heavy loops). The Python modules ``align``, ``dtw`` and ``vocab`` are its public face."""
+from collections.abc import Buffer, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+Int32Array = npt.NDArray[np.int32]
+Int64Array = npt.NDArray[np.int64]
+
+DTW_DEFAULT_MAX_CELLS: int
+"""Default bound on the DTW table (target x source tokens) and the edit-distance work it implies."""
+
+def align_spans(tgt_ends: npt.ArrayLike, src_ends: npt.ArrayLike) -> tuple[Int32Array, Int32Array, int]:
+    """Exact alignment from byte end offsets -> (match int32[T], pos int32[T], number matched)."""
+
+def align_spans_batch(tgt_ends: Sequence[npt.ArrayLike], src_ends: Sequence[npt.ArrayLike],
+                      num_threads: int = 0) -> list[tuple[Int32Array, Int32Array, int]]:
+    """:func:`align_spans` over many pairs on ``num_threads`` threads (0: all cores)."""
+
+def dtw_align(src_tokens: Sequence[str], tgt_tokens: Sequence[str], num_threads: int = 0,
+              max_cells: int = ...) -> tuple[Int64Array, Int32Array, int]:
+    """MinED / DTW alignment (FuseLLM's) -> (indptr int64[T+1], indices int32[P], cost)."""
+
+def dtw_align_batch(src_batch: Sequence[Sequence[str]], tgt_batch: Sequence[Sequence[str]], num_threads: int = 0,
+                    max_cells: int = ...) -> list[tuple[Int64Array, Int32Array, int]]:
+    """:func:`dtw_align` over many pairs, one pair per thread."""
+
+def map_vocab(src_buf: Buffer, src_offsets: npt.ArrayLike, src_special: npt.ArrayLike, tgt_buf: Buffer,
+              tgt_offsets: npt.ArrayLike, tgt_special: npt.ArrayLike, mined: bool,
+              num_threads: int = 0) -> tuple[Int32Array, Int32Array]:
+    """Source id -> target id by normalised bytes (then minimum edit distance when ``mined``)
+    -> (ids int32[S], distance int32[S])."""
+
+def vocab_levenshtein(a: bytes, b: bytes) -> int:
+    """Byte-level Levenshtein distance (bit-parallel when the shorter is <= 64 bytes)."""
+
+def vocab_levenshtein_dp(a: bytes, b: bytes) -> int:
+    """Byte-level Levenshtein distance by plain dynamic programming (the tests' reference)."""
+
+def _dtw_set_paths(simd: bool = True, force_wide: bool = False) -> None:
+    """Testing hook: pick the DTW DP path (AVX2 row on/off, int64 forced); all give the same result."""
