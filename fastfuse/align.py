@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from fastfuse import _C
+from fastfuse.corpus import check_text
 from fastfuse.surface import TokenSurfaces, backend_tokenizer, token_surfaces
 from fastfuse.threads import check_num_threads
 
@@ -153,6 +154,7 @@ class TokenizerOffsets:
         for k, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"texts[{k}]: expected str, got {type(t).__name__}")
+            check_text(t, f"texts[{k}]")
         encs = self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
         out = []
         for text, enc in zip(texts, encs):

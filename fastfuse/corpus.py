@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-__all__ = ["iter_corpus", "SourceSequence", "special_tokens", "split_points", "source_sequences",
+__all__ = ["iter_corpus", "check_text", "SourceSequence", "special_tokens", "split_points", "source_sequences",
            "chain_fingerprint", "pad_token_id", "python_docs"]
 
 
@@ -51,7 +51,28 @@ def pad_token_id(tokenizer, default: int = 0) -> int:
     return int(pad) if pad is not None else default
 
 
+def check_text(text: str, where: str) -> str:
+    """``text`` if it is valid Unicode (encodable as UTF-8), else ``ValueError`` naming ``where`` and
+    the character: a lone surrogate (``"\\ud800"`` in JSON) would otherwise fail deep in a tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where}: not valid Unicode text: a lone surrogate {text[e.start]!r} at character "
+                         f"{e.start}") from None
+    return text
+
+
 def _iter_file(path: Path, text_field: str) -> Iterator[str]:
+    try:
+        yield from _read_file(path, text_field)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start} "
+                         "of the part read)") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _read_file(path: Path, text_field: str) -> Iterator[str]:
     if path.suffix in (".jsonl", ".ndjson"):
         with open(path, "r", encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
@@ -64,9 +85,9 @@ def _iter_file(path: Path, text_field: str) -> Iterator[str]:
                     raise ValueError(f"{path}:{n}: expected a JSON object with a {text_field!r} string ({e!r})") from e
                 if not isinstance(text, str):
                     raise ValueError(f"{path}:{n}: field {text_field!r} is not a string")
-                yield text
+                yield check_text(text, f"{path}:{n}")
     else:
-        yield path.read_text(encoding="utf-8")
+        yield check_text(path.read_text(encoding="utf-8"), str(path))
 
 
 def iter_corpus(texts: Any, text_field: str = "text") -> Iterator[str]:
@@ -80,14 +101,16 @@ def iter_corpus(texts: Any, text_field: str = "text") -> Iterator[str]:
         cols = texts.column_names
         if cols is not None and text_field not in cols:
             raise ValueError(f"texts: dataset has no {text_field!r} column (columns: {cols})")
-        for row in texts:
-            yield row[text_field]
+        for i, row in enumerate(texts):
+            if not isinstance(row[text_field], str):
+                raise TypeError(f"texts[{i}][{text_field!r}]: expected str, got {type(row[text_field]).__name__}")
+            yield check_text(row[text_field], f"texts[{i}][{text_field!r}]")
         return
     for i, t in enumerate(texts):
         if isinstance(t, os.PathLike):
             yield from _iter_file(Path(t), text_field)
         elif isinstance(t, str):
-            yield t
+            yield check_text(t, f"texts[{i}]")
         else:
             raise TypeError(f"texts[{i}]: expected str or os.PathLike, got {type(t).__name__}")
 

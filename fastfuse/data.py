@@ -73,23 +73,53 @@ class FusionCollator:
         if target_vocab_size is not None and self.vocab.numel() and int(self.vocab.max()) >= target_vocab_size:
             raise ValueError(f"vocab_maps: mapped ids must be < target_vocab_size ({target_vocab_size}), "
                              f"got {int(self.vocab.max())}")
+        if target_vocab_size is not None and pad_token_id >= target_vocab_size:
+            raise ValueError(f"pad_token_id: {pad_token_id} is not a target id (target_vocab_size {target_vocab_size})")
         self.num_sources = len(vocab_maps)
         self.pad_token_id = int(pad_token_id)
         self.fusion, self.tau, self.ignore_index = fusion, tau, ignore_index
         self.pin_memory = pin_memory and torch.cuda.is_available()
 
+    def check_example(self, b: int, ex: Any) -> dict[str, Any]:
+        """Example ``b`` as arrays, or ``ValueError`` naming the example and the field."""
+        S = self.num_sources
+        if not isinstance(ex, dict):
+            raise ValueError(f"examples[{b}]: expected a dict, got {type(ex).__name__}")
+        missing = [k for k in ("input_ids", "topk_ids", "topk_logprobs", "pos") if k not in ex]
+        if missing:
+            raise ValueError(f"examples[{b}]: missing fields {missing}")
+        out = {"input_ids": np.asarray(ex["input_ids"])}
+        if out["input_ids"].ndim != 1 or not np.issubdtype(out["input_ids"].dtype, np.integer):
+            raise ValueError(f"examples[{b}]['input_ids']: expected a 1-D integer array, got shape "
+                             f"{out['input_ids'].shape} of {out['input_ids'].dtype}")
+        for key in ("topk_ids", "topk_logprobs", "pos"):
+            if not isinstance(ex[key], (list, tuple)):
+                raise ValueError(f"examples[{b}]['{key}']: expected a list of {S} arrays (one per source), "
+                                 f"got {type(ex[key]).__name__}")
+            if len(ex[key]) != S:
+                raise ValueError(f"examples[{b}]['{key}']: expected {S} sources, got {len(ex[key])}")
+            out[key] = [np.asarray(x) for x in ex[key]]
+        for s in range(S):
+            ti, tl = out["topk_ids"][s], out["topk_logprobs"][s]
+            if ti.shape != tl.shape or ti.ndim != 2:
+                raise ValueError(f"examples[{b}]['topk_ids'][{s}]: topk_ids {ti.shape} and topk_logprobs {tl.shape} "
+                                 "must both be [Ts, K]")
+        ce = ex.get("ce")
+        if ce is not None:
+            ce = np.asarray(ce, dtype=np.float32)
+            if ce.shape not in ((S,), (S, 1)):
+                raise ValueError(f"examples[{b}]['ce']: expected {S} values (one per source), got shape {ce.shape}")
+        out["ce"] = ce
+        return out
+
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         S, B = self.num_sources, len(examples)
         if B == 0:
             raise ValueError("examples: expected at least one example")
-        for b, ex in enumerate(examples):
-            for key in ("topk_ids", "topk_logprobs", "pos"):
-                if len(ex[key]) != S:
-                    raise ValueError(f"examples[{b}]['{key}']: expected {S} sources, got {len(ex[key])}")
+        examples = [self.check_example(b, ex) for b, ex in enumerate(examples)]
         T = max(len(ex["input_ids"]) for ex in examples)
         Ts = max([1] + [len(ex["topk_ids"][s]) for ex in examples for s in range(S)])
-        K = max([1] + [np.asarray(ex["topk_ids"][s]).reshape(len(ex["topk_ids"][s]), -1).shape[1]
-                       for ex in examples for s in range(S) if len(ex["topk_ids"][s])])
+        K = max([1] + [ex["topk_ids"][s].shape[1] for ex in examples for s in range(S)])
         input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.int64)
         attention = torch.zeros((B, T), dtype=torch.int64)
         labels = torch.full((B, T), self.ignore_index, dtype=torch.int64)
@@ -103,18 +133,14 @@ class FusionCollator:
             input_ids[b, :n] = x
             attention[b, :n] = 1
             labels[b, : max(n - 1, 0)] = x[1:]
-            if "ce" in ex and ex["ce"] is not None:
-                ce[:, b] = torch.as_tensor(np.asarray(ex["ce"], dtype=np.float32).reshape(S))
+            if ex["ce"] is not None:
+                ce[:, b] = torch.as_tensor(ex["ce"].reshape(S))
             for s in range(S):
-                ti = np.asarray(ex["topk_ids"][s])
-                tl = np.asarray(ex["topk_logprobs"][s])
-                if ti.shape != tl.shape or ti.ndim != 2:
-                    raise ValueError(f"examples[{b}]: source {s} topk_ids {ti.shape} and topk_logprobs {tl.shape} "
-                                     "must both be [Ts, K]")
+                ti, tl = ex["topk_ids"][s], ex["topk_logprobs"][s]
                 if ti.size and (ti.max() >= self.source_sizes[s] or ti.min() < -1):
                     raise ValueError(f"examples[{b}]: source {s} topk_ids must lie in [-1, {self.source_sizes[s]}), "
                                      f"got [{ti.min()}, {ti.max()}]")
-                p = np.asarray(ex["pos"][s])
+                p = ex["pos"][s]
                 if p.shape != (n,):
                     raise ValueError(f"examples[{b}]: source {s} pos must have the target length {n}, got {p.shape}")
                 if p.size and p.max() >= len(ti):

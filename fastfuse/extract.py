@@ -144,13 +144,19 @@ def sequence_ce(gold: np.ndarray, lens: np.ndarray) -> np.ndarray:
 def _resolve_device_dtype(device, dtype):
     import torch
 
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: {device!r} is not a torch device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {str(device)!r} asked for, but CUDA is not available here")
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     elif isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"dtype: unknown torch dtype {dtype!r}")
+        name = dtype
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype: {name!r} is not a torch floating-point dtype (float32, bfloat16, float16)")
     return device, dtype
 
 

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OSError) as e:   # OSError: a missing directory, a full disk, EFBIG...
         if args.verbose:
             traceback.print_exc()
         print(f"fastfuse: error: {e}", file=sys.stderr)

@@ -26,21 +26,41 @@ def input_files(values: list[str]) -> list[Path]:
     return [Path(f) for f in values]
 
 
+def output_file(value: str) -> Path:
+    """``--out`` for a file: its directory must exist and it must not be a directory."""
+    out = Path(value)
+    if out.is_dir():
+        raise CommandError(f"--out: {value!r} is a directory, expected a file path")
+    if not out.parent.is_dir():
+        raise CommandError(f"--out: the directory {str(out.parent)!r} does not exist")
+    return out
+
+
+def output_dir(value: str) -> Path:
+    """``--out`` for a directory (created if missing): it must not be a file."""
+    out = Path(value)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out: {value!r} is a file, expected a directory")
+    return out
+
+
 def _chunk(args: argparse.Namespace) -> dict:
     from fastfuse.align import TokenizerOffsets
     from fastfuse.chunking import split_document
     from fastfuse.corpus import iter_corpus
     from fastfuse.storage import atomic_write
 
+    out = output_file(args.out)
+    files = input_files(args.input)
     toks = [TokenizerOffsets(load_tokenizer_flag("--tokenizers", t), f"--tokenizers {t}") for t in args.tokenizers]
     lines, n_docs = [], 0
-    for d, text in enumerate(iter_corpus(input_files(args.input), args.text_field)):
+    for d, text in enumerate(iter_corpus(files, args.text_field)):
         n_docs += 1
         for c in split_document(text, toks, args.block_size):
             lines.append(json.dumps({"text": c, "doc": d}, ensure_ascii=False))
     if not lines:
         raise CommandError(f"--input: the corpus is empty ({n_docs} documents, no text)")
-    atomic_write(Path(args.out), [("\n".join(lines) + "\n").encode("utf-8")])
+    atomic_write(out, [("\n".join(lines) + "\n").encode("utf-8")])
     result = {"documents": n_docs, "chunks": len(lines), "out": args.out}
     if not args.quiet:
         print(f"{n_docs} documents -> {len(lines)} chunks of <= {args.block_size} tokens for every tokenizer: {args.out}")
@@ -56,6 +76,7 @@ def _extract(args: argparse.Namespace) -> dict:
         raise CommandError(f"--model: {args.model!r} is not a local model directory")
     tokenizer = load_tokenizer_flag("--tokenizer", args.tokenizer or args.model)
     files = input_files(args.input)
+    output_dir(args.out)
     model = AutoModelForCausalLM.from_pretrained(args.model)
     stats = extract_topk(model, tokenizer, files, args.out, k=args.k, block_size=args.block_size,
                          token_budget=args.token_budget, shard_size=args.shard_size, source_name=args.source_name,
@@ -80,6 +101,7 @@ def parse_source(spec: str) -> tuple[str, str, str]:
 def _align(args: argparse.Namespace) -> dict:
     from fastfuse.corpus_align import align_corpus, check_source_name
 
+    output_dir(args.out)
     sources = {}
     for spec in args.source:
         name, tok, shard_dir = parse_source(spec)

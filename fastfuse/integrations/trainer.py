@@ -20,6 +20,22 @@ from fastfuse.linear_loss import fused_linear_loss
 from fastfuse.loss import fused_loss
 
 _LOSSES = ("linear", "logits")
+# what loss_kwargs may hold: the loss functions' keyword options the trainer does not set itself
+_OPTIONS = {"linear": {"ignore_index", "impl", "validate", "chunk_tokens", "inplace_grad"},
+            "logits": {"ignore_index", "impl", "validate", "inplace_grad"}}
+
+
+def check_lm_weight(lm_weight: Any, max_steps: int) -> None:
+    """A number in [0, 1], or a schedule ``step -> number`` whose values at the first and last step
+    (where known) are in [0, 1]; ``ValueError``/``TypeError`` naming ``lm_weight`` otherwise."""
+    probes = [lm_weight] if not callable(lm_weight) else [lm_weight(0)] + ([lm_weight(max_steps)] if max_steps > 0 else [])
+    for i, w in enumerate(probes):
+        where = "" if not callable(lm_weight) else f" (its value at step {0 if i == 0 else max_steps})"
+        if isinstance(w, bool) or not isinstance(w, (int, float)) and not (isinstance(w, torch.Tensor) and w.numel() == 1):
+            raise TypeError(f"lm_weight: expected a number in [0, 1] or a schedule step -> number, got "
+                            f"{type(w).__name__}{where}")
+        if not 0.0 <= float(w) <= 1.0:
+            raise ValueError(f"lm_weight: expected a value in [0, 1], got {float(w)!r}{where}")
 
 
 def _to_device(x: Any, device) -> Any:
@@ -58,7 +74,17 @@ class FusionTrainer(Trainer):
                  loss: str = "linear", loss_kwargs: dict | None = None, **kwargs):
         if loss not in _LOSSES:
             raise ValueError(f"loss: expected one of {_LOSSES}, got {loss!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+                not (0.0 < float(temperature) < float("inf")):
+            raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+        if loss_kwargs is not None and not isinstance(loss_kwargs, dict):
+            raise TypeError(f"loss_kwargs: expected a dict, got {type(loss_kwargs).__name__}")
+        unknown = sorted(set(loss_kwargs or {}) - _OPTIONS[loss])
+        if unknown:
+            raise ValueError(f"loss_kwargs: unknown options {unknown} for loss={loss!r} "
+                             f"(allowed: {sorted(_OPTIONS[loss])})")
         super().__init__(*args, **kwargs)
+        check_lm_weight(lm_weight, int(getattr(self.args, "max_steps", 0) or 0))
         self.lm_weight = lm_weight
         self.temperature = temperature
         self.loss = loss
