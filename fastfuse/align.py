@@ -53,6 +53,11 @@ def align_offsets_batch(tgt_ends: Sequence[np.ndarray], src_ends: Sequence[np.nd
     """:func:`align_offsets` over many sequence pairs, on ``num_threads`` threads (0 = all cores;
     see :func:`fastfuse.threads.check_num_threads`)."""
     num_threads = check_num_threads(num_threads)
+    for name, batch in (("tgt_ends", tgt_ends), ("src_ends", src_ends)):
+        if isinstance(batch, (str, bytes)) or not isinstance(batch, Sequence) and not (
+                isinstance(batch, np.ndarray) and batch.ndim == 2):
+            raise TypeError(f"{name}: expected a sequence of 1-D integer arrays (one per pair), "
+                            f"got {type(batch).__name__}")
     return [Alignment(m, p, int(n)) for m, p, n in _C.align_spans_batch(list(tgt_ends), list(src_ends), num_threads)]
 
 

@@ -24,21 +24,32 @@ from fastfuse.loss import AlignMap, SourceTopK
 
 def _vocab_table(vocab_maps: Sequence[np.ndarray], source_vocab_sizes: Sequence[int] | None) -> tuple[torch.Tensor, list[int]]:
     """[S, Vs_max] int32 table padded with -1, and each source's accepted id range."""
+    if not isinstance(vocab_maps, (list, tuple)):
+        raise TypeError(f"vocab_maps: expected a list of 1-D integer arrays (one per source), "
+                        f"got {type(vocab_maps).__name__}")
+    if source_vocab_sizes is not None and not isinstance(source_vocab_sizes, (list, tuple)):
+        raise TypeError(f"source_vocab_sizes: expected a list of ints, got {type(source_vocab_sizes).__name__}")
+    maps = []
+    for s, v in enumerate(vocab_maps):
+        v = np.asarray(v)
+        if v.ndim != 1 or not np.issubdtype(v.dtype, np.integer):
+            raise TypeError(f"vocab_maps[{s}]: expected a 1-D integer array (source id -> target id or -1)")
+        maps.append(v)
+    vocab_maps = maps
     S = len(vocab_maps)
     sizes = [len(v) for v in vocab_maps]
     if source_vocab_sizes is not None:
         if len(source_vocab_sizes) != S:
             raise ValueError(f"source_vocab_sizes: expected {S} entries (one per source), got {len(source_vocab_sizes)}")
         for s, (n, m) in enumerate(zip(source_vocab_sizes, sizes)):
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+                raise TypeError(f"source_vocab_sizes[{s}]: expected an int, got {type(n).__name__}")
             if int(n) < m:
                 raise ValueError(f"source_vocab_sizes[{s}]: model vocabulary {n} is smaller than the vocab map ({m} ids)")
         sizes = [int(n) for n in source_vocab_sizes]
     table = np.full((S, max(sizes) if S else 0), -1, dtype=np.int32)
     sizes_out = list(sizes)
     for s, v in enumerate(vocab_maps):
-        v = np.asarray(v)
-        if v.ndim != 1 or not np.issubdtype(v.dtype, np.integer):
-            raise TypeError(f"vocab_maps[{s}]: expected a 1-D integer array (source id -> target id or -1)")
         table[s, : len(v)] = v  # ids of padded embedding rows stay -1
     return torch.from_numpy(table), sizes_out
 
@@ -65,9 +76,15 @@ class FusionCollator:
     def __init__(self, vocab_maps: Sequence[np.ndarray], pad_token_id: int, source_vocab_sizes: Sequence[int] | None = None,
                  target_vocab_size: int | None = None, fusion: str | None = "min_ce", tau: float = 1.0,
                  ignore_index: int = -100, pin_memory: bool = True):
-        if not isinstance(pad_token_id, (int, np.integer)) or pad_token_id < 0:
+        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, (int, np.integer)) or pad_token_id < 0:
             raise ValueError(f"pad_token_id: expected an int >= 0, got {pad_token_id!r}")
-        if fusion not in ("min_ce", "avg_ce", None):
+        if target_vocab_size is not None and (isinstance(target_vocab_size, bool) or
+                                              not isinstance(target_vocab_size, (int, np.integer)) or
+                                              target_vocab_size < 1):
+            raise ValueError(f"target_vocab_size: expected an int >= 1 or None, got {target_vocab_size!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+            raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+        if fusion is not None and (not isinstance(fusion, str) or fusion not in ("min_ce", "avg_ce")):
             raise ValueError(f"fusion: expected 'min_ce', 'avg_ce' or None, got {fusion!r}")
         self.vocab, self.source_sizes = _vocab_table(vocab_maps, source_vocab_sizes)
         if target_vocab_size is not None and self.vocab.numel() and int(self.vocab.max()) >= target_vocab_size:
@@ -104,9 +121,17 @@ class FusionCollator:
             if ti.shape != tl.shape or ti.ndim != 2:
                 raise ValueError(f"examples[{b}]['topk_ids'][{s}]: topk_ids {ti.shape} and topk_logprobs {tl.shape} "
                                  "must both be [Ts, K]")
+            for key, arr, kinds in (("topk_ids", ti, "iu"), ("topk_logprobs", tl, "fiu"),
+                                    ("pos", out["pos"][s], "iu")):
+                if arr.size and arr.dtype.kind not in kinds:
+                    raise ValueError(f"examples[{b}]['{key}'][{s}]: expected {'integers' if kinds == 'iu' else 'numbers'}, "
+                                     f"got dtype {arr.dtype}")
         ce = ex.get("ce")
         if ce is not None:
-            ce = np.asarray(ce, dtype=np.float32)
+            try:
+                ce = np.asarray(ce, dtype=np.float32)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"examples[{b}]['ce']: expected {S} numbers, got {ce!r:.60} ({e})") from None
             if ce.shape not in ((S,), (S, 1)):
                 raise ValueError(f"examples[{b}]['ce']: expected {S} values (one per source), got shape {ce.shape}")
         out["ce"] = ce

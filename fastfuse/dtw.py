@@ -112,7 +112,10 @@ def dtw_align_batch(
 def _check_max_cells(value: Any) -> int:
     if isinstance(value, bool) or not hasattr(type(value), "__index__"):
         raise TypeError(f"max_cells: expected an int >= 1, got {type(value).__name__}")
-    n = operator.index(value)
+    try:
+        n = operator.index(value)
+    except TypeError as e:       # e.g. a float tensor, which has __index__ but refuses it
+        raise TypeError(f"max_cells: expected an int >= 1, got {type(value).__name__} ({e})") from None
     if n < 1:
         raise ValueError(f"max_cells: expected an int >= 1, got {n}")
     return min(n, 2**62)  # more is unlimited anyway; keeps the C++ int64 from overflowing

@@ -197,7 +197,7 @@ def reward_weights(rewards: Tensor, method: str = "max", tau: float = 1.0) -> Te
         ``[S, B]`` float32 (float64 for float64 input), summing to 1 over S; NaN sources get 0,
         all-NaN columns are uniform.
     """
-    if method not in _REWARD_METHODS:
+    if not isinstance(method, str) or method not in _REWARD_METHODS:
         raise ValueError(f"method must be one of {_REWARD_METHODS}, got {method!r}")
     tau = _check_tau(tau)
     r = _check_scores(rewards, "rewards", (2,), nonneg=False)
@@ -246,9 +246,9 @@ def fuse_weights(
         tau: AvgCE temperature (> 0); validated but unused by MinCE.
         mask: ``[B, T]`` bool, True = valid token; only with a ``[S, B, T]`` ``ce``.
     """
-    if method not in _METHODS:
+    if not isinstance(method, str) or method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    if level not in _LEVELS:
+    if not isinstance(level, str) or level not in _LEVELS:
         raise ValueError(f"level must be one of {_LEVELS}, got {level!r}")
     tau = _check_tau(tau)
     cost = _check_scores(ce, "ce", (2, 3), nonneg=True)
