@@ -30,14 +30,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fastfuse.align import TokenizerOffsets, align_offsets_batch, byte_ends
-from fastfuse.corpus import iter_corpus, source_sequences
+from fastfuse.align import TokenizerOffsets
+from fastfuse.align_pool import align_chunks
+from fastfuse.corpus import iter_corpus
 from fastfuse.shards import ShardReader, load_meta, shard_name, tokenizer_fingerprint
 from fastfuse.storage import atomic_write, json_bytes, read_safetensors, serialize_safetensors, sha256_file
 from fastfuse.vocab import VocabMap
 
 ALIGN_FORMAT_VERSION = 2     # 2: the corpus and every output file's sha256 are part of meta.json
-NO_SPLIT = 1 << 40  # block size that never splits: alignment reads each sequence whole
 RESERVED_NAMES = ("target",)                                   # directories of the output itself
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
@@ -62,48 +62,17 @@ def corpus_fingerprint(docs: list[str]) -> str:
     return h.hexdigest()
 
 
-def _sequences(tokenizer, docs: list[str], name: str):
-    """(ids, byte ends, doc index) of each non-empty document, tokenised as extraction does, and
-    the tokenizer's surfaces."""
-    offs = TokenizerOffsets(tokenizer, name)
-    out = []
-    for s, doc in source_sequences(tokenizer, docs, NO_SPLIT):
-        ends = byte_ends(s.input_ids, s.offsets, doc, offs.surfaces, offs.lengths)
-        out.append((s.input_ids, ends, s.doc_index))
-    return out, offs.surfaces
-
-
-def _mined_positions(tgt_seqs, src_seqs, tsurf, ssurf, num_threads: int) -> list[np.ndarray]:
-    """FuseLLM's MinED path: DTW over the tokens' surface strings; target token i is matched to
-    source token j when DTW maps exactly one source token to it and both spell the same bytes."""
-    from fastfuse.dtw import dtw_align_batch
-
-    def strings(ids, surf):
-        return [surf.bytes[t].decode("utf-8", "replace") for t in ids]
-
-    pairs = [(i, a, b) for i, ((a, _, _), (b, _, _)) in enumerate(zip(tgt_seqs, src_seqs)) if len(a) and len(b)]
-    dtws = dtw_align_batch([strings(b, ssurf) for _, _, b in pairs], [strings(a, tsurf) for _, a, _ in pairs], num_threads)
-    out = [np.full(len(a), -1, dtype=np.int32) for a, _, _ in tgt_seqs]
-    for (i, tids, sids), d in zip(pairs, dtws):
-        m = d.one_to_one()
-        ok = m >= 0
-        same = np.zeros(len(m), dtype=bool)
-        same[ok] = [tsurf.bytes[t] == ssurf.bytes[s] and not tsurf.special[t] for t, s in zip(tids[ok], sids[m[ok]])]
-        match = np.where(same, m, -1)
-        out[i][:-1] = np.where(match[1:] >= 1, match[1:] - 1, -1)  # next-token semantics
-    return out
-
-
 def _check_against_shards(name: str, seqs, reader: ShardReader) -> None:
+    """``seqs``: (source length, doc index, pos) per sequence, as :class:`ChunkAligner` gives them."""
     if len(reader) != len(seqs):
         raise ValueError(f"sources['{name}']: its shards hold {len(reader)} sequences but the corpus gives "
                          f"{len(seqs)}; extract and align the same (already split) corpus")
-    for i, (ids, _, doc) in enumerate(seqs):
+    for i, (n, doc, _) in enumerate(seqs):
         rec = reader[i]
-        if rec["doc_index"] != doc or len(rec["topk_ids"]) != len(ids):
+        if rec["doc_index"] != doc or len(rec["topk_ids"]) != n:
             raise ValueError(
                 f"sources['{name}']: sequence {i} has {len(rec['topk_ids'])} positions from document "
-                f"{rec['doc_index']} in the shards, but {len(ids)} tokens from document {doc} here: the corpus "
+                f"{rec['doc_index']} in the shards, but {n} tokens from document {doc} here: the corpus "
                 "was split differently (split it once with fastfuse.chunking.split_corpus for all tokenizers)")
 
 
@@ -180,7 +149,7 @@ def file_digests(root: Path, paths: list[Path]) -> dict[str, dict[str, Any]]:
 
 def align_corpus(texts: Any, target_tokenizer, sources: Mapping[str, tuple[Any, str | os.PathLike]],
                  out_dir: str | os.PathLike, vocab_mode: str = "exact", seq_mode: str = "offsets", shard_size: int = 4096,
-                 num_threads: int = 0, progress: bool = True) -> dict:
+                 num_threads: int = 0, progress: bool = True, workers: int = 1) -> dict:
     """Align every source's extracted sequences to the target tokenisation; returns the coverage.
 
     Args:
@@ -191,9 +160,13 @@ def align_corpus(texts: Any, target_tokenizer, sources: Mapping[str, tuple[Any, 
         vocab_mode: ``"exact"`` or ``"mined"`` (see :class:`~fastfuse.vocab.VocabMap`).
         seq_mode: ``"offsets"`` (exact byte spans, default) or ``"mined"`` (FuseLLM's DTW over token
             strings, 1-to-1 mappings of equal tokens only).
+        workers: processes that tokenise and align chunks of documents (:mod:`fastfuse.align_pool`);
+            the output is the same for any number.
     """
     if seq_mode not in ("offsets", "mined"):
         raise ValueError(f"seq_mode: expected 'offsets' or 'mined', got {seq_mode!r}")
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ValueError(f"workers: expected a positive int, got {workers!r}")
     from tqdm import tqdm
 
     out = Path(out_dir)
@@ -223,25 +196,26 @@ def align_corpus(texts: Any, target_tokenizer, sources: Mapping[str, tuple[Any, 
         if isinstance(old, dict) and old.get("complete") and {k: old.get(k) for k in identity} == identity:
             return old["coverage"]
 
-    tgt_seqs, tsurf = _sequences(target_tokenizer, docs, "target_tokenizer")
+    readers = {name: ShardReader(shard_dir) for name, (_, shard_dir) in sources.items()}
+    tgt_seqs: list = []
+    src_seqs: dict[str, list] = {name: [] for name in sources}
+    with tqdm(total=len(docs), desc="align", unit="doc", disable=not progress, dynamic_ncols=True) as bar:
+        for r in align_chunks(docs, target_tokenizer, {n: t for n, (t, _) in sources.items()}, seq_mode,
+                              num_threads, workers, on_chunk=bar.update):
+            tgt_seqs += r["target"]
+            for name, rows in r["sources"].items():
+                src_seqs[name] += rows
     if not tgt_seqs:
         raise ValueError("texts: the corpus is empty (no document has a target token)")
     written: list[Path] = []
     written += [out / "target" / n for n in _write_shards(
-        out / "target", [{"input_ids": ids.astype(np.int32)} for ids, _, _ in tgt_seqs], "input_ids", shard_size,
+        out / "target", [{"input_ids": ids} for ids, _ in tgt_seqs], "input_ids", shard_size,
         {"kind": "fastfuse.target", "tokenizer_fingerprint": tgt_fp})]
     coverage = {}
-    for name, (tok, shard_dir) in tqdm(sources.items(), desc="align", disable=not progress):
-        reader = ShardReader(shard_dir)
-        src_seqs, ssurf = _sequences(tok, docs, f"sources['{name}']")
-        _check_against_shards(name, src_seqs, reader)
-        if [d for _, _, d in src_seqs] != [d for _, _, d in tgt_seqs]:
-            raise ValueError(f"sources['{name}']: its sequences come from other documents than the target's")
-        if seq_mode == "offsets":
-            positions = [a.pos for a in align_offsets_batch([e for _, e, _ in tgt_seqs], [e for _, e, _ in src_seqs],
-                                                            num_threads)]
-        else:
-            positions = _mined_positions(tgt_seqs, src_seqs, tsurf, ssurf, num_threads)
+    for name, (tok, _) in sources.items():
+        reader = readers[name]
+        _check_against_shards(name, src_seqs[name], reader)
+        positions = [p for _, _, p in src_seqs[name]]
         vpath = out / name / "vocab.safetensors"
         vmap = VocabMap.build(tok, target_tokenizer, mode=vocab_mode, num_threads=num_threads)
         (out / name).mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,7 @@
 """End to end on CPU: split -> extract -> align -> batch -> fused_loss equals the loss computed
 directly from the full outputs of tiny random source models (dense teacher built in Python)."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -135,8 +137,6 @@ def test_batch_loss_equals_direct_reference(run, lm_weight):
 
 
 def test_cli_chunk_and_align_reproduce_the_python_api(run, corpus, tmp_path):
-    import json
-
     from fastfuse.cli import main
 
     out, toks, chunks, _, cov = run
@@ -171,3 +171,19 @@ def test_mined_sequence_alignment_agrees_with_offsets_where_it_matches(run, tmp_
         assert 0 < cov[n]["aligned_1to1"] <= 1
     with pytest.raises(ValueError, match="seq_mode"):
         align_corpus(chunks, toks[TARGET], {}, tmp_path / "bad", seq_mode="dtw")
+
+
+@pytest.mark.parametrize("seq_mode", ["offsets", "mined"])
+def test_align_workers_give_the_one_process_output(run, tmp_path, seq_mode):
+    """--workers N: chunks of documents tokenised and aligned in spawned processes, collected in order."""
+    out, toks, chunks, _, _ = run
+    srcs = {n: (toks[n], out / n) for n in SOURCES}
+    one = out / "align" if seq_mode == "offsets" else tmp_path / "one"
+    cov1 = align_corpus(chunks, toks[TARGET], srcs, one, seq_mode=seq_mode, progress=False)
+    cov2 = align_corpus(chunks, toks[TARGET], srcs, tmp_path / "two", seq_mode=seq_mode, progress=False, workers=2)
+    assert cov1 == cov2
+    m1, m2 = (json.loads((d / "meta.json").read_text()) for d in (one, tmp_path / "two"))
+    files = [f for f in m1["files"] if not f.endswith("vocab.safetensors")]   # its metadata order varies
+    assert len(files) >= 3 and all(m1["files"][f] == m2["files"][f] for f in files)
+    with pytest.raises(ValueError, match="workers"):
+        align_corpus(chunks, toks[TARGET], srcs, tmp_path / "bad", workers=0)

@@ -102,6 +102,8 @@ def _align(args: argparse.Namespace) -> dict:
     from fastfuse.corpus_align import align_corpus, check_source_name
 
     output_dir(args.out)
+    if args.workers < 1:
+        raise CommandError(f"--workers: expected a positive integer, got {args.workers}")
     sources = {}
     for spec in args.source:
         name, tok, shard_dir = parse_source(spec)
@@ -113,7 +115,8 @@ def _align(args: argparse.Namespace) -> dict:
             raise CommandError(f"--source: {str(e).removeprefix('sources: ')}") from e
         sources[name] = (load_tokenizer_flag("--source", tok), shard_dir)
     cov = align_corpus(input_files(args.input), load_tokenizer_flag("--target", args.target), sources, args.out,
-                       vocab_mode=args.mode, num_threads=args.threads, progress=not args.quiet)
+                       vocab_mode=args.mode, num_threads=args.threads, progress=not args.quiet,
+                       workers=args.workers)
     if not args.quiet:
         print(f"{'source':<14}{'1-to-1':>9}{'one-hot':>9}{'mapped mass':>13}{'exact vocab':>13}")
         for name, c in cov.items():
@@ -163,6 +166,8 @@ def add_align(subparsers) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="the chunked corpus (.jsonl)")
     p.add_argument("--out", required=True)
     p.add_argument("--mode", choices=["exact", "mined"], default="exact", help="vocabulary map mode")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="threads of the in-process alignment (0: all cores)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes that tokenise and align chunks of documents (same output for any number)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_align)
