@@ -33,7 +33,8 @@ import numpy as np
 from fastfuse.align import TokenizerOffsets
 from fastfuse.align_pool import align_chunks
 from fastfuse.corpus import iter_corpus
-from fastfuse.shards import ShardReader, load_meta, shard_name, tokenizer_fingerprint
+from fastfuse.shard_parts import PartsReader, open_shards
+from fastfuse.shards import ShardReader, shard_name, tokenizer_fingerprint
 from fastfuse.storage import atomic_write, json_bytes, read_safetensors, serialize_safetensors, sha256_file
 from fastfuse.vocab import VocabMap
 
@@ -62,7 +63,7 @@ def corpus_fingerprint(docs: list[str]) -> str:
     return h.hexdigest()
 
 
-def _check_against_shards(name: str, seqs, reader: ShardReader) -> None:
+def _check_against_shards(name: str, seqs, reader: ShardReader | PartsReader) -> None:
     """``seqs``: (source length, doc index, pos) per sequence, as :class:`ChunkAligner` gives them."""
     if len(reader) != len(seqs):
         raise ValueError(f"sources['{name}']: its shards hold {len(reader)} sequences but the corpus gives "
@@ -76,7 +77,7 @@ def _check_against_shards(name: str, seqs, reader: ShardReader) -> None:
                 "was split differently (split it once with fastfuse.chunking.split_corpus for all tokenizers)")
 
 
-def _coverage(pos_rows, reader: ShardReader, vocab: np.ndarray) -> dict[str, float]:
+def _coverage(pos_rows, reader: ShardReader | PartsReader, vocab: np.ndarray) -> dict[str, float]:
     positions = aligned = fallback = 0
     mass = 0.0
     for i, pos in enumerate(pos_rows):
@@ -180,7 +181,7 @@ def align_corpus(texts: Any, target_tokenizer, sources: Mapping[str, tuple[Any, 
                 "corpus_fingerprint": corpus_fingerprint(docs), "vocab_mode": vocab_mode, "seq_mode": seq_mode,
                 "sources": {}}
     for name, (tok, shard_dir) in sources.items():
-        smeta = load_meta(shard_dir)
+        smeta = open_shards(shard_dir).meta      # one directory, or the parts of a distributed run
         if smeta["tokenizer_fingerprint"] != tokenizer_fingerprint(tok):
             raise ValueError(f"sources['{name}']: the tokenizer given is not the one {shard_dir} was extracted with")
         identity["sources"][name] = {"dir": os.path.relpath(os.path.abspath(shard_dir), os.path.abspath(out)),
@@ -196,7 +197,7 @@ def align_corpus(texts: Any, target_tokenizer, sources: Mapping[str, tuple[Any, 
         if isinstance(old, dict) and old.get("complete") and {k: old.get(k) for k in identity} == identity:
             return old["coverage"]
 
-    readers = {name: ShardReader(shard_dir) for name, (_, shard_dir) in sources.items()}
+    readers = {name: open_shards(shard_dir) for name, (_, shard_dir) in sources.items()}
     tgt_seqs: list = []
     src_seqs: dict[str, list] = {name: [] for name in sources}
     with tqdm(total=len(docs), desc="align", unit="doc", disable=not progress, dynamic_ncols=True) as bar:

@@ -197,14 +197,14 @@ class FusionDataset(torch.utils.data.Dataset):
 
     def __init__(self, align_dir, sources: Sequence[str] | None = None):
         from fastfuse.corpus_align import AlignedStore
-        from fastfuse.shards import ShardReader
+        from fastfuse.shard_parts import open_shards
 
         self.store = AlignedStore(align_dir)
         self.sources = list(sources) if sources is not None else self.store.sources
         unknown = [s for s in self.sources if s not in self.store.sources]
         if unknown:
             raise ValueError(f"sources: {unknown} not in {align_dir} (has {self.store.sources})")
-        self.readers = [ShardReader(self.store.source_dir(s)) for s in self.sources]
+        self.readers = [open_shards(self.store.source_dir(s)) for s in self.sources]
         for s, r in zip(self.sources, self.readers):
             if [e["sha256"] for e in r.meta["shards"]] != self.store.source_shards(s):
                 raise ValueError(f"sources: the shards of '{s}' in {r.out_dir} are not the ones {align_dir} was "

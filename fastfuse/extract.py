@@ -16,6 +16,12 @@ The output is a shard directory (:mod:`fastfuse.shards`). The pipeline:
    an updated ``meta.json``, written atomically and byte-deterministically. A rerun with the same
    arguments skips the completed shards (checking that the corpus still hashes the same) and
    writes exactly the bytes an uninterrupted run writes.
+6. **Ranks** (``world_size > 1``, :mod:`fastfuse.shard_parts`): every rank tokenises the corpus once
+   for the sequence lengths, takes its contiguous range of about ``total / world_size`` tokens
+   (:func:`~fastfuse.shard_parts.token_ranges`) and runs steps 3-5 over that range only, into
+   ``out_dir/rank-RRRRR-of-WWWWW/``; shards start at the range's start, and the corpus fingerprint
+   chain still runs from the corpus's first sequence. Ranks share nothing at run time (no process
+   group): each one resumes alone.
 """
 from __future__ import annotations
 
@@ -23,11 +29,12 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from fastfuse.corpus import SourceSequence, chain_fingerprint, pad_token_id, source_sequences, special_tokens
+from fastfuse.shard_parts import check_layout, part_name, token_ranges
 from fastfuse.shards import ShardReader, ShardWriter, tokenizer_fingerprint
 
 DEFAULT_K = 10
@@ -193,11 +200,30 @@ def check_finite(logprobs: np.ndarray, gold: np.ndarray, lens: np.ndarray, seq_i
                          f"sequence {seq_index[j]} (NaN weights or activations?); nothing was written for its shard")
 
 
+def rank_partition(tokenizer, texts: Any, block_size: int, text_field: str, rank: int, world_size: int) -> dict:
+    """Rank ``rank``'s share of the corpus (meta.json's ``partition`` record; see
+    :func:`fastfuse.shard_parts.token_ranges`), from one tokenisation of the whole corpus."""
+    for name, v, low in (("rank", rank, 0), ("world_size", world_size, 1)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+            raise ValueError(f"{name}: expected an int >= {low}, got {v!r}")
+    if rank >= world_size:
+        raise ValueError(f"rank: {rank} is not below world_size {world_size}")
+    if world_size > 1 and isinstance(texts, Iterator):
+        raise ValueError("texts: an iterator can be read only once, and a rank reads the corpus twice (lengths, "
+                         "then its share); pass a list, files or a dataset")
+    lengths = [len(s.input_ids) for s, _ in source_sequences(tokenizer, texts, block_size, text_field)]
+    if not lengths:
+        raise ValueError("texts: the corpus is empty (no document has a token)")
+    lo, hi = token_ranges(lengths, world_size)[rank]
+    return {"rank": int(rank), "world_size": int(world_size), "seq_start": lo, "seq_end": hi,
+            "corpus_sequences": len(lengths), "corpus_tokens": int(sum(lengths))}
+
+
 def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: int = DEFAULT_K,
                  block_size: int = DEFAULT_BLOCK_SIZE, token_budget: int = DEFAULT_TOKEN_BUDGET,
                  shard_size: int = DEFAULT_SHARD_SIZE, source_name: str | None = None, device=None, dtype=None,
                  progress: bool = True, text_field: str = "text",
-                 on_shard: Callable[[int, Path], None] | None = None) -> dict:
+                 on_shard: Callable[[int, Path], None] | None = None, rank: int = 0, world_size: int = 1) -> dict:
     """Run a Hugging Face causal LM over a corpus and write its top-k next-token log-probs to
     ``out_dir`` as shards (format: :mod:`fastfuse.shards`; pipeline: this module's docstring).
 
@@ -208,6 +234,9 @@ def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: in
     :func:`fastfuse.corpus.iter_corpus`. ``block_size``: max tokens per sequence (special tokens included).
     ``token_budget``: max padded tokens per batch. ``shard_size``: sequences per shard.
     ``on_shard(i, path)`` is called after shard ``i`` and ``meta.json`` are on disk.
+    ``rank`` / ``world_size``: with ``world_size > 1``, write only rank ``rank``'s share of the
+    corpus, into ``out_dir/rank-RRRRR-of-WWWWW`` (step 6 above); read all parts back with
+    :func:`fastfuse.shard_parts.open_shards`. ``texts`` must then be readable twice (not an iterator).
 
     Resumes if ``out_dir`` holds a run with the same settings (``ValueError`` naming what differs
     otherwise). Returns a summary dict (sequences, tokens, shards written now, seconds, tokens/s,
@@ -236,6 +265,12 @@ def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: in
     if isinstance(limit, int) and block_size > limit:
         raise ValueError(f"block_size: {block_size} exceeds the model's {limit} positions "
                          "(config.max_position_embeddings / n_positions)")
+    part = None
+    if world_size != 1 or rank != 0:
+        part = rank_partition(tokenizer, texts, block_size, text_field, rank, world_size)
+    check_layout(out_dir, world_size)
+    if part is not None:
+        out_dir = Path(out_dir) / part_name(rank, world_size)
     model.to(device=device, dtype=dtype)
     model.eval()
     writer = ShardWriter(out_dir, {
@@ -243,13 +278,16 @@ def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: in
         "tokenizer_size": n_real, "vocab_size": vocab_size, "k": int(k), "block_size": int(block_size),
         "token_budget": int(token_budget), "shard_size": int(shard_size), "dtype": str(dtype).replace("torch.", ""),
         "special_tokens": list(map(list, special_tokens(tokenizer))), "model_fingerprint": model_fingerprint(model),
+        **({"partition": part} if part is not None else {}),     # absent for one process: the same bytes as ever
     })
     pad_id = pad_token_id(tokenizer)
     checkpoints = dict(writer.shard_fingerprints())
     done_seq = writer.next_seq
-    stats = {"sequences": done_seq, "tokens_done_before": int(writer.meta["num_tokens"]), "tokens": 0,
-             "shards_written": 0, "seconds": 0.0}
-    bar = tqdm(desc=f"extract {source_name}", unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
+    seq_end = part["seq_end"] if part is not None else None
+    stats = {"sequences": int(writer.meta["num_sequences"]), "tokens_done_before": int(writer.meta["num_tokens"]),
+             "tokens": 0, "shards_written": 0, "seconds": 0.0}
+    desc = f"extract {source_name}" + (f" [rank {rank}/{world_size}]" if part is not None else "")
+    bar = tqdm(desc=desc, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
     t_start = time.perf_counter()
     h = hashlib.sha256(b"").digest()
 
@@ -288,6 +326,8 @@ def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: in
     try:
         with torch.inference_mode():
             for s, text in source_sequences(tokenizer, texts, block_size, text_field):
+                if seq_end is not None and s.seq_index >= seq_end:
+                    break               # the rest belongs to later ranks
                 h = chain_fingerprint(h, s, text)
                 n_seen += 1
                 if s.seq_index < done_seq:
@@ -304,14 +344,14 @@ def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: in
                 run_shard(buf, h.hex())
     finally:
         bar.close()
-    if n_seen == 0:
+    if n_seen == 0 and part is None:   # a rank checked the whole corpus in rank_partition
         raise ValueError("texts: the corpus is empty (no document has a token)")
     if n_seen < done_seq:
         raise ValueError(f"cannot resume in {writer.out_dir}: the corpus has {n_seen} sequences, fewer than the "
                          f"{done_seq} already written")
     writer.finish()
     el = time.perf_counter() - t_start
-    stats.update(sequences=writer.next_seq, seconds=el, tokens_per_s=stats["tokens"] / max(el, 1e-9),
+    stats.update(sequences=int(writer.meta["num_sequences"]), seconds=el, tokens_per_s=stats["tokens"] / max(el, 1e-9),
                  total_tokens=int(writer.meta["num_tokens"]), out_dir=str(writer.out_dir))
     if writer.next_shard:
         stats["bytes_per_token"] = ShardReader(out_dir, check_sha256=False).bytes_per_token()

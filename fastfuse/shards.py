@@ -35,6 +35,16 @@ per completed shard with ``file``, ``seq_start``, ``seq_end`` (exclusive), ``num
 chain over the sequences (raw digests): ``h_0 = sha256(b"")``, ``h_{i+1} = sha256(h_i || int64 (doc index,
 char start, char end) || UTF-8 text of the sequence)``, hex of the last one; a resumed run checks
 it at every completed shard boundary.
+
+**Distributed runs** (:mod:`fastfuse.shard_parts`): with ``world_size > 1`` each rank writes its
+contiguous range of the corpus's sequences as a directory of the format above,
+``OUT/rank-RRRRR-of-WWWWW/``, whose ``meta.json`` adds ``partition``: ``rank``, ``world_size``,
+``seq_start``, ``seq_end`` (its global range), ``corpus_sequences`` and ``corpus_tokens`` (the whole
+corpus). Its shards hold global sequence indices (``seq_index``, ``seq_start``/``seq_end`` of shard
+entries and the ``first_seq``/``last_seq`` metadata), ``num_sequences``/``num_tokens`` count its own,
+and the corpus fingerprint chain starts at the corpus's first sequence, not the rank's.
+``partition`` is part of the identity (a resume must cut the corpus the same way) and absent for
+one process, whose output is the plain directory above.
 """
 from __future__ import annotations
 
@@ -56,9 +66,12 @@ _DTYPES = {"offsets": np.int64, "seq_index": np.int64, "doc_spans": np.int64, "t
            "ce": np.float32, "topk_logprobs": np.float16}
 # Keys of meta.json that must agree between a run and the run it resumes (they change the bytes).
 IDENTITY_KEYS = ("format_version", "source_name", "tokenizer_fingerprint", "vocab_size", "k", "block_size",
-                 "token_budget", "shard_size", "dtype", "model_fingerprint")
-# model_fingerprint is optional: writers without a model (tests, converters) leave it out
-REQUIRED_META = tuple(k for k in IDENTITY_KEYS if k != "model_fingerprint") + ("model", "tokenizer_size")
+                 "token_budget", "shard_size", "dtype", "model_fingerprint", "partition")
+# model_fingerprint is optional: writers without a model (tests, converters) leave it out; partition
+# is only written by one rank of a distributed run (absent, so unchanged bytes, for one process)
+REQUIRED_META = tuple(k for k in IDENTITY_KEYS if k not in ("model_fingerprint", "partition")) + \
+    ("model", "tokenizer_size")
+PARTITION_KEYS = ("rank", "world_size", "seq_start", "seq_end", "corpus_sequences", "corpus_tokens")
 
 
 def shard_name(i: int) -> str:
@@ -100,8 +113,24 @@ def _is_int(x, low: int = 0) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= low
 
 
+def seq_base(meta: dict) -> int:
+    """Global index of a shard directory's first sequence: 0, or its rank's ``seq_start``."""
+    return int(meta["partition"]["seq_start"]) if meta.get("partition") is not None else 0
+
+
+def _partition_problem(part: Any) -> str | None:
+    if not isinstance(part, dict) or sorted(part) != sorted(PARTITION_KEYS) or \
+            not all(_is_int(part[k]) for k in PARTITION_KEYS):
+        return f"partition must map {list(PARTITION_KEYS)} to non-negative integers, got {part!r}"
+    if not (part["rank"] < part["world_size"] and part["seq_start"] <= part["seq_end"] <= part["corpus_sequences"]):
+        return f"partition is inconsistent (rank < world_size, seq_start <= seq_end <= corpus_sequences): {part}"
+    return None
+
+
 def _meta_problem(meta: dict) -> str | None:
     """What is wrong with a parsed meta.json's types and shard list, or None."""
+    if meta.get("partition") is not None and _partition_problem(meta["partition"]):
+        return _partition_problem(meta["partition"])
     for k in ("k", "vocab_size", "tokenizer_size", "block_size", "token_budget", "shard_size"):
         if k in meta and not _is_int(meta[k], 1):
             return f"{k} must be a positive integer, got {meta[k]!r}"
@@ -143,6 +172,8 @@ class ShardWriter:
         missing = [k for k in REQUIRED_META if k not in meta]
         if missing:
             raise ValueError(f"meta: missing keys {missing}")
+        if meta.get("partition") is not None and _partition_problem(meta["partition"]):
+            raise ValueError(f"meta: {_partition_problem(meta['partition'])}")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for p in self.out_dir.glob(".*.tmp"):
             p.unlink()
@@ -164,8 +195,8 @@ class ShardWriter:
 
     @property
     def next_seq(self) -> int:
-        """Global index of the first sequence not yet written."""
-        return int(self.meta["num_sequences"])
+        """Global index of the first sequence not yet written (a rank's part starts at its seq_start)."""
+        return seq_base(self.meta) + int(self.meta["num_sequences"])
 
     @property
     def next_shard(self) -> int:
@@ -216,7 +247,7 @@ class ShardWriter:
         self.meta["shards"].append({"file": name, "seq_start": first, "seq_end": first + n_seq, "num_tokens": n_tok,
                                     "bytes": sum(len(c) for c in chunks), "sha256": h.hexdigest(),
                                     "corpus_fingerprint": corpus_fingerprint})
-        self.meta["num_sequences"] = first + n_seq
+        self.meta["num_sequences"] = first + n_seq - seq_base(self.meta)
         self.meta["complete"] = False
         self.meta["num_tokens"] = int(self.meta["num_tokens"]) + n_tok
         self.meta["corpus_fingerprint"] = corpus_fingerprint
@@ -247,8 +278,9 @@ class ShardReader:
         self.k = int(self.meta["k"])
         self.check_sha256 = check_sha256
         self._shards = self.meta["shards"]
-        self._starts = [s["seq_start"] for s in self._shards]
-        expect = 0
+        base = seq_base(self.meta)      # a rank's part holds the global sequences base, base + 1, ...
+        self._starts = [s["seq_start"] - base for s in self._shards]
+        expect = base
         for s in self._shards:
             p = self.out_dir / s["file"]
             if s["seq_start"] != expect:
@@ -259,8 +291,8 @@ class ShardReader:
                 raise ValueError(f"{p}: shard listed in meta.json is missing")
             if p.stat().st_size != s["bytes"]:
                 raise ValueError(f"{p}: shard is {p.stat().st_size} bytes, meta.json says {s['bytes']} (truncated?)")
-        if expect != self.meta["num_sequences"]:
-            raise ValueError(f"{self.out_dir / META_NAME}: shards cover {expect} sequences, num_sequences says "
+        if expect - base != self.meta["num_sequences"]:
+            raise ValueError(f"{self.out_dir / META_NAME}: shards cover {expect - base} sequences, num_sequences says "
                              f"{self.meta['num_sequences']}")
         self._cache: dict[int, dict[str, np.ndarray]] = {}
 
@@ -334,7 +366,8 @@ class ShardReader:
 
     def __getitem__(self, seq_index: int) -> dict[str, Any]:
         """One sequence: ``topk_ids`` int32 [n, k], ``topk_logprobs`` float16 [n, k], ``ce`` (float),
-        ``seq_index``, ``doc_index``, ``char_start``, ``char_end`` (ints)."""
+        ``seq_index`` (global: in a rank's part, ``reader[0]`` is sequence ``seq_start``), ``doc_index``,
+        ``char_start``, ``char_end`` (ints)."""
         i, j = self._locate(seq_index)
         t = self.shard(i)
         a, b = int(t["offsets"][j]), int(t["offsets"][j + 1])

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from fastfuse.cli.errors import CommandError
+from fastfuse.cli.ranks import add_rank_flags, rank_and_world, rank_device
 from fastfuse.extract import DEFAULT_BLOCK_SIZE, DEFAULT_K, DEFAULT_SHARD_SIZE, DEFAULT_TOKEN_BUDGET
 
 
@@ -77,10 +78,12 @@ def _extract(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer_flag("--tokenizer", args.tokenizer or args.model)
     files = input_files(args.input)
     output_dir(args.out)
+    rank, world = rank_and_world(args)
     model = AutoModelForCausalLM.from_pretrained(args.model)
     stats = extract_topk(model, tokenizer, files, args.out, k=args.k, block_size=args.block_size,
                          token_budget=args.token_budget, shard_size=args.shard_size, source_name=args.source_name,
-                         device=args.device, dtype=args.dtype, progress=not args.quiet, text_field=args.text_field)
+                         device=rank_device(args), dtype=args.dtype, progress=not args.quiet,
+                         text_field=args.text_field, rank=rank, world_size=world)
     if not args.quiet:
         print(f"{stats['sequences']} sequences, {stats['total_tokens']} tokens in {stats['out_dir']} "
               f"({stats['tokens']} extracted now at {stats['tokens_per_s']:.0f} tok/s; "
@@ -154,6 +157,7 @@ def add_extract(subparsers) -> None:
     p.add_argument("--text-field", default="text")
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="torch dtype (default bfloat16 on GPU, float32 on CPU)")
+    add_rank_flags(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_extract)
 
