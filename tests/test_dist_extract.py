@@ -201,3 +201,20 @@ def test_token_ranges():
     assert token_ranges([10, 10, 10], 2) == [(0, 1), (1, 3)]      # a tie goes to the earlier cut
     with pytest.raises(ValueError, match="world_size"):
         token_ranges([1], 0)
+
+
+def test_more_ranks_than_sequences(runs, tmp_path):
+    """A rank whose range is empty writes an empty, complete part; the parts still read as the corpus."""
+    root, _, src, _, _, _ = runs
+    texts = ["A first short document.", "", "And a second one."]
+    kw = dict(k=5, block_size=BLOCK, token_budget=128, shard_size=4, progress=False)
+    model = transformers.GPT2LMHeadModel.from_pretrained(root / "model")
+    extract_topk(model, src, texts, tmp_path / "one", **kw)
+    for r in range(3):
+        extract_topk(model, src, texts, tmp_path / "three", rank=r, world_size=3, **kw)
+    one, three = open_shards(tmp_path / "one"), open_shards(tmp_path / "three")
+    assert sorted(len(p) for p in three.parts) == [0, 1, 1] and len(three) == len(one) == 2
+    for a, b in zip(records(one), records(three), strict=True):
+        assert a[:4] == b[:4]
+        np.testing.assert_array_equal(a[4], b[4])
+        np.testing.assert_array_equal(a[5], b[5])
