@@ -19,7 +19,7 @@ import numpy as np
 __all__ = ["atomic_write", "sha256_file", "json_bytes", "serialize_safetensors", "read_safetensors"]
 
 _ST_DTYPE = {np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.float32): "F32",
-             np.dtype(np.float16): "F16"}
+             np.dtype(np.float16): "F16", np.dtype(np.uint8): "U8"}
 _NP_DTYPE = {v: k for k, v in _ST_DTYPE.items()}
 
 
@@ -34,12 +34,20 @@ def sha256_file(path: Path) -> str:
 def atomic_write(path: Path, chunks: list[bytes]) -> None:
     """Write ``chunks`` to ``path`` through a temp file in the same directory, fsync, rename."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        for c in chunks:
-            f.write(c)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # a failed write (disk full, EFBIG, Ctrl-C) leaves the old file and no temp file behind
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
         try:

@@ -21,12 +21,13 @@ the two on random vocabularies).
 from __future__ import annotations
 
 import os
-import tempfile
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from fastfuse import _C
+from fastfuse.storage import atomic_write, serialize_safetensors
 from fastfuse.threads import check_num_threads
 
 __all__ = ["VocabMap", "reference_vocab_map", "levenshtein_reference"]
@@ -176,29 +177,12 @@ class VocabMap:
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
-        """Write a safetensors file atomically (temp file in the same directory + os.replace)."""
-        from safetensors.numpy import save_file
-
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-        os.close(fd)
-        try:
-            save_file(
-                {"ids": self.ids, "distance": self.distance, "src_special": self.src_special.astype(np.uint8)},
-                tmp,
-                metadata={"format": _FORMAT, "version": _FORMAT_VERSION, "mode": self.mode,
-                          "src_size": str(self.src_size), "tgt_size": str(self.tgt_size)},
-            )
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        """Write a safetensors file atomically and byte-deterministically (``fastfuse.storage``): the
+        same map always gives the same bytes, so alignment outputs can be compared by checksum."""
+        tensors = {"ids": self.ids, "distance": self.distance, "src_special": self.src_special.astype(np.uint8)}
+        metadata = {"format": _FORMAT, "version": _FORMAT_VERSION, "mode": self.mode,
+                    "src_size": str(self.src_size), "tgt_size": str(self.tgt_size)}
+        atomic_write(Path(path), serialize_safetensors(tensors, metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "VocabMap":
