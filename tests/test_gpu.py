@@ -39,7 +39,8 @@ def test_fused_loss_kernel_matches_reference(V, dtype, inplace):
     kw = dict(lm_weight=0.7, temperature=1.3)
     ref_loss, ref_grad = _reference(z, topk, amap, labels, w, **kw)
     x = z.clone().requires_grad_(True)
-    loss = fused_loss(x, topk, amap, labels, w, impl="triton", inplace_grad=inplace, **kw)
+    buf = x * 1 if inplace else x           # inplace_grad consumes a non-leaf buffer (a leaf would raise)
+    loss = fused_loss(buf, topk, amap, labels, w, impl="triton", inplace_grad=inplace, **kw)
     loss.backward()
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(loss.double(), ref_loss, **tol)
@@ -47,6 +48,53 @@ def test_fused_loss_kernel_matches_reference(V, dtype, inplace):
     n = (labels != -100).sum()
     torch.testing.assert_close(x.grad.double() * n, ref_grad * n, **(tol if dtype == torch.float32 else
                                                                       dict(rtol=2e-2, atol=1e-3)))
+
+
+def test_fp16_with_loss_scale_matches_torch_cross_entropy():
+    """GradScaler's grad_output = 2**16 on fp16 logits at V = 128k: the gradient equals torch's
+    cross-entropy under autocast (fp32 math, one rounding), instead of an underflowed 1/N softmax."""
+    g = torch.Generator().manual_seed(0)
+    N, V = 4096, 128256
+    z = (torch.randn(N, V, generator=g) * 2).half().cuda()
+    labels = torch.randint(0, V, (N,), generator=g).cuda()
+    topk = SourceTopK(torch.full((1, 1, 1), -1, device="cuda"), torch.zeros(1, 1, 1, device="cuda"))
+    amap = AlignMap(torch.full((1, N), -1, dtype=torch.int32, device="cuda"),
+                    torch.full((1, 1), -1, dtype=torch.int32, device="cuda"))
+    go = 2.0 ** 16
+    x = z.clone().requires_grad_(True)
+    fused_loss(x, topk, amap, labels, lm_weight=1.0, impl="triton").backward(torch.tensor(go, device="cuda"))
+    y = z.clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(y.float(), labels).backward(torch.tensor(go, device="cuda"))
+    torch.testing.assert_close(x.grad, y.grad, rtol=4e-3, atol=1e-6)
+    assert (x.grad != 0).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_no_host_sync_with_validate_false(dtype):
+    """Forward and backward of both losses under torch.cuda.set_sync_debug_mode("error")."""
+    z, topk, amap, labels, w = _inputs(32000, dtype, seed=3)
+    H = 64
+    hidden = torch.randn(2, 96, H, device="cuda", dtype=dtype)
+    weight = torch.randn(32000, H, device="cuda", dtype=dtype)
+
+    def step():
+        for reduction in ("mean", "none"):
+            for inplace in (False, True):
+                x = z.clone().requires_grad_(True)
+                loss = fused_loss(x * 1, topk, amap, labels, w, reduction=reduction, inplace_grad=inplace,
+                                  validate=False)
+                loss.backward(torch.full_like(loss, 0.37))
+            h, W = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+            loss = fused_linear_loss(h, W, topk, amap, labels, source_weights=w, reduction=reduction,
+                                     validate=False, chunk_tokens=64)
+            loss.backward(torch.ones_like(loss))
+    step()                                   # compile the kernels first (compilation may sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum"])

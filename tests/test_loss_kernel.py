@@ -258,8 +258,8 @@ def test_auto_uses_triton_under_interpreter(monkeypatch):
         pytest.skip("CPU-only dispatch check")
     import fastfuse.kernels.fused_ce as fc
     calls = []
-    orig = fc.fused_loss_rows
-    monkeypatch.setattr(fc, "fused_loss_rows", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    orig = fc.ce_rows
+    monkeypatch.setattr(fc, "ce_rows", lambda *a, **k: calls.append(1) or orig(*a, **k))
     d = random_inputs(1, 2, 50, 1, 2, generator=torch.Generator().manual_seed(15))
     fused_loss(d["target_logits"], SourceTopK(*d["source_topk"]), AlignMap(*d["align_map"]),
                d["labels"])
