@@ -48,7 +48,18 @@ __all__ = [
     "sparse_teacher",
     "loss_and_grad_rows",
     "random_inputs",
+    "tolerance",
+    "LINEAR_REL_TOL",
 ]
+
+# Agreement of the fast paths with the float64 reference, per logits dtype (the one table the
+# tests and the GPU benchmarks share; kept here, not in tests/, so that benchmarks need no pytest):
+# (rtol, atol) of a per-token loss, and atol of one gradient entry of a per-token loss with unit
+# grad_output (softmax entries are <= 1, rounded once to the dtype).
+_TOL = {torch.float32: ((1e-5, 1e-6), 1e-6), torch.bfloat16: ((2e-2, 1.6e-2), 1.6e-2),
+        torch.float16: ((2e-3, 2e-3), 2e-3)}
+# fused_linear_loss: relative (norm) errors of loss and gradients (the matmuls round in the input dtype)
+LINEAR_REL_TOL = {torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
 def normalize_weights(source_weights: Optional[Tensor], S: int, B: int, T: int,
@@ -216,6 +227,22 @@ def loss_and_grad_rows(logits: Tensor, tids: Tensor, coefs: Tensor, ignored: Ten
                     g.mul_(gs if gs.numel() == 1 else gs[a:e, None])
                 grad[b, t0:t1] = g.to(logits.dtype)
     return loss, grad
+
+
+def tolerance(dtype: torch.dtype, reduction: str = "sum", n_tokens: int = 1, grad_output: float = 1.0,
+              logit_max: float = 0.0) -> dict:
+    """``dict(loss=dict(rtol, atol), grad=dict(rtol, atol))`` for ``torch.testing.assert_close`` of a
+    fast path against the float64 reference with ``dtype`` logits. The gradient tolerance is of
+    the gradient actually compared: times ``|grad_output|`` (its largest entry for ``"none"``) and
+    divided by ``n_tokens`` (the non-ignored tokens) for ``"mean"`` -- an absolute tolerance made
+    for per-token gradients would be vacuous for a mean over thousands of tokens. Logits as large as
+    ``logit_max`` shift the fp32 log-sum-exp by ~``logit_max * 2**-23`` (a relative error of every
+    softmax entry): beyond 100 the gradient tolerance grows with them. The loss atol is scaled by
+    the caller with the loss magnitude where it matters."""
+    (lr, la), ga = _TOL[dtype]
+    g = ga * abs(float(grad_output)) / (max(int(n_tokens), 1) if reduction == "mean" else 1)
+    g *= max(1.0, float(logit_max) / 100)
+    return dict(loss=dict(rtol=lr, atol=la), grad=dict(rtol=0.0, atol=g))
 
 
 def random_inputs(B: int = 2, T: int = 5, V: int = 300, S: int = 3, K: int = 10, Ts: int = 7,
