@@ -42,8 +42,8 @@ class AlignMap(NamedTuple):
 
 class _Consume(torch.autograd.Function):
     """Marks the logits dirty for ``inplace_grad``: their buffer is overwritten by the gradient, so
-    any node that saved them (a softcap's tanh, a log_softmax for metrics) must fail autograd's
-    version check instead of back-propagating gradient values as if they were logits. A separate
+    any node that saved them (e.g. a logit softcap's tanh, which saves its output) must fail
+    autograd's version check instead of back-propagating gradient values as logits. A separate
     Function because autograd lets a Function that dirties a view return only that one tensor."""
 
     @staticmethod
