@@ -28,6 +28,10 @@ def launches():
                                         torch.zeros(8, dtype=torch.int64), -100, torch.ones(1), compute_grad=True)
     for kernel, args, kwargs in rec:
         yield "fused_linear_loss chunk V=128256", torch.bfloat16, kernel, args, kwargs
+    with aot.record_launches(fused_ce.rescale_kernel) as rec:       # backward's grad_output multiply
+        fused_ce.rescale_rows_(torch.empty(2, 4, 128256, dtype=torch.bfloat16), torch.ones(8))
+    for kernel, args, kwargs in rec:
+        yield "backward rescale V=128256", torch.bfloat16, kernel, args, kwargs
 
 
 def main() -> int:
@@ -37,7 +41,7 @@ def main() -> int:
     for what, dtype, kernel, args, kwargs in launches():
         res = aot.ptxas_resources(aot.compile_launch(kernel, args, kwargs, aot.HOPPER))
         warps = kwargs.get("num_warps", 4)
-        block = kwargs.get("BLOCK_V", kwargs.get("BLOCK_K"))
+        block = kwargs.get("BLOCK_V", kwargs.get("BLOCK_K", kwargs.get("BLOCK")))
         ctas = 65536 // (res["registers"] * 32 * warps)
         print(f"| {what} | {kernel.__name__} | {str(dtype).replace('torch.', '') if dtype else '-'} | {block} | {warps} | "
               f"{res['registers']} | {res['spill_stores']}/{res['spill_loads']} | {ctas} |")

@@ -12,11 +12,16 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["FLOATS", "INTS", "IMPLS", "check_tensor", "check_teacher_args", "choose_impl"]
+__all__ = ["FLOATS", "INTS", "IMPLS", "SECOND_BACKWARD", "check_tensor", "check_teacher_args", "choose_impl"]
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 INTS = (torch.int32, torch.int64)
 IMPLS = ("auto", "triton", "reference")
+
+# Both losses hand their gradient over (or overwrite it in place) in the first backward, so a second
+# backward through the same graph (retain_graph=True) cannot be answered: one message for both.
+SECOND_BACKWARD = ("{}: backward through the same loss twice; its gradient is computed once and handed over "
+                   "by the first backward (retain_graph=True does not keep it). Call the loss again instead.")
 
 _NEEDS_INTERPRETER = ("impl='triton' on CPU tensors needs TRITON_INTERPRET=1, set before triton and "
                       "fastfuse.kernels are first imported")
@@ -109,6 +114,8 @@ def check_teacher_args(lead, V, dev, source_topk, align_map, labels, source_weig
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -2 ** 63 <= ignore_index < 2 ** 63:     # the kernels compare it as int64
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if len(lead) == 1:      # [N, H]: B = 1, fused_loss's 2-d conventions
         N2 = lead[0]
         lead = (1, N2)

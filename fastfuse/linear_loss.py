@@ -20,11 +20,15 @@ Exactly ``fused_loss(hidden @ weight.T + bias, ...)``: same teacher semantics, s
    ``addmm_``: one read-modify-write of ``d_weight`` per chunk), ``d_bias += dlogits_c.sum(0)``
    (fp32 accumulator, ``V`` floats).
 
-For ``"mean"``/``"sum"`` the gradients are complete at the end of the forward (the loss is the last
-op of the graph: three matmuls, ``6*N*H*V`` FLOPs); the backward only multiplies them by
-``grad_output``, skipped when it is 1 (one scalar sync, as ``fused_loss`` does). For ``"none"``
-the backward needs the per-token ``grad_output`` *before* the ``d_weight`` matmul, so the forward
-computes only the loss (one matmul) and the backward recomputes the chunk logits (three more).
+For ``"mean"``/``"sum"`` in float32/bfloat16 the gradients are complete at the end of the forward
+(the loss is the last op of the graph: three matmuls, ``6*N*H*V`` FLOPs); the backward only
+multiplies them by ``grad_output`` on the device (a no-op kernel when it is 1 on CUDA: no host
+sync). For ``"none"`` the backward needs the per-token ``grad_output`` *before* the ``d_weight``
+matmul, and float16 needs ``scale * grad_output`` applied in fp32 before the chunk gradient is
+rounded (``softmax / #tokens`` underflows fp16 long before a GradScaler's ``2**16`` arrives), so
+there the forward computes only the loss (one matmul) and the backward recomputes the chunk
+logits (three more; ``8*N*H*V`` FLOPs in all). The row kernel reads that factor (one scalar or one
+per row) on the device. ``backward`` may run once (a second one raises).
 
 Chunk size: by default as many tokens as keep the chunk's logits under 512 MiB (2048 tokens for
 ``V = 128256`` in bf16, 8192 for ``V = 32000``), balanced over the chunks. ``d_weight``'s
@@ -82,7 +86,7 @@ import torch
 from torch import Tensor
 
 from fastfuse import reference as _ref
-from fastfuse._dispatch import FLOATS, INTS, check_teacher_args, check_tensor, choose_impl
+from fastfuse._dispatch import FLOATS, INTS, SECOND_BACKWARD, check_teacher_args, check_tensor, choose_impl
 from fastfuse.loss import AlignMap, SourceTopK
 
 __all__ = ["fused_linear_loss"]
@@ -108,43 +112,52 @@ class _FusedLinearLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, tids, coefs, labels, ignored, scale, ignore_index, reduction, chunk,
                 use_triton):
         need = ctx.needs_input_grad[:3]
-        grad_now = reduction != "none" and any(need)
-        rows = _chunks(hidden, weight, bias, tids, coefs, labels, ignored, scale, ignore_index, chunk,
-                       use_triton, need if grad_now else (False, False, False), row_scale=None)
-        loss_rows, grads = rows
-        ctx.reduction = reduction
-        if reduction == "none":
-            ctx.save_for_backward(hidden, weight, bias, tids, coefs, labels, ignored)
+        # "none" needs the per-token grad_output before the d_weight matmul; float16 must apply
+        # scale * grad_output before the rounding of the chunk gradient (else it underflows): both
+        # compute the loss here and the gradients in the backward (one more matmul)
+        grad_now = reduction != "none" and hidden.dtype != torch.float16 and any(need)
+        loss_rows, grads = _chunks(hidden, weight, bias, tids, coefs, labels, ignored, scale, ignore_index, chunk,
+                                   use_triton, need if grad_now else (False, False, False))
+        ctx.reduction, ctx.grad_now, ctx.done, ctx.use_triton = reduction, grad_now, False, use_triton
+        if grad_now:
+            ctx.grads = grads
+        else:
+            ctx.save_for_backward(hidden, weight, bias, tids, coefs, labels, ignored, scale)
             ctx.opts = (ignore_index, chunk, use_triton)
+        if reduction == "none":
             return loss_rows
-        ctx.grads = grads if grad_now else None
-        ctx.grad_now = grad_now
         return loss_rows.sum() * scale.reshape(())
 
     @staticmethod
     def backward(ctx, grad_output):
-        if ctx.reduction != "none":
+        if ctx.done:
+            raise RuntimeError(SECOND_BACKWARD.format("fused_linear_loss"))
+        ctx.done = True
+        go = grad_output.to(torch.float32).reshape(-1)      # stays on the device: no host sync
+        if ctx.grad_now:
             grads, ctx.grads = ctx.grads, None
-            if grads is None:
-                if ctx.grad_now:
-                    raise RuntimeError("fused_linear_loss: backward through the same loss twice; its gradients are "
-                                       "computed in the forward and handed over by the first backward")
-                return (None,) * 12
-            if not bool(grad_output == 1):      # one scalar sync; skipped work is a pass over the grads
-                grads = tuple(None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads)
-            return grads + (None,) * 9
-        hidden, weight, bias, tids, coefs, labels, ignored = ctx.saved_tensors
+            return tuple(None if g is None else _rescale(g, go, ctx.use_triton) for g in grads) + (None,) * 9
+        hidden, weight, bias, tids, coefs, labels, ignored, scale = ctx.saved_tensors
         ignore_index, chunk, use_triton = ctx.opts
-        one = torch.ones(1, dtype=torch.float32, device=hidden.device)
-        _, grads = _chunks(hidden, weight, bias, tids, coefs, labels, ignored, one, ignore_index, chunk,
-                           use_triton, ctx.needs_input_grad[:3], row_scale=grad_output.reshape(-1))
+        _, grads = _chunks(hidden, weight, bias, tids, coefs, labels, ignored, scale * go, ignore_index, chunk,
+                           use_triton, ctx.needs_input_grad[:3])
         return grads + (None,) * 9
 
 
-def _chunks(hidden, weight, bias, tids, coefs, labels, ignored, scale, ignore_index, chunk, use_triton, need,
-            row_scale) -> Tuple[Tensor, Tuple[Optional[Tensor], ...]]:
+def _rescale(g: Tensor, factor: Tensor, use_triton: bool) -> Tensor:
+    """``g *= factor`` (one float32 element) without a host sync; a device-side no-op when it is 1
+    on the Triton path, one pass over ``g`` otherwise (tiny next to the matmuls)."""
+    if use_triton and g.stride(-1) == 1:
+        from fastfuse.kernels.fused_ce import rescale_rows_
+        return rescale_rows_(g if g.dim() == 2 else g.reshape(1, -1), factor)
+    return g.mul_(factor.reshape(()))
+
+
+def _chunks(hidden, weight, bias, tids, coefs, labels, ignored, scale, ignore_index, chunk, use_triton, need
+            ) -> Tuple[Tensor, Tuple[Optional[Tensor], ...]]:
     """The chunk loop: per-row losses ``[N]`` float32 and (d_hidden, d_weight, d_bias) for the
-    gradients flagged in ``need`` (scaled by ``scale``, rows also by ``row_scale [N]`` if given)."""
+    gradients flagged in ``need``, times ``scale`` (float32: one element, or one per row ``[N]``),
+    applied to each row's gradient in fp32 before its rounding to the chunk dtype."""
     N, H = hidden.shape
     V = weight.shape[0]
     compute_grad = any(need)
@@ -154,11 +167,13 @@ def _chunks(hidden, weight, bias, tids, coefs, labels, ignored, scale, ignore_in
     loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
     buf = torch.empty(min(chunk, N), V, dtype=hidden.dtype, device=hidden.device)
     wt = weight.t()
+    per_row = scale.numel() > 1
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):   # dtypes as given
         for i, r0 in enumerate(range(0, N, chunk)):
             r1 = min(N, r0 + chunk)
             h = hidden[r0:r1]
             z = buf[: r1 - r0]
+            sc = scale[r0:r1] if per_row else scale
             if bias is None:
                 torch.mm(h, wt, out=z)
             else:
@@ -166,14 +181,12 @@ def _chunks(hidden, weight, bias, tids, coefs, labels, ignored, scale, ignore_in
             if use_triton:
                 from fastfuse.kernels.linear_ce import fused_ce_rows_inplace
                 loss[r0:r1] = fused_ce_rows_inplace(z, tids[r0:r1], coefs[r0:r1], labels[r0:r1], ignore_index,
-                                                    scale, compute_grad)
+                                                    sc, compute_grad)
             else:
                 loss[r0:r1], _ = _ref.loss_and_grad_rows(z.unsqueeze(0), tids[r0:r1], coefs[r0:r1], ignored[r0:r1],
-                                                         scale.reshape(()), compute_grad, inplace_grad=True)
+                                                         sc, compute_grad, inplace_grad=True)
             if not compute_grad:
                 continue
-            if row_scale is not None:
-                z.mul_(row_scale[r0:r1, None].to(z.dtype))
             if d_hidden is not None:
                 torch.mm(z, weight, out=d_hidden[r0:r1])
             if d_weight is not None:
@@ -260,10 +273,10 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, a
         if use_triton:
             from fastfuse.kernels.sparse_teacher import sparse_teacher
             tids, coefs = sparse_teacher(ids, logprobs, pos, vocab, labels, weights, lm_weight, temperature,
-                                         ignore_index)
+                                         ignore_index, V)
         else:
             tids, coefs = _ref.sparse_teacher(SourceTopK(ids, logprobs), AlignMap(pos, vocab), labels, weights,
-                                              lm_weight, temperature, ignore_index)
+                                              lm_weight, temperature, ignore_index, V)
     flat_labels = labels.reshape(N).contiguous()
     ignored = flat_labels == ignore_index
     if reduction == "mean":

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from fastfuse import reference as _ref
-from fastfuse._dispatch import FLOATS, INTS, check_teacher_args, check_tensor, choose_impl
+from fastfuse._dispatch import FLOATS, INTS, SECOND_BACKWARD, check_teacher_args, check_tensor, choose_impl
 
 __all__ = ["SourceTopK", "AlignMap", "fused_loss"]
 
@@ -40,53 +40,79 @@ class AlignMap(NamedTuple):
     vocab: Tensor
 
 
-class _FusedLoss(torch.autograd.Function):
-    """Forward computes per-row loss *and* gradient; backward only rescales the gradient."""
+class _Consume(torch.autograd.Function):
+    """Marks the logits dirty for ``inplace_grad``: their buffer is overwritten by the gradient, so
+    any node that saved them (e.g. a logit softcap's tanh, which saves its output) must fail
+    autograd's version check instead of back-propagating gradient values as logits. A separate
+    Function because autograd lets a Function that dirties a view return only that one tensor."""
 
     @staticmethod
-    def forward(ctx, logits, ids, logprobs, pos, vocab, labels, weights, lm_weight, temperature,
-                ignore_index, reduction, inplace_grad, impl):
-        B, T, V = logits.shape
-        N = B * T
-        compute_grad = ctx.needs_input_grad[0]
-        not_ignored = labels != ignore_index
-        count = not_ignored.sum()
-        if reduction == "mean":
-            scale = 1.0 / count.clamp_min(1).to(torch.float32)
-        else:
-            scale = torch.ones((), dtype=torch.float32, device=logits.device)
-        inplace = inplace_grad and compute_grad
-        if impl == "triton":
-            from fastfuse.kernels.fused_ce import fused_loss_rows
-            loss_rows, grad = fused_loss_rows(
-                logits, ids, logprobs, pos, vocab, labels, weights, lm_weight, temperature,
-                ignore_index, scale, compute_grad, inplace)
-        else:
-            topk, amap = SourceTopK(ids, logprobs), AlignMap(pos, vocab)
-            tids, coefs = _ref.sparse_teacher(topk, amap, labels, weights, lm_weight,
-                                              temperature, ignore_index)
-            loss_rows, grad = _ref.loss_and_grad_rows(
-                logits, tids, coefs, ~not_ignored.reshape(N), scale, compute_grad, inplace)
-        ctx.reduction = reduction
-        ctx.shape = (B, T)
+    def forward(ctx, logits):
+        ctx.mark_dirty(logits)
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _rows(impl, logits, tids, coefs, labels, ignored, ignore_index, scale, compute_grad, inplace):
+    """Per-row loss ``[N]`` and ``scale * dL/dlogits`` (``None`` without ``compute_grad``; the
+    logits tensor itself with ``inplace``) of either backend."""
+    if impl == "triton":
+        from fastfuse.kernels.fused_ce import ce_rows
+        grad = None
         if compute_grad:
+            grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        return ce_rows(logits, grad, tids, coefs, labels, ignore_index, scale, compute_grad), grad
+    return _ref.loss_and_grad_rows(logits, tids, coefs, ignored, scale, compute_grad, inplace)
+
+
+class _FusedLoss(torch.autograd.Function):
+    """float32/bfloat16: the forward computes per-row loss *and* gradient (``scale`` folded in) and
+    the backward multiplies it by ``grad_output`` on the device (free when that is 1). float16: the
+    forward computes the loss only and the backward the gradient with ``scale * grad_output``
+    applied in fp32 before the one rounding -- folding ``1/#tokens`` into an fp16 gradient first
+    would flush ``scale * softmax`` (~1e-10 at V = 128k) to 0 before a GradScaler's 2**16 arrives."""
+
+    @staticmethod
+    def forward(ctx, logits, tids, coefs, labels, ignored, scale, ignore_index, reduction, inplace, impl):
+        B, T, V = logits.shape
+        need = ctx.needs_input_grad[0]
+        ctx.defer = need and logits.dtype == torch.float16
+        grad_now = need and not ctx.defer
+        loss_rows, grad = _rows(impl, logits, tids, coefs, labels, ignored, ignore_index, scale, grad_now, inplace)
+        ctx.reduction, ctx.shape, ctx.impl, ctx.inplace = reduction, (B, T), impl, inplace
+        ctx.ignore_index, ctx.done = ignore_index, False
+        if grad_now:
             ctx.save_for_backward(grad)
+        elif ctx.defer:
+            ctx.save_for_backward(logits, tids, coefs, labels, ignored, scale)
         if reduction == "none":
             return loss_rows.view(B, T)
         total = loss_rows.sum()
-        return total * scale if reduction == "mean" else total
+        return total * scale.reshape(()) if reduction == "mean" else total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        if ctx.reduction == "none":
-            grad.mul_(grad_output.reshape(*ctx.shape, 1))
-        elif not bool(grad_output == 1):
-            # One scalar host sync: skips a full pass over [N, V] in the common case
-            # (``loss.backward()`` with grad_output == 1). Otherwise a memory-bound rescale.
-            grad.mul_(grad_output)
-        return (grad,) + (None,) * 12
+        if ctx.done:
+            raise RuntimeError(SECOND_BACKWARD.format("fused_loss"))
+        ctx.done = True
+        # grad_output stays on the device: no bool(grad_output == 1) host sync
+        go = grad_output.to(torch.float32).reshape(-1)
+        if ctx.defer:
+            logits, tids, coefs, labels, ignored, scale = ctx.saved_tensors
+            _, grad = _rows(ctx.impl, logits, tids, coefs, labels, ignored, ctx.ignore_index, scale * go, True,
+                            ctx.inplace)
+        else:
+            (grad,) = ctx.saved_tensors
+            if ctx.impl == "triton":
+                from fastfuse.kernels.fused_ce import rescale_rows_
+                rescale_rows_(grad, go)
+            else:       # torch path: one pass (the kernel skips it when grad_output is 1)
+                grad.mul_(go.reshape(*ctx.shape, 1) if go.numel() > 1 else go.reshape(()))
+        return (grad,) + (None,) * 9
 
 
 def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignMap,
@@ -121,28 +147,37 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
         temperature: ``> 0``; the teacher is ``softmax(logprobs / temperature)``.
         reduction: ``"mean"`` over non-ignored tokens (0, not NaN, when all are ignored),
             ``"sum"``, or ``"none"`` -> ``[B, T]`` (``[N]`` for 2-d logits) float32.
-        inplace_grad: write the gradient into ``target_logits``'s buffer during the forward
-            (saves ``N * V`` elements of memory). The logits are *consumed*: do not read them
+        inplace_grad: write the gradient into ``target_logits``'s buffer (during the forward;
+            for float16 during the backward) -- saves ``N * V`` elements of memory. The logits are
+            *consumed* and marked dirty: autograd raises its version-counter error if a node saved
+            them (e.g. ``torch.tanh`` producing them) or if they are a leaf; do not read them
             after the call. Only when ``target_logits`` requires grad.
         impl: ``"auto"`` (Triton on CUDA, or on CPU when ``TRITON_INTERPRET=1``; otherwise the
             chunked torch path), ``"triton"`` or ``"reference"`` (chunked sparse torch path).
         validate: run the data-dependent checks (id ranges, negative weights, NaN logprobs,
             label range). They cost a few reductions over the small index tensors
             (``O(S*B*Ts*K + S*Vs + S*B*T)``, plus ``min``/``max`` of the labels) and **one**
-            host sync. Shape/dtype/device checks are always done (free).
+            host sync. Shape/dtype/device checks are always done (free). With
+            ``validate=False`` bad ids may give a meaningless loss but never touch memory outside
+            their own row: every indirect access is masked by its full range.
 
-    The gradient flows to ``target_logits`` only; it is computed in the forward pass (one read
-    of the logits for the log-sum-exp, a second, L2-friendly, one for the gradient write) and
-    stored in the logits dtype (or in the logits buffer with ``inplace_grad``). The loss is
-    float32 whatever the logits dtype.
+    The gradient flows to ``target_logits`` only. For float32/bfloat16 it is computed in the
+    forward pass (one read of the logits for the log-sum-exp, a second, L2-friendly, one for the
+    gradient write) and the backward multiplies it by ``grad_output`` on the device; for float16
+    the forward only computes the loss (one read) and the backward the gradient with
+    ``scale * grad_output`` applied in fp32 before the single rounding, as torch's cross-entropy
+    under autocast does -- so a GradScaler's ``2**16`` cannot meet an already underflowed
+    ``softmax / #tokens``. The gradient is stored in the logits dtype (or in the logits buffer with
+    ``inplace_grad``). The loss is float32 whatever the logits dtype. ``backward`` may run once.
 
     Costs and syncs. Extra memory: the gradient (``N * V`` elements of the logits dtype, none
     with ``inplace_grad``) plus ``O(N * S * K)`` for the sparse teacher; never a dense teacher
-    or an fp32 copy of the logits. The forward has no host sync with ``validate=False``. The
-    backward of ``"mean"``/``"sum"`` does one scalar sync to test ``grad_output == 1`` (the
-    usual ``loss.backward()``), which skips a pass over ``[N, V]``; any other ``grad_output``
-    (e.g. ``loss / accumulation_steps``) and ``"none"`` cost one memory-bound rescale of the
-    gradient. On CPU without ``TRITON_INTERPRET=1`` the torch path works on chunks of about
+    or an fp32 copy of the logits. Neither forward (with ``validate=False``) nor backward has a
+    host sync: ``scale`` and ``grad_output`` are read by the kernels. float32/bfloat16: a
+    ``grad_output`` of exactly 1 (the usual ``loss.backward()``) costs nothing more (the rescale
+    kernel returns at once); any other (``loss / accumulation_steps``, ``"none"``) one
+    memory-bound rescale of the gradient. float16: one more read of the logits than the
+    forward-gradient path, but never a separate rescale. On CPU without ``TRITON_INTERPRET=1`` the torch path works on chunks of about
     4M logits at a time (float32 softmax of the chunk), so memory stays ``O(N * V)`` only for
     the gradient itself.
     """
@@ -170,9 +205,26 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
     S = ids.shape[0]
 
     impl = choose_impl(impl, dev)
-    weights = _ref.normalize_weights(source_weights, S, B, T, dev).reshape(S, B * T)
-    loss = _FusedLoss.apply(target_logits, ids, logprobs, pos, vocab, labels, weights, lm_weight,
-                            temperature, ignore_index, reduction, bool(inplace_grad), impl)
+    N = B * T
+    weights = _ref.normalize_weights(source_weights, S, B, T, dev).reshape(S, N)
+    with torch.no_grad():
+        if impl == "triton":
+            from fastfuse.kernels.sparse_teacher import sparse_teacher
+            tids, coefs = sparse_teacher(ids, logprobs, pos, vocab, labels, weights, lm_weight, temperature,
+                                         ignore_index, V)
+        else:
+            tids, coefs = _ref.sparse_teacher(SourceTopK(ids, logprobs), AlignMap(pos, vocab), labels, weights,
+                                              lm_weight, temperature, ignore_index, V)
+    ignored = (labels == ignore_index).reshape(N)
+    if reduction == "mean":         # a device scalar: no host sync
+        scale = (1.0 / ignored.logical_not().sum().clamp_min(1).to(torch.float32)).reshape(1)
+    else:
+        scale = torch.ones(1, dtype=torch.float32, device=dev)
+    inplace = bool(inplace_grad) and target_logits.requires_grad and torch.is_grad_enabled()
+    if inplace:
+        target_logits = _Consume.apply(target_logits)
+    loss = _FusedLoss.apply(target_logits, tids, coefs, labels.reshape(N), ignored, scale, int(ignore_index),
+                            reduction, inplace, impl)
     if squeeze and reduction == "none":
         loss = loss.squeeze(0)
     return loss

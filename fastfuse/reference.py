@@ -27,6 +27,12 @@ Semantics shared by all implementations (the spec):
   weights ``1 / S``;
 * positions with ``label == ignore_index`` contribute zero loss and zero gradient; ``"mean"``
   divides by the number of non-ignored tokens (0 when every token is ignored, not NaN).
+
+The sparse torch path masks every index by its full range like the kernels do (positions
+``[0, Ts)``, source ids ``[0, Vs)``, mapped ids and labels ``[0, V)``): bad ids with
+``validate=False`` may give a meaningless loss but never touch memory outside their own row (no
+out-of-range gather, no device-side assert). Entries with coefficient 0 add nothing, even at a
+``-inf`` logit.
 """
 from __future__ import annotations
 
@@ -42,7 +48,18 @@ __all__ = [
     "sparse_teacher",
     "loss_and_grad_rows",
     "random_inputs",
+    "tolerance",
+    "LINEAR_REL_TOL",
 ]
+
+# Agreement of the fast paths with the float64 reference, per logits dtype (the one table the
+# tests and the GPU benchmarks share; kept here, not in tests/, so that benchmarks need no pytest):
+# (rtol, atol) of a per-token loss, and (rtol, atol) of one gradient entry of a per-token loss with
+# unit grad_output (softmax entries are <= 1, rounded once to the dtype: rtol a few of its ulps).
+_TOL = {torch.float32: ((1e-5, 1e-6), (5e-5, 1e-6)), torch.bfloat16: ((2e-2, 1.6e-2), (1e-2, 1.6e-2)),
+        torch.float16: ((2e-3, 2e-3), (2e-3, 2e-3))}
+# fused_linear_loss: relative (norm) errors of loss and gradients (the matmuls round in the input dtype)
+LINEAR_REL_TOL = {torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
 def normalize_weights(source_weights: Optional[Tensor], S: int, B: int, T: int,
@@ -63,22 +80,25 @@ def normalize_weights(source_weights: Optional[Tensor], S: int, B: int, T: int,
                        uniform)
 
 
-def _aligned_entries(source_topk, align_map, temperature: float, dtype: torch.dtype
-                     ) -> Tuple[Tensor, Tensor, Tensor]:
+def _aligned_entries(source_topk, align_map, temperature: float, dtype: torch.dtype,
+                     V: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Per (source, token): mapped target ids ``[S, B, T, K]`` (-1 = dropped), teacher
     probabilities ``[S, B, T, K]`` (0 where dropped) and ``has [S, B, T]`` (something survived)."""
     ids, lp = source_topk.ids, source_topk.logprobs
     pos, vocab = align_map.pos, align_map.vocab
     S, B, Ts, K = ids.shape
+    Vs = vocab.shape[1]
     T = pos.shape[2]
-    aligned = pos >= 0                                                   # [S, B, T]
-    j = pos.clamp_min(0).long()
+    aligned = (pos >= 0) & (pos < Ts)                                    # [S, B, T]
+    j = torch.where(aligned, pos, torch.zeros_like(pos)).long()
     idx = j[..., None].expand(S, B, T, K)
     a_ids = torch.gather(ids.long(), 2, idx)                             # [S, B, T, K]
     a_lp = torch.gather(lp, 2, idx).to(dtype)
     s_idx = torch.arange(S, device=ids.device)[:, None, None, None]
-    tid = vocab.long()[s_idx, a_ids.clamp_min(0)]                        # [S, B, T, K]
-    valid = aligned[..., None] & (a_ids >= 0) & (tid >= 0) & (a_lp > float("-inf"))
+    id_ok = (a_ids >= 0) & (a_ids < Vs)
+    tid = vocab.long()[s_idx, torch.where(id_ok, a_ids, torch.zeros_like(a_ids))]   # [S, B, T, K]
+    tid_ok = (tid >= 0) if V is None else (tid >= 0) & (tid < V)
+    valid = aligned[..., None] & id_ok & tid_ok & (a_lp > float("-inf"))
     x = torch.where(valid, a_lp / temperature, torch.full_like(a_lp, float("-inf")))
     has = valid.any(-1)
     m = x.amax(-1, keepdim=True)
@@ -96,7 +116,7 @@ def dense_teacher(source_topk, align_map, labels: Tensor, V: int,
     S = source_topk.ids.shape[0]
     B, T = labels.shape
     device = labels.device
-    tid, p, has = _aligned_entries(source_topk, align_map, temperature, dtype)
+    tid, p, has = _aligned_entries(source_topk, align_map, temperature, dtype, V)
     w = normalize_weights(source_weights, S, B, T, device, dtype)        # [S, B, T]
     ignored = labels == ignore_index
     lab = torch.where(ignored, torch.zeros_like(labels), labels).long()
@@ -137,8 +157,8 @@ def fused_loss_reference(target_logits: Tensor, source_topk, align_map, labels: 
 
 
 def sparse_teacher(source_topk, align_map, labels: Tensor, weights: Tensor,
-                   lm_weight: float, temperature: float, ignore_index: int
-                   ) -> Tuple[Tensor, Tensor]:
+                   lm_weight: float, temperature: float, ignore_index: int,
+                   V: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """The whole per-row target of the loss as ``S*K + 1`` sparse entries.
 
     Returns ``tids [N, S*K + 1]`` (int64, -1 = no entry) and ``coefs [N, S*K + 1]`` (float32)
@@ -147,19 +167,21 @@ def sparse_teacher(source_topk, align_map, labels: Tensor, weights: Tensor,
     coefficient ``lm_weight + (1 - lm_weight) * (weight of sources falling back to one-hot)``.
     Duplicate ids are *not* merged (sum them with ``scatter_add``). Ignored rows: all -1 / 0.
     ``weights`` is the normalised ``[S, B, T]`` (or ``[S, B*T]``) tensor from :func:`normalize_weights`.
+    With ``V``, mapped ids and labels outside ``[0, V)`` are dropped (-1), never kept for a gather.
     """
     S, B, Ts, K = source_topk.ids.shape
     T = labels.shape[1]
     N = B * T
-    tid, p, has = _aligned_entries(source_topk, align_map, temperature, torch.float32)
+    tid, p, has = _aligned_entries(source_topk, align_map, temperature, torch.float32, V)
     w = weights.to(torch.float32).reshape(S, B, T)
     coef = (1.0 - lm_weight) * p * w[..., None]                          # [S, B, T, K]
     label_coef = lm_weight + (1.0 - lm_weight) * torch.where(has, torch.zeros_like(w), w).sum(0)
     tids = torch.cat([tid.permute(1, 2, 0, 3).reshape(N, S * K), labels.reshape(N, 1).long()], 1)
     coefs = torch.cat([coef.permute(1, 2, 0, 3).reshape(N, S * K), label_coef.reshape(N, 1)], 1)
     ignored = (labels == ignore_index).reshape(N, 1)
-    coefs = torch.where((tids >= 0) & ~ignored, coefs, torch.zeros_like(coefs))
-    tids = torch.where((tids >= 0) & ~ignored, tids, torch.full_like(tids, -1))
+    keep = (tids >= 0) & ~ignored & (True if V is None else tids < V)
+    coefs = torch.where(keep, coefs, torch.zeros_like(coefs))
+    tids = torch.where(keep, tids, torch.full_like(tids, -1))
     return tids, coefs
 
 
@@ -171,9 +193,10 @@ def loss_and_grad_rows(logits: Tensor, tids: Tensor, coefs: Tensor, ignored: Ten
 
     ``logits [B, T, V]`` any float dtype; ``tids, coefs [N, E]`` from :func:`sparse_teacher`;
     ``ignored [N]`` bool. The gradient is ``grad_scale * (softmax(z) - target)`` (``grad_scale``
-    a 0-d float32 tensor or None for 1). Works in float32 (float64 for float64 logits) over
-    chunks of about ``chunk_elems`` elements. With ``inplace_grad`` the gradient overwrites
-    ``logits``.
+    a float32 tensor of one element or one per row ``[N]``, or None for 1), rounded once to the
+    logits dtype. Works in float32 (float64 for float64 logits) over chunks of about
+    ``chunk_elems`` elements. With ``inplace_grad`` the gradient overwrites ``logits``. Target ids
+    outside ``[0, V)`` and entries with coefficient 0 are skipped (no gather, no ``0 * -inf``).
     """
     B, T, V = logits.shape
     N = B * T
@@ -188,20 +211,38 @@ def loss_and_grad_rows(logits: Tensor, tids: Tensor, coefs: Tensor, ignored: Ten
             t1 = min(T, t0 + step)
             a, e = b * T + t0, b * T + t1
             z = logits[b, t0:t1].to(acc)
-            tid = tids[a:e].clamp_min(0)
-            c = coefs[a:e].to(acc)
+            ok = (tids[a:e] >= 0) & (tids[a:e] < V)
+            tid = torch.where(ok, tids[a:e], torch.zeros_like(tids[a:e])).long()
+            c = torch.where(ok, coefs[a:e].to(acc), torch.zeros((), dtype=acc, device=z.device))
             ign = ignored[a:e]
             lse = torch.logsumexp(z, dim=-1)
-            zl = (c * z.gather(1, tid)).sum(1)
+            zl = torch.where(c != 0, c * z.gather(1, tid), torch.zeros_like(c)).sum(1)
             loss[a:e] = torch.where(ign, torch.zeros_like(lse), lse - zl).float()
             if compute_grad:
                 g = torch.softmax(z, dim=-1)
                 g.scatter_add_(1, tid, -c)
                 g.masked_fill_(ign[:, None], 0.0)
                 if grad_scale is not None:
-                    g.mul_(grad_scale.to(acc))
+                    gs = grad_scale.reshape(-1).to(acc)
+                    g.mul_(gs if gs.numel() == 1 else gs[a:e, None])
                 grad[b, t0:t1] = g.to(logits.dtype)
     return loss, grad
+
+
+def tolerance(dtype: torch.dtype, reduction: str = "sum", n_tokens: int = 1, grad_output: float = 1.0,
+              logit_max: float = 0.0) -> dict:
+    """``dict(loss=dict(rtol, atol), grad=dict(rtol, atol))`` for ``torch.testing.assert_close`` of a
+    fast path against the float64 reference with ``dtype`` logits. The gradient tolerance is of
+    the gradient actually compared: times ``|grad_output|`` (its largest entry for ``"none"``) and
+    divided by ``n_tokens`` (the non-ignored tokens) for ``"mean"`` -- an absolute tolerance made
+    for per-token gradients would be vacuous for a mean over thousands of tokens. Logits as large as
+    ``logit_max`` shift the fp32 log-sum-exp by ~``logit_max * 2**-23`` (a relative error of every
+    softmax entry): beyond 100 the gradient tolerance grows with them. The loss atol is scaled by
+    the caller with the loss magnitude where it matters."""
+    (lr, la), (gr, ga) = _TOL[dtype]
+    g = ga * abs(float(grad_output)) / (max(int(n_tokens), 1) if reduction == "mean" else 1)
+    g *= max(1.0, float(logit_max) / 100)
+    return dict(loss=dict(rtol=lr, atol=la), grad=dict(rtol=gr, atol=g))
 
 
 def random_inputs(B: int = 2, T: int = 5, V: int = 300, S: int = 3, K: int = 10, Ts: int = 7,

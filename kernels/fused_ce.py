@@ -3,7 +3,8 @@
 One program per target row (``n = b * T + t``, logits addressed through separate ``b``/``t``
 strides so views such as ``logits[:, :-1]`` work without a copy). Per row:
 
-1. online log-sum-exp over ``V`` in ``BLOCK_V`` chunks (running max and rescaled sum, fp32);
+1. online log-sum-exp over ``V`` in ``BLOCK_V`` chunks (running max and rescaled sum, fp32; a
+   leading run of all ``-inf`` chunks keeps ``m = -inf, s = 0`` instead of ``exp(-inf - -inf)``);
    loaded with ``evict_last`` so the second pass can hit L2;
 2. indirect load of the ``E = S*K + 1`` logits named by the sparse target (``tids``/``coefs``
    from ``sparse_teacher.py``: unique ids, label included, coefficients summing to 1), so
@@ -15,11 +16,18 @@ strides so views such as ``logits[:, :-1]`` work without a copy). Per row:
    unique, so the sparse stores never race; the barrier orders them after the dense stores of
    the same addresses. Ignored rows (label == ignore_index) get loss 0 and a zero gradient row.
 
+Memory safety: every indirect access is masked by its full range (``0 <= tid < V`` here, ids,
+positions and vocabulary entries in ``sparse_teacher.py``), so bad ids with ``validate=False`` may
+give a meaningless loss but never touch memory outside their own row. Entries with coefficient 0
+add nothing (not ``0 * -inf``).
+
 Reads the row twice (the second read mostly from L2) and writes it once; no fp32 copy of the
 logits and no dense teacher. Rows with ``V <= SINGLE_BLOCK_MAX_V`` (32000-token vocabularies)
-take the ``SINGLE_BLOCK`` path instead: the row is one block held in registers, read once. ``scale`` (a device scalar: ``1 / #non-ignored`` for "mean") is
-folded into the gradient so that the backward only multiplies by ``grad_output`` when that is
-not 1.
+take the ``SINGLE_BLOCK`` path instead: the row is one block held in registers, read once.
+``scale`` is read on the device at ``scale_ptr + n * scale_stride`` (stride 0: one scalar, e.g.
+``1 / #non-ignored``; stride 1: per row, e.g. a ``"none"`` grad_output) and applied in fp32
+before the single rounding to the gradient dtype. :func:`rescale_kernel` multiplies a gradient
+by ``grad_output`` later without a host sync (it skips rows whose factor is 1 on the device).
 
 Hopper defaults (not tuned on hardware; see ``launch_config``): two-pass rows use
 ``BLOCK_V = 4096`` with ``num_warps = 16`` -- 8 fp32 values per thread per chunk, enough for
@@ -36,6 +44,8 @@ FORCE_CONFIG = None
 
 # Rows up to this length are held on chip: one block covers the row, read once from HBM.
 SINGLE_BLOCK_MAX_V = 32768
+
+RESCALE_BLOCK = 4096
 
 
 def launch_config(V: int):
@@ -54,16 +64,18 @@ def launch_config(V: int):
 
 
 @triton.jit
-def _gather_sparse_loss(row, tids_ptr, coefs_ptr, loss_ptr, n, E, lse, BLOCK_E: tl.constexpr):
+def _gather_sparse_loss(row, tids_ptr, coefs_ptr, loss_ptr, n, E, V, lse, BLOCK_E: tl.constexpr):
     """Load row n's sparse target (ids, coefficients), gather those logits from ``row`` and store
-    ``loss = lse - sum coef * z[id]``. Runs before any gradient store, so ``inplace_grad`` is safe."""
+    ``loss = lse - sum coef * z[id]``. Runs before any gradient store, so ``inplace_grad`` is safe.
+    Ids outside ``[0, V)`` are neither read nor (later) written."""
     eoffs = tl.arange(0, BLOCK_E)
     emask = eoffs < E
     tid = tl.load(tids_ptr + n * E + eoffs, mask=emask, other=-1).to(tl.int64)
     coef = tl.load(coefs_ptr + n * E + eoffs, mask=emask, other=0.0)
-    has = tid >= 0
+    has = (tid >= 0) & (tid < V)
     zt = tl.load(row + tl.where(has, tid, 0), mask=has, other=0.0).to(tl.float32)
-    tl.store(loss_ptr + n, lse - tl.sum(tl.where(has, coef * zt, 0.0), axis=0))
+    # coef == 0 adds nothing, even at a -inf logit (0 * -inf would be NaN)
+    tl.store(loss_ptr + n, lse - tl.sum(coef * tl.where(has & (coef != 0.0), zt, 0.0), axis=0))
     return tid, coef, has, zt
 
 
@@ -78,7 +90,7 @@ def _store_sparse_grad(grow, tid, coef, has, zt, lse, scale):
 def fused_ce_kernel(
     logits_ptr, stride_lb, stride_lt,
     grad_ptr, stride_gb, stride_gt,
-    tids_ptr, coefs_ptr, labels_ptr, loss_ptr, scale_ptr,
+    tids_ptr, coefs_ptr, labels_ptr, loss_ptr, scale_ptr, scale_stride,
     T, V, E, ignore_index,
     BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
@@ -103,9 +115,9 @@ def fused_ce_kernel(
         x = tl.load(row + offs, mask=msk, other=float("-inf")).to(tl.float32)
         m = tl.max(x, axis=0)
         lse = m + tl.log(tl.sum(tl.exp(x - m), axis=0))
-        tid, coef, has, zt = _gather_sparse_loss(row, tids_ptr, coefs_ptr, loss_ptr, n, E, lse, BLOCK_E)
+        tid, coef, has, zt = _gather_sparse_loss(row, tids_ptr, coefs_ptr, loss_ptr, n, E, V, lse, BLOCK_E)
         if COMPUTE_GRAD:
-            scale = tl.load(scale_ptr).to(tl.float32)
+            scale = tl.load(scale_ptr + n * scale_stride).to(tl.float32)
             tl.debug_barrier()      # inplace: every gather above precedes the row overwrite
             tl.store(grow + offs, (tl.exp(x - lse) * scale).to(grad_ptr.dtype.element_ty), mask=msk)
             tl.debug_barrier()      # the sparse stores overwrite dense ones of the same addresses
@@ -119,14 +131,16 @@ def fused_ce_kernel(
             x = tl.load(row + o, mask=o < V, other=float("-inf"),
                         eviction_policy="evict_last").to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            # while every value so far is -inf, shift by 0: exp(-inf - -inf) would be NaN
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), axis=0)
             m = m_new
         lse = m + tl.log(s)
         # 2. gather the sparse target's logits (before any gradient store: inplace-safe)
-        tid, coef, has, zt = _gather_sparse_loss(row, tids_ptr, coefs_ptr, loss_ptr, n, E, lse, BLOCK_E)
+        tid, coef, has, zt = _gather_sparse_loss(row, tids_ptr, coefs_ptr, loss_ptr, n, E, V, lse, BLOCK_E)
         # 3. gradient
         if COMPUTE_GRAD:
-            scale = tl.load(scale_ptr).to(tl.float32)
+            scale = tl.load(scale_ptr + n * scale_stride).to(tl.float32)
             tl.debug_barrier()      # inplace: every gather above precedes the row overwrite
             for start in range(0, V, BLOCK_V):
                 o = start + offs
@@ -138,38 +152,75 @@ def fused_ce_kernel(
             _store_sparse_grad(grow, tid, coef, has, zt, lse, scale)
 
 
-def fused_loss_rows(logits, ids, logprobs, pos, vocab, labels, weights, lm_weight: float,
-                    temperature: float, ignore_index: int, scale, compute_grad: bool,
-                    inplace_grad: bool):
-    """Per-row loss float32 ``[B*T]`` and gradient ``[B, T, V]`` (``None`` without
-    ``compute_grad``; the ``logits`` tensor itself with ``inplace_grad``).
+@triton.jit
+def rescale_kernel(x_ptr, stride_b, stride_t, T, V, f_ptr, f_stride, BLOCK: tl.constexpr):
+    """Row ``n`` of ``x`` times ``f[n * f_stride]`` (in fp32, one rounding). A factor of exactly 1
+    (the usual ``loss.backward()``) returns at once: the test runs on the device, no host sync."""
+    n = tl.program_id(0).to(tl.int64)
+    f = tl.load(f_ptr + n * f_stride).to(tl.float32)
+    if f != 1.0:
+        o = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        p = x_ptr + (n // T) * stride_b + (n % T) * stride_t + o
+        x = tl.load(p, mask=o < V).to(tl.float32)
+        tl.store(p, (x * f).to(x_ptr.dtype.element_ty), mask=o < V)
 
-    ``logits [B, T, V]`` with unit last stride; ``weights [S, B*T]`` normalised float32;
-    ``scale`` a 0-d float32 device tensor folded into the gradient. Inputs already validated.
-    """
+
+def rescale_rows_(x, factor):
+    """``x [B, T, V]`` or ``[R, C]`` (unit last stride) times ``factor`` in place: a float32 tensor
+    of one element, or one per row (``B*T`` / ``R``). No host sync; free when the factor is 1."""
     import torch
 
-    from .sparse_teacher import sparse_teacher
+    x3 = x if x.dim() == 3 else x.unsqueeze(0)
+    B, T, V = x3.shape
+    f = factor.to(torch.float32).reshape(-1).contiguous()
+    rescale_kernel[(B * T, triton.cdiv(V, RESCALE_BLOCK))](
+        x3, x3.stride(0), x3.stride(1), T, V, f, 0 if f.numel() == 1 else 1,
+        BLOCK=RESCALE_BLOCK, num_warps=8)
+    return x
+
+
+def ce_rows(logits, grad, tids, coefs, labels, ignore_index: int, scale, compute_grad: bool):
+    """Run :func:`fused_ce_kernel` on ``logits [B, T, V]`` (unit last stride, any b/t strides) with
+    the sparse targets ``tids``/``coefs [B*T, E]`` (unique ids, from ``sparse_teacher``; row slices
+    are fine) and ``labels [B*T]``. With ``compute_grad`` the gradient times ``scale`` (float32, one
+    element or one per row) goes to ``grad`` (same shape; may be ``logits`` itself). Per-row loss
+    float32 ``[B*T]``. Inputs already validated or not: ids out of range are masked."""
+    import torch
 
     B, T, V = logits.shape
-    N = B * T
-    tids, coefs = sparse_teacher(ids, logprobs, pos, vocab, labels, weights, lm_weight,
-                                 temperature, ignore_index)
     E = tids.shape[1]
-    loss = torch.empty(N, dtype=torch.float32, device=logits.device)
-    if compute_grad:
-        grad = logits if inplace_grad else torch.empty((B, T, V), dtype=logits.dtype,
-                                                       device=logits.device)
-    else:
+    loss = torch.empty(B * T, dtype=torch.float32, device=logits.device)
+    if grad is None:
         grad = logits  # never written (COMPUTE_GRAD=False)
+    scale = scale.to(torch.float32).reshape(-1).contiguous()
     block_v, num_warps = launch_config(V)
-    fused_ce_kernel[(N,)](
+    fused_ce_kernel[(B * T,)](
         logits, logits.stride(0), logits.stride(1),
         grad, grad.stride(0), grad.stride(1),
-        tids, coefs, labels.contiguous(), loss, scale.to(torch.float32).reshape(1),
+        tids, coefs, labels.reshape(-1).contiguous(), loss, scale, 0 if scale.numel() == 1 else 1,
         T, V, E, int(ignore_index),
         BLOCK_V=block_v, BLOCK_E=max(2, triton.next_power_of_2(E)), COMPUTE_GRAD=bool(compute_grad),
         SINGLE_BLOCK=block_v >= V,
         num_warps=num_warps,
     )
-    return loss, (grad if compute_grad else None)
+    return loss
+
+
+def fused_loss_rows(logits, ids, logprobs, pos, vocab, labels, weights, lm_weight: float,
+                    temperature: float, ignore_index: int, scale, compute_grad: bool,
+                    inplace_grad: bool):
+    """Sparse teacher + :func:`ce_rows` in one call: per-row loss float32 ``[B*T]`` and gradient
+    ``[B, T, V]`` (``None`` without ``compute_grad``; the ``logits`` tensor itself with
+    ``inplace_grad``). ``weights [S, B*T]`` normalised float32; ``scale`` as for :func:`ce_rows`."""
+    import torch
+
+    from .sparse_teacher import sparse_teacher
+
+    B, T, V = logits.shape
+    tids, coefs = sparse_teacher(ids, logprobs, pos, vocab, labels, weights, lm_weight,
+                                 temperature, ignore_index, V)
+    grad = None
+    if compute_grad:
+        grad = logits if inplace_grad else torch.empty((B, T, V), dtype=logits.dtype, device=logits.device)
+    loss = ce_rows(logits, grad, tids, coefs, labels, ignore_index, scale, compute_grad)
+    return loss, grad

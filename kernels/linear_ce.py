@@ -8,30 +8,15 @@ that kernel on a 2-d ``[n, V]`` chunk with row slices of the precomputed ``tids`
 (``fused_loss_rows`` would rebuild the teacher from the source tensors on every call); the math
 lives in ``fused_ce.py``.
 """
-import triton
-
-from .fused_ce import fused_ce_kernel, launch_config
+from .fused_ce import ce_rows
 
 
 def fused_ce_rows_inplace(logits, tids, coefs, labels, ignore_index: int, scale, compute_grad: bool):
     """Per-row loss float32 ``[n]`` of ``logits [n, V]`` (unit last stride) against the sparse
     targets ``tids``/``coefs [n, E]`` (from :func:`~.sparse_teacher.sparse_teacher`, unique ids;
     row slices are fine), ``labels [n]``. With ``compute_grad`` the logits are overwritten by
-    ``scale * dL/dlogits`` (``scale`` a 1-element float32 device tensor). Inputs already validated.
+    ``scale * dL/dlogits`` (``scale`` float32 on the device: one element, or one per row, applied
+    in fp32 before the rounding to the logits dtype). Ids out of range are masked, never followed.
     """
-    import torch
-
-    n, V = logits.shape
-    E = tids.shape[1]
-    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
-    block_v, num_warps = launch_config(V)
-    fused_ce_kernel[(n,)](
-        logits, 0, logits.stride(0),
-        logits, 0, logits.stride(0),
-        tids, coefs, labels, loss, scale,
-        n, V, E, int(ignore_index),
-        BLOCK_V=block_v, BLOCK_E=max(2, triton.next_power_of_2(E)), COMPUTE_GRAD=bool(compute_grad),
-        SINGLE_BLOCK=block_v >= V,
-        num_warps=num_warps,
-    )
-    return loss
+    z = logits.unsqueeze(0)
+    return ce_rows(z, z if compute_grad else None, tids, coefs, labels, ignore_index, scale, compute_grad)

@@ -13,24 +13,33 @@ ids are unique, the loss kernel can write the sparse gradient terms without atom
 Cost per row: ``S*S`` comparisons (runtime loops) of ``[BLOCK_K, BLOCK_K]`` tiles (source entries are recomputed
 instead of kept, since Triton has no per-source register arrays); tiny next to the ``V``-long
 loss pass for the sizes of the method (S <= 8, K <= 64).
+
+Every indirect access is masked by its full range -- positions ``0 <= j < Ts``, source ids
+``0 <= id < Vs``, mapped ids and labels ``0 <= tid < V`` -- compared in int64 *before* the int32
+store, so with ``validate=False`` a bad entry is dropped (as if it were -1; a bad label loses its
+coefficient) and never read through or silently truncated (a label of ``2**40`` is not 0).
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _source_entries(si, n, b, N, Ts, K, Vs, ids_ptr, lp_ptr, pos_ptr, vocab_ptr, w_ptr,
+def _source_entries(si, n, b, N, Ts, K, Vs, V, ids_ptr, lp_ptr, pos_ptr, vocab_ptr, w_ptr,
                     temperature, one_minus_lm, B, BLOCK_K: tl.constexpr):
     """(target ids [BLOCK_K] (-1 = dropped), coefficients [BLOCK_K], label fallback weight)."""
     koffs = tl.arange(0, BLOCK_K)
     j = tl.load(pos_ptr + si * N + n).to(tl.int64)
     w = tl.load(w_ptr + si * N + n).to(tl.float32)
-    jj = tl.where(j >= 0, j, 0)
+    j_ok = (j >= 0) & (j < Ts)
+    jj = tl.where(j_ok, j, 0)
     base = ((si * B + b) * Ts + jj) * K
     # (vector compare: the interpreter rejects masks built as vector & scalar-bool)
-    kmask = (koffs < K) & ((koffs * 0 + j) >= 0)
+    jv = koffs * 0 + j
+    kmask = (koffs < K) & (jv >= 0) & (jv < Ts)
     ids = tl.load(ids_ptr + base + koffs, mask=kmask, other=-1).to(tl.int64)
-    tid = tl.load(vocab_ptr + si * Vs + ids, mask=kmask & (ids >= 0), other=-1).to(tl.int64)
+    id_ok = kmask & (ids >= 0) & (ids < Vs)
+    tid = tl.load(vocab_ptr + si * Vs + tl.where(id_ok, ids, 0), mask=id_ok, other=-1).to(tl.int64)
+    tid = tl.where((tid >= 0) & (tid < V), tid, -1)
     lp = tl.load(lp_ptr + base + koffs, mask=kmask, other=float("-inf")).to(tl.float32)
     lp = lp / temperature
     valid = (tid >= 0) & (lp > float("-inf"))
@@ -49,24 +58,26 @@ def _source_entries(si, n, b, N, Ts, K, Vs, ids_ptr, lp_ptr, pos_ptr, vocab_ptr,
 def sparse_teacher_kernel(
     ids_ptr, lp_ptr, pos_ptr, vocab_ptr, w_ptr, labels_ptr,
     tids_out_ptr, coefs_out_ptr,
-    B, N, Ts, K, Vs, E,
+    B, N, Ts, K, Vs, V, E,
     lm_weight, temperature, ignore_index,
     S, BLOCK_K: tl.constexpr,
 ):
     """ids/lp ``[S, B, Ts, K]``, pos/w ``[S, N]``, vocab ``[S, Vs]``, labels ``[N]`` (all
-    contiguous) -> tids int32 ``[N, E]``, coefs fp32 ``[N, E]``, ``E = S*K + 1``."""
+    contiguous) -> tids int32 ``[N, E]``, coefs fp32 ``[N, E]``, ``E = S*K + 1``; ``V`` the target
+    vocabulary size (ids outside ``[0, V)`` are dropped)."""
     n = tl.program_id(0).to(tl.int64)
     T = N // B
     b = n // T
     koffs = tl.arange(0, BLOCK_K)
     label = tl.load(labels_ptr + n).to(tl.int64)
     ignored = label == ignore_index
+    bad_label = (label < 0) | (label >= V)        # not ignore_index, yet no target id: dropped
     one_minus_lm = 1.0 - lm_weight
     label_coef = lm_weight + 0.0
     out_t = tids_out_ptr + n * E
     out_c = coefs_out_ptr + n * E
     for si in range(0, S):          # runtime loops: S*S inlined copies would bloat compile time
-        tid_i, coef_i, fb_i = _source_entries(si, n, b, N, Ts, K, Vs, ids_ptr, lp_ptr, pos_ptr,
+        tid_i, coef_i, fb_i = _source_entries(si, n, b, N, Ts, K, Vs, V, ids_ptr, lp_ptr, pos_ptr,
                                               vocab_ptr, w_ptr, temperature, one_minus_lm, B,
                                               BLOCK_K)
         is_label = (tid_i == label) & (tid_i >= 0)
@@ -74,7 +85,7 @@ def sparse_teacher_kernel(
         merged = tl.zeros([BLOCK_K], dtype=tl.float32)
         dup = is_label.to(tl.int32)
         for sj in range(0, S):
-            tid_j, coef_j, fb_j = _source_entries(sj, n, b, N, Ts, K, Vs, ids_ptr, lp_ptr,
+            tid_j, coef_j, fb_j = _source_entries(sj, n, b, N, Ts, K, Vs, V, ids_ptr, lp_ptr,
                                                   pos_ptr, vocab_ptr, w_ptr, temperature,
                                                   one_minus_lm, B, BLOCK_K)
             eq = (tid_i[:, None] == tid_j[None, :]) & (tid_i[:, None] >= 0)
@@ -87,14 +98,15 @@ def sparse_teacher_kernel(
         kmask = koffs < K
         tl.store(out_t + si * K + koffs, tl.where(keep, tid_i, -1).to(tl.int32), mask=kmask)
         tl.store(out_c + si * K + koffs, tl.where(keep, merged, 0.0), mask=kmask)
-    tl.store(out_t + S * K, tl.where(ignored, -1, label).to(tl.int32))
+    tl.store(out_t + S * K, tl.where(ignored | bad_label, -1, label).to(tl.int32))
     tl.store(out_c + S * K, tl.where(ignored, 0.0, label_coef))
 
 
 def sparse_teacher(ids, logprobs, pos, vocab, labels, weights, lm_weight: float,
-                   temperature: float, ignore_index: int):
+                   temperature: float, ignore_index: int, V: int = 2 ** 31 - 1):
     """Launch :func:`sparse_teacher_kernel`. ids/logprobs ``[S, B, Ts, K]``, pos ``[S, B, T]``,
-    vocab ``[S, Vs]``, labels ``[B, T]``, weights ``[S, B*T]`` (normalised, float32).
+    vocab ``[S, Vs]``, labels ``[B, T]``, weights ``[S, B*T]`` (normalised, float32); ``V`` the
+    target vocabulary size (mapped ids and labels outside ``[0, V)`` are dropped).
     Returns tids int32 ``[N, S*K + 1]`` and coefs float32 ``[N, S*K + 1]``."""
     import torch
 
@@ -106,7 +118,7 @@ def sparse_teacher(ids, logprobs, pos, vocab, labels, weights, lm_weight: float,
     sparse_teacher_kernel[(N,)](
         ids.contiguous(), logprobs.contiguous(), pos.contiguous(), vocab.contiguous(),
         weights.contiguous(), labels.contiguous(), tids, coefs,
-        B, N, Ts, K, vocab.shape[1], E,
+        B, N, Ts, K, vocab.shape[1], int(V), E,
         float(lm_weight), float(temperature), int(ignore_index),
         S=S, BLOCK_K=max(2, triton.next_power_of_2(K)), num_warps=1 if K <= 16 else 2,
     )

@@ -84,6 +84,16 @@ def test_linear_loss_row_kernel_compiles_for_gpus(kern, dtype):
     _compile_all(kern, launches, hopper_only=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rescale_kernel_compiles_for_gpus(kern, dtype):
+    """The backward's device-side grad_output multiply: per-row factors on [B, T, V], one on [R, C]."""
+    with kern.aot.record_launches(kern.fused_ce.rescale_kernel) as launches:
+        kern.fused_ce.rescale_rows_(torch.empty(2, 3, 1000, dtype=dtype), torch.ones(6))
+        kern.fused_ce.rescale_rows_(torch.empty(5, 7, dtype=dtype), torch.ones(1))
+    assert len(launches) == 2
+    _compile_all(kern, launches)
+
+
 def test_recording_is_undone(kern):
     kernel = kern.fused_ce.fused_ce_kernel
     with kern.aot.record_launches(kernel):
