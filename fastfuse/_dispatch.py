@@ -82,15 +82,23 @@ def check_tensor(name: str, x, dtypes=None, what: str = ""):
     if dtypes is not None and x.dtype not in dtypes:
         raise TypeError(f"{name} must be {what}, got {x.dtype}")
 
+def _number(name: str, value) -> float:
+    """A real number (a 1-element tensor too), else ``TypeError`` naming the argument."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) or
+                                       (isinstance(value, Tensor) and value.numel() == 1)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
 def check_teacher_args(lead, V, dev, source_topk, align_map, labels, source_weights, lm_weight, temperature,
                        ignore_index, reduction, impl, validate, owner: str = "target_logits"):
     """Every check of the loss inputs but those of the logits tensor itself, for logits of shape
     ``lead + (V,)`` on ``dev``; ``owner`` names that tensor in the messages. Shared by
     :func:`fused_loss` and :func:`fastfuse.fused_linear_loss`. ``lead`` of length 1 (``[N, V]``) is
     read as ``B = 1``. Returns the 3-d layout (ids, logprobs, pos, vocab, labels, source_weights)."""
-    if reduction not in ("mean", "sum", "none"):
+    if not isinstance(reduction, str) or reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if impl not in IMPLS:
+    if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
     if not (hasattr(source_topk, "ids") and hasattr(source_topk, "logprobs")):
         raise TypeError("source_topk must be a fastfuse.SourceTopK(ids, logprobs)")
@@ -107,7 +115,7 @@ def check_teacher_args(lead, V, dev, source_topk, align_map, labels, source_weig
         check_tensor("source_weights", source_weights)
         if not source_weights.is_floating_point():
             raise TypeError(f"source_weights must be a float tensor, got {source_weights.dtype}")
-    lm_weight, temperature = float(lm_weight), float(temperature)
+    lm_weight, temperature = _number("lm_weight", lm_weight), _number("temperature", temperature)
     if not 0.0 <= lm_weight <= 1.0:
         raise ValueError(f"lm_weight must be in [0, 1], got {lm_weight}")
     if not (temperature > 0.0 and temperature != float("inf")):
