@@ -73,7 +73,7 @@ class CompletionClient:
                 self.local.session.headers["Authorization"] = f"Bearer {self.api_key}"
         return self.local.session
 
-    def request(self, method: str, path: str, payload: dict | None = None):
+    def request(self, method: str, path: str, payload: dict | None = None, retry_status=RETRY_STATUS):
         """The response (any status but the retried ones), after at most ``max_retries`` retries."""
         import requests
 
@@ -83,7 +83,7 @@ class CompletionClient:
             wait = min(self.backoff * 2 ** attempt, 30.0)
             try:
                 r = self.session().request(method, url, json=payload, timeout=(min(self.timeout, 10.0), self.timeout))
-                if r.status_code not in RETRY_STATUS:
+                if r.status_code not in retry_status:
                     return r
                 last = f"HTTP {r.status_code}: {r.text[:200]}"
                 retry_after = r.headers.get("Retry-After", "")
@@ -242,9 +242,10 @@ class _Fetcher:
 
     def __call__(self, group) -> list[TopKRows]:
         fmt = "ids" if self.format == "auto" else self.format
-        r = self.client.request("POST", "/v1/completions", self.payload(group, fmt))
         if self.format == "auto":  # decided once, on the first request
-            if r.status_code in (400, 422):
+            # llama-cpp-python answers a prompt it cannot validate with HTTP 500: not retried here
+            r = self.client.request("POST", "/v1/completions", self.payload(group, fmt), RETRY_STATUS - {500})
+            if r.status_code in (400, 422) or (r.status_code == 500 and "prompt" in r.text):
                 first = self.refused(r, group)
                 if str(first).startswith("k: "):
                     raise first
@@ -253,6 +254,8 @@ class _Fetcher:
                     raise ValueError(f"{first}; as text: {self.refused(r, group)}")
                 fmt = "text"
             self.format = fmt
+        else:
+            r = self.client.request("POST", "/v1/completions", self.payload(group, fmt))
         if r.status_code != 200:
             raise self.refused(r, group)
         try:
@@ -294,8 +297,10 @@ def extract_served(server_url: str, served_model: str, tokenizer, texts: Any, ou
         raise ValueError(f"prompt_format: expected 'auto', 'ids' or 'text', got {prompt_format!r}")
     if not isinstance(served_model, str) or not served_model:
         raise ValueError(f"served_model: expected the model name the server serves, got {served_model!r}")
-    if not timeout > 0 or not isinstance(max_retries, int) or max_retries < 0:
-        raise ValueError(f"timeout / max_retries: expected > 0 / >= 0, got {timeout!r} / {max_retries!r}")
+    if not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
+    if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
+        raise ValueError(f"max_retries: expected an int >= 0, got {max_retries!r}")
     n_real = len(tokenizer)
     if k > n_real:
         raise ValueError(f"k: {k} exceeds the tokenizer's {n_real} tokens")

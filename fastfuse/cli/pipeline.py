@@ -95,7 +95,8 @@ def _extract(args: argparse.Namespace) -> dict:
 # library argument -> flag, for the served path's errors
 _SERVED_FLAGS = {"server_url": "--server", "served_model": "--served-model", "api_key": "--api-key-env", "k": "--k",
                  "concurrency": "--concurrency", "token_budget": "--token-budget",
-                 "prompts_per_request": "--prompts-per-request", "timeout": "--timeout", "prompt_format": "--prompt-format"}
+                 "prompts_per_request": "--prompts-per-request", "timeout": "--timeout", "prompt_format": "--prompt-format",
+                 "max_retries": "--max-retries"}
 
 
 def _extract_served(args: argparse.Namespace) -> dict:
@@ -122,9 +123,10 @@ def _extract_served(args: argparse.Namespace) -> dict:
                                block_size=args.block_size, token_budget=args.token_budget,
                                prompts_per_request=args.prompts_per_request, shard_size=args.shard_size,
                                concurrency=args.concurrency, api_key=api_key, timeout=args.timeout,
+                               max_retries=args.max_retries,
                                prompt_format=args.prompt_format, source_name=args.source_name,
                                progress=not args.quiet, text_field=args.text_field)
-    except ValueError as e:
+    except (ValueError, ConnectionError) as e:  # ConnectionError: fastfuse.served.ServerError
         name, _, rest = str(e).partition(": ")
         if name in _SERVED_FLAGS:
             raise CommandError(f"{_SERVED_FLAGS[name]}: {rest}") from e
@@ -211,6 +213,8 @@ def add_extract(subparsers) -> None:
     g.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     g.add_argument("--prompts-per-request", type=int, default=1, help="sequences per request (default 1)")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per request before a retry (default 120)")
+    g.add_argument("--max-retries", type=int, default=5,
+                   help="retries of a request after 429/5xx/timeouts, with exponential backoff (default 5)")
     g.add_argument("--prompt-format", choices=["auto", "ids", "text"], default="auto",
                    help="send token ids, or text where the server takes no ids (default: ids if accepted)")
     p.set_defaults(func=_extract)
