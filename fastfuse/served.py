@@ -180,7 +180,7 @@ def rows_from_choice(choice: dict, seq: np.ndarray, k: int, strings: TokenString
         if L in lengths and m == n - shift:
             best = (shift, None)
             break
-        if best is None or m > best[1]:
+        if best is None or m >= best[1]:  # a tie: the hidden-BOS reading names the text token that differs
             best = (shift, m)
     shift, m = best
     if m is not None:
@@ -265,8 +265,15 @@ class _Fetcher:
         if len(choices) != len(group):
             raise ValueError(f"server_url: {len(choices)} choices for {len(group)} prompts (does it take a list of "
                              "prompts? use prompts_per_request=1)")
-        return [rows_from_choice(c, s.input_ids, self.k, self.strings, f"sequence {s.seq_index}", self.hidden_ok)
-                for c, (s, _) in zip(choices, group)]
+        try:
+            return [rows_from_choice(c, s.input_ids, self.k, self.strings, f"sequence {s.seq_index}", self.hidden_ok)
+                    for c, (s, _) in zip(choices, group)]
+        except ValueError as e:
+            if self.format == "text" and "tokenised it differently" in str(e):
+                raise ValueError(f"{e} (or the text of a sequence cut from a longer document tokenises differently "
+                                 "alone: the server takes text only here, so split documents to fit the block "
+                                 "with `fastfuse chunk`)") from None
+            raise
 
 
 def served_fingerprint(served_model: str, tok_fingerprint: str) -> str:
