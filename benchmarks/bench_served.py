@@ -132,10 +132,11 @@ def main() -> int:
     p.add_argument("--csv", default=None)
     a = p.parse_args()
     rows = run(a.docs, a.chars, a.block_size, a.k, a.concurrency, a.threads)
-    print(f"| provider | concurrency | tokens | seconds | tokens/s | bytes/token |\n|---|---|---|---|---|---|")
+    print("| provider | concurrency | tokens | seconds | tokens/s | bytes/token | rows without teacher |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['provider']} | {r['concurrency']} | {r['tokens']} | {r['seconds']:.2f} | "
-              f"{r['tokens_per_s']:.0f} | {r['bytes_per_token']:.2f} |")
+              f"{r['tokens_per_s']:.0f} | {r['bytes_per_token']:.2f} | {r['rows_without_teacher']} |")
     if a.csv:
         write_csv(a.csv, rows)
     return 0
