@@ -190,7 +190,7 @@ def rows_from_choice(choice: dict, seq: np.ndarray, k: int, strings: TokenString
         else:
             got = f"it echoed {L} tokens for our {n - shift} (plus at most one generated)"
         raise ValueError(f"{where}: the server tokenised it differently: first difference at position {p}: {got}; "
-                         "--tokenizer must be the served model's tokenizer")
+                         "tokenizer (--tokenizer) must be the served model's")
     rows = TopKRows.empty(n, k)
     for r in range(n):
         e = r + 1 - shift  # the echo entry that predicts token r + 1 (the generated one for r = n - 1)

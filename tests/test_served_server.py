@@ -41,8 +41,11 @@ def served(tmp_path_factory, real_tokenizer, vocab_dir, corpus):
     texts = [corpus[i][:300] for i in (0, 2, 3, 4, 5, 6, 7)] + ["x", corpus[8][:900]]
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     os.environ[KEY_ENV] = KEY
-    with llama_server(str(d / "tiny.gguf"), api_key=KEY) as url:
-        yield {"url": url, "tok": tok, "model": model, "data": data, "texts": texts, "dir": d}
+    try:
+        with llama_server(str(d / "tiny.gguf"), api_key=KEY) as url:
+            yield {"url": url, "tok": tok, "model": model, "data": data, "texts": texts, "dir": d}
+    finally:
+        os.environ.pop(KEY_ENV, None)
 
 
 def run(s, out, *extra, block=BLOCK) -> int:
