@@ -17,6 +17,8 @@ The whole public API, by stage (data flows top to bottom; DESIGN.md §3):
     split_corpus(texts, tokenizers, block_size)        cut documents so every tokenizer fits
     extract_topk(model, tok, texts, out_dir, k=10)     source top-k shards (resumable); ShardReader
         rank=r, world_size=n                           one rank's share; open_shards(dir) reads any layout
+    extract_served(url, name, tok, texts, out_dir)     the same from an OpenAI-compatible server
+    vllm_prompts(...), write_vllm_outputs(outs, ...)   the same from vLLM's offline LLM.generate
     align_corpus(texts, tgt_tok, {name: (tok, dir)}, out_dir)   AlignMap rows + vocab maps + coverage
     FusionDataset(align_dir), dataset.collator(pad_id) -> batches for fused_loss; FusionCollator
 
@@ -49,6 +51,7 @@ _EXPORTS = {
     "split_document": "chunking", "split_corpus": "chunking",
     "extract_topk": "extract", "ShardReader": "shards", "ShardWriter": "shards",
     "open_shards": "shard_parts", "PartsReader": "shard_parts",
+    "extract_served": "served", "vllm_prompts": "vllm_outputs", "write_vllm_outputs": "vllm_outputs",
     "align_corpus": "corpus_align", "AlignedStore": "corpus_align",
     "FusionCollator": "data", "FusionDataset": "data",
     "FusionTrainer": "integrations.trainer",

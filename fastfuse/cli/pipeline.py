@@ -69,10 +69,14 @@ def _chunk(args: argparse.Namespace) -> dict:
 
 
 def _extract(args: argparse.Namespace) -> dict:
+    if args.server is not None:
+        return _extract_served(args)
     from transformers import AutoModelForCausalLM
 
     from fastfuse.extract import extract_topk
 
+    if args.model is None:
+        raise CommandError("--model: required (or --server URL with --served-model NAME)")
     if not Path(args.model).is_dir():
         raise CommandError(f"--model: {args.model!r} is not a local model directory")
     tokenizer = load_tokenizer_flag("--tokenizer", args.tokenizer or args.model)
@@ -81,13 +85,60 @@ def _extract(args: argparse.Namespace) -> dict:
     rank, world = rank_and_world(args)
     model = AutoModelForCausalLM.from_pretrained(args.model)
     stats = extract_topk(model, tokenizer, files, args.out, k=args.k, block_size=args.block_size,
-                         token_budget=args.token_budget, shard_size=args.shard_size, source_name=args.source_name,
-                         device=rank_device(args), dtype=args.dtype, progress=not args.quiet,
-                         text_field=args.text_field, rank=rank, world_size=world)
+                         token_budget=args.token_budget or DEFAULT_TOKEN_BUDGET, shard_size=args.shard_size,
+                         source_name=args.source_name, device=rank_device(args), dtype=args.dtype,
+                         progress=not args.quiet, text_field=args.text_field, rank=rank, world_size=world)
     if not args.quiet:
         print(f"{stats['sequences']} sequences, {stats['total_tokens']} tokens in {stats['out_dir']} "
               f"({stats['tokens']} extracted now at {stats['tokens_per_s']:.0f} tok/s; "
               f"{stats.get('bytes_per_token', float('nan')):.1f} bytes/token)")
+    return stats
+
+
+# library argument -> flag, for the served path's errors
+_SERVED_FLAGS = {"server_url": "--server", "served_model": "--served-model", "api_key": "--api-key-env", "k": "--k",
+                 "concurrency": "--concurrency", "token_budget": "--token-budget",
+                 "prompts_per_request": "--prompts-per-request", "timeout": "--timeout", "prompt_format": "--prompt-format",
+                 "max_retries": "--max-retries"}
+
+
+def _extract_served(args: argparse.Namespace) -> dict:
+    import os
+
+    from fastfuse.served import extract_served
+
+    if args.model is not None:
+        raise CommandError("--model: not used with --server (the server holds the model)")
+    if not args.served_model:
+        raise CommandError("--served-model: required with --server (the model name the server serves)")
+    if not args.tokenizer:
+        raise CommandError("--tokenizer: required with --server (the served model's tokenizer, name or local path)")
+    api_key = None
+    if args.api_key_env is not None:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise CommandError(f"--api-key-env: the environment variable {args.api_key_env!r} is not set or empty")
+    tokenizer = load_tokenizer_flag("--tokenizer", args.tokenizer)
+    files = input_files(args.input)
+    output_dir(args.out)
+    try:
+        stats = extract_served(args.server, args.served_model, tokenizer, files, args.out, k=args.k,
+                               block_size=args.block_size, token_budget=args.token_budget,
+                               prompts_per_request=args.prompts_per_request, shard_size=args.shard_size,
+                               concurrency=args.concurrency, api_key=api_key, timeout=args.timeout,
+                               max_retries=args.max_retries,
+                               prompt_format=args.prompt_format, source_name=args.source_name,
+                               progress=not args.quiet, text_field=args.text_field)
+    except (ValueError, ConnectionError) as e:  # ConnectionError: fastfuse.served.ServerError
+        name, _, rest = str(e).partition(": ")
+        if name in _SERVED_FLAGS:
+            raise CommandError(f"{_SERVED_FLAGS[name]}: {rest}") from e
+        raise
+    if not args.quiet:
+        print(f"{stats['sequences']} sequences, {stats['total_tokens']} tokens in {stats['out_dir']} "
+              f"({stats['tokens']} extracted now at {stats['tokens_per_s']:.0f} tok/s from {args.served_model}; "
+              f"{stats.get('bytes_per_token', float('nan')):.1f} bytes/token; "
+              f"{stats['rows_without_teacher']} positions the server did not report)")
     return stats
 
 
@@ -143,7 +194,7 @@ def add_extract(subparsers) -> None:
     p = subparsers.add_parser("extract", help="run a source LM over a corpus and store its top-k next-token log-probs",
                               description="Run a source causal LM over a corpus and write top-k shards "
                                           "(resumes an interrupted run in the same --out directory).")
-    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--model", default=None, help="local Hugging Face model directory (not with --server)")
     p.add_argument("--tokenizer", default=None,
                    help="fastfuse.vocabfiles name or local tokenizer path (default: the model directory)")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE",
@@ -151,7 +202,9 @@ def add_extract(subparsers) -> None:
     p.add_argument("--out", required=True, help="output directory (one per source)")
     p.add_argument("--k", type=int, default=DEFAULT_K)
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
-    p.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET, help="max padded tokens per batch")
+    p.add_argument("--token-budget", type=int, default=None,
+                   help=f"max padded tokens per batch (default {DEFAULT_TOKEN_BUDGET}); with --server, max prompt "
+                        "tokens per request (default --block-size)")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="sequences per shard")
     p.add_argument("--source-name", default=None)
     p.add_argument("--text-field", default="text")
@@ -159,6 +212,18 @@ def add_extract(subparsers) -> None:
     p.add_argument("--dtype", default=None, help="torch dtype (default bfloat16 on GPU, float32 on CPU)")
     add_rank_flags(p)
     p.add_argument("--quiet", action="store_true")
+    g = p.add_argument_group("served teachers", "a source model behind an OpenAI-compatible /v1/completions "
+                             "endpoint (vLLM, llama-cpp-python, ...) instead of --model")
+    g.add_argument("--server", default=None, metavar="URL", help="the server's base URL, e.g. http://127.0.0.1:8000")
+    g.add_argument("--served-model", default=None, metavar="NAME", help="the model name the server serves")
+    g.add_argument("--api-key-env", default=None, metavar="VAR", help="environment variable holding the API key")
+    g.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    g.add_argument("--prompts-per-request", type=int, default=1, help="sequences per request (default 1)")
+    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request before a retry (default 120)")
+    g.add_argument("--max-retries", type=int, default=5,
+                   help="retries of a request after 429/5xx/timeouts, with exponential backoff (default 5)")
+    g.add_argument("--prompt-format", choices=["auto", "ids", "text"], default="auto",
+                   help="send token ids, or text where the server takes no ids (default: ids if accepted)")
     p.set_defaults(func=_extract)
 
 
