@@ -38,6 +38,9 @@ Only a GPU can confirm (none was used to write this): the L2 hit rate of the sec
 one-write floor (``benchmarks/gpu_loss.py``: ``fastfuse`` vs ``fastfuse_2pass_v1``), that the
 loops really pipeline (``cp.async``/TMA in the SASS), and whether the single-block path beats the
 two-pass one at V = 32000 (``fastfuse_2pass``). The configurations are untuned on hardware.
+Compiled with a GPU launch's alignment, pipelined loads become ``cp.async``, which carries no L2
+eviction hint: pass 1's ``evict_last`` is then lost and the re-read relies on the small number
+of rows in flight (a GPU should also time pass 1 at ``num_stages = 1``).
 
 ``scale`` is read on the device at ``scale_ptr + n * scale_stride`` (stride 0: one scalar, e.g.
 ``1 / #non-ignored``; stride 1: per row, e.g. a ``"none"`` grad_output) and applied in fp32
