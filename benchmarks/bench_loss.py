@@ -5,8 +5,11 @@ Providers, all computing ``lm_weight * CE(z, y) + (1 - lm_weight) * CE(z, q)`` f
 
 * ``fastfuse``          -- ``fastfuse.fused_loss`` (Triton), gradient in a new buffer;
 * ``fastfuse_inplace``  -- same, ``inplace_grad=True`` (gradient written into the logits);
-* ``fastfuse_2pass``    -- ``fastfuse`` forced onto the two-pass (4096-chunk) path, to compare
-  with the single-block path that V = 32000 takes by default;
+* ``fastfuse_2pass``    -- ``fastfuse`` forced onto the default two-pass path (``"2pass_l2"``:
+  8192-element chunks, one 32-warp CTA per SM), to compare with the single-block path that
+  V = 32000 takes by default;
+* ``fastfuse_2pass_v1`` -- ``fastfuse`` forced onto the previous two-pass configuration
+  (``"2pass_v1"``: 4096-element chunks, 16 warps, 3 CTAs per SM), to compare with ``fastfuse``;
 * ``dense``             -- FuseLLM-style: dense fp32 teacher ``[N, V]`` built with scatter_add,
   ``log_softmax`` over fp32 logits, autograd;
 * ``torch_sparse``      -- eager torch with the sparse teacher: fp32 ``logsumexp`` + gather;
@@ -87,12 +90,13 @@ def provider_fn(name: str):
             return fused_loss(x, d["topk"], d["amap"], d["labels"], d["w"], LM_WEIGHT,
                               inplace_grad=inplace, validate=False)
         return f
-    if name == "fastfuse_2pass":          # the two-pass path even where a row fits one block
+    if name in ("fastfuse_2pass", "fastfuse_2pass_v1"):  # a named two-pass entry of fused_ce.CONFIGS
         from fastfuse.kernels import fused_ce
+        forced = "2pass_v1" if name == "fastfuse_2pass_v1" else "2pass_l2"
 
         def f(x, d):
             old = fused_ce.FORCE_CONFIG
-            fused_ce.FORCE_CONFIG = (4096, 16)
+            fused_ce.FORCE_CONFIG = forced
             try:
                 return fused_loss(x, d["topk"], d["amap"], d["labels"], d["w"], LM_WEIGHT,
                                   validate=False)
@@ -128,7 +132,7 @@ def provider_fn(name: str):
     raise ValueError(name)
 
 
-PROVIDERS = ["fastfuse", "fastfuse_inplace", "fastfuse_2pass", "dense", "torch_sparse", "torch_compile", "liger_ce"]
+PROVIDERS = ["fastfuse", "fastfuse_inplace", "fastfuse_2pass", "fastfuse_2pass_v1", "dense", "torch_sparse", "torch_compile", "liger_ce"]
 
 
 def run_once(fn, d):

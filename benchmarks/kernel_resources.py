@@ -4,7 +4,8 @@ H100 (sm_90a), compiled ahead of time on this machine (no GPU needed).
     python benchmarks/kernel_resources.py
 
 One row per (kernel, V path, dtype): launch shape (BLOCK_V, num_warps), registers per thread,
-spill bytes, and the CTAs per SM the register file allows (65536 registers per SM).
+spill bytes, and the CTAs per SM the register file allows (65536 registers and 64 warps per SM;
+shared memory, which the pipelined loops use, is not counted).
 """
 from __future__ import annotations
 
@@ -22,6 +23,14 @@ def launches():
             for kernel, args, kwargs in aot.fused_loss_launches(V, dtype, inplace_grad=True, Vs=100):
                 if kernel is fused_ce.fused_ce_kernel or (V == 32000 and dtype == torch.bfloat16):
                     yield f"fused_loss V={V}", dtype if kernel is fused_ce.fused_ce_kernel else None, kernel, args, kwargs
+    old, fused_ce.FORCE_CONFIG = fused_ce.FORCE_CONFIG, "2pass_v1"    # the previous two-pass launch
+    try:
+        for dtype in (torch.bfloat16, torch.float32):
+            for kernel, args, kwargs in aot.fused_loss_launches(128256, dtype, inplace_grad=True, Vs=100):
+                if kernel is fused_ce.fused_ce_kernel:
+                    yield "fused_loss V=128256, forced 2pass_v1", dtype, kernel, args, kwargs
+    finally:
+        fused_ce.FORCE_CONFIG = old
     with aot.record_launches(fused_ce.fused_ce_kernel) as rec:
         linear_ce.fused_ce_rows_inplace(torch.empty(8, 128256, dtype=torch.bfloat16),
                                         torch.zeros(8, 21, dtype=torch.int32), torch.zeros(8, 21),
@@ -36,15 +45,18 @@ def launches():
 
 def main() -> int:
     print(f"Triton {triton.__version__}, target sm_90a (compiled ahead of time, no GPU)\n")
-    print("| launch | kernel | dtype | BLOCK | warps | registers | spill st/ld (B) | CTAs/SM by registers |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("registers and spills: general code / with the 16-divisibility a GPU launch of these shapes gets")
+    print("| launch | kernel | dtype | BLOCK | warps | stages | registers | spill st/ld (B) | CTAs/SM by registers |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for what, dtype, kernel, args, kwargs in launches():
-        res = aot.ptxas_resources(aot.compile_launch(kernel, args, kwargs, aot.HOPPER))
+        res, al = (aot.ptxas_resources(aot.compile_launch(kernel, args, kwargs, aot.HOPPER, aligned))
+                   for aligned in (False, True))
         warps = kwargs.get("num_warps", 4)
         block = kwargs.get("BLOCK_V", kwargs.get("BLOCK_K", kwargs.get("BLOCK")))
-        ctas = 65536 // (res["registers"] * 32 * warps)
+        ctas = min(65536 // (max(res["registers"], al["registers"]) * 32 * warps), 64 // warps)  # <= 64 warps/SM
         print(f"| {what} | {kernel.__name__} | {str(dtype).replace('torch.', '') if dtype else '-'} | {block} | {warps} | "
-              f"{res['registers']} | {res['spill_stores']}/{res['spill_loads']} | {ctas} |")
+              f"{kwargs.get('NUM_STAGES', '-')} | {res['registers']} / {al['registers']} | "
+              f"{res['spill_stores']}/{res['spill_loads']} / {al['spill_stores']}/{al['spill_loads']} | {ctas} |")
     return 0
 
 

@@ -82,20 +82,31 @@ def _arg_type(name: str, value) -> str:
     raise TypeError(f"{name}: no Triton type for {type(value).__name__}")
 
 
-def compile_launch(kernel, args, kwargs, target=HOPPER):
-    """Compile one recorded launch for ``target``; the signature comes from the recorded values
-    (no divisibility specialisation, so the code is the general case of what a GPU would run)."""
+def compile_launch(kernel, args, kwargs, target=HOPPER, aligned: bool = False):
+    """Compile one recorded launch for ``target``; the signature comes from the recorded values.
+    By default no divisibility specialisation, so the code is the general case of what a GPU would
+    run; ``aligned=True`` marks pointers and integers divisible by 16 as such, as Triton's launcher
+    does on a GPU (e.g. V = 128256: vectorised, ``cp.async``-pipelined loads)."""
     names = [p.name for p in kernel.params]
     values = dict(zip(names, args), **{k: v for k, v in kwargs.items() if k in names})
-    signature, constexprs = {}, {}
-    for p in kernel.params:
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(kernel.params):
         if p.is_constexpr:
             signature[p.name] = "constexpr"
             constexprs[p.name] = values[p.name]
         else:
             signature[p.name] = _arg_type(p.name, values[p.name])
-    return triton.compile(ASTSource(kernel, signature, constexprs), target=target,
+            v = values[p.name]
+            if aligned and (_is_tensor(v) or (type(v) is int and v != 0 and v % 16 == 0)):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs or None), target=target,
                           options={"num_warps": kwargs.get("num_warps", 4)})
+
+
+def _is_tensor(value) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor)
 
 
 def ptxas_resources(compiled, arch: str = "sm_90a") -> dict:

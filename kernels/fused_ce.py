@@ -21,25 +21,85 @@ positions and vocabulary entries in ``sparse_teacher.py``), so bad ids with ``va
 give a meaningless loss but never touch memory outside their own row. Entries with coefficient 0
 add nothing (not ``0 * -inf``).
 
-Reads the row twice (the second read mostly from L2) and writes it once; no fp32 copy of the
-logits and no dense teacher. Rows with ``V <= SINGLE_BLOCK_MAX_V`` (32000-token vocabularies)
-take the ``SINGLE_BLOCK`` path instead: the row is one block held in registers, read once.
+Two-pass rows (``V > SINGLE_BLOCK_MAX_V``) are read twice and written once; the launch is chosen
+from ``LAUNCH_TABLE`` by (V class, dtype, compute-capability major), see ``launch_config``. The
+default two-pass entry (``"2pass_l2"``) runs one 32-warp CTA per SM over 8192-element chunks, so
+only ~one row per SM (~34 MB of bf16 rows at V = 128256 on 132 SMs) is in flight and the
+``evict_last`` first read can still be in L2 for the second; both chunk loops are software
+pipelined (``tl.range(..., num_stages)``), the gradient is stored ``evict_first``, and pass 1 keeps
+a running max and sum *per lane* (``LANE_STATS``), reduced across the CTA once per row instead of
+once per chunk. ``"2pass_v1"`` (4096-element chunks, 16 warps, 3 CTAs/SM, ~100 MB in flight, a
+CTA-wide reduction per chunk) stays reachable through ``FORCE_CONFIG`` for comparison.
+Rows with ``V <= SINGLE_BLOCK_MAX_V`` (32000-token vocabularies) take the ``SINGLE_BLOCK`` path:
+the row is one block held in registers, read once -- 128 registers, one CTA per SM.
+
+Only a GPU can confirm (none was used to write this): the L2 hit rate of the second read (ncu
+``lts__t_sector_hit_rate`` on the ``evict_first`` loads), the time against the one-read +
+one-write floor (``benchmarks/gpu_loss.py``: ``fastfuse`` vs ``fastfuse_2pass_v1``), that the
+loops really pipeline (``cp.async``/TMA in the SASS), and whether the single-block path beats the
+two-pass one at V = 32000 (``fastfuse_2pass``). The configurations are untuned on hardware.
+Compiled with a GPU launch's alignment, pipelined loads become ``cp.async``, which carries no L2
+eviction hint: pass 1's ``evict_last`` is then lost and the re-read relies on the small number
+of rows in flight (a GPU should also time pass 1 at ``num_stages = 1``).
+
 ``scale`` is read on the device at ``scale_ptr + n * scale_stride`` (stride 0: one scalar, e.g.
 ``1 / #non-ignored``; stride 1: per row, e.g. a ``"none"`` grad_output) and applied in fp32
 before the single rounding to the gradient dtype. :func:`rescale_kernel` multiplies a gradient
 by ``grad_output`` later without a host sync (it skips rows whose factor is 1 on the device).
-
-Hopper defaults (not tuned on hardware; see ``launch_config``): two-pass rows use
-``BLOCK_V = 4096`` with ``num_warps = 16`` -- 8 fp32 values per thread per chunk, enough for
-16-byte vector loads and few loop trips (32 for a 128k vocab), small enough for several CTAs
-per SM; single-block rows use ``next_power_of_2(V)`` with 16 warps (64 values per thread at
-V = 32000). ``FORCE_CONFIG`` overrides both for experiments.
 """
+from typing import NamedTuple
+
 import triton
 import triton.language as tl
 
 
-# Set to (BLOCK_V, num_warps) to override launch_config (benchmarks compare variants with it).
+class RowConfig(NamedTuple):
+    """How ``fused_ce_kernel`` runs a row: ``block_v`` elements per chunk (0: the whole row in one
+    block, ``next_power_of_2(V)``), ``num_warps``, ``num_stages`` of the software-pipelined chunk
+    loops and ``lane_stats`` (per-lane running max/sum reduced once per row, instead of a CTA-wide
+    reduction per chunk). ``num_stages = 1`` with ``lane_stats = False`` is the v1 two-pass loop."""
+    block_v: int
+    num_warps: int
+    num_stages: int = 1
+    lane_stats: bool = False
+
+
+# Named configurations; LAUNCH_TABLE picks among them, FORCE_CONFIG may name one.
+CONFIGS = {
+    # the whole row in registers, read once (V <= SINGLE_BLOCK_MAX_V); 128 registers at 16 warps,
+    # so ONE CTA per SM: a GPU run must compare it with "2pass_l2" at V = 32000 (gpu_loss.py's
+    # fastfuse vs fastfuse_2pass providers) -- SINGLE_BLOCK_MAX_V is the switch
+    "single_block": RowConfig(0, 16),
+    # v1 (until 2026-11-30): 4096-element chunks, 16 warps, 40 registers -> 3 CTAs/SM, ~400 rows of
+    # 256 KiB (~100 MB) in flight on an H100, twice its 50 MB L2: the evict_last re-read mostly misses
+    "2pass_v1": RowConfig(4096, 16),
+    # one CTA per SM (32 warps = 1024 threads, <= 64 registers): ~132 rows x 256 KiB ~ 34 MB in
+    # flight on an H100/H200, so the second read can hit L2; 8 values per thread per chunk,
+    # 3-stage pipelined loads (3 x 16 KiB of shared memory in bf16), per-lane running max/sum
+    "2pass_l2": RowConfig(8192, 32, 3, True),
+    # fp32 rows are twice as long in bytes: 2 stages keep the shared-memory ring at 64 KiB
+    "2pass_l2_fp32": RowConfig(8192, 32, 2, True),
+}
+
+# (vocabulary-size class, dtype, architecture major) -> configuration name, reason beside it.
+# "one_block": V <= SINGLE_BLOCK_MAX_V; "two_pass": larger V. Untuned on hardware.
+LAUNCH_TABLE = {
+    ("one_block", "bf16", 9): "single_block",   # one HBM read; 1 CTA/SM (GPU must compare)
+    ("one_block", "fp16", 9): "single_block",   # same as bf16
+    ("one_block", "fp32", 9): "single_block",   # same; 32768 fp32 = 128 KiB per row in flight
+    ("one_block", "bf16", 8): "single_block",   # A100: same register budget (64K per SM)
+    ("one_block", "fp16", 8): "single_block",   # same
+    ("one_block", "fp32", 8): "single_block",   # same
+    ("two_pass", "bf16", 9): "2pass_l2",        # 132 SMs x 256 KiB rows ~ 34 MB < 50 MB L2
+    ("two_pass", "fp16", 9): "2pass_l2",        # same bytes as bf16
+    ("two_pass", "fp32", 9): "2pass_l2_fp32",   # 512 KiB rows: ~68 MB in flight, above L2 anyway
+    ("two_pass", "bf16", 8): "2pass_l2",        # A100: 108 SMs x 256 KiB ~ 27 MB < 40 MB L2
+    ("two_pass", "fp16", 8): "2pass_l2",        # same bytes as bf16
+    ("two_pass", "fp32", 8): "2pass_l2_fp32",   # ~54 MB in flight, above L2; 64 KiB of 164 KiB smem
+}
+
+# None, a name in CONFIGS, a RowConfig, or (BLOCK_V, num_warps) for the v1 loop: overrides
+# launch_config (tests and benchmarks compare variants with it).
 FORCE_CONFIG = None
 
 # Rows up to this length are held on chip: one block covers the row, read once from HBM.
@@ -47,20 +107,26 @@ SINGLE_BLOCK_MAX_V = 32768
 
 RESCALE_BLOCK = 4096
 
+_DTYPE_KEY = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
 
-def launch_config(V: int):
-    """(BLOCK_V, num_warps) for a vocabulary of size V (Hopper-oriented defaults, untuned).
 
-    ``V <= SINGLE_BLOCK_MAX_V`` (e.g. 32000): the whole row in one block (one HBM read, fp32
-    in registers: 32768 / (16 warps * 32 lanes) = 64 values per thread). Larger ``V``: two
-    passes over ``BLOCK_V = 4096`` chunks, 16 warps.
-    """
-    if FORCE_CONFIG is not None:
-        return FORCE_CONFIG
-    if V <= SINGLE_BLOCK_MAX_V:
+def launch_config(V: int, dtype=None, arch: int = 9) -> RowConfig:
+    """The :class:`RowConfig` for rows of ``V`` logits of ``dtype`` (a torch dtype; None: bf16) on
+    compute capability major ``arch`` (9: Hopper and later, anything older: the sm_80 entries),
+    from ``LAUNCH_TABLE`` unless ``FORCE_CONFIG`` is set. Single-block rows get
+    ``BLOCK_V = next_power_of_2(V)`` and fewer warps when short (64 values per thread at 32768)."""
+    cfg = FORCE_CONFIG
+    if cfg is None:
+        key = ("one_block" if V <= SINGLE_BLOCK_MAX_V else "two_pass",
+               _DTYPE_KEY.get(str(dtype), "bf16"), 9 if arch >= 9 else 8)
+        cfg = LAUNCH_TABLE[key]
+    if isinstance(cfg, str):
+        cfg = CONFIGS[cfg]
+    cfg = RowConfig(*cfg)
+    if cfg.block_v == 0:
         bv = max(16, triton.next_power_of_2(V))
-        return bv, 16 if bv >= 16384 else (8 if bv >= 4096 else 4)
-    return 4096, 16
+        return RowConfig(bv, 16 if bv >= 16384 else (8 if bv >= 4096 else 4))
+    return cfg
 
 
 @triton.jit
@@ -93,7 +159,7 @@ def fused_ce_kernel(
     tids_ptr, coefs_ptr, labels_ptr, loss_ptr, scale_ptr, scale_stride,
     T, V, E, ignore_index,
     BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    SINGLE_BLOCK: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr, LANE_STATS: tl.constexpr = False, NUM_STAGES: tl.constexpr = 1,
 ):
     n = tl.program_id(0).to(tl.int64)
     b = n // T
@@ -122,8 +188,40 @@ def fused_ce_kernel(
             tl.store(grow + offs, (tl.exp(x - lse) * scale).to(grad_ptr.dtype.element_ty), mask=msk)
             tl.debug_barrier()      # the sparse stores overwrite dense ones of the same addresses
             _store_sparse_grad(grow, tid, coef, has, zt, lse, scale)
+    elif LANE_STATS:
+        # 1. online log-sum-exp, one running (max, sum) per lane; one exp per element: the larger
+        # of (m, x) becomes the max, exp(smaller - larger) rescales the sum or adds to it
+        mv = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        sv = tl.zeros([BLOCK_V], tl.float32)
+        for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
+            o = start + offs
+            x = tl.load(row + o, mask=o < V, other=float("-inf"),
+                        eviction_policy="evict_last").to(tl.float32)
+            hi = tl.maximum(mv, x)
+            # both -inf: add 0, not exp(-inf - -inf)
+            e = tl.where(hi == float("-inf"), 0.0, tl.exp(tl.minimum(mv, x) - hi))
+            sv = tl.where(x > mv, sv * e + 1.0, sv + e)
+            mv = hi
+        m = tl.max(mv, axis=0)
+        m_ref = tl.where(m == float("-inf"), 0.0, m)
+        lse = m + tl.log(tl.sum(sv * tl.exp(mv - m_ref), axis=0))
+        # 2. gather the sparse target's logits (before any gradient store: inplace-safe)
+        tid, coef, has, zt = _gather_sparse_loss(row, tids_ptr, coefs_ptr, loss_ptr, n, E, V, lse, BLOCK_E)
+        # 3. gradient: pipelined re-read (meant to hit L2), streaming stores
+        if COMPUTE_GRAD:
+            scale = tl.load(scale_ptr + n * scale_stride).to(tl.float32)
+            tl.debug_barrier()      # inplace: every gather above precedes the row overwrite
+            for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
+                o = start + offs
+                x = tl.load(row + o, mask=o < V, other=float("-inf"),
+                            eviction_policy="evict_first").to(tl.float32)
+                g = tl.exp(x - lse) * scale
+                tl.store(grow + o, g.to(grad_ptr.dtype.element_ty), mask=o < V,
+                         eviction_policy="evict_first")
+            tl.debug_barrier()      # the sparse stores overwrite dense ones of the same addresses
+            _store_sparse_grad(grow, tid, coef, has, zt, lse, scale)
     else:
-        # 1. online log-sum-exp
+        # v1 ("2pass_v1"): 1. online log-sum-exp, CTA-wide reduction per chunk
         m = float("-inf")
         s = 0.0
         for start in range(0, V, BLOCK_V):
@@ -193,15 +291,16 @@ def ce_rows(logits, grad, tids, coefs, labels, ignore_index: int, scale, compute
     if grad is None:
         grad = logits  # never written (COMPUTE_GRAD=False)
     scale = scale.to(torch.float32).reshape(-1).contiguous()
-    block_v, num_warps = launch_config(V)
+    arch = torch.cuda.get_device_capability(logits.device)[0] if logits.is_cuda else 9
+    cfg = launch_config(V, logits.dtype, arch)
     fused_ce_kernel[(B * T,)](
         logits, logits.stride(0), logits.stride(1),
         grad, grad.stride(0), grad.stride(1),
         tids, coefs, labels.reshape(-1).contiguous(), loss, scale, 0 if scale.numel() == 1 else 1,
         T, V, E, int(ignore_index),
-        BLOCK_V=block_v, BLOCK_E=max(2, triton.next_power_of_2(E)), COMPUTE_GRAD=bool(compute_grad),
-        SINGLE_BLOCK=block_v >= V,
-        num_warps=num_warps,
+        BLOCK_V=cfg.block_v, BLOCK_E=max(2, triton.next_power_of_2(E)), COMPUTE_GRAD=bool(compute_grad),
+        SINGLE_BLOCK=cfg.block_v >= V, LANE_STATS=cfg.lane_stats, NUM_STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps,
     )
     return loss
 

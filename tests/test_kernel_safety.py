@@ -325,7 +325,8 @@ def _targets_in(d, lo, hi):
     return d
 
 
-@pytest.mark.parametrize("impl,config", [("triton", None), ("triton", (128, 2)), ("reference", None)])
+@pytest.mark.parametrize("impl,config", [("triton", None), ("triton", (128, 2)), ("triton", (128, 2, 3, True)),
+                                         ("reference", None)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_minus_inf_blocks_give_no_nan(impl, config, dtype, monkeypatch):
     import fastfuse.kernels.fused_ce as fc

@@ -6,6 +6,7 @@ wrappers run here on CPU tensors with the launches recorded instead of run
 (:mod:`fastfuse.kernels.aot`), and every recorded launch is compiled down to a cubin.
 """
 import importlib.util
+import itertools
 import os
 import subprocess
 import sys
@@ -112,3 +113,27 @@ def test_hopper_kernels_do_not_spill(kern):
             except RuntimeError as e:  # this Triton ships no ptxas that takes its own PTX
                 pytest.skip(str(e))
             assert res["spill_stores"] == 0 and res["spill_loads"] == 0, (kernel.__name__, V, res)
+
+
+@pytest.mark.parametrize("name", ["2pass_l2", "2pass_l2_fp32", "2pass_v1"])
+def test_named_two_pass_configs_compile_without_spills(kern, name, monkeypatch):
+    """Every two-pass entry of fused_ce.CONFIGS (the table's sm_80 and sm_90 choices and the v1
+    configuration kept for comparison), recorded through fused_loss at V = 128256, compiles for
+    sm_80 and sm_90 and does not spill on either."""
+    fc = kern.fused_ce
+    assert {v for k, v in fc.LAUNCH_TABLE.items() if k[0] == "two_pass"} <= set(fc.CONFIGS)
+    monkeypatch.setattr(fc, "FORCE_CONFIG", name)
+    aot = kern.aot
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        launches = [x for x in aot.fused_loss_launches(128256, dtype, inplace_grad=True, Vs=50)
+                    if x[0] is fc.fused_ce_kernel]
+        assert len(launches) == 1 and launches[0][2]["BLOCK_V"] == fc.CONFIGS[name].block_v
+        kernel, args, kwargs = launches[0]
+        # aligned: what a GPU compiles for V = 128256 (16-byte loads, cp.async-pipelined)
+        for (target, arch), aligned in itertools.product(((aot.HOPPER, "sm_90a"), (aot.AMPERE, "sm_80")),
+                                                         (False, True)):
+            try:
+                res = aot.ptxas_resources(aot.compile_launch(kernel, args, kwargs, target, aligned), arch)
+            except RuntimeError as e:
+                pytest.skip(str(e))
+            assert res["spill_stores"] == 0 and res["spill_loads"] == 0, (name, dtype, arch, aligned, res)
