@@ -27,15 +27,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from fastfuse.corpus import SourceSequence, chain_fingerprint, pad_token_id, source_sequences, special_tokens
+from fastfuse.corpus import SourceSequence, pad_token_id, source_sequences, special_tokens
 from fastfuse.shard_parts import check_layout, part_name, token_ranges
-from fastfuse.shards import ShardReader, ShardWriter, tokenizer_fingerprint
+from fastfuse.shards import tokenizer_fingerprint
+from fastfuse.topk_runs import ShardRun, TopKRows
 
 DEFAULT_K = 10
 DEFAULT_BLOCK_SIZE = 2048
@@ -131,17 +131,6 @@ def topk_forward(model, seqs: list[np.ndarray], k: int, n_real: int, device, pad
     r = topk_from_logits(logits, seqs, k, n_real, chunk_elems)
     del logits
     return tuple(t.cpu().numpy() for t in r)  # type: ignore[return-value]
-
-
-def sequence_ce(gold: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Mean CE per sequence from per-token gold log-probs (float32 [sum lens]); NaN if len < 2."""
-    out = np.full(len(lens), np.nan, np.float32)
-    pos = 0
-    for i, n in enumerate(lens):
-        if n >= 2:
-            out[i] = -np.mean(gold[pos:pos + n - 1], dtype=np.float64)
-        pos += n
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,7 +232,6 @@ def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: in
     bytes per token).
     """
     import torch
-    from tqdm import tqdm
 
     for name, v in (("k", k), ("block_size", block_size), ("token_budget", token_budget), ("shard_size", shard_size)):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
@@ -273,86 +261,44 @@ def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: in
         out_dir = Path(out_dir) / part_name(rank, world_size)
     model.to(device=device, dtype=dtype)
     model.eval()
-    writer = ShardWriter(out_dir, {
+    desc = f"extract {source_name}" + (f" [rank {rank}/{world_size}]" if part is not None else "")
+    run = ShardRun(out_dir, {
         "source_name": source_name, "model": str(ident), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "tokenizer_size": n_real, "vocab_size": vocab_size, "k": int(k), "block_size": int(block_size),
         "token_budget": int(token_budget), "shard_size": int(shard_size), "dtype": str(dtype).replace("torch.", ""),
         "special_tokens": list(map(list, special_tokens(tokenizer))), "model_fingerprint": model_fingerprint(model),
         **({"partition": part} if part is not None else {}),     # absent for one process: the same bytes as ever
-    })
+    }, tokenizer, texts, block_size, shard_size, text_field, progress, desc=desc, on_shard=on_shard,
+        seq_end=part["seq_end"] if part is not None else None)
     pad_id = pad_token_id(tokenizer)
-    checkpoints = dict(writer.shard_fingerprints())
-    done_seq = writer.next_seq
-    seq_end = part["seq_end"] if part is not None else None
-    stats = {"sequences": int(writer.meta["num_sequences"]), "tokens_done_before": int(writer.meta["num_tokens"]),
-             "tokens": 0, "shards_written": 0, "seconds": 0.0}
-    desc = f"extract {source_name}" + (f" [rank {rank}/{world_size}]" if part is not None else "")
-    bar = tqdm(desc=desc, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
-    t_start = time.perf_counter()
-    h = hashlib.sha256(b"").digest()
 
-    def run_shard(buf: list[SourceSequence], fp: str) -> None:
+    def run_shard(buf: list[SourceSequence]) -> None:
+        """The top-k rows of one shard's sequences, in token-budget batches; then handed over in order
+        (a NaN anywhere stops the run before its shard is written)."""
         seqs = [s.input_ids for s in buf]
         lens = np.array([len(s) for s in seqs], np.int64)
-        offsets = np.zeros(len(buf) + 1, np.int64)
-        np.cumsum(lens, out=offsets[1:])
-        ids = np.empty((offsets[-1], k), np.int32)
-        lps = np.empty((offsets[-1], k), np.float16)
-        gold = np.empty(offsets[-1], np.float32)
+        rows = [None] * len(buf)
         for batch in plan_batches(lens, token_budget):
             bi, bl, bg = topk_forward(model, [seqs[j] for j in batch], k, n_real, device, pad_id)
             check_finite(bl, bg, lens[batch], [buf[j].seq_index for j in batch], "model")
             pos = 0
             for j in batch:
                 n = lens[j]
-                ids[offsets[j]:offsets[j + 1]] = bi[pos:pos + n]
-                lps[offsets[j]:offsets[j + 1]] = bl[pos:pos + n]
-                gold[offsets[j]:offsets[j + 1]] = bg[pos:pos + n]
+                rows[j] = TopKRows(bi[pos:pos + n], bl[pos:pos + n], bg[pos:pos + n])
                 pos += n
-            bar.update(int(lens[batch].sum()))
-        path = writer.write_shard(
-            offsets=offsets, topk_ids=ids, topk_logprobs=lps, ce=sequence_ce(gold, lens),
-            seq_index=np.array([s.seq_index for s in buf], np.int64),
-            doc_spans=np.array([[s.doc_index, s.char_start, s.char_end] for s in buf], np.int64).reshape(-1, 3),
-            corpus_fingerprint=fp)
-        stats["tokens"] += int(offsets[-1])
-        stats["shards_written"] += 1
-        bar.set_postfix(shards=writer.next_shard, seqs=writer.next_seq)
-        if on_shard is not None:
-            on_shard(writer.next_shard - 1, path)
+        for s, r in zip(buf, rows):
+            run.add(s, r)
 
-    n_seen = 0
     buf: list[SourceSequence] = []
     try:
         with torch.inference_mode():
-            for s, text in source_sequences(tokenizer, texts, block_size, text_field):
-                if seq_end is not None and s.seq_index >= seq_end:
-                    break               # the rest belongs to later ranks
-                h = chain_fingerprint(h, s, text)
-                n_seen += 1
-                if s.seq_index < done_seq:
-                    want = checkpoints.get(s.seq_index + 1)
-                    if want is not None and want != h.hex():
-                        raise ValueError(f"cannot resume in {writer.out_dir}: the corpus differs from the one it was "
-                                         f"written from (sequences before {s.seq_index + 1} hash differently)")
-                    continue
+            for s, _ in run.pending():
                 buf.append(s)
                 if len(buf) == shard_size:
-                    run_shard(buf, h.hex())
+                    run_shard(buf)
                     buf = []
             if buf:
-                run_shard(buf, h.hex())
+                run_shard(buf)
     finally:
-        bar.close()
-    if n_seen == 0 and part is None:   # a rank checked the whole corpus in rank_partition
-        raise ValueError("texts: the corpus is empty (no document has a token)")
-    if n_seen < done_seq:
-        raise ValueError(f"cannot resume in {writer.out_dir}: the corpus has {n_seen} sequences, fewer than the "
-                         f"{done_seq} already written")
-    writer.finish()
-    el = time.perf_counter() - t_start
-    stats.update(sequences=int(writer.meta["num_sequences"]), seconds=el, tokens_per_s=stats["tokens"] / max(el, 1e-9),
-                 total_tokens=int(writer.meta["num_tokens"]), out_dir=str(writer.out_dir))
-    if writer.next_shard:
-        stats["bytes_per_token"] = ShardReader(out_dir, check_sha256=False).bytes_per_token()
-    return stats
+        run.close()
+    return run.finish()

@@ -69,14 +69,15 @@ class ShardRun:
     """One resumable shard run over a corpus (module docstring).
 
     ``meta`` is the run's identity for :class:`ShardWriter`. :meth:`pending` yields the sequences
-    still to do, in order; :meth:`add` takes their results in the same order and writes a shard
-    every ``shard_size`` sequences (then calls ``on_shard(i, path)``); :meth:`finish` writes the
-    last one and returns a summary.
+    still to do, in order (up to ``seq_end``, exclusive: one rank's share ends there); :meth:`add`
+    takes their results in the same order and writes a shard every ``shard_size`` sequences (then
+    calls ``on_shard(i, path)``); :meth:`finish` writes the last one and returns a summary. The one
+    resume loop of every extraction: local (:func:`fastfuse.extract.extract_topk`), served, vLLM.
     """
 
     def __init__(self, out_dir: str | os.PathLike, meta: dict, tokenizer, texts: Any, block_size: int,
                  shard_size: int, text_field: str = "text", progress: bool = True, desc: str = "extract",
-                 on_shard: Callable[[int, Path], None] | None = None):
+                 on_shard: Callable[[int, Path], None] | None = None, seq_end: int | None = None):
         from tqdm import tqdm
 
         self.writer = ShardWriter(out_dir, meta)
@@ -84,11 +85,12 @@ class ShardRun:
         self.tokenizer, self.texts, self.block_size, self.text_field = tokenizer, texts, block_size, text_field
         self.shard_size = shard_size
         self.on_shard = on_shard
+        self.seq_end = seq_end
         self.done_seq = self.writer.next_seq
         self.buf: list[tuple[SourceSequence, TopKRows]] = []
         self.fp: dict[int, str] = {}
         self.n_seen = 0
-        self.stats = {"sequences": self.done_seq, "tokens_done_before": int(self.writer.meta["num_tokens"]),
+        self.stats = {"sequences": int(self.writer.meta["num_sequences"]), "tokens_done_before": int(self.writer.meta["num_tokens"]),
                       "tokens": 0, "shards_written": 0, "rows_without_teacher": 0}
         self.bar = tqdm(desc=desc, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
         self.t0 = time.perf_counter()
@@ -98,6 +100,8 @@ class ShardRun:
         checkpoints = dict(self.writer.shard_fingerprints())
         h = hashlib.sha256(b"").digest()
         for s, text in source_sequences(self.tokenizer, self.texts, self.block_size, self.text_field):
+            if self.seq_end is not None and s.seq_index >= self.seq_end:
+                break                   # the rest belongs to later ranks
             h = chain_fingerprint(h, s, text)
             self.n_seen += 1
             if s.seq_index < self.done_seq:
@@ -152,14 +156,14 @@ class ShardRun:
         if self.buf:
             self._write()
         self.close()
-        if self.n_seen == 0:
+        if self.n_seen == 0 and self.seq_end is None:    # a rank's share may be empty, the corpus was not
             raise ValueError("texts: the corpus is empty (no document has a token)")
         if self.n_seen < self.done_seq:
             raise ValueError(f"cannot resume in {self.writer.out_dir}: the corpus has {self.n_seen} sequences, fewer "
                              f"than the {self.done_seq} already written")
         self.writer.finish()
         el = time.perf_counter() - self.t0
-        self.stats.update(sequences=self.writer.next_seq, seconds=el, tokens_per_s=self.stats["tokens"] / max(el, 1e-9),
+        self.stats.update(sequences=int(self.writer.meta["num_sequences"]), seconds=el, tokens_per_s=self.stats["tokens"] / max(el, 1e-9),
                           total_tokens=int(self.writer.meta["num_tokens"]), out_dir=str(self.writer.out_dir))
         if self.writer.next_shard:
             self.stats["bytes_per_token"] = ShardReader(self.writer.out_dir, check_sha256=False).bytes_per_token()
