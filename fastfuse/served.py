@@ -281,6 +281,19 @@ def served_fingerprint(served_model: str, tok_fingerprint: str) -> str:
     return hashlib.sha256(f"served\n{served_model}\n{tok_fingerprint}".encode()).hexdigest()
 
 
+def served_meta(tokenizer, served_model: str, model_label: str, source_name: str | None, k: int, block_size: int,
+                token_budget: int, shard_size: int, default_name: str = "served") -> dict:
+    """The shard run identity of a source whose rows come from elsewhere (a server, vLLM outputs):
+    its vocabulary is the tokenizer's, its fingerprint :func:`served_fingerprint`."""
+    tfp = tokenizer_fingerprint(tokenizer)
+    return {"source_name": source_name or Path(served_model).name or default_name, "model": model_label,
+            "tokenizer_fingerprint": tfp, "tokenizer_size": len(tokenizer), "vocab_size": len(tokenizer),
+            "k": int(k), "block_size": int(block_size), "token_budget": int(token_budget),
+            "shard_size": int(shard_size), "dtype": "served",
+            "special_tokens": list(map(list, special_tokens(tokenizer))),
+            "model_fingerprint": served_fingerprint(served_model, tfp)}
+
+
 def extract_served(server_url: str, served_model: str, tokenizer, texts: Any, out_dir: str | os.PathLike,
                    k: int = 10, block_size: int = 2048, token_budget: int | None = None, prompts_per_request: int = 1,
                    shard_size: int = 4096, concurrency: int = DEFAULT_CONCURRENCY, api_key: str | None = None,
@@ -315,16 +328,11 @@ def extract_served(server_url: str, served_model: str, tokenizer, texts: Any, ou
     names = client.model_names()
     if names is not None and served_model not in names:
         raise ValueError(f"served_model: {client.base} serves {names}, not {served_model!r}")
-    tfp = tokenizer_fingerprint(tokenizer)
     prefix = special_tokens(tokenizer)[0]
-    run = ShardRun(out_dir, {
-        "source_name": source_name or Path(served_model).name or "served", "model": f"{served_model} at {client.base}",
-        "tokenizer_fingerprint": tfp, "tokenizer_size": n_real, "vocab_size": n_real, "k": int(k),
-        "block_size": int(block_size), "token_budget": int(token_budget), "shard_size": int(shard_size),
-        "dtype": "served", "special_tokens": list(map(list, special_tokens(tokenizer))),
-        "model_fingerprint": served_fingerprint(served_model, tfp),
-    }, tokenizer, texts, block_size, shard_size, text_field, progress, desc=f"extract {served_model} (served)",
-        on_shard=on_shard)
+    run = ShardRun(out_dir, served_meta(tokenizer, served_model, f"{served_model} at {client.base}", source_name, k,
+                                        block_size, token_budget, shard_size),
+                   tokenizer, texts, block_size, shard_size, text_field, progress,
+                   desc=f"extract {served_model} (served)", on_shard=on_shard)
     fetch = _Fetcher(client, served_model, int(k), TokenStrings(tokenizer), prompt_format, hidden_ok=bool(prefix))
     groups = _groups(run.pending(), int(prompts_per_request), int(token_budget))
     window: deque = deque()

@@ -24,9 +24,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from fastfuse.corpus import source_sequences, special_tokens
-from fastfuse.served import served_fingerprint
-from fastfuse.shards import META_NAME, load_meta, tokenizer_fingerprint
+from fastfuse.corpus import source_sequences
+from fastfuse.served import served_meta
+from fastfuse.shards import META_NAME, load_meta
 from fastfuse.topk_runs import ShardRun, TopKRows
 
 
@@ -102,14 +102,9 @@ def write_vllm_outputs(outputs: Iterable[Any], tokenizer, texts: Any, out_dir: s
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
     n_real = len(tokenizer)
-    tfp = tokenizer_fingerprint(tokenizer)
-    run = ShardRun(out_dir, {
-        "source_name": source_name or Path(model_name).name or "vllm", "model": f"{model_name} (vLLM offline)",
-        "tokenizer_fingerprint": tfp, "tokenizer_size": n_real, "vocab_size": n_real, "k": int(k),
-        "block_size": int(block_size), "token_budget": int(block_size), "shard_size": int(shard_size),
-        "dtype": "served", "special_tokens": list(map(list, special_tokens(tokenizer))),
-        "model_fingerprint": served_fingerprint(model_name, tfp),
-    }, tokenizer, texts, block_size, shard_size, text_field, progress, desc=f"vLLM outputs {model_name}")
+    run = ShardRun(out_dir, served_meta(tokenizer, model_name, f"{model_name} (vLLM offline)", source_name, k,
+                                        block_size, block_size, shard_size, default_name="vllm"),
+                   tokenizer, texts, block_size, shard_size, text_field, progress, desc=f"vLLM outputs {model_name}")
     it = iter(outputs)
     try:
         for s, _ in run.pending():
