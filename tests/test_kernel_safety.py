@@ -14,17 +14,14 @@ Triton runs under ``TRITON_INTERPRET=1`` (set here before triton is imported, as
 """
 import contextlib
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from _interpreter import request_interpreter, rerun_under_interpreter, restore, runs_in_process, use_interpreter
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_OLD = os.environ.get("TRITON_INTERPRET")
-if DEVICE == "cpu" and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
+_OLD = request_interpreter(DEVICE)     # before triton is imported (tests/ is on sys.path)
 triton = pytest.importorskip("triton")
 
 from fastfuse._dispatch import SECOND_BACKWARD  # noqa: E402
@@ -32,26 +29,16 @@ from fastfuse.linear_loss import fused_linear_loss  # noqa: E402
 from fastfuse.loss import AlignMap, SourceTopK, fused_loss  # noqa: E402
 from fastfuse.reference import random_inputs  # noqa: E402
 
-_IN_PROCESS = DEVICE == "cuda" or type(triton.language.standard.sum).__name__ == "InterpretedFunction"
+_IN_PROCESS = runs_in_process(DEVICE)
 IMPLS = ["triton", "reference"]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _interpret():
     if _IN_PROCESS and DEVICE == "cpu":
-        import importlib
-
-        import fastfuse.kernels.fused_ce as fc
-        import fastfuse.kernels.sparse_teacher as st
-        os.environ["TRITON_INTERPRET"] = "1"
-        if type(fc.fused_ce_kernel).__name__ != "InterpretedFunction":
-            importlib.reload(st)
-            importlib.reload(fc)
+        use_interpreter()
     yield
-    if _OLD is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _OLD
+    restore(_OLD)
 
 
 @pytest.fixture(autouse=True)
@@ -62,12 +49,7 @@ def _skip_if_subprocess(request):
 
 @pytest.mark.skipif(_IN_PROCESS, reason="kernels run in this process")
 def test_in_subprocess():
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
-    import re
-    passed = re.search(r"(\d+) passed", r.stdout)
-    assert passed and int(passed.group(1)) >= 50 and "1 skipped" in r.stdout, r.stdout[-3000:]   # they really ran
+    rerun_under_interpreter(__file__, min_passed=50)
 
 
 def _inputs(seed, B=2, T=4, V=300, S=2, K=6, Ts=5, Vs=40, **kw):

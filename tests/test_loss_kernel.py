@@ -9,17 +9,14 @@ module re-runs itself in a subprocess with the variable set. Shapes are small: t
 is slow.
 """
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from _interpreter import request_interpreter, rerun_under_interpreter, restore, runs_in_process, use_interpreter
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
-if DEVICE == "cpu" and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
+_OLD_INTERPRET = request_interpreter(DEVICE)     # before triton is imported (tests/ is on sys.path)
 
 triton = pytest.importorskip("triton")
 
@@ -27,8 +24,7 @@ from fastfuse.loss import AlignMap, SourceTopK, fused_loss  # noqa: E402
 from fastfuse.reference import (dense_teacher, fused_loss_reference, normalize_weights,  # noqa: E402
                                 random_inputs, sparse_teacher, tolerance)
 
-_INTERPRETED = type(triton.language.standard.sum).__name__ == "InterpretedFunction"
-_IN_PROCESS = DEVICE == "cuda" or _INTERPRETED
+_IN_PROCESS = runs_in_process(DEVICE)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,19 +33,9 @@ def _interpret():
         yield
         return
     if DEVICE == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"
-    import importlib
-
-    import fastfuse.kernels.fused_ce as fc
-    import fastfuse.kernels.sparse_teacher as st
-    if DEVICE == "cpu" and type(fc.fused_ce_kernel).__name__ != "InterpretedFunction":
-        importlib.reload(st)        # imported earlier in compiled mode: decorate again
-        importlib.reload(fc)
+        use_interpreter()
     yield
-    if _OLD_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _OLD_INTERPRET
+    restore(_OLD_INTERPRET)
 
 
 @pytest.fixture(autouse=True)
@@ -60,10 +46,7 @@ def _skip_if_subprocess(request):
 
 @pytest.mark.skipif(_IN_PROCESS, reason="kernels run in this process")
 def test_kernels_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
+    rerun_under_interpreter(__file__, min_passed=40)
 
 
 def check(d, *, lm_weight=0.9, temperature=1.0, reduction="mean", inplace=False, out_scale=1.0):
