@@ -261,10 +261,14 @@ class AlignedStore:
         self._target = self._load("target", "input_ids")
         self._pos = {s: self._load(s, "pos") for s in self.sources}
 
+    def _mismatch(self) -> str:
+        return f"sha256 differs from {self.dir / 'meta.json'} (edited or replaced after align)"
+
     def _checked(self, rel: str) -> Path:
+        """A file read by another library (the vocab map): hashed first, then read."""
         f = self.dir / rel
         if sha256_file(f) != self.meta["files"][rel]["sha256"]:
-            raise ValueError(f"{f}: sha256 differs from {self.dir / 'meta.json'} (edited or replaced after align)")
+            raise ValueError(f"{f}: {self._mismatch()}")
         return f
 
     def _load(self, sub: str, key: str) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -273,8 +277,8 @@ class AlignedStore:
             raise ValueError(f"{self.dir / sub}: no shards listed in meta.json")
         out = []
         for rel in rels:
-            p = self._checked(rel)
-            t, _ = read_safetensors(p)
+            p = self.dir / rel
+            t, _ = read_safetensors(p, self.meta["files"][rel]["sha256"], self._mismatch())
             if key not in t or "offsets" not in t or t["offsets"][-1] != len(t[key]):
                 raise ValueError(f"{p}: not a fastfuse alignment shard (missing or inconsistent '{key}')")
             out.append((t["offsets"], t[key]))

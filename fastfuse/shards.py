@@ -57,10 +57,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from fastfuse.storage import atomic_write, json_bytes, read_safetensors, serialize_safetensors, sha256_file
+from fastfuse.storage import atomic_write, json_bytes, read_safetensors, serialize_safetensors
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
+_SHA_MISMATCH = "sha256 differs from meta.json (corrupted shard)"
 TENSOR_ORDER = ("offsets", "seq_index", "doc_spans", "topk_ids", "ce", "topk_logprobs")
 _DTYPES = {"offsets": np.int64, "seq_index": np.int64, "doc_spans": np.int64, "topk_ids": np.int32,
            "ce": np.float32, "topk_logprobs": np.float16}
@@ -313,9 +314,7 @@ class ShardReader:
             return self._cache[i]
         s = self._shards[i]
         path = self.out_dir / s["file"]
-        if self.check_sha256 and sha256_file(path) != s["sha256"]:
-            raise ValueError(f"{path}: sha256 differs from meta.json (corrupted shard)")
-        t, md = read_safetensors(path)
+        t, md = read_safetensors(path, s["sha256"] if self.check_sha256 else None, _SHA_MISMATCH)
         self._validate(path, s, t, md)
         if len(self._cache) >= 2:
             self._cache.pop(next(iter(self._cache)))
@@ -348,9 +347,7 @@ class ShardReader:
         """Check every shard now (sha256, header, shapes); ``ValueError`` naming the first bad file."""
         for i, s in enumerate(self._shards):
             path = self.out_dir / s["file"]
-            if sha256_file(path) != s["sha256"]:
-                raise ValueError(f"{path}: sha256 differs from meta.json (corrupted shard)")
-            t, md = read_safetensors(path)
+            t, md = read_safetensors(path, s["sha256"], _SHA_MISMATCH)
             self._validate(path, s, t, md)
 
     def _locate(self, seq_index: int) -> tuple[int, int]:

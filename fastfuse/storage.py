@@ -81,14 +81,18 @@ def serialize_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, st
     return [struct.pack("<Q", len(hb)), hb, *datas]
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read_safetensors(path: Path, sha256: str | None = None,
+                     mismatch: str = "sha256 differs from its record") -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Read a safetensors file written by :func:`serialize_safetensors`; ``ValueError`` naming the
-    file if it is missing, truncated or malformed."""
+    file if it is missing, truncated or malformed, or (``f"{path}: {mismatch}"``) if ``sha256`` is
+    given and the bytes read hash otherwise -- checked on the one read, before parsing."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise ValueError(f"{path}: cannot read shard ({e.strerror or e})") from e
+    if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
+        raise ValueError(f"{path}: {mismatch}")
     try:
         if len(raw) < 8:
             raise ValueError("file shorter than the 8-byte header length")
