@@ -91,11 +91,13 @@ def _number(name: str, value) -> float:
 
 
 def check_teacher_args(lead, V, dev, source_topk, align_map, labels, source_weights, lm_weight, temperature,
-                       ignore_index, reduction, impl, validate, owner: str = "target_logits"):
+                       ignore_index, reduction, impl, validate, owner: str = "target_logits", tail_mass: bool = False):
     """Every check of the loss inputs but those of the logits tensor itself, for logits of shape
     ``lead + (V,)`` on ``dev``; ``owner`` names that tensor in the messages. Shared by
     :func:`fused_loss` and :func:`fastfuse.fused_linear_loss`. ``lead`` of length 1 (``[N, V]``) is
-    read as ``B = 1``. Returns the 3-d layout (ids, logprobs, pos, vocab, labels, source_weights)."""
+    read as ``B = 1``. With ``tail_mass`` (a ``"uniform"``/``"bucket"`` tail) the logprobs must be
+    log-probabilities: a source row whose kept probabilities sum past 1 (beyond fp16 rounding) is
+    refused. Returns the 3-d layout (ids, logprobs, pos, vocab, labels, source_weights)."""
     if not isinstance(reduction, str) or reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not isinstance(impl, str) or impl not in IMPLS:
@@ -175,6 +177,12 @@ def check_teacher_args(lead, V, dev, source_topk, align_map, labels, source_weig
             ("source_topk.logprobs", "must not be NaN or +inf at non-padding entries",
              ((ids >= 0) & (torch.isnan(logprobs) | torch.isposinf(logprobs))).any()),
         ]
+        if tail_mass:
+            kept = torch.where((ids >= 0) & (logprobs > float("-inf")), logprobs.float().exp(),
+                               torch.zeros((), device=dev)).sum(-1)
+            checks.append(("source_topk.logprobs", "must be log-probabilities with tail='uniform' or 'bucket' (the kept "
+                           "entries of a source position sum to more than 1: logits, not log-softmax values?)",
+                           (kept > 1.01).any()))
         if source_weights is not None:
             checks.append(("source_weights", "must be finite and >= 0",
                            (~torch.isfinite(source_weights) | (source_weights < 0)).any()))

@@ -11,9 +11,9 @@ Exactly ``fused_loss(hidden @ weight.T + bias, ...)``: same teacher semantics, s
    whatever ``B`` and ``T``): ``logits_c = hidden_c @ weight.T (+ bias)`` into one reused
    ``[n, V]`` buffer, in the input dtype (tensor cores for bf16/fp16, fp32 accumulation inside
    the matmul);
-2. the fused-loss row kernel (``kernels/fused_ce.py`` via ``kernels/linear_ce.py``; on the torch
-   path ``reference.loss_and_grad_rows``) writes the per-row loss and overwrites the buffer with
-   ``scale * dL/dlogits_c``, ``scale = 1 / #non-ignored`` for ``"mean"`` (a device scalar: no
+2. the row code of ``fused_loss`` (``fastfuse.rows.run_rows``: ``kernels/fused_ce.py``, or
+   ``kernels/divergence.py`` for the divergence family; their torch paths off the GPU) writes the
+   per-row loss and overwrites the buffer with ``scale * dL/dlogits_c``, ``scale = 1 / #non-ignored`` for ``"mean"`` (a device scalar: no
    host sync);
 3. ``d_hidden_c = dlogits_c @ weight`` (written straight into ``d_hidden``'s rows),
    ``d_weight (+)= dlogits_c.T @ hidden_c`` (first chunk ``mm`` into the gradient, then
@@ -87,7 +87,9 @@ from torch import Tensor
 
 from fastfuse import reference as _ref
 from fastfuse._dispatch import FLOATS, INTS, SECOND_BACKWARD, check_teacher_args, check_tensor, choose_impl
+from fastfuse.divergences import make_spec
 from fastfuse.loss import AlignMap, SourceTopK
+from fastfuse.rows import RowTarget, build_target, run_rows
 
 __all__ = ["fused_linear_loss"]
 
@@ -109,21 +111,22 @@ class _FusedLinearLoss(torch.autograd.Function):
     labels/ignored ``[N]``, scale a 1-element float32 tensor."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tids, coefs, labels, ignored, scale, ignore_index, reduction, chunk,
-                use_triton):
+    def forward(ctx, hidden, weight, bias, tids, coefs, tail, labels, ignored, scale, ignore_index, reduction, chunk,
+                use_triton, spec, lm_weight):
         need = ctx.needs_input_grad[:3]
         # "none" needs the per-token grad_output before the d_weight matmul; float16 must apply
         # scale * grad_output before the rounding of the chunk gradient (else it underflows): both
         # compute the loss here and the gradients in the backward (one more matmul)
         grad_now = reduction != "none" and hidden.dtype != torch.float16 and any(need)
-        loss_rows, grads = _chunks(hidden, weight, bias, tids, coefs, labels, ignored, scale, ignore_index, chunk,
-                                   use_triton, need if grad_now else (False, False, False))
+        rows = (use_triton, spec, lm_weight, RowTarget(tids, coefs, tail))
+        loss_rows, grads = _chunks(hidden, weight, bias, rows, labels, ignored, scale, ignore_index, chunk,
+                                   need if grad_now else (False, False, False))
         ctx.reduction, ctx.grad_now, ctx.done, ctx.use_triton = reduction, grad_now, False, use_triton
         if grad_now:
             ctx.grads = grads
         else:
-            ctx.save_for_backward(hidden, weight, bias, tids, coefs, labels, ignored, scale)
-            ctx.opts = (ignore_index, chunk, use_triton)
+            ctx.save_for_backward(hidden, weight, bias, tids, coefs, tail, labels, ignored, scale)
+            ctx.opts = (ignore_index, chunk, use_triton, spec, lm_weight)
         if reduction == "none":
             return loss_rows
         return loss_rows.sum() * scale.reshape(())
@@ -136,12 +139,13 @@ class _FusedLinearLoss(torch.autograd.Function):
         go = grad_output.to(torch.float32).reshape(-1)      # stays on the device: no host sync
         if ctx.grad_now:
             grads, ctx.grads = ctx.grads, None
-            return tuple(None if g is None else _rescale(g, go, ctx.use_triton) for g in grads) + (None,) * 9
-        hidden, weight, bias, tids, coefs, labels, ignored, scale = ctx.saved_tensors
-        ignore_index, chunk, use_triton = ctx.opts
-        _, grads = _chunks(hidden, weight, bias, tids, coefs, labels, ignored, scale * go, ignore_index, chunk,
-                           use_triton, ctx.needs_input_grad[:3])
-        return grads + (None,) * 9
+            return tuple(None if g is None else _rescale(g, go, ctx.use_triton) for g in grads) + (None,) * 12
+        hidden, weight, bias, tids, coefs, tail, labels, ignored, scale = ctx.saved_tensors
+        ignore_index, chunk, use_triton, spec, lm_weight = ctx.opts
+        rows = (use_triton, spec, lm_weight, RowTarget(tids, coefs, tail))
+        _, grads = _chunks(hidden, weight, bias, rows, labels, ignored, scale * go, ignore_index, chunk,
+                           ctx.needs_input_grad[:3])
+        return grads + (None,) * 12
 
 
 def _rescale(g: Tensor, factor: Tensor, use_triton: bool) -> Tensor:
@@ -153,11 +157,13 @@ def _rescale(g: Tensor, factor: Tensor, use_triton: bool) -> Tensor:
     return g.mul_(factor.reshape(()))
 
 
-def _chunks(hidden, weight, bias, tids, coefs, labels, ignored, scale, ignore_index, chunk, use_triton, need
+def _chunks(hidden, weight, bias, rows, labels, ignored, scale, ignore_index, chunk, need
             ) -> Tuple[Tensor, Tuple[Optional[Tensor], ...]]:
     """The chunk loop: per-row losses ``[N]`` float32 and (d_hidden, d_weight, d_bias) for the
     gradients flagged in ``need``, times ``scale`` (float32: one element, or one per row ``[N]``),
-    applied to each row's gradient in fp32 before its rounding to the chunk dtype."""
+    applied to each row's gradient in fp32 before its rounding to the chunk dtype. ``rows`` is
+    ``(use_triton, spec, lm_weight, RowTarget)`` for :func:`fastfuse.rows.run_rows`."""
+    use_triton, spec, lm_weight, target = rows
     N, H = hidden.shape
     V = weight.shape[0]
     compute_grad = any(need)
@@ -178,13 +184,8 @@ def _chunks(hidden, weight, bias, tids, coefs, labels, ignored, scale, ignore_in
                 torch.mm(h, wt, out=z)
             else:
                 torch.addmm(bias, h, wt, out=z)
-            if use_triton:
-                from fastfuse.kernels.linear_ce import fused_ce_rows_inplace
-                loss[r0:r1] = fused_ce_rows_inplace(z, tids[r0:r1], coefs[r0:r1], labels[r0:r1], ignore_index,
-                                                    sc, compute_grad)
-            else:
-                loss[r0:r1], _ = _ref.loss_and_grad_rows(z.unsqueeze(0), tids[r0:r1], coefs[r0:r1], ignored[r0:r1],
-                                                         sc, compute_grad, inplace_grad=True)
+            loss[r0:r1], _ = run_rows(use_triton, spec, lm_weight, z.unsqueeze(0), target.rows(r0, r1), labels[r0:r1],
+                                      ignored[r0:r1], ignore_index, sc, compute_grad, inplace=True)
             if not compute_grad:
                 continue
             if d_hidden is not None:
@@ -204,6 +205,9 @@ def _chunks(hidden, weight, bias, tids, coefs, labels, ignored, scale, ignore_in
 def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, align_map: AlignMap, labels: Tensor,
                       bias: Optional[Tensor] = None, source_weights: Optional[Tensor] = None, lm_weight: float = 0.9,
                       temperature: float = 1.0, ignore_index: int = -100, reduction: str = "mean", *,
+                      divergence: str = "ce", tail: str = "renormalize", alpha: Optional[float] = None,
+                      beta: Optional[float] = None, logit_scale: float = 1.0, softcap: Optional[float] = None,
+                      student_temperature: float = 1.0, hinton_scale: bool = False,
                       inplace_grad: bool = True, impl: str = "auto", validate: bool = True,
                       chunk_tokens: Optional[int] = None) -> Tensor:
     """:func:`fastfuse.fused_loss` of ``hidden @ weight.T + bias``, never holding all the logits.
@@ -213,8 +217,10 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, a
             2-d conventions of ``fused_loss``), float32/bfloat16/float16.
         weight: ``[V, H]`` lm_head weight, same dtype and device as ``hidden``.
         source_topk, align_map, labels, source_weights, lm_weight, temperature, ignore_index,
-        reduction, validate: as for :func:`fastfuse.fused_loss` (``labels [B, T]`` already
-            shifted: ``labels[:, t]`` is the token predicted at position ``t``).
+        reduction, validate, divergence, tail, alpha, beta, logit_scale, softcap,
+        student_temperature, hinton_scale: as for :func:`fastfuse.fused_loss` (``labels [B, T]``
+            already shifted: ``labels[:, t]`` is the token predicted at position ``t``); the
+            divergence family runs through the same row code as there, on each chunk's logits.
         bias: optional ``[V]``, same dtype and device.
         inplace_grad: accepted for signature compatibility with ``fused_loss``; the chunk logits
             are internal buffers and always overwritten by their gradient.
@@ -257,9 +263,10 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, a
         raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
     check_tensor("labels", labels, INTS, "int64 (or int32)")
     squeeze = hidden.dim() == 2
+    spec = make_spec(divergence, tail, alpha, beta, logit_scale, softcap, student_temperature, hinton_scale)
     ids, logprobs, pos, vocab, labels, source_weights = check_teacher_args(
         hidden.shape[:-1], V, dev, source_topk, align_map, labels, source_weights, lm_weight, temperature,
-        ignore_index, reduction, impl, validate, owner="hidden")
+        ignore_index, reduction, impl, validate, owner="hidden", tail_mass=spec.uses_tail_mass)
     B, T = labels.shape
     N = B * T
     S = ids.shape[0]
@@ -269,14 +276,8 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, a
     # the sparse targets of all N rows, once (the same code fused_loss runs)
     weights = _ref.normalize_weights(source_weights, S, B, T, dev).reshape(S, N)
     lm_weight, temperature = float(lm_weight), float(temperature)
-    with torch.no_grad():
-        if use_triton:
-            from fastfuse.kernels.sparse_teacher import sparse_teacher
-            tids, coefs = sparse_teacher(ids, logprobs, pos, vocab, labels, weights, lm_weight, temperature,
-                                         ignore_index, V)
-        else:
-            tids, coefs = _ref.sparse_teacher(SourceTopK(ids, logprobs), AlignMap(pos, vocab), labels, weights,
-                                              lm_weight, temperature, ignore_index, V)
+    target = build_target(use_triton, spec, ids, logprobs, pos, vocab, labels, weights, lm_weight, temperature,
+                          ignore_index, V)
     flat_labels = labels.reshape(N).contiguous()
     ignored = flat_labels == ignore_index
     if reduction == "mean":
@@ -284,8 +285,9 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, a
     else:
         scale = torch.ones(1, dtype=torch.float32, device=dev)
     chunk = chunk_tokens if chunk_tokens is not None else default_chunk_tokens(N, V, hidden.element_size())
-    loss = _FusedLinearLoss.apply(hidden.reshape(N, H).contiguous(), weight, bias, tids, coefs, flat_labels,
-                                  ignored, scale, int(ignore_index), reduction, min(chunk, N), use_triton)
+    loss = _FusedLinearLoss.apply(hidden.reshape(N, H).contiguous(), weight, bias, target.tids, target.coefs,
+                                  target.tail, flat_labels, ignored, scale, int(ignore_index), reduction, min(chunk, N),
+                                  use_triton, spec, lm_weight)
     if reduction == "none":
         loss = loss.reshape(N) if squeeze else loss.reshape(B, T)
     return loss

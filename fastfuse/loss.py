@@ -13,6 +13,8 @@ from torch.autograd.function import once_differentiable
 
 from fastfuse import reference as _ref
 from fastfuse._dispatch import FLOATS, INTS, SECOND_BACKWARD, check_teacher_args, check_tensor, choose_impl
+from fastfuse.divergences import make_spec
+from fastfuse.rows import RowTarget, build_target, run_rows
 
 __all__ = ["SourceTopK", "AlignMap", "fused_loss"]
 
@@ -56,18 +58,6 @@ class _Consume(torch.autograd.Function):
         return grad
 
 
-def _rows(impl, logits, tids, coefs, labels, ignored, ignore_index, scale, compute_grad, inplace):
-    """Per-row loss ``[N]`` and ``scale * dL/dlogits`` (``None`` without ``compute_grad``; the
-    logits tensor itself with ``inplace``) of either backend."""
-    if impl == "triton":
-        from fastfuse.kernels.fused_ce import ce_rows
-        grad = None
-        if compute_grad:
-            grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        return ce_rows(logits, grad, tids, coefs, labels, ignore_index, scale, compute_grad), grad
-    return _ref.loss_and_grad_rows(logits, tids, coefs, ignored, scale, compute_grad, inplace)
-
-
 class _FusedLoss(torch.autograd.Function):
     """float32/bfloat16: the forward computes per-row loss *and* gradient (``scale`` folded in) and
     the backward multiplies it by ``grad_output`` on the device (free when that is 1). float16: the
@@ -76,18 +66,21 @@ class _FusedLoss(torch.autograd.Function):
     would flush ``scale * softmax`` (~1e-10 at V = 128k) to 0 before a GradScaler's 2**16 arrives."""
 
     @staticmethod
-    def forward(ctx, logits, tids, coefs, labels, ignored, scale, ignore_index, reduction, inplace, impl):
+    def forward(ctx, logits, tids, coefs, tail, labels, ignored, scale, ignore_index, reduction, inplace, use_triton,
+                spec, lm_weight):
         B, T, V = logits.shape
         need = ctx.needs_input_grad[0]
         ctx.defer = need and logits.dtype == torch.float16
         grad_now = need and not ctx.defer
-        loss_rows, grad = _rows(impl, logits, tids, coefs, labels, ignored, ignore_index, scale, grad_now, inplace)
-        ctx.reduction, ctx.shape, ctx.impl, ctx.inplace = reduction, (B, T), impl, inplace
+        ctx.row_args = (use_triton, spec, lm_weight)
+        loss_rows, grad = run_rows(*ctx.row_args, logits, RowTarget(tids, coefs, tail), labels, ignored,
+                                   ignore_index, scale, grad_now, inplace)
+        ctx.reduction, ctx.shape, ctx.inplace = reduction, (B, T), inplace
         ctx.ignore_index, ctx.done = ignore_index, False
         if grad_now:
             ctx.save_for_backward(grad)
         elif ctx.defer:
-            ctx.save_for_backward(logits, tids, coefs, labels, ignored, scale)
+            ctx.save_for_backward(logits, tids, coefs, tail, labels, ignored, scale)
         if reduction == "none":
             return loss_rows.view(B, T)
         total = loss_rows.sum()
@@ -102,25 +95,27 @@ class _FusedLoss(torch.autograd.Function):
         # grad_output stays on the device: no bool(grad_output == 1) host sync
         go = grad_output.to(torch.float32).reshape(-1)
         if ctx.defer:
-            logits, tids, coefs, labels, ignored, scale = ctx.saved_tensors
-            _, grad = _rows(ctx.impl, logits, tids, coefs, labels, ignored, ctx.ignore_index, scale * go, True,
-                            ctx.inplace)
+            logits, tids, coefs, tail, labels, ignored, scale = ctx.saved_tensors
+            _, grad = run_rows(*ctx.row_args, logits, RowTarget(tids, coefs, tail), labels, ignored,
+                               ctx.ignore_index, scale * go, True, ctx.inplace)
         else:
             (grad,) = ctx.saved_tensors
-            if ctx.impl == "triton":
+            if ctx.row_args[0]:
                 from fastfuse.kernels.fused_ce import rescale_rows_
                 rescale_rows_(grad, go)
             else:       # torch path: one pass (the kernel skips it when grad_output is 1)
                 grad.mul_(go.reshape(*ctx.shape, 1) if go.numel() > 1 else go.reshape(()))
-        return (grad,) + (None,) * 9
+        return (grad,) + (None,) * 12
 
 
 def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignMap,
                labels: Tensor, source_weights: Optional[Tensor] = None, lm_weight: float = 0.9,
                temperature: float = 1.0, ignore_index: int = -100, reduction: str = "mean",
-               *, inplace_grad: bool = False, impl: str = "auto",
-               validate: bool = True) -> Tensor:
-    """FuseLLM loss of target logits against gold labels and a fused sparse teacher.
+               *, divergence: str = "ce", tail: str = "renormalize", alpha: Optional[float] = None,
+               beta: Optional[float] = None, logit_scale: float = 1.0, softcap: Optional[float] = None,
+               student_temperature: float = 1.0, hinton_scale: bool = False,
+               inplace_grad: bool = False, impl: str = "auto", validate: bool = True) -> Tensor:
+    """Knowledge-fusion loss of target logits against gold labels and a fused sparse teacher.
 
     Per token: ``lm_weight * CE(z, label) + (1 - lm_weight) * CE(z, q)``
     ``= lse(z) - lm_weight * z[label] - (1 - lm_weight) * sum_v q_v z[v]``, where the fused
@@ -130,6 +125,12 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
     whose logprob is not ``-inf`` survive, and ``teacher_s = softmax(logprobs / temperature)``
     over them (duplicate target ids summed); if ``j == -1`` or nothing survives, ``teacher_s``
     is one-hot on the label.
+
+    That is the default (FuseLLM's loss). In general the row loss is
+    ``lm_weight * CE(z', label) + (1 - lm_weight) * k * D(softmax(z' / student_temperature), q)``
+    with the student's transformed logits ``z'`` and ``D`` one of the divergences below; every
+    combination is fused (no dense teacher, no fp32 copy of the logits) with exact gradients, and
+    ``fastfuse.reference.fused_loss_reference`` is its dense float64 definition (README "Divergences").
 
     Args:
         target_logits: ``[B, T, V]`` float32/bfloat16/float16 (last dim contiguous). ``[N, V]``
@@ -147,6 +148,23 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
         temperature: ``> 0``; the teacher is ``softmax(logprobs / temperature)``.
         reduction: ``"mean"`` over non-ignored tokens (0, not NaN, when all are ignored),
             ``"sum"``, or ``"none"`` -> ``[B, T]`` (``[N]`` for 2-d logits) float32.
+        divergence: ``"ce"`` (default), ``"forward_kl"`` (same gradient; the value is KL(q||p)),
+            ``"reverse_kl"`` KL(p||q), ``"jsd"`` (``beta`` in (0, 1), default 0.5: with
+            ``m = beta q + (1 - beta) p``, ``beta KL(q||m) + (1 - beta) KL(p||m)``), ``"skew_kl"``
+            KL(q || alpha q + (1 - alpha) p), ``"skew_reverse_kl"`` KL(p || alpha p + (1 - alpha) q)
+            (``alpha`` in (0, 1), default 0.1), ``"tvd"`` 1/2 sum |p - q|.
+        tail: the teacher's missing mass ``R`` (what its kept entries leave of 1, the logprobs then
+            being log-probabilities): ``"renormalize"`` (default, FuseLLM: the teacher lives on its
+            kept ids, renormalised; reverse KL compares the student renormalised there too),
+            ``"uniform"`` (``R`` spread evenly over every other target id) or ``"bucket"`` (one
+            extra outcome on both sides: teacher ``R``, student the mass of every other id). Under
+            ``"uniform"`` JSD, the skew KLs and TVD read the row three times instead of twice.
+        alpha, beta: the mixing parameter of the skew divergences / the JSD (see ``divergence``).
+        logit_scale, softcap: the student's own logit transform, applied first:
+            ``z' = softcap * tanh(logit_scale * z / softcap)`` (``logit_scale * z`` without
+            ``softcap``), e.g. Gemma 2's ``final_logit_softcapping``; the gradient is chained through it.
+        student_temperature: divides ``z'`` in the divergence term only (the gold CE uses ``z'``).
+        hinton_scale: multiply the divergence term by ``student_temperature ** 2``.
         inplace_grad: write the gradient into ``target_logits``'s buffer (during the forward;
             for float16 during the backward) -- saves ``N * V`` elements of memory. The logits are
             *consumed* and marked dirty: autograd raises its version-counter error if a node saved
@@ -195,26 +213,21 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
     check_tensor("labels", labels, INTS, "int64 (or int32)")
     dev = target_logits.device
     squeeze = target_logits.dim() == 2
+    spec = make_spec(divergence, tail, alpha, beta, logit_scale, softcap, student_temperature, hinton_scale)
     ids, logprobs, pos, vocab, labels, source_weights = check_teacher_args(
         target_logits.shape[:-1], V, dev, source_topk, align_map, labels, source_weights, lm_weight, temperature,
-        ignore_index, reduction, impl, validate)
+        ignore_index, reduction, impl, validate, tail_mass=spec.uses_tail_mass)
     lm_weight, temperature = float(lm_weight), float(temperature)
     if squeeze:
         target_logits = target_logits.unsqueeze(0)
     B, T, _ = target_logits.shape
     S = ids.shape[0]
 
-    impl = choose_impl(impl, dev)
+    use_triton = choose_impl(impl, dev) == "triton"
     N = B * T
     weights = _ref.normalize_weights(source_weights, S, B, T, dev).reshape(S, N)
-    with torch.no_grad():
-        if impl == "triton":
-            from fastfuse.kernels.sparse_teacher import sparse_teacher
-            tids, coefs = sparse_teacher(ids, logprobs, pos, vocab, labels, weights, lm_weight, temperature,
-                                         ignore_index, V)
-        else:
-            tids, coefs = _ref.sparse_teacher(SourceTopK(ids, logprobs), AlignMap(pos, vocab), labels, weights,
-                                              lm_weight, temperature, ignore_index, V)
+    target = build_target(use_triton, spec, ids, logprobs, pos, vocab, labels, weights, lm_weight, temperature,
+                          ignore_index, V)
     ignored = (labels == ignore_index).reshape(N)
     if reduction == "mean":         # a device scalar: no host sync
         scale = (1.0 / ignored.logical_not().sum().clamp_min(1).to(torch.float32)).reshape(1)
@@ -223,8 +236,8 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
     inplace = bool(inplace_grad) and target_logits.requires_grad and torch.is_grad_enabled()
     if inplace:
         target_logits = _Consume.apply(target_logits)
-    loss = _FusedLoss.apply(target_logits, tids, coefs, labels.reshape(N), ignored, scale, int(ignore_index),
-                            reduction, inplace, impl)
+    loss = _FusedLoss.apply(target_logits, target.tids, target.coefs, target.tail, labels.reshape(N), ignored, scale,
+                            int(ignore_index), reduction, inplace, use_triton, spec, lm_weight)
     if squeeze and reduction == "none":
         loss = loss.squeeze(0)
     return loss

@@ -46,21 +46,18 @@ __all__ = [
     "dense_teacher",
     "fused_loss_reference",
     "sparse_teacher",
+    "merge_duplicates",
+    "teacher_rows",
+    "teacher_tail_mass",
+    "divergence_dense",
+    "student_logits",
     "loss_and_grad_rows",
     "random_inputs",
     "tolerance",
     "LINEAR_REL_TOL",
 ]
 
-# Agreement of the fast paths with the float64 reference, per logits dtype (the one table the
-# tests and the GPU benchmarks share; kept here, not in tests/, so that benchmarks need no pytest):
-# (rtol, atol) of a per-token loss, and (rtol, atol) of one gradient entry of a per-token loss with
-# unit grad_output (softmax entries are <= 1, rounded once to the dtype: rtol a few of its ulps).
-_TOL = {torch.float32: ((1e-5, 1e-6), (5e-5, 1e-6)), torch.bfloat16: ((2e-2, 1.6e-2), (1e-2, 1.6e-2)),
-        torch.float16: ((2e-3, 2e-3), (2e-3, 2e-3))}
-# fused_linear_loss: relative (norm) errors of loss and gradients (the matmuls round in the input dtype)
-LINEAR_REL_TOL = {torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
-
+from fastfuse.testing import LINEAR_REL_TOL, random_inputs, tolerance  # noqa: E402  (their old home)
 
 def normalize_weights(source_weights: Optional[Tensor], S: int, B: int, T: int,
                       device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -81,9 +78,13 @@ def normalize_weights(source_weights: Optional[Tensor], S: int, B: int, T: int,
 
 
 def _aligned_entries(source_topk, align_map, temperature: float, dtype: torch.dtype,
-                     V: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                     V: Optional[int] = None, tail: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per (source, token): mapped target ids ``[S, B, T, K]`` (-1 = dropped), teacher
-    probabilities ``[S, B, T, K]`` (0 where dropped) and ``has [S, B, T]`` (something survived)."""
+    probabilities ``[S, B, T, K]`` (0 where dropped), ``has [S, B, T]`` (something survived) and the
+    tail probability ``r [S, B, T]``. Without ``tail`` the survivors are renormalised (``r = 0``);
+    with it the logprobs are log-probabilities and the source's missing mass
+    ``1 - sum(exp(logprob))`` over its survivors is one more outcome of log-mass ``log r``, tempered
+    with them: ``softmax([logprobs, log r] / temperature)``. A source without survivors: ``r = 0``."""
     ids, lp = source_topk.ids, source_topk.logprobs
     pos, vocab = align_map.pos, align_map.vocab
     S, B, Ts, K = ids.shape
@@ -101,22 +102,28 @@ def _aligned_entries(source_topk, align_map, temperature: float, dtype: torch.dt
     valid = aligned[..., None] & id_ok & tid_ok & (a_lp > float("-inf"))
     x = torch.where(valid, a_lp / temperature, torch.full_like(a_lp, float("-inf")))
     has = valid.any(-1)
+    if tail:
+        kept = torch.where(valid, a_lp.exp(), torch.zeros_like(a_lp)).sum(-1, keepdim=True)
+        x = torch.cat([x, (1.0 - kept).clamp_min(0.0).log() / temperature], -1)
     m = x.amax(-1, keepdim=True)
     m = torch.where(has[..., None], m, torch.zeros_like(m))
     e = torch.exp(x - m)
     p = e / torch.where(has[..., None], e.sum(-1, keepdim=True), torch.ones_like(m))
+    r = torch.where(has, p[..., K], torch.zeros_like(p[..., 0])) if tail else torch.zeros_like(p[..., 0])
     tid = torch.where(valid, tid, torch.full_like(tid, -1))
-    return tid, p, has
+    return tid, p[..., :K], has, r
 
 
 def dense_teacher(source_topk, align_map, labels: Tensor, V: int,
                   source_weights: Optional[Tensor] = None, temperature: float = 1.0,
-                  ignore_index: int = -100, dtype: torch.dtype = torch.float64) -> Tensor:
-    """The fused teacher ``q`` as a dense ``[B, T, V]`` tensor (rows of ignored tokens are 0)."""
+                  ignore_index: int = -100, dtype: torch.dtype = torch.float64, tail: bool = False) -> Tensor:
+    """The fused teacher ``q`` as a dense ``[B, T, V]`` tensor (rows of ignored tokens are 0). With
+    ``tail`` its kept entries are the sources' probabilities with their missing mass kept out
+    (``q`` then sums to ``1 - R``, :func:`teacher_tail_mass`)."""
     S = source_topk.ids.shape[0]
     B, T = labels.shape
     device = labels.device
-    tid, p, has = _aligned_entries(source_topk, align_map, temperature, dtype, V)
+    tid, p, has, _ = _aligned_entries(source_topk, align_map, temperature, dtype, V, tail)
     w = normalize_weights(source_weights, S, B, T, device, dtype)        # [S, B, T]
     ignored = labels == ignore_index
     lab = torch.where(ignored, torch.zeros_like(labels), labels).long()
@@ -129,25 +136,102 @@ def dense_teacher(source_topk, align_map, labels: Tensor, V: int,
     return q.masked_fill(ignored[..., None], 0.0)
 
 
+def teacher_tail_mass(source_topk, align_map, labels: Tensor, source_weights: Optional[Tensor] = None,
+                      temperature: float = 1.0, V: Optional[int] = None,
+                      dtype: torch.dtype = torch.float64) -> Tensor:
+    """The fused teacher's missing mass ``R = sum_s w_s r_s`` ``[B, T]``: ``r_s`` is source s's
+    tempered tail probability (:func:`_aligned_entries` with ``tail``; 0 where it falls back)."""
+    S = source_topk.ids.shape[0]
+    B, T = labels.shape
+    _, _, _, r = _aligned_entries(source_topk, align_map, temperature, dtype, V, True)
+    return (normalize_weights(source_weights, S, B, T, labels.device, dtype) * r).sum(0)
+
+
+def _xlogy_ratio(a: Tensor, b: Tensor) -> Tensor:
+    """``sum a * log(a / b)`` over the last dim with ``0 log 0 = 0`` (autograd-safe where ``a = 0``)."""
+    pos = a > 0
+    safe_a = torch.where(pos, a, torch.ones_like(a))
+    safe_b = torch.where(pos, b, torch.ones_like(b))
+    return torch.where(pos, a * (safe_a.log() - safe_b.log()), torch.zeros_like(a)).sum(-1)
+
+
+def divergence_dense(logp: Tensor, q: Tensor, R: Tensor, spec) -> Tensor:
+    """``D(p, q)`` per row of the student log-probs ``logp [..., V]`` against the dense teacher
+    ``q [..., V]`` with missing mass ``R [...]``, straight from the definitions (README
+    "Divergences"). Tails: ``"renormalize"`` compares full distributions (``q`` sums to 1);
+    ``"uniform"`` spreads ``R`` evenly over the ``V - |A|`` ids where ``q = 0`` (dropped when there
+    are none); ``"bucket"`` adds one outcome, teacher ``R``, student the mass of those ids. Reverse
+    KL compares the student renormalised over the teacher's support where the teacher has no mass
+    anywhere else (always under ``"renormalize"``, and where ``R = 0`` otherwise)."""
+    name, mix = spec.divergence, spec.mix
+    inA = q > 0
+    p = logp.exp()
+    if spec.tail == "uniform":
+        n_off = (~inA).sum(-1, keepdim=True)
+        fill = torch.where(n_off > 0, R[..., None] / n_off.clamp_min(1), torch.zeros_like(R[..., None]))
+        q = torch.where(inA, q, fill.expand_as(q))
+    elif spec.tail == "bucket":
+        p = torch.cat([torch.where(inA, p, torch.zeros_like(p)),
+                       torch.where(inA, torch.zeros_like(p), p).sum(-1, keepdim=True)], -1)
+        q = torch.cat([q, R[..., None]], -1)
+        inA = torch.cat([inA, torch.zeros_like(inA[..., :1])], -1)
+    if name == "reverse_kl":
+        restrict = torch.ones_like(R, dtype=torch.bool) if spec.tail == "renormalize" else R == 0
+        on_a = torch.where(inA, p, torch.zeros_like(p))
+        p = torch.where(restrict[..., None], on_a / on_a.sum(-1, keepdim=True), p)
+        return _xlogy_ratio(p, q)
+    if name == "ce":
+        safe_p = torch.where(q > 0, p, torch.ones_like(p))
+        return torch.where(q > 0, -q * safe_p.log(), torch.zeros_like(q)).sum(-1)
+    if name == "forward_kl":
+        return _xlogy_ratio(q, p)
+    if name == "jsd":
+        m = mix * q + (1 - mix) * p
+        return mix * _xlogy_ratio(q, m) + (1 - mix) * _xlogy_ratio(p, m)
+    if name == "skew_kl":
+        return _xlogy_ratio(q, mix * q + (1 - mix) * p)
+    if name == "skew_reverse_kl":
+        return _xlogy_ratio(p, mix * p + (1 - mix) * q)
+    return 0.5 * (p - q).abs().sum(-1)                                  # tvd
+
+
+def student_logits(z: Tensor, spec) -> Tensor:
+    """The student's transformed logits ``z' = softcap * tanh(logit_scale * z / softcap)`` (or
+    ``logit_scale * z`` without a softcap)."""
+    z = z * spec.logit_scale if spec.logit_scale != 1.0 else z
+    return spec.softcap * torch.tanh(z / spec.softcap) if spec.softcap else z
+
+
 def fused_loss_reference(target_logits: Tensor, source_topk, align_map, labels: Tensor,
                          source_weights: Optional[Tensor] = None, lm_weight: float = 0.9,
                          temperature: float = 1.0, ignore_index: int = -100,
-                         reduction: str = "mean") -> Tensor:
+                         reduction: str = "mean", **divergence) -> Tensor:
     """Dense reference of :func:`fastfuse.fused_loss` (``[B, T, V]`` logits, ``[B, T]`` labels).
 
-    Computes in the dtype of ``target_logits`` (use float64 in tests); differentiable with
-    respect to ``target_logits`` through plain autograd.
+    ``divergence``: the keywords of ``fused_loss`` (``divergence``, ``tail``, ``alpha``, ``beta``,
+    ``logit_scale``, ``softcap``, ``student_temperature``, ``hinton_scale``). The row loss is
+    ``lm_weight * CE(z', y) + (1 - lm_weight) * k * D(softmax(z' / tau), q)`` evaluated on dense
+    ``[B, T, V]`` tensors (:func:`student_logits`, :func:`divergence_dense`). Computes in the dtype
+    of ``target_logits`` (use float64 in tests); differentiable through plain autograd.
     """
+    from fastfuse.divergences import make_spec
+    spec = make_spec(**divergence)
     B, T, V = target_logits.shape
     dtype = target_logits.dtype
     q = dense_teacher(source_topk, align_map, labels, V, source_weights, temperature,
-                      ignore_index, dtype)
+                      ignore_index, dtype, tail=spec.uses_tail_mass)
+    R = torch.zeros(B, T, dtype=dtype, device=labels.device)
+    if spec.uses_tail_mass:
+        R = teacher_tail_mass(source_topk, align_map, labels, source_weights, temperature, V, dtype)
     ignored = labels == ignore_index
     lab = torch.where(ignored, torch.zeros_like(labels), labels).long()
-    logp = torch.log_softmax(target_logits, dim=-1)
-    ce_gold = -logp.gather(-1, lab[..., None]).squeeze(-1)
-    ce_teacher = -(q * logp).sum(-1)
-    loss = lm_weight * ce_gold + (1.0 - lm_weight) * ce_teacher
+    z = student_logits(target_logits, spec)
+    ce_gold = -torch.log_softmax(z, dim=-1).gather(-1, lab[..., None]).squeeze(-1)
+    if spec.is_default:     # the original formula, kept literally
+        div = -(q * torch.log_softmax(z, dim=-1)).sum(-1)
+    else:
+        div = divergence_dense(torch.log_softmax(z / spec.student_temperature, dim=-1), q, R, spec)
+    loss = lm_weight * ce_gold + (1.0 - lm_weight) * spec.div_weight * div
     loss = loss.masked_fill(ignored, 0.0)
     if reduction == "none":
         return loss
@@ -158,7 +242,7 @@ def fused_loss_reference(target_logits: Tensor, source_topk, align_map, labels: 
 
 def sparse_teacher(source_topk, align_map, labels: Tensor, weights: Tensor,
                    lm_weight: float, temperature: float, ignore_index: int,
-                   V: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+                   V: Optional[int] = None, tail: bool = False) -> Tuple[Tensor, Tensor]:
     """The whole per-row target of the loss as ``S*K + 1`` sparse entries.
 
     Returns ``tids [N, S*K + 1]`` (int64, -1 = no entry) and ``coefs [N, S*K + 1]`` (float32)
@@ -168,11 +252,13 @@ def sparse_teacher(source_topk, align_map, labels: Tensor, weights: Tensor,
     Duplicate ids are *not* merged (sum them with ``scatter_add``). Ignored rows: all -1 / 0.
     ``weights`` is the normalised ``[S, B, T]`` (or ``[S, B*T]``) tensor from :func:`normalize_weights`.
     With ``V``, mapped ids and labels outside ``[0, V)`` are dropped (-1), never kept for a gather.
+    With ``tail`` the kept entries carry the sources' probabilities with their missing mass kept out
+    (see :func:`teacher_tail_mass`).
     """
     S, B, Ts, K = source_topk.ids.shape
     T = labels.shape[1]
     N = B * T
-    tid, p, has = _aligned_entries(source_topk, align_map, temperature, torch.float32, V)
+    tid, p, has, _ = _aligned_entries(source_topk, align_map, temperature, torch.float32, V, tail)
     w = weights.to(torch.float32).reshape(S, B, T)
     coef = (1.0 - lm_weight) * p * w[..., None]                          # [S, B, T, K]
     label_coef = lm_weight + (1.0 - lm_weight) * torch.where(has, torch.zeros_like(w), w).sum(0)
@@ -183,6 +269,35 @@ def sparse_teacher(source_topk, align_map, labels: Tensor, weights: Tensor,
     coefs = torch.where(keep, coefs, torch.zeros_like(coefs))
     tids = torch.where(keep, tids, torch.full_like(tids, -1))
     return tids, coefs
+
+
+def merge_duplicates(tids: Tensor, coefs: Tensor) -> Tuple[Tensor, Tensor]:
+    """Sum the coefficients of equal ids per row: ``tids/coefs [N, E]`` -> same shapes with unique
+    ids (sorted; -1 entries and the emptied duplicates at coefficient 0)."""
+    t, order = tids.long().sort(dim=1)
+    c = coefs.gather(1, order)
+    first = torch.ones_like(t, dtype=torch.bool)
+    first[:, 1:] = t[:, 1:] != t[:, :-1]
+    group = first.long().cumsum(1) - 1
+    merged = torch.zeros_like(c).scatter_add_(1, group, torch.where(t >= 0, c, torch.zeros_like(c)))
+    out_t = torch.full_like(t, -1).scatter_(1, group, t)
+    keep = out_t >= 0
+    return torch.where(keep, out_t, torch.full_like(out_t, -1)), torch.where(keep, merged, torch.zeros_like(merged))
+
+
+def teacher_rows(source_topk, align_map, labels: Tensor, weights: Tensor, temperature: float,
+                 ignore_index: int, V: int, tail: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """The fused teacher alone, for the divergence rows: unique ``tids [N, S*K + 1]`` (int64, -1 =
+    none), their probabilities ``q [N, S*K + 1]`` float32 (the label's fallback mass included) and
+    the missing mass ``R [N]`` float32 (0 without ``tail``). Ignored rows: all -1 / 0."""
+    tids, q = merge_duplicates(*sparse_teacher(source_topk, align_map, labels, weights, 0.0, temperature,
+                                               ignore_index, V, tail))
+    R = torch.zeros(labels.numel(), dtype=torch.float32, device=labels.device)
+    if tail:
+        _, _, _, r = _aligned_entries(source_topk, align_map, temperature, torch.float32, V, True)
+        R = (weights.to(torch.float32).reshape(r.shape) * r).sum(0).reshape(-1)
+        R = torch.where(labels.reshape(-1) == ignore_index, torch.zeros_like(R), R)
+    return tids, q, R
 
 
 def loss_and_grad_rows(logits: Tensor, tids: Tensor, coefs: Tensor, ignored: Tensor,
@@ -229,57 +344,3 @@ def loss_and_grad_rows(logits: Tensor, tids: Tensor, coefs: Tensor, ignored: Ten
     return loss, grad
 
 
-def tolerance(dtype: torch.dtype, reduction: str = "sum", n_tokens: int = 1, grad_output: float = 1.0,
-              logit_max: float = 0.0) -> dict:
-    """``dict(loss=dict(rtol, atol), grad=dict(rtol, atol))`` for ``torch.testing.assert_close`` of a
-    fast path against the float64 reference with ``dtype`` logits. The gradient tolerance is of
-    the gradient actually compared: times ``|grad_output|`` (its largest entry for ``"none"``) and
-    divided by ``n_tokens`` (the non-ignored tokens) for ``"mean"`` -- an absolute tolerance made
-    for per-token gradients would be vacuous for a mean over thousands of tokens. Logits as large as
-    ``logit_max`` shift the fp32 log-sum-exp by ~``logit_max * 2**-23`` (a relative error of every
-    softmax entry): beyond 100 the gradient tolerance grows with them. The loss atol is scaled by
-    the caller with the loss magnitude where it matters."""
-    (lr, la), (gr, ga) = _TOL[dtype]
-    g = ga * abs(float(grad_output)) / (max(int(n_tokens), 1) if reduction == "mean" else 1)
-    g *= max(1.0, float(logit_max) / 100)
-    return dict(loss=dict(rtol=lr, atol=la), grad=dict(rtol=gr, atol=g))
-
-
-def random_inputs(B: int = 2, T: int = 5, V: int = 300, S: int = 3, K: int = 10, Ts: int = 7,
-                  Vs: int = 400, *, dtype: torch.dtype = torch.float32, device="cpu",
-                  logit_scale: float = 3.0, p_unaligned: float = 0.2, p_pad: float = 0.1,
-                  p_unmapped: float = 0.1, p_ignore: float = 0.1, map_range: Optional[int] = None,
-                  weights: Optional[str] = "token", generator: Optional[torch.Generator] = None):
-    """Random inputs of :func:`fastfuse.fused_loss` for tests and benchmarks.
-
-    Returns ``dict(target_logits, source_topk=(ids, logprobs), align_map=(pos, vocab), labels,
-    source_weights)`` with plain tuples (wrap them in ``SourceTopK`` / ``AlignMap``). Source ids
-    are padded (-1) with probability ``p_pad``, positions unaligned with ``p_unaligned``, source
-    vocabulary entries unmapped with ``p_unmapped``, labels ignored with ``p_ignore``. With
-    ``map_range`` the vocabulary maps into ``[0, map_range)`` only, which makes duplicate target
-    ids frequent. ``weights``: ``None``, ``"seq"`` ([S, B]) or ``"token"`` ([S, B, T]).
-    """
-    g = generator
-    dev = torch.device(device)
-
-    def rand(*shape):
-        return torch.rand(*shape, generator=g).to(dev)
-
-    z = (torch.randn(B, T, V, generator=g) * logit_scale).to(device=dev, dtype=dtype)
-    ids = torch.randint(0, Vs, (S, B, Ts, K), generator=g).to(dev)
-    ids = torch.where(rand(S, B, Ts, K) < p_pad, torch.full_like(ids, -1), ids).to(torch.int32)
-    lp = torch.log_softmax(torch.randn(S, B, Ts, K, generator=g) * 2, -1).to(dev)
-    pos = torch.randint(0, Ts, (S, B, T), generator=g).to(dev)
-    pos = torch.where(rand(S, B, T) < p_unaligned, torch.full_like(pos, -1), pos).to(torch.int32)
-    hi = V if map_range is None else min(V, map_range)
-    vocab = torch.randint(0, hi, (S, Vs), generator=g).to(dev)
-    vocab = torch.where(rand(S, Vs) < p_unmapped, torch.full_like(vocab, -1), vocab).to(torch.int32)
-    labels = torch.randint(0, V, (B, T), generator=g).to(dev)
-    labels = torch.where(rand(B, T) < p_ignore, torch.full_like(labels, -100), labels)
-    w = None
-    if weights == "seq":
-        w = rand(S, B)
-    elif weights == "token":
-        w = rand(S, B, T)
-    return dict(target_logits=z, source_topk=(ids, lp), align_map=(pos, vocab), labels=labels,
-                source_weights=w)

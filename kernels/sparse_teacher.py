@@ -25,8 +25,9 @@ import triton.language as tl
 
 @triton.jit
 def _source_entries(si, n, b, N, Ts, K, Vs, V, ids_ptr, lp_ptr, pos_ptr, vocab_ptr, w_ptr,
-                    temperature, one_minus_lm, B, BLOCK_K: tl.constexpr):
-    """(target ids [BLOCK_K] (-1 = dropped), coefficients [BLOCK_K], label fallback weight)."""
+                    temperature, one_minus_lm, B, BLOCK_K: tl.constexpr, TAIL: tl.constexpr):
+    """(target ids [BLOCK_K] (-1 = dropped), coefficients [BLOCK_K], label fallback weight, the
+    source's weighted tail probability ``w_s r_s`` (0 without ``TAIL``))."""
     koffs = tl.arange(0, BLOCK_K)
     j = tl.load(pos_ptr + si * N + n).to(tl.int64)
     w = tl.load(w_ptr + si * N + n).to(tl.float32)
@@ -40,27 +41,37 @@ def _source_entries(si, n, b, N, Ts, K, Vs, V, ids_ptr, lp_ptr, pos_ptr, vocab_p
     id_ok = kmask & (ids >= 0) & (ids < Vs)
     tid = tl.load(vocab_ptr + si * Vs + tl.where(id_ok, ids, 0), mask=id_ok, other=-1).to(tl.int64)
     tid = tl.where((tid >= 0) & (tid < V), tid, -1)
-    lp = tl.load(lp_ptr + base + koffs, mask=kmask, other=float("-inf")).to(tl.float32)
-    lp = lp / temperature
+    lp_raw = tl.load(lp_ptr + base + koffs, mask=kmask, other=float("-inf")).to(tl.float32)
+    lp = lp_raw / temperature
     valid = (tid >= 0) & (lp > float("-inf"))
     x = tl.where(valid, lp, float("-inf"))
     mx = tl.max(x, axis=0)
     has = mx > float("-inf")
+    if TAIL:
+        # the missing mass 1 - sum(kept probabilities) is one more outcome, tempered with them
+        kept = tl.sum(tl.where(valid, tl.exp(lp_raw), 0.0), axis=0)
+        lt = tl.log(tl.maximum(1.0 - kept, 0.0)) / temperature
+        mx = tl.maximum(mx, lt)
     e = tl.where(valid, tl.exp(x - tl.where(has, mx, 0.0)), 0.0)
     denom = tl.where(has, tl.sum(e, axis=0), 1.0)
+    r = 0.0
+    if TAIL:
+        et = tl.where(has, tl.exp(lt - mx), 0.0)
+        denom += et
+        r = w * et / denom
     coef = one_minus_lm * w * (e / denom)
     tid = tl.where(valid, tid, -1)
     fallback = tl.where(has, 0.0, one_minus_lm * w)
-    return tid, coef, fallback
+    return tid, coef, fallback, r
 
 
 @triton.jit
 def sparse_teacher_kernel(
     ids_ptr, lp_ptr, pos_ptr, vocab_ptr, w_ptr, labels_ptr,
-    tids_out_ptr, coefs_out_ptr,
+    tids_out_ptr, coefs_out_ptr, tail_out_ptr,
     B, N, Ts, K, Vs, V, E,
     lm_weight, temperature, ignore_index,
-    S, BLOCK_K: tl.constexpr,
+    S, BLOCK_K: tl.constexpr, TAIL: tl.constexpr = False,
 ):
     """ids/lp ``[S, B, Ts, K]``, pos/w ``[S, N]``, vocab ``[S, Vs]``, labels ``[N]`` (all
     contiguous) -> tids int32 ``[N, E]``, coefs fp32 ``[N, E]``, ``E = S*K + 1``; ``V`` the target
@@ -76,18 +87,20 @@ def sparse_teacher_kernel(
     label_coef = lm_weight + 0.0
     out_t = tids_out_ptr + n * E
     out_c = coefs_out_ptr + n * E
+    tail_mass = 0.0
     for si in range(0, S):          # runtime loops: S*S inlined copies would bloat compile time
-        tid_i, coef_i, fb_i = _source_entries(si, n, b, N, Ts, K, Vs, V, ids_ptr, lp_ptr, pos_ptr,
-                                              vocab_ptr, w_ptr, temperature, one_minus_lm, B,
-                                              BLOCK_K)
+        tid_i, coef_i, fb_i, r_i = _source_entries(si, n, b, N, Ts, K, Vs, V, ids_ptr, lp_ptr, pos_ptr,
+                                                   vocab_ptr, w_ptr, temperature, one_minus_lm, B,
+                                                   BLOCK_K, TAIL)
+        tail_mass += r_i
         is_label = (tid_i == label) & (tid_i >= 0)
         label_coef += fb_i + tl.sum(tl.where(is_label, coef_i, 0.0), axis=0)
         merged = tl.zeros([BLOCK_K], dtype=tl.float32)
         dup = is_label.to(tl.int32)
         for sj in range(0, S):
-            tid_j, coef_j, fb_j = _source_entries(sj, n, b, N, Ts, K, Vs, V, ids_ptr, lp_ptr,
-                                                  pos_ptr, vocab_ptr, w_ptr, temperature,
-                                                  one_minus_lm, B, BLOCK_K)
+            tid_j, coef_j, fb_j, _ = _source_entries(sj, n, b, N, Ts, K, Vs, V, ids_ptr, lp_ptr,
+                                                     pos_ptr, vocab_ptr, w_ptr, temperature,
+                                                     one_minus_lm, B, BLOCK_K, TAIL)
             eq = (tid_i[:, None] == tid_j[None, :]) & (tid_i[:, None] >= 0)
             merged += tl.sum(tl.where(eq, coef_j[None, :], 0.0), axis=1)
             # entry (sj, k') comes before (si, k): sj < si, or same source and k' < k
@@ -100,14 +113,18 @@ def sparse_teacher_kernel(
         tl.store(out_c + si * K + koffs, tl.where(keep, merged, 0.0), mask=kmask)
     tl.store(out_t + S * K, tl.where(ignored | bad_label, -1, label).to(tl.int32))
     tl.store(out_c + S * K, tl.where(ignored, 0.0, label_coef))
+    if TAIL:
+        tl.store(tail_out_ptr + n, tl.where(ignored, 0.0, tail_mass))
 
 
 def sparse_teacher(ids, logprobs, pos, vocab, labels, weights, lm_weight: float,
-                   temperature: float, ignore_index: int, V: int = 2 ** 31 - 1):
+                   temperature: float, ignore_index: int, V: int = 2 ** 31 - 1, tail=None):
     """Launch :func:`sparse_teacher_kernel`. ids/logprobs ``[S, B, Ts, K]``, pos ``[S, B, T]``,
     vocab ``[S, Vs]``, labels ``[B, T]``, weights ``[S, B*T]`` (normalised, float32); ``V`` the
     target vocabulary size (mapped ids and labels outside ``[0, V)`` are dropped).
-    Returns tids int32 ``[N, S*K + 1]`` and coefs float32 ``[N, S*K + 1]``."""
+    Returns tids int32 ``[N, S*K + 1]`` and coefs float32 ``[N, S*K + 1]``. With ``tail`` (a
+    float32 ``[N]`` tensor) the sources keep their missing mass as one more tempered outcome
+    (``fastfuse.reference.teacher_tail_mass``) and the fused ``R = sum_s w_s r_s`` goes to ``tail``."""
     import torch
 
     S, B, Ts, K = ids.shape
@@ -117,9 +134,9 @@ def sparse_teacher(ids, logprobs, pos, vocab, labels, weights, lm_weight: float,
     coefs = torch.empty(N, E, dtype=torch.float32, device=labels.device)
     sparse_teacher_kernel[(N,)](
         ids.contiguous(), logprobs.contiguous(), pos.contiguous(), vocab.contiguous(),
-        weights.contiguous(), labels.contiguous(), tids, coefs,
+        weights.contiguous(), labels.contiguous(), tids, coefs, coefs if tail is None else tail,
         B, N, Ts, K, vocab.shape[1], int(V), E,
         float(lm_weight), float(temperature), int(ignore_index),
-        S=S, BLOCK_K=max(2, triton.next_power_of_2(K)), num_warps=1 if K <= 16 else 2,
+        S=S, BLOCK_K=max(2, triton.next_power_of_2(K)), TAIL=tail is not None, num_warps=1 if K <= 16 else 2,
     )
     return tids, coefs

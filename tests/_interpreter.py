@@ -32,11 +32,14 @@ def use_interpreter() -> None:
     import importlib
 
     os.environ["TRITON_INTERPRET"] = "1"
+    import fastfuse.kernels.divergence as dv
     import fastfuse.kernels.fused_ce as fc
     import fastfuse.kernels.sparse_teacher as st
     if type(fc.fused_ce_kernel).__name__ != "InterpretedFunction":
         importlib.reload(st)        # imported earlier in compiled mode: decorate again
         importlib.reload(fc)
+    if type(dv.divergence_kernel).__name__ != "InterpretedFunction":
+        importlib.reload(dv)
 
 
 def restore(old: str | None) -> None:

@@ -275,11 +275,11 @@ def test_uses_triton_when_interpreted(monkeypatch):
     """Under TRITON_INTERPRET=1 (subprocess below) impl='auto' takes the Triton row kernel."""
     if not CHILD:
         pytest.skip("runs in the interpreter subprocess")
-    import fastfuse.kernels.linear_ce as lc
+    import fastfuse.kernels.fused_ce as fc
 
     calls = []
-    real = lc.fused_ce_rows_inplace
-    monkeypatch.setattr(lc, "fused_ce_rows_inplace", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fc.ce_rows
+    monkeypatch.setattr(fc, "ce_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
     hidden, weight, bias, topk, amap, labels, w = make(9)
     loss = fused_linear_loss(hidden, weight.requires_grad_(True), topk, amap, labels, bias=bias, chunk_tokens=5)
     loss.backward()

@@ -1,0 +1,313 @@
+"""Triton kernel: one row of any divergence x tail x student transform, loss and gradient.
+
+The row math of ``fastfuse/divergence_rows.py`` (its docstring has the derivation) in one program
+per row ``n = b * T + t``, for every non-default :class:`fastfuse.divergences.DivergenceSpec`
+(the default, FuseLLM's CE, keeps the original ``fused_ce.py`` kernel bit for bit):
+
+1. pass 1 over the row in ``BLOCK_V`` chunks, per-lane online statistics of the transformed
+   logits ``z' = softcap * tanh(logit_scale * z / softcap)``: ``lse(z')`` for the gold CE,
+   ``lse(z' / tau)`` for the divergence (a second running max/sum only when ``tau != 1``), and what
+   the ``"uniform"`` tail needs: ``sum u`` (CE / forward KL), ``sum p u`` (reverse KL);
+2. the ``<= S*K + 1`` unique teacher entries and the label are gathered (before any gradient
+   store: ``inplace_grad``-safe) and the row's scalars computed: the divergence ``D``, ``c =
+   <p, dD/dp>``, the bucket/renormalize off-teacher coefficient and, for reverse KL over the
+   teacher's support, the restricted student;
+3. only for ``"uniform"`` JSD / skew KLs / TVD: one more pass summing the per-element tail terms
+   (3 reads of the row instead of 2 -- the documented cost of those combinations);
+4. the gradient pass writes ``scale * dL/dz`` over the row, then the exact values at the teacher
+   ids and the label (unique ids: no races; a barrier orders them after the dense stores).
+
+Every combination of ``"renormalize"``/``"bucket"``, and ``"uniform"`` with CE / forward KL /
+reverse KL, reads the row twice (like the CE kernel) and does a few more flops per element (two
+exps with a student temperature, a tanh with a softcap). Masking as in ``fused_ce.py``: indirect
+accesses are bounded by ``[0, V)``; ignored rows get loss 0 and a zero gradient.
+"""
+import triton
+import triton.language as tl
+
+# spec.div_code / spec.tail_code
+CE, FKL, RKL, JSD, SKL, SRKL, TVD = range(7)
+RENORMALIZE, UNIFORM, BUCKET = range(3)
+
+
+@triton.jit
+def _logaddexp(a, b):
+    hi = tl.maximum(a, b)
+    lo = tl.minimum(a, b)
+    return tl.where(hi == float("-inf"), float("-inf"), hi + tl.log(1.0 + tl.exp(lo - hi)))
+
+
+@triton.jit
+def _terms(p, logp, q, mix, log_a, log_b, DIV: tl.constexpr):
+    """Elementwise ``F(p, q)`` and ``G = p dF/dp`` (``divergence_rows.terms``)."""
+    qpos = q > 0.0
+    ppos = p > 0.0
+    logq = tl.log(q)
+    if DIV == 0 or DIV == 1:
+        F = tl.where(qpos, -q * logp, 0.0)
+        if DIV == 1:
+            F += tl.where(qpos, q * logq, 0.0)
+        G = -q + 0.0 * p
+    elif DIV == 2:
+        F = tl.where(ppos, p * (logp - logq), 0.0)
+        G = tl.where(ppos, F + p, 0.0)
+    elif DIV == 3:
+        logm = _logaddexp(log_a + logq, log_b + logp)
+        kp = tl.where(ppos, p * (logp - logm), 0.0)
+        F = mix * tl.where(qpos, q * (logq - logm), 0.0) + (1.0 - mix) * kp
+        G = (1.0 - mix) * kp
+    elif DIV == 4:
+        logm = _logaddexp(log_a + logq, log_b + logp)
+        F = tl.where(qpos, q * (logq - logm), 0.0)
+        G = tl.where(qpos & ppos, -(1.0 - mix) * q * tl.exp(logp - logm), 0.0)
+    elif DIV == 5:
+        logm = _logaddexp(log_a + logp, log_b + logq)
+        F = tl.where(ppos, p * (logp - logm), 0.0)
+        G = F + tl.where(qpos & ppos, (1.0 - mix) * q * tl.exp(logp - logm), 0.0)
+    else:
+        d = p - q
+        F = 0.5 * tl.abs(d)
+        G = 0.5 * p * tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
+    return F, G
+
+
+@triton.jit
+def _transform(x, logit_scale, softcap, TRANSFORM: tl.constexpr):
+    """``z'``: 0 identity, 1 ``logit_scale * z``, 2 ``softcap * tanh(logit_scale * z / softcap)``."""
+    if TRANSFORM == 0:
+        return x
+    elif TRANSFORM == 1:
+        return x * logit_scale
+    else:
+        y = x * (logit_scale / softcap)
+        # tanh through exp of a non-positive argument (no overflow): sign(y) (1 - e) / (1 + e)
+        e = tl.exp(-2.0 * tl.abs(y))
+        t = (1.0 - e) / (1.0 + e)
+        return softcap * tl.where(y < 0.0, -t, t)
+
+
+@triton.jit
+def _chain(zt, logit_scale, softcap, TRANSFORM: tl.constexpr):
+    """``dz'/dz`` from ``z'``."""
+    if TRANSFORM == 2:
+        r = zt / softcap
+        return logit_scale * (1.0 - r * r)
+    else:
+        return logit_scale + 0.0 * zt
+
+
+@triton.jit
+def _online(mv, sv, x):
+    """One step of a per-lane running (max, sum of exp); returns the new (max, sum, weight of the
+    old sum, weight of x) so a companion sum can follow the same rescaling."""
+    hi = tl.maximum(mv, x)
+    e = tl.where(hi == float("-inf"), 0.0, tl.exp(tl.minimum(mv, x) - hi))
+    up = x > mv
+    return hi, tl.where(up, sv * e + 1.0, sv + e), tl.where(up, e, 1.0), tl.where(up, 1.0, e)
+
+
+@triton.jit
+def _lane_lse(mv, sv):
+    m = tl.max(mv, axis=0)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(mv - m_ref)
+    return m + tl.log(tl.sum(sv * w, axis=0)), w
+
+
+@triton.jit
+def divergence_kernel(
+    logits_ptr, stride_lb, stride_lt, grad_ptr, stride_gb, stride_gt,
+    tids_ptr, q_ptr, tail_ptr, labels_ptr, loss_ptr, scale_ptr, scale_stride,
+    T, V, E, ignore_index,
+    lm_weight, kdiv, wd, inv_tau, mix, log_a, log_b, logit_scale, softcap,
+    DIV: tl.constexpr, TAIL: tl.constexpr, TRANSFORM: tl.constexpr, TEMPERED: tl.constexpr,
+    TAIL_PASS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    NUM_STAGES: tl.constexpr = 1,
+):
+    n = tl.program_id(0).to(tl.int64)
+    row = logits_ptr + (n // T) * stride_lb + (n % T) * stride_lt
+    grow = grad_ptr + (n // T) * stride_gb + (n % T) * stride_gt
+    label = tl.load(labels_ptr + n).to(tl.int64)
+    offs = tl.arange(0, BLOCK_V)
+    NEG = float("-inf")
+    if label == ignore_index:
+        tl.store(loss_ptr + n, 0.0)
+        if COMPUTE_GRAD:
+            zero = tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty)
+            for start in range(0, V, BLOCK_V):
+                tl.store(grow + start + offs, zero, mask=start + offs < V)
+    else:
+        # 1. per-lane online statistics
+        mg = tl.full([BLOCK_V], NEG, tl.float32)
+        sg = tl.zeros([BLOCK_V], tl.float32)
+        md = tl.full([BLOCK_V], NEG, tl.float32)
+        sd = tl.zeros([BLOCK_V], tl.float32)
+        su = tl.zeros([BLOCK_V], tl.float32)        # sum u / running sum of e^(u - m) u
+        for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
+            o = start + offs
+            msk = o < V
+            x = tl.load(row + o, mask=msk, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            zt = tl.where(msk, _transform(x, logit_scale, softcap, TRANSFORM), NEG)
+            mg, sg, _, _ = _online(mg, sg, zt)
+            u = zt * inv_tau
+            if TEMPERED or (TAIL == 1 and DIV == 2):
+                md, sd, wo, wx = _online(md, sd, u)
+                if TAIL == 1 and DIV == 2:      # running sum of e^(u - m) u, rescaled with sd
+                    su = su * wo + tl.where(wx > 0.0, wx * u, 0.0)
+            if TAIL == 1 and (DIV == 0 or DIV == 1):
+                su += tl.where(msk, u, 0.0)
+        lse_g, _ = _lane_lse(mg, sg)
+        lse_d = lse_g
+        sum_pu = tl.sum(su, axis=0)             # sum u ("uniform" CE / forward KL)
+        if TEMPERED or (TAIL == 1 and DIV == 2):
+            lse_d, wl = _lane_lse(md, sd)
+            if TAIL == 1 and DIV == 2:
+                sum_pu = tl.sum(su * wl, axis=0) / tl.sum(sd * wl, axis=0)
+        # 2. the sparse entries and the row's scalars (no store to the row yet)
+        eoffs = tl.arange(0, BLOCK_E)
+        tid = tl.load(tids_ptr + n * E + eoffs, mask=eoffs < E, other=-1).to(tl.int64)
+        q = tl.load(q_ptr + n * E + eoffs, mask=eoffs < E, other=0.0)
+        has = (tid >= 0) & (tid < V)
+        zr = tl.load(row + tl.where(has, tid, 0), mask=has, other=0.0).to(tl.float32)
+        zt_e = tl.where(has, _transform(zr, logit_scale, softcap, TRANSFORM), NEG)
+        u_e = zt_e * inv_tau
+        lab_ok = (label >= 0) & (label < V)
+        zy = tl.load(row + tl.where(lab_ok, label, 0), mask=lab_ok, other=0.0).to(tl.float32)
+        zt_y = tl.where(lab_ok, _transform(zy, logit_scale, softcap, TRANSFORM), NEG)
+        inA = has & (q > 0.0)
+        logp = tl.where(inA, u_e - lse_d, NEG)
+        p = tl.exp(logp)
+        qa = tl.where(inA, q, 0.0)
+        n_off = (V - tl.sum(inA.to(tl.int32), axis=0)).to(tl.float32)
+        R = tl.load(tail_ptr + n)
+        u_R = R * 0.0
+        if TAIL == 1:
+            R = tl.where(n_off > 0.0, R, 0.0)
+            u_R = tl.where(n_off > 0.0, R / tl.maximum(n_off, 1.0), 0.0)
+        F_a, G_a = _terms(p, logp, qa, mix, log_a, log_b, DIV)
+        F_a = tl.where(inA, F_a, 0.0)
+        G_a = tl.where(inA, G_a, 0.0)
+        P_o = tl.maximum(1.0 - tl.sum(p, axis=0), 0.0)
+        restrict = False
+        D_r = 0.0
+        lt = logp
+        if DIV == 2:
+            restrict = (TAIL == 0) | (R == 0.0)
+            mA = tl.max(tl.where(inA, u_e, NEG), axis=0)
+            mA_ref = tl.where(mA == NEG, 0.0, mA)
+            lse_A = mA + tl.log(tl.sum(tl.where(inA, tl.exp(u_e - mA_ref), 0.0), axis=0))
+            lt = tl.where(inA, u_e - tl.where(lse_A == NEG, 0.0, lse_A), NEG)
+            D_r = tl.sum(tl.where(inA, tl.exp(lt) * (lt - tl.log(q)), 0.0), axis=0)
+        gamma = 0.0
+        if TAIL_PASS:
+            # 3. the per-element tail terms over the whole row, then minus the A entries' share
+            sf = tl.zeros([BLOCK_V], tl.float32)
+            sgv = tl.zeros([BLOCK_V], tl.float32)
+            for start in range(0, V, BLOCK_V):
+                o = start + offs
+                msk = o < V
+                x = tl.load(row + o, mask=msk, other=0.0).to(tl.float32)
+                lv = _transform(x, logit_scale, softcap, TRANSFORM) * inv_tau - lse_d
+                Fv, Gv = _terms(tl.exp(lv), lv, u_R + 0.0 * lv, mix, log_a, log_b, DIV)
+                sf += tl.where(msk, Fv, 0.0)
+                sgv += tl.where(msk, Gv, 0.0)
+            F_u, G_u = _terms(p, logp, u_R + 0.0 * p, mix, log_a, log_b, DIV)
+            F_off = tl.sum(sf, axis=0) - tl.sum(tl.where(inA, F_u, 0.0), axis=0)
+            G_off = tl.sum(sgv, axis=0) - tl.sum(tl.where(inA, G_u, 0.0), axis=0)
+        elif TAIL == 1:
+            if DIV == 2:
+                plogp_off = (sum_pu - lse_d) - tl.sum(tl.where(inA, p * logp, 0.0), axis=0)
+                F_off = tl.where(u_R > 0.0, plogp_off - tl.log(u_R) * P_o, 0.0)
+                G_off = tl.where(u_R > 0.0, F_off + P_o, 0.0)
+            else:
+                sum_off_u = sum_pu - tl.sum(tl.where(inA, u_e, 0.0), axis=0)
+                F_off = tl.where(u_R > 0.0, -u_R * (sum_off_u - n_off * lse_d), 0.0)
+                if DIV == 1:
+                    F_off += tl.where(u_R > 0.0, R * tl.log(u_R), 0.0)
+                G_off = -u_R * n_off
+        else:
+            F_off, G_off = _terms(P_o, tl.log(P_o), R, mix, log_a, log_b, DIV)
+            gamma = tl.where(P_o > 0.0, G_off / tl.where(P_o > 0.0, P_o, 1.0), 0.0)
+        D = tl.sum(F_a, axis=0) + F_off
+        c = tl.sum(G_a, axis=0) + G_off
+        D = tl.where(restrict, D_r, D)
+        tl.store(loss_ptr + n, lm_weight * (lse_g - zt_y) + kdiv * D)
+        # 4. the gradient
+        if COMPUTE_GRAD:
+            scale = tl.load(scale_ptr + n * scale_stride).to(tl.float32)
+            tl.debug_barrier()      # inplace: every gather above precedes the row overwrite
+            for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
+                o = start + offs
+                msk = o < V
+                x = tl.load(row + o, mask=msk, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                zt = _transform(x, logit_scale, softcap, TRANSFORM)
+                pg = tl.exp(zt - lse_g)
+                lpd = zt * inv_tau - lse_d
+                if TEMPERED or (TAIL == 1 and DIV == 2):
+                    pd = tl.exp(lpd)
+                else:
+                    pd = pg                 # lse_d is lse_g: one exp per element
+                if TAIL == 1:
+                    _, Gv = _terms(pd, lpd, u_R + 0.0 * pd, mix, log_a, log_b, DIV)
+                    dg = Gv - pd * c
+                else:
+                    dg = pd * (gamma - c)
+                dg = tl.where(restrict, 0.0, dg)
+                g = (lm_weight * pg + wd * dg) * _chain(zt, logit_scale, softcap, TRANSFORM) * scale
+                tl.store(grow + o, g.to(grad_ptr.dtype.element_ty), mask=msk, eviction_policy="evict_first")
+            tl.debug_barrier()      # the sparse stores overwrite dense ones of the same addresses
+            # teacher ids in A (and the label among them): exact values
+            dg_e = G_a - p * c
+            if DIV == 2:
+                pt = tl.exp(lt)
+                dg_e = tl.where(restrict, tl.where(inA, pt * (lt - tl.log(q) - D_r), 0.0), dg_e)
+            is_lab = tid == label
+            g_e = lm_weight * (tl.exp(zt_e - lse_g) - tl.where(is_lab, 1.0, 0.0)) + wd * dg_e
+            g_e = g_e * _chain(zt_e, logit_scale, softcap, TRANSFORM) * scale
+            tl.store(grow + tl.where(inA, tid, 0), g_e.to(grad_ptr.dtype.element_ty), mask=inA)
+            # the label when it is not in A: the dense value minus lm_weight
+            lab_alone = lab_ok & (tl.sum((inA & is_lab).to(tl.int32), axis=0) == 0)
+            lpy = zt_y * inv_tau - lse_d
+            py = tl.exp(lpy)
+            if TAIL == 1:
+                _, Gy = _terms(py, lpy, u_R, mix, log_a, log_b, DIV)
+                dgy = Gy - py * c
+            else:
+                dgy = py * (gamma - c)
+            dgy = tl.where(restrict, 0.0, dgy)
+            gy = (lm_weight * (tl.exp(zt_y - lse_g) - 1.0) + wd * dgy) * _chain(zt_y, logit_scale, softcap,
+                                                                                 TRANSFORM) * scale
+            tl.store(grow + tl.where(lab_alone, label, 0), gy.to(grad_ptr.dtype.element_ty), mask=lab_alone)
+
+
+def divergence_rows(logits, grad, tids, q, R, labels, ignore_index: int, scale, compute_grad: bool, spec,
+                    lm_weight: float, block_v: int = 8192, num_warps: int = 16, num_stages: int = 1):
+    """Run :func:`divergence_kernel` on ``logits [B, T, V]`` (unit last stride) with the teacher's
+    unique entries ``tids/q [B*T, E]``, missing mass ``R [B*T]`` and ``labels [B*T]``; the
+    gradient times ``scale`` goes to ``grad`` (may be ``logits``). Per-row loss float32 ``[B*T]``."""
+    import math
+
+    import torch
+
+    B, T, V = logits.shape
+    E = tids.shape[1]
+    loss = torch.empty(B * T, dtype=torch.float32, device=logits.device)
+    if grad is None:
+        grad = logits
+    scale = scale.to(torch.float32).reshape(-1).contiguous()
+    mix = spec.mix if spec.mix > 0 else 0.5
+    tau = spec.student_temperature
+    transform = 2 if spec.softcap else (1 if spec.logit_scale != 1.0 else 0)
+    from fastfuse.divergence_rows import needs_tail_pass
+    divergence_kernel[(B * T,)](
+        logits, logits.stride(0), logits.stride(1), grad, grad.stride(0), grad.stride(1),
+        tids, q, R, labels.reshape(-1).contiguous(), loss, scale, 0 if scale.numel() == 1 else 1,
+        T, V, E, int(ignore_index),
+        float(lm_weight), (1.0 - lm_weight) * spec.div_weight, (1.0 - lm_weight) * spec.div_weight / tau,
+        1.0 / tau, mix, math.log(mix), math.log1p(-mix), spec.logit_scale, spec.softcap or 1.0,
+        DIV=spec.div_code, TAIL=spec.tail_code, TRANSFORM=transform, TEMPERED=tau != 1.0,
+        TAIL_PASS=needs_tail_pass(spec), BLOCK_V=min(block_v, max(16, triton.next_power_of_2(V))),
+        BLOCK_E=max(2, triton.next_power_of_2(E)), COMPUTE_GRAD=bool(compute_grad), NUM_STAGES=num_stages,
+        num_warps=num_warps,
+    )
+    return loss
