@@ -12,9 +12,11 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["FLOATS", "INTS", "IMPLS", "SECOND_BACKWARD", "check_tensor", "check_teacher_args", "choose_impl"]
+__all__ = ["FLOATS", "ALL_FLOATS", "float64_path", "INTS", "IMPLS", "SECOND_BACKWARD", "check_tensor", "check_teacher_args", "choose_impl"]
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+# float64 runs only on the torch path (exact comparisons, gradcheck); the kernels take FLOATS
+ALL_FLOATS = FLOATS + (torch.float64,)
 INTS = (torch.int32, torch.int64)
 IMPLS = ("auto", "triton", "reference")
 
@@ -74,6 +76,17 @@ def choose_impl(impl: str, device: torch.device) -> str:
             raise ValueError(f"impl='triton' needs CUDA (or CPU with TRITON_INTERPRET=1) tensors, got {device}")
         return "triton"
     raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+
+
+def float64_path(impl: str, dtype: torch.dtype, use_triton: bool, owner: str) -> bool:
+    """``use_triton`` for a call on ``dtype`` inputs: float64 takes the torch path (``"auto"``) or
+    is refused (``"triton"``: the kernels compute in fp32)."""
+    if dtype != torch.float64:
+        return use_triton
+    if impl == "triton":
+        raise ValueError(f"impl='triton' takes float32/bfloat16/float16 {owner}; float64 runs on the torch path "
+                         "(impl='auto' or 'reference')")
+    return False
 
 
 def check_tensor(name: str, x, dtypes=None, what: str = ""):

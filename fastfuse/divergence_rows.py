@@ -252,7 +252,7 @@ def grad_slice(z: Tensor, spec, lm_weight: float, st, rt, tids: Tensor, labels: 
     lab = labels.long() - vocab_start
     lown = (lab >= 0) & (lab < z.shape[1])
     li = torch.where(lown, lab, torch.zeros_like(lab))[:, None]
-    g.scatter_add_(1, li, torch.where(lown, -lm_weight, 0.0)[:, None].to(acc))
+    g.scatter_add_(1, li, (-lm_weight * lown.to(acc))[:, None])
     if spec.softcap or spec.logit_scale != 1.0:
         chain = spec.logit_scale * (1.0 - (zt / spec.softcap) ** 2) if spec.softcap else spec.logit_scale
         g = g * chain
@@ -262,13 +262,13 @@ def grad_slice(z: Tensor, spec, lm_weight: float, st, rt, tids: Tensor, labels: 
 def divergence_rows(logits: Tensor, tids: Tensor, q: Tensor, R: Tensor, labels: Tensor, ignored: Tensor, spec,
                     lm_weight: float, grad_scale: Optional[Tensor], compute_grad: bool, inplace_grad: bool = False,
                     chunk_elems: int = 1 << 22) -> Tuple[Tensor, Optional[Tensor]]:
-    """Per-row loss ``[N]`` float32 and gradient ``[B, T, V]`` (logits dtype; ``grad_scale *
+    """Per-row loss ``[N]`` (float32; float64 for float64 logits) and gradient ``[B, T, V]`` (logits dtype; ``grad_scale *
     dL/dz``, rounded once) of ``logits [B, T, V]`` in chunks of rows: the one-slice run of the
     stages above (the torch path of ``fused_loss`` for every non-default spec)."""
     B, T, V = logits.shape
     N = B * T
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    loss = torch.empty(N, dtype=torch.float32, device=logits.device)
+    loss = torch.empty(N, dtype=acc, device=logits.device)
     grad = None
     if compute_grad:
         grad = logits if inplace_grad else torch.empty_like(logits, memory_format=torch.contiguous_format)
@@ -285,7 +285,7 @@ def divergence_rows(logits: Tensor, tids: Tensor, q: Tensor, R: Tensor, labels: 
                 rt = finish_terms(spec, rt, tail_sums(z, spec, rt, st, acc))
             ign = ignored[a:e]
             rows = row_loss(spec, lm_weight, st, rt)
-            loss[a:e] = torch.where(ign, torch.zeros_like(rows), rows).float()
+            loss[a:e] = torch.where(ign, torch.zeros_like(rows), rows)
             if compute_grad:
                 g = grad_slice(z, spec, lm_weight, st, rt, tids[a:e], labels[a:e], 0, acc)
                 g.masked_fill_(ign[:, None], 0.0)

@@ -86,7 +86,8 @@ import torch
 from torch import Tensor
 
 from fastfuse import reference as _ref
-from fastfuse._dispatch import FLOATS, INTS, SECOND_BACKWARD, check_teacher_args, check_tensor, choose_impl
+from fastfuse._dispatch import (ALL_FLOATS, INTS, SECOND_BACKWARD, check_teacher_args, check_tensor, choose_impl,
+                                float64_path)
 from fastfuse.divergences import make_spec
 from fastfuse.loss import AlignMap, SourceTopK
 from fastfuse.rows import RowTarget, build_target, run_rows
@@ -136,7 +137,8 @@ class _FusedLinearLoss(torch.autograd.Function):
         if ctx.done:
             raise RuntimeError(SECOND_BACKWARD.format("fused_linear_loss"))
         ctx.done = True
-        go = grad_output.to(torch.float32).reshape(-1)      # stays on the device: no host sync
+        # stays on the device: no host sync
+        go = grad_output.to(torch.float64 if grad_output.dtype == torch.float64 else torch.float32).reshape(-1)
         if ctx.grad_now:
             grads, ctx.grads = ctx.grads, None
             return tuple(None if g is None else _rescale(g, go, ctx.use_triton) for g in grads) + (None,) * 12
@@ -169,8 +171,9 @@ def _chunks(hidden, weight, bias, rows, labels, ignored, scale, ignore_index, ch
     compute_grad = any(need)
     d_hidden = torch.empty_like(hidden) if need[0] else None
     d_weight = torch.empty_like(weight) if need[1] else None
-    d_bias = torch.zeros(V, dtype=torch.float32, device=hidden.device) if (need[2] and bias is not None) else None
-    loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    d_bias = torch.zeros(V, dtype=acc, device=hidden.device) if (need[2] and bias is not None) else None
+    loss = torch.empty(N, dtype=acc, device=hidden.device)
     buf = torch.empty(min(chunk, N), V, dtype=hidden.dtype, device=hidden.device)
     wt = weight.t()
     per_row = scale.numel() > 1
@@ -196,7 +199,7 @@ def _chunks(hidden, weight, bias, rows, labels, ignored, scale, ignore_index, ch
                 else:
                     d_weight.addmm_(z.t(), h)
             if d_bias is not None:
-                d_bias += z.sum(0, dtype=torch.float32)
+                d_bias += z.sum(0, dtype=acc)
     if d_bias is not None:
         d_bias = d_bias.to(bias.dtype)
     return loss, (d_hidden, d_weight, d_bias)
@@ -237,8 +240,8 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, a
     sync in the forward with ``validate=False``. See the module docstring for the algorithm,
     precision choices and comparison with Liger-Kernel and Cut Cross-Entropy.
     """
-    check_tensor("hidden", hidden, FLOATS, "float32, bfloat16 or float16")
-    check_tensor("weight", weight, FLOATS, "float32, bfloat16 or float16")
+    check_tensor("hidden", hidden, ALL_FLOATS, "float32, bfloat16 or float16 (float64 on the torch path)")
+    check_tensor("weight", weight, ALL_FLOATS, "float32, bfloat16 or float16 (float64 on the torch path)")
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] or [N, H], got shape {tuple(hidden.shape)}")
     H = hidden.shape[-1]
@@ -271,19 +274,20 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, a
     N = B * T
     S = ids.shape[0]
 
-    use_triton = choose_impl(impl, dev) == "triton"
+    use_triton = float64_path(impl, hidden.dtype, choose_impl(impl, dev) == "triton", "hidden")
 
     # the sparse targets of all N rows, once (the same code fused_loss runs)
-    weights = _ref.normalize_weights(source_weights, S, B, T, dev).reshape(S, N)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    weights = _ref.normalize_weights(source_weights, S, B, T, dev, acc).reshape(S, N)
     lm_weight, temperature = float(lm_weight), float(temperature)
     target = build_target(use_triton, spec, ids, logprobs, pos, vocab, labels, weights, lm_weight, temperature,
-                          ignore_index, V)
+                          ignore_index, V, acc)
     flat_labels = labels.reshape(N).contiguous()
     ignored = flat_labels == ignore_index
     if reduction == "mean":
-        scale = (1.0 / ignored.logical_not().sum().clamp_min(1).to(torch.float32)).reshape(1)
+        scale = (1.0 / ignored.logical_not().sum().clamp_min(1).to(acc)).reshape(1)
     else:
-        scale = torch.ones(1, dtype=torch.float32, device=dev)
+        scale = torch.ones(1, dtype=acc, device=dev)
     chunk = chunk_tokens if chunk_tokens is not None else default_chunk_tokens(N, V, hidden.element_size())
     loss = _FusedLinearLoss.apply(hidden.reshape(N, H).contiguous(), weight, bias, target.tids, target.coefs,
                                   target.tail, flat_labels, ignored, scale, int(ignore_index), reduction, min(chunk, N),

@@ -12,7 +12,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from fastfuse import reference as _ref
-from fastfuse._dispatch import FLOATS, INTS, SECOND_BACKWARD, check_teacher_args, check_tensor, choose_impl
+from fastfuse._dispatch import (ALL_FLOATS, INTS, SECOND_BACKWARD, check_teacher_args, check_tensor, choose_impl,
+                                float64_path)
 from fastfuse.divergences import make_spec
 from fastfuse.rows import RowTarget, build_target, run_rows
 
@@ -93,7 +94,7 @@ class _FusedLoss(torch.autograd.Function):
             raise RuntimeError(SECOND_BACKWARD.format("fused_loss"))
         ctx.done = True
         # grad_output stays on the device: no bool(grad_output == 1) host sync
-        go = grad_output.to(torch.float32).reshape(-1)
+        go = grad_output.to(torch.float64 if grad_output.dtype == torch.float64 else torch.float32).reshape(-1)
         if ctx.defer:
             logits, tids, coefs, tail, labels, ignored, scale = ctx.saved_tensors
             _, grad = run_rows(*ctx.row_args, logits, RowTarget(tids, coefs, tail), labels, ignored,
@@ -186,7 +187,8 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
     ``scale * grad_output`` applied in fp32 before the single rounding, as torch's cross-entropy
     under autocast does -- so a GradScaler's ``2**16`` cannot meet an already underflowed
     ``softmax / #tokens``. The gradient is stored in the logits dtype (or in the logits buffer with
-    ``inplace_grad``). The loss is float32 whatever the logits dtype. ``backward`` may run once.
+    ``inplace_grad``). The loss is float32 whatever the logits dtype (float64
+    for float64 logits, which run on the torch path). ``backward`` may run once.
 
     Costs and syncs. Extra memory: the gradient (``N * V`` elements of the logits dtype, none
     with ``inplace_grad``) plus ``O(N * S * K)`` for the sparse teacher; never a dense teacher
@@ -201,8 +203,9 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
     """
     if not isinstance(target_logits, Tensor):
         raise TypeError(f"target_logits must be a torch.Tensor, got {type(target_logits).__name__}")
-    if target_logits.dtype not in FLOATS:
-        raise TypeError(f"target_logits must be float32, bfloat16 or float16, got {target_logits.dtype}")
+    if target_logits.dtype not in ALL_FLOATS:
+        raise TypeError(f"target_logits must be float32, bfloat16 or float16 (float64 on the torch path), "
+                        f"got {target_logits.dtype}")
     if target_logits.dim() not in (2, 3):
         raise ValueError(f"target_logits must be [B, T, V] or [N, V], got shape {tuple(target_logits.shape)}")
     V = target_logits.shape[-1]
@@ -223,16 +226,17 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
     B, T, _ = target_logits.shape
     S = ids.shape[0]
 
-    use_triton = choose_impl(impl, dev) == "triton"
+    use_triton = float64_path(impl, target_logits.dtype, choose_impl(impl, dev) == "triton", "target_logits")
     N = B * T
-    weights = _ref.normalize_weights(source_weights, S, B, T, dev).reshape(S, N)
+    acc = torch.float64 if target_logits.dtype == torch.float64 else torch.float32
+    weights = _ref.normalize_weights(source_weights, S, B, T, dev, acc).reshape(S, N)
     target = build_target(use_triton, spec, ids, logprobs, pos, vocab, labels, weights, lm_weight, temperature,
-                          ignore_index, V)
+                          ignore_index, V, acc)
     ignored = (labels == ignore_index).reshape(N)
     if reduction == "mean":         # a device scalar: no host sync
-        scale = (1.0 / ignored.logical_not().sum().clamp_min(1).to(torch.float32)).reshape(1)
+        scale = (1.0 / ignored.logical_not().sum().clamp_min(1).to(acc)).reshape(1)
     else:
-        scale = torch.ones(1, dtype=torch.float32, device=dev)
+        scale = torch.ones(1, dtype=acc, device=dev)
     inplace = bool(inplace_grad) and target_logits.requires_grad and torch.is_grad_enabled()
     if inplace:
         target_logits = _Consume.apply(target_logits)

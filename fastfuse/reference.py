@@ -242,10 +242,11 @@ def fused_loss_reference(target_logits: Tensor, source_topk, align_map, labels: 
 
 def sparse_teacher(source_topk, align_map, labels: Tensor, weights: Tensor,
                    lm_weight: float, temperature: float, ignore_index: int,
-                   V: Optional[int] = None, tail: bool = False) -> Tuple[Tensor, Tensor]:
+                   V: Optional[int] = None, tail: bool = False, dtype: torch.dtype = torch.float32
+                   ) -> Tuple[Tensor, Tensor]:
     """The whole per-row target of the loss as ``S*K + 1`` sparse entries.
 
-    Returns ``tids [N, S*K + 1]`` (int64, -1 = no entry) and ``coefs [N, S*K + 1]`` (float32)
+    Returns ``tids [N, S*K + 1]`` (int64, -1 = no entry) and ``coefs [N, S*K + 1]`` (``dtype``)
     such that the per-row loss is ``lse(z) - sum_e coefs[e] * z[tids[e]]`` and the gradient is
     ``softmax(z) - sum_e coefs[e] * one_hot(tids[e])``. Entry ``S*K`` is the label with
     coefficient ``lm_weight + (1 - lm_weight) * (weight of sources falling back to one-hot)``.
@@ -258,8 +259,8 @@ def sparse_teacher(source_topk, align_map, labels: Tensor, weights: Tensor,
     S, B, Ts, K = source_topk.ids.shape
     T = labels.shape[1]
     N = B * T
-    tid, p, has, _ = _aligned_entries(source_topk, align_map, temperature, torch.float32, V, tail)
-    w = weights.to(torch.float32).reshape(S, B, T)
+    tid, p, has, _ = _aligned_entries(source_topk, align_map, temperature, dtype, V, tail)
+    w = weights.to(dtype).reshape(S, B, T)
     coef = (1.0 - lm_weight) * p * w[..., None]                          # [S, B, T, K]
     label_coef = lm_weight + (1.0 - lm_weight) * torch.where(has, torch.zeros_like(w), w).sum(0)
     tids = torch.cat([tid.permute(1, 2, 0, 3).reshape(N, S * K), labels.reshape(N, 1).long()], 1)
@@ -286,16 +287,17 @@ def merge_duplicates(tids: Tensor, coefs: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def teacher_rows(source_topk, align_map, labels: Tensor, weights: Tensor, temperature: float,
-                 ignore_index: int, V: int, tail: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                 ignore_index: int, V: int, tail: bool, dtype: torch.dtype = torch.float32
+                 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The fused teacher alone, for the divergence rows: unique ``tids [N, S*K + 1]`` (int64, -1 =
-    none), their probabilities ``q [N, S*K + 1]`` float32 (the label's fallback mass included) and
-    the missing mass ``R [N]`` float32 (0 without ``tail``). Ignored rows: all -1 / 0."""
+    none), their probabilities ``q [N, S*K + 1]`` (``dtype``; the label's fallback mass included)
+    and the missing mass ``R [N]`` (0 without ``tail``). Ignored rows: all -1 / 0."""
     tids, q = merge_duplicates(*sparse_teacher(source_topk, align_map, labels, weights, 0.0, temperature,
-                                               ignore_index, V, tail))
-    R = torch.zeros(labels.numel(), dtype=torch.float32, device=labels.device)
+                                               ignore_index, V, tail, dtype))
+    R = torch.zeros(labels.numel(), dtype=dtype, device=labels.device)
     if tail:
-        _, _, _, r = _aligned_entries(source_topk, align_map, temperature, torch.float32, V, True)
-        R = (weights.to(torch.float32).reshape(r.shape) * r).sum(0).reshape(-1)
+        _, _, _, r = _aligned_entries(source_topk, align_map, temperature, dtype, V, True)
+        R = (weights.to(dtype).reshape(r.shape) * r).sum(0).reshape(-1)
         R = torch.where(labels.reshape(-1) == ignore_index, torch.zeros_like(R), R)
     return tids, q, R
 
@@ -304,7 +306,8 @@ def loss_and_grad_rows(logits: Tensor, tids: Tensor, coefs: Tensor, ignored: Ten
                        grad_scale: Optional[Tensor], compute_grad: bool,
                        inplace_grad: bool = False, chunk_elems: int = 1 << 22
                        ) -> Tuple[Tensor, Optional[Tensor]]:
-    """Per-row loss ``[N]`` (float32) and gradient ``[B, T, V]`` (logits dtype) in chunks of rows.
+    """Per-row loss ``[N]`` (float32; float64 for float64 logits) and gradient ``[B, T, V]`` (logits
+    dtype) in chunks of rows.
 
     ``logits [B, T, V]`` any float dtype; ``tids, coefs [N, E]`` from :func:`sparse_teacher`;
     ``ignored [N]`` bool. The gradient is ``grad_scale * (softmax(z) - target)`` (``grad_scale``
@@ -316,7 +319,7 @@ def loss_and_grad_rows(logits: Tensor, tids: Tensor, coefs: Tensor, ignored: Ten
     B, T, V = logits.shape
     N = B * T
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    loss = torch.empty(N, dtype=torch.float32, device=logits.device)
+    loss = torch.empty(N, dtype=acc, device=logits.device)
     grad = None
     if compute_grad:
         grad = logits if inplace_grad else torch.empty_like(logits, memory_format=torch.contiguous_format)
@@ -332,7 +335,7 @@ def loss_and_grad_rows(logits: Tensor, tids: Tensor, coefs: Tensor, ignored: Ten
             ign = ignored[a:e]
             lse = torch.logsumexp(z, dim=-1)
             zl = torch.where(c != 0, c * z.gather(1, tid), torch.zeros_like(c)).sum(1)
-            loss[a:e] = torch.where(ign, torch.zeros_like(lse), lse - zl).float()
+            loss[a:e] = torch.where(ign, torch.zeros_like(lse), lse - zl)
             if compute_grad:
                 g = torch.softmax(z, dim=-1)
                 g.scatter_add_(1, tid, -c)

@@ -40,8 +40,9 @@ class RowTarget(NamedTuple):
 
 
 def build_target(use_triton: bool, spec, ids, logprobs, pos, vocab, labels, weights, lm_weight: float,
-                 temperature: float, ignore_index: int, V: int) -> RowTarget:
-    """The :class:`RowTarget` of every row (inputs validated, 3-d layout; ``weights [S, N]``)."""
+                 temperature: float, ignore_index: int, V: int, dtype: torch.dtype = torch.float32) -> RowTarget:
+    """The :class:`RowTarget` of every row (inputs validated, 3-d layout; ``weights [S, N]``); the
+    torch path computes its coefficients in ``dtype`` (float64 for float64 logits)."""
     with torch.no_grad():
         if spec.is_default:
             if use_triton:
@@ -51,7 +52,7 @@ def build_target(use_triton: bool, spec, ids, logprobs, pos, vocab, labels, weig
             else:
                 tids, coefs = _ref.sparse_teacher(SimpleNamespace(ids=ids, logprobs=logprobs),
                                                   SimpleNamespace(pos=pos, vocab=vocab), labels, weights,
-                                                  lm_weight, temperature, ignore_index, V)
+                                                  lm_weight, temperature, ignore_index, V, dtype=dtype)
             return RowTarget(tids, coefs, None)
         if use_triton:
             from fastfuse.kernels.sparse_teacher import sparse_teacher
@@ -61,7 +62,7 @@ def build_target(use_triton: bool, spec, ids, logprobs, pos, vocab, labels, weig
             return RowTarget(tids, q, tail)
         return RowTarget(*_ref.teacher_rows(SimpleNamespace(ids=ids, logprobs=logprobs),
                                             SimpleNamespace(pos=pos, vocab=vocab), labels, weights, temperature,
-                                            ignore_index, V, spec.uses_tail_mass))
+                                            ignore_index, V, spec.uses_tail_mass, dtype))
 
 
 def run_rows(use_triton: bool, spec, lm_weight: float, logits: Tensor, target: RowTarget, labels: Tensor,

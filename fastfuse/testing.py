@@ -14,9 +14,9 @@ __all__ = ["random_inputs", "tolerance", "LINEAR_REL_TOL"]
 # (rtol, atol) of a per-token loss, and (rtol, atol) of one gradient entry of a per-token loss with
 # unit grad_output (softmax entries are <= 1, rounded once to the dtype: rtol a few of its ulps).
 _TOL = {torch.float32: ((1e-5, 1e-6), (5e-5, 1e-6)), torch.bfloat16: ((2e-2, 1.6e-2), (1e-2, 1.6e-2)),
-        torch.float16: ((2e-3, 2e-3), (2e-3, 2e-3))}
+        torch.float16: ((2e-3, 2e-3), (2e-3, 2e-3)), torch.float64: ((1e-9, 1e-12), (1e-9, 1e-12))}
 # fused_linear_loss: relative (norm) errors of loss and gradients (the matmuls round in the input dtype)
-LINEAR_REL_TOL = {torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+LINEAR_REL_TOL = {torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float64: 1e-9}
 
 
 def tolerance(dtype: torch.dtype, reduction: str = "sum", n_tokens: int = 1, grad_output: float = 1.0,
