@@ -7,7 +7,8 @@
 #    with a loss scale, bitwise determinism, no host sync under set_sync_debug_mode("error"), ...)
 # 2. the fused_loss table (copy floor, dense, torch.compile, Liger, fastfuse: ms, extra MiB, of floor)
 # 3. the fused_linear_loss table (matmul floor, naive, Liger, CCE where importable, fastfuse)
-# 4. registers / spills of every kernel launch under this machine's Triton
+# 4. each divergence x tail's time relative to "ce" and to the copy floor (bench_divergences.py)
+# 5. registers / spills of every kernel launch under this machine's Triton
 # Everything goes to OUT_DIR (one log per step, CSVs, junit XML); a summary prints at the end.
 # Pure-Python extras (liger-kernel, cut-cross-entropy) are installed from ./.whl/*.whl if present.
 set -u
@@ -55,6 +56,7 @@ step gpu_tests 210 bash -c "cd tests && $PY -m pytest test_gpu.py -m gpu -q -p n
     --junitxml='$OUT/gpu_tests.xml'"
 step loss_table 120 $PY benchmarks/gpu_loss.py --no-check --quick
 step linear_table 90 $PY benchmarks/gpu_linear_loss.py --no-check --no-sweep --csv "$OUT/bench_linear_loss.csv"
+step divergence_table 60 $PY benchmarks/bench_divergences.py --csv "$OUT/bench_divergences.csv"
 step kernel_resources 45 $PY benchmarks/kernel_resources.py
 
 echo
