@@ -78,14 +78,15 @@ def choose_impl(impl: str, device: torch.device) -> str:
     raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
 
 
-def float64_path(impl: str, dtype: torch.dtype, use_triton: bool, owner: str) -> bool:
-    """``use_triton`` for a call on ``dtype`` inputs: float64 takes the torch path (``"auto"``) or
-    is refused (``"triton"``: the kernels compute in fp32)."""
+def float64_path(impl: str, dtype: torch.dtype, device: torch.device, owner: str) -> bool:
+    """Whether a call on ``dtype`` inputs on ``device`` runs the Triton kernels (:func:`choose_impl`):
+    float64 takes the torch path (``"auto"``) or is refused (``"triton"``: the kernels compute in fp32)."""
     if dtype != torch.float64:
-        return use_triton
+        return choose_impl(impl, device) == "triton"
     if impl == "triton":
         raise ValueError(f"impl='triton' takes float32/bfloat16/float16 {owner}; float64 runs on the torch path "
                          "(impl='auto' or 'reference')")
+    choose_impl(impl, device)           # still refuses an unknown impl
     return False
 
 

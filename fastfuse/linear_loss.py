@@ -86,8 +86,7 @@ import torch
 from torch import Tensor
 
 from fastfuse import reference as _ref
-from fastfuse._dispatch import (ALL_FLOATS, INTS, SECOND_BACKWARD, check_teacher_args, check_tensor, choose_impl,
-                                float64_path)
+from fastfuse._dispatch import (ALL_FLOATS, INTS, SECOND_BACKWARD, check_teacher_args, check_tensor, float64_path)
 from fastfuse.divergences import make_spec
 from fastfuse.loss import AlignMap, SourceTopK
 from fastfuse.rows import RowTarget, build_target, run_rows
@@ -274,7 +273,7 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, a
     N = B * T
     S = ids.shape[0]
 
-    use_triton = float64_path(impl, hidden.dtype, choose_impl(impl, dev) == "triton", "hidden")
+    use_triton = float64_path(impl, hidden.dtype, dev, "hidden")
 
     # the sparse targets of all N rows, once (the same code fused_loss runs)
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32

@@ -12,8 +12,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from fastfuse import reference as _ref
-from fastfuse._dispatch import (ALL_FLOATS, INTS, SECOND_BACKWARD, check_teacher_args, check_tensor, choose_impl,
-                                float64_path)
+from fastfuse._dispatch import (ALL_FLOATS, INTS, SECOND_BACKWARD, check_teacher_args, check_tensor, float64_path)
 from fastfuse.divergences import make_spec
 from fastfuse.rows import RowTarget, build_target, run_rows
 
@@ -226,7 +225,7 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
     B, T, _ = target_logits.shape
     S = ids.shape[0]
 
-    use_triton = float64_path(impl, target_logits.dtype, choose_impl(impl, dev) == "triton", "target_logits")
+    use_triton = float64_path(impl, target_logits.dtype, dev, "target_logits")
     N = B * T
     acc = torch.float64 if target_logits.dtype == torch.float64 else torch.float32
     weights = _ref.normalize_weights(source_weights, S, B, T, dev, acc).reshape(S, N)

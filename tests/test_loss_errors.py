@@ -30,7 +30,9 @@ def test_valid_inputs_pass(d):
 
 
 @pytest.mark.parametrize("over,exc,match", [
-    (lambda d: dict(target_logits=d["target_logits"].double()), TypeError, "target_logits"),
+    (lambda d: dict(target_logits=d["target_logits"].int()), TypeError, "target_logits"),
+    (lambda d: dict(target_logits=d["target_logits"].double(), impl="triton"), ValueError,
+     "impl='triton' takes float32/bfloat16/float16 target_logits"),
     (lambda d: dict(target_logits=d["target_logits"].long()), TypeError, "target_logits"),
     (lambda d: dict(target_logits=d["target_logits"][0, 0]), ValueError, "target_logits"),
     (lambda d: dict(target_logits=d["target_logits"].transpose(1, 2)), ValueError, "target_logits"),
