@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import fastfuse
-from fastfuse.testing import random_inputs
+from fastfuse.testing import LINEAR_REL_TOL, random_inputs
 
 V, H, B, T, S, K, TS, VS = 37, 8, 2, 6, 2, 4, 7, 24
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -53,10 +53,14 @@ def inputs(seed, edges, dtype=torch.float64, weights="token"):
 
 
 def close(name, got, want):
+    if got.dtype != torch.float64:      # low precision: a relative error of the whole tensor
+        err = ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+        assert err <= LINEAR_REL_TOL[got.dtype], f"{name}: relative error {err:.2e} ({got.dtype})"
+        return
     torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"{name}: {m}")
 
 
-def run_logits(pg, rank, sizes, starts, spec, reduction, seed, two_d=False, inplace=False):
+def run_logits(pg, rank, sizes, starts, spec, reduction, seed, two_d=False, inplace=False, dtype=torch.float64):
     explicit = starts is not None
     starts = starts or tuple(sum(sizes[:r]) for r in range(len(sizes)))
     a, n = starts[rank], sizes[rank]
@@ -69,6 +73,7 @@ def run_logits(pg, rank, sizes, starts, spec, reduction, seed, two_d=False, inpl
         amap = fastfuse.AlignMap(torch.where(amap.pos >= 0, amap.pos + torch.arange(B)[None, :, None] * TS, -1)
                                  .int().reshape(S, B * T), amap.vocab)
         go = go.reshape(-1)
+    z, go = z.to(dtype), go.to(dtype)
     ref_in = z.clone().requires_grad_()
     ref = fastfuse.fused_loss(ref_in, topk, amap, labels, w, 0.7, 1.3, reduction=reduction, **spec)
     (ref * go if reduction == "none" else ref * 0.5).sum().backward()
@@ -81,7 +86,7 @@ def run_logits(pg, rank, sizes, starts, spec, reduction, seed, two_d=False, inpl
     close("d_logits", shard.grad, ref_in.grad[..., a:a + n])
 
 
-def run_linear(pg, rank, sizes, starts, spec, reduction, seed, bias=True, seq=None, chunk=5):
+def run_linear(pg, rank, sizes, starts, spec, reduction, seed, bias=True, seq=None, chunk=5, dtype=torch.float64):
     explicit = starts is not None
     starts = starts or tuple(sum(sizes[:r]) for r in range(len(sizes)))
     a, n = starts[rank], sizes[rank]
@@ -92,6 +97,7 @@ def run_linear(pg, rank, sizes, starts, spec, reduction, seed, bias=True, seq=No
     W = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.7
     b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
     go = torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5
+    hidden, W, b, go = (None if x is None else x.to(dtype) for x in (hidden, W, b, go))
     leaves = [x.clone().requires_grad_() for x in (hidden, W, b) if x is not None]
     ref = fastfuse.fused_linear_loss(leaves[0], leaves[1], topk, amap, labels, leaves[2] if bias else None, w, 0.7, 1.3,
                                      reduction=reduction, **spec)
@@ -169,8 +175,85 @@ def cases(world):
     for red in ("mean", "none"):
         out[f"linear/sequence-parallel/{red}"] = (lambda pg, r, red=red:
                                                   run_linear(pg, r, sizes, None, SPECS["jsd-uniform"], red, 8, seq=seq))
+    out["logits/float16-deferred"] = lambda pg, r: run_logits(pg, r, sizes, None, SPECS["tvd-bucket"], "none", 13,
+                                                              dtype=torch.float16)
+    out["logits/float32"] = lambda pg, r: run_logits(pg, r, sizes, None, {}, "mean", 14, dtype=torch.float32)
+    out["linear/bfloat16-recomputed"] = lambda pg, r: run_linear(pg, r, sizes, None, SPECS["ce"], "none", 15,
+                                                                 dtype=torch.bfloat16)
+    out["linear/float32"] = lambda pg, r: run_linear(pg, r, sizes, None, SPECS["reverse_kl-uniform"], "sum", 16,
+                                                     dtype=torch.float32)
     out["dtensor"] = lambda pg, r: run_dtensor(pg, r, world, SPECS["tvd-bucket"], "mean", 9)
     return out
+
+
+def error_of(fn) -> str:
+    """``"TypeName: message"`` of what ``fn()`` raises, or ``"no error"``."""
+    try:
+        fn()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def error_cases(world):
+    """name -> callable(pg, rank) returning the error text this rank saw (the test checks every rank's)."""
+    sizes, _ = SPLITS[world]["ranked"]
+    last = world - 1
+
+    def logits_call(pg, r, t=T, dtype=torch.float64, labels_of=None, vocab_start=None, k=K, spec=None, **kw):
+        a = sum(sizes[:r])
+        z, topk, amap, labels, w = inputs(3, [0, V - 1])
+        if labels_of is not None:
+            labels = labels_of(labels)
+        if k != K:
+            topk = fastfuse.SourceTopK(topk.ids[..., :k], topk.logprobs[..., :k])
+        z = z[:, :t, a:a + sizes[r]].to(dtype).requires_grad_()
+        labels, amap = labels[:, :t], fastfuse.AlignMap(amap.pos[:, :, :t], amap.vocab)
+        w = w[:, :, :t]
+        return lambda: fastfuse.fused_loss(z, topk, amap, labels, w, process_group=pg, vocab_start=vocab_start,
+                                           **(spec or {}), **kw).backward()
+
+    def linear_call(pg, r, h=H, weight_grad=True, seq=None):
+        _, topk, amap, labels, w = inputs(4, [0, V - 1])
+        hidden = torch.randn(B, T if seq is None else seq[r], h, dtype=torch.float64, requires_grad=True)
+        W = torch.randn(sizes[r], h, dtype=torch.float64, requires_grad=weight_grad)
+        return lambda: fastfuse.fused_linear_loss(hidden, W, topk, amap, labels, None, w, process_group=pg,
+                                                  sequence_parallel=seq is not None).backward()
+
+    def starts(bad):
+        return lambda pg, r: error_of(logits_call(pg, r, vocab_start=bad(r)))
+
+    ranked = [sum(sizes[:r]) for r in range(world)]
+    return {
+        "tokens": lambda pg, r: error_of(logits_call(pg, r, t=T - 1 if r == last else T)),
+        "hidden-size": lambda pg, r: error_of(linear_call(pg, r, h=H + 1 if r == last else H)),
+        "dtype": lambda pg, r: error_of(logits_call(pg, r, dtype=torch.float32 if r == last else torch.float64)),
+        "top-k": lambda pg, r: error_of(logits_call(pg, r, k=K - 1 if r == last else K)),
+        "loss-arguments": lambda pg, r: error_of(logits_call(pg, r, lm_weight=0.5 if r == last else 0.9)),
+        "divergence": lambda pg, r: error_of(logits_call(pg, r, spec=dict(divergence="jsd", tail="uniform")
+                                                         if r == last else None)),
+        "grad-flags": lambda pg, r: error_of(linear_call(pg, r, weight_grad=r != last)),
+        "labels-content": lambda pg, r: error_of(logits_call(
+            pg, r, labels_of=(lambda y: torch.where(y == -100, y, (y + 1) % V)) if r == last else None)),
+        "labels-range": lambda pg, r: error_of(logits_call(pg, r, labels_of=lambda y: torch.where(torch.arange(y.numel()).reshape(y.shape) == 0, V, y))),
+        "one-rank-invalid": lambda pg, r: error_of(logits_call(
+            pg, r, labels_of=(lambda y: y.double()) if r == last else None)),
+        "vocab_start-out-of-range": starts(lambda r: 100 if r == last else ranked[r]),
+        "vocab_start-overlap": starts(lambda r: 0),
+        "vocab_start-negative": starts(lambda r: -1 if r == last else ranked[r]),
+        "vocab_start-on-some-ranks": starts(lambda r: None if r == last else ranked[r]),
+        "sequence-shares": lambda pg, r: error_of(linear_call(pg, r, seq=[T // world - 1] * world)),
+        "recovers": lambda pg, r: error_of(logits_call(pg, r)),       # the group still works after all that
+    }
+
+
+def world_one_group(pg, rank):
+    """A one-rank group: the whole vocabulary on this rank, the results of the one-process loss."""
+    run_logits(ONE[rank], 0, (V,), None, SPECS["jsd-uniform"], "mean", 11)
+    run_linear(ONE[rank], 0, (V,), None, SPECS["ce"], "none", 12)
+
+
+ONE = {}
 
 
 def main(mode, out_dir):
@@ -178,11 +261,8 @@ def main(mode, out_dir):
     rank, world = dist.get_rank(), dist.get_world_size()
     pg = dist.new_group(list(range(world)))
     results = {}
-    if mode == "errors":
-        from _tp_errors import error_cases
-        todo = error_cases(world)
-    else:
-        todo = cases(world)
+    ONE.update({r: dist.new_group([r]) for r in range(world)})     # every rank creates every group
+    todo = error_cases(world) if mode == "errors" else dict(cases(world), **{"world-1-group": world_one_group})
     for name, fn in todo.items():
         try:
             res = fn(pg, rank)
@@ -194,7 +274,6 @@ def main(mode, out_dir):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     main(sys.argv[1], sys.argv[2])
     sys.stdout.flush()
     sys.stderr.flush()
