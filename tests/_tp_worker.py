@@ -3,6 +3,7 @@
 one-process float64 loss, and writing ``OUT/rank-R.json``: ``{case: "ok" | error text}``.
 
     python -m torch.distributed.run --standalone --nproc_per_node W tests/_tp_worker.py {cases|errors} OUT
+    python -m torch.distributed.run --standalone --nproc_per_node W tests/_tp_worker.py example TP OUT.pt
 
 Every rank builds the same inputs from the same seed; the vocabulary ``V = 37`` is split unevenly.
 Ends with ``os._exit`` (gloo's threads can abort a clean interpreter exit, see tests/_ddp_worker.py).
@@ -274,7 +275,13 @@ def main(mode, out_dir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "example":        # examples/tp_step.py with --tp sys.argv[2]
+        import runpy
+        example = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples",
+                                              "tp_step.py"))
+        example["main"](sys.argv[3], tp=int(sys.argv[2]))
+    else:
+        main(sys.argv[1], sys.argv[2])
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

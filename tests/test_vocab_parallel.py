@@ -3,7 +3,9 @@ order or at explicit vocab_start): fused_loss and fused_linear_loss, every reduc
 configurations (the tail pass included), ignored rows, duplicate and unmapped teacher ids, labels and
 teacher ids on every shard's first and last id, sequence parallelism and DTensor arguments: loss and
 every gradient equal the one-process float64 results to 1e-10 (tests/_tp_worker.py checks them on
-each rank). Then the errors: ranks that disagree raise a clear ValueError on every rank, never hang."""
+each rank). Then the errors: ranks that disagree raise a clear ValueError on every rank, never hang.
+Last, examples/tp_step.py (ColwiseParallel lm_head + FSDP2 on a (dp, tp) mesh, a Llama model) gives the
+one-process gradients of examples/ddp_step.py."""
 import importlib.util
 import json
 import os
@@ -18,7 +20,8 @@ import fastfuse
 from fastfuse.testing import random_inputs
 
 WORKER = Path(__file__).resolve().with_name("_tp_worker.py")
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
+DDP_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ddp_step.py"
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -124,3 +127,38 @@ def test_one_process_arguments():
         fastfuse.fused_linear_loss(hidden, W, topk, amap, labels, sequence_parallel=True)
     with pytest.raises((TypeError, ValueError), match="process_group"):
         fastfuse.fused_loss(z, topk, amap, labels, process_group="group")
+
+
+def _fsdp2_available() -> bool:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401  (FSDP2, torch >= 2.6)
+        from torch.distributed.tensor.parallel import ColwiseParallel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "single.pt"
+    subprocess.run([sys.executable, str(DDP_EXAMPLE), str(out)], check=True, env=ENV, timeout=300)
+    return torch.load(out)
+
+
+@pytest.mark.skipif(not _fsdp2_available(), reason="FSDP2 and torch.distributed.tensor.parallel need torch >= 2.6")
+@pytest.mark.parametrize("world", [2, 4], ids=["dp1-tp2", "dp2-tp2"])
+def test_tp_fsdp2_example_matches_one_process(one_process, tmp_path, world):
+    pytest.importorskip("transformers")
+    out = tmp_path / "tp.pt"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(world), str(WORKER), "example", "2", str(out)], env=ENV, timeout=300,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and out.exists(), proc.stderr[-3000:]
+    got = torch.load(out)
+    want = one_process["linear"]
+    assert set(got) == {"linear", "logits", "logits-dtensor"}
+    for path, grads in got.items():
+        assert grads.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(grads[name], want[name], rtol=1e-4, atol=1e-6, msg=f"{path} {name}")
+    assert want["lm_head.weight"].abs().sum() > 0
