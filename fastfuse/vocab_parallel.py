@@ -30,9 +30,9 @@ from fastfuse.rows import build_target
 from fastfuse.vocab_parallel_rows import Consume, Plan, VocabParallelLinearLoss, VocabParallelLoss
 from fastfuse.vocab_shards import agree, dtensor_local, fingerprint, group_of, is_dtensor, vocab_layout
 
-__all__ = ["vocab_parallel_loss", "vocab_parallel_linear_loss", "ROW_CHUNK_ELEMS"]
+__all__ = ["vocab_parallel_loss", "vocab_parallel_linear_loss", "ROUND_BYTES"]
 
-ROW_CHUNK_ELEMS = 1 << 22       # logits per chunk of rows in fused_loss (as its torch path)
+ROUND_BYTES = 512 << 20     # fused_loss: logits per collective round (the default chunk of fused_linear_loss)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _ARGS = ("the loss arguments (divergence, tail, alpha, beta, logit_scale, softcap, student_temperature, "
          "hinton_scale, lm_weight, temperature, ignore_index, reduction, impl, validate)")
@@ -157,7 +157,8 @@ def vocab_parallel_loss(target_logits, source_topk, align_map, labels, source_we
     inplace = bool(inplace_grad) and logits.requires_grad and torch.is_grad_enabled()
     if inplace:
         logits = Consume.apply(logits)
-    plan = Plan(layout, spec, float(lm_weight), reduction, max(1, ROW_CHUNK_ELEMS // layout.max_size))
+    rows = max(1, ROUND_BYTES // (layout.max_size * logits.element_size()))    # the same on every rank
+    plan = Plan(layout, spec, float(lm_weight), reduction, rows)
     loss = VocabParallelLoss.apply(logits, target.tids, target.coefs, target.tail, labels3.reshape(-1), ignored, scale,
                                    plan, inplace)
     return loss.squeeze(0) if squeeze and reduction == "none" else loss

@@ -30,8 +30,11 @@ from fastfuse.divergence_rows import (combine_stats, finish_terms, gather_sparse
 from fastfuse.rows import RowTarget
 from fastfuse.vocab_shards import VocabLayout
 
-__all__ = ["Plan", "shard_rows", "logits_rows", "linear_chunks", "VocabParallelLoss", "VocabParallelLinearLoss",
+__all__ = ["SLICE_ELEMS", "Plan", "shard_rows", "logits_rows", "linear_chunks", "VocabParallelLoss", "VocabParallelLinearLoss",
            "Consume"]
+
+
+SLICE_ELEMS = 1 << 22     # logits per stage call: bounds the float32 temporaries (as divergence_rows)
 
 
 class Plan(NamedTuple):
@@ -47,28 +50,40 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _rows(d, a: int, e: int):
+    return {k: v[a:e] for k, v in d.items()}
+
+
 def shard_rows(z: Tensor, target: RowTarget, labels: Tensor, ignored: Tensor, scale: Tensor, plan: Plan,
-               compute_grad: bool, acc: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
+               grad_out: Optional[Tensor], acc: torch.dtype) -> Tensor:
     """One chunk ``z [n, V_r]`` of this rank's logits: the per-row loss ``[n]`` (``acc``, the same on
-    every rank; 0 on ignored rows) and ``scale * dL/dz`` ``[n, V_r]`` (``acc``) or None. ``scale``:
-    one element or one per row."""
+    every rank; 0 on ignored rows), and ``scale * dL/dz`` (``scale``: one element or one per row)
+    written into ``grad_out [n, V_r]`` (``z`` itself allowed) when given. One collective round (two
+    with a tail pass) for the whole chunk; the stages run on slices of ``SLICE_ELEMS`` logits."""
     spec, layout = plan.spec, plan.layout
     tids, q, R = target
-    stats = local_stats(z, spec, acc)
+    n, Vr = z.shape
+    step = max(1, SLICE_ELEMS // max(Vr, 1))
+    parts = [(a, min(n, a + step)) for a in range(0, n, step)]
+    stats = torch.cat([local_stats(z[a:e], spec, acc) for a, e in parts])
+    sparse = torch.cat([gather_sparse(z[a:e], tids[a:e], labels[a:e], spec, layout.start, acc) for a, e in parts])
     k = stats.shape[1]
-    every = layout.all_gather(torch.cat([stats, gather_sparse(z, tids, labels, spec, layout.start, acc)], 1))
+    every = layout.all_gather(torch.cat([stats, sparse], 1))         # [W, n, k + E + 1]
     st = combine_stats(every[..., :k], spec)
     rt = row_terms(spec, st, every[..., k:].amax(0), tids, q, R, layout.total)
     if needs_tail_pass(spec):
-        rt = finish_terms(spec, rt, layout.all_reduce(tail_sums(z, spec, rt, st, acc)))
+        sums = torch.cat([tail_sums(z[a:e], spec, _rows(rt, a, e), _rows(st, a, e), acc) for a, e in parts])
+        rt = finish_terms(spec, rt, layout.all_reduce(sums))
     rows = row_loss(spec, plan.lm_weight, st, rt)
     rows = torch.where(ignored, torch.zeros_like(rows), rows)
-    if not compute_grad:
-        return rows, None
-    g = grad_slice(z, spec, plan.lm_weight, st, rt, tids, labels, layout.start, acc)
-    g.masked_fill_(ignored[:, None], 0.0)
-    s = scale.reshape(-1).to(acc)
-    return rows, g.mul_(s if s.numel() == 1 else s[:, None])
+    if grad_out is not None:
+        s = scale.reshape(-1).to(acc)
+        for a, e in parts:      # slice a's gradient reads only z[a:e]: writing it into z is safe
+            g = grad_slice(z[a:e], spec, plan.lm_weight, _rows(st, a, e), _rows(rt, a, e), tids[a:e], labels[a:e],
+                           layout.start, acc)
+            g.masked_fill_(ignored[a:e, None], 0.0)
+            grad_out[a:e] = g.mul_(s if s.numel() == 1 else s[a:e, None])
+    return rows
 
 
 def logits_rows(logits: Tensor, target: RowTarget, labels: Tensor, ignored: Tensor, scale: Tensor, plan: Plan,
@@ -83,10 +98,9 @@ def logits_rows(logits: Tensor, target: RowTarget, labels: Tensor, ignored: Tens
         for t0 in range(0, T, plan.chunk):
             t1 = min(T, t0 + plan.chunk)
             a, e = b * T + t0, b * T + t1
-            loss[a:e], g = shard_rows(logits[b, t0:t1], target.rows(a, e), labels[a:e], ignored[a:e],
-                                      scale[a:e] if per_row else scale, plan, grad is not None, acc)
-            if g is not None:
-                grad[b, t0:t1] = g
+            loss[a:e] = shard_rows(logits[b, t0:t1], target.rows(a, e), labels[a:e], ignored[a:e],
+                                   scale[a:e] if per_row else scale, plan,
+                                   None if grad is None else grad[b, t0:t1], acc)
     return loss
 
 
@@ -117,11 +131,11 @@ def linear_chunks(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target
                 torch.mm(h, wt, out=z)
             else:
                 torch.addmm(bias, h, wt, out=z)
-            loss[r0:r1], g = shard_rows(z, target.rows(r0, r1), labels[r0:r1], ignored[r0:r1],
-                                        scale[r0:r1] if per_row else scale, plan, compute_grad, acc)
+            # z becomes the chunk's gradient, rounded once to the input dtype
+            loss[r0:r1] = shard_rows(z, target.rows(r0, r1), labels[r0:r1], ignored[r0:r1],
+                                     scale[r0:r1] if per_row else scale, plan, z if compute_grad else None, acc)
             if not compute_grad:
                 continue
-            z.copy_(g)          # the chunk's gradient, rounded once to the input dtype
             if d_full is not None:
                 torch.mm(z, weight, out=d_full[r0:r1])
             if d_weight is not None:

@@ -8,6 +8,7 @@ one-process float64 loss, and writing ``OUT/rank-R.json``: ``{case: "ok" | error
 Every rank builds the same inputs from the same seed; the vocabulary ``V = 37`` is split unevenly.
 Ends with ``os._exit`` (gloo's threads can abort a clean interpreter exit, see tests/_ddp_worker.py).
 """
+import contextlib
 import datetime
 import json
 import math
@@ -155,6 +156,25 @@ def run_dtensor(pg, rank, world, spec, reduction, seed):
             close(f"{name} ({hp})", mi.grad.full_tensor(), le.grad)
 
 
+@contextlib.contextmanager
+def small_pieces():
+    """Several collective rounds per fused_loss call and several stage slices per round, at these sizes."""
+    import fastfuse.vocab_parallel as vp
+    import fastfuse.vocab_parallel_rows as vpr
+
+    old = vp.ROUND_BYTES, vpr.SLICE_ELEMS
+    vp.ROUND_BYTES, vpr.SLICE_ELEMS = 3 * 19 * 8, 40        # 3-4 rows per round, 2-3 rows per slice
+    try:
+        yield
+    finally:
+        vp.ROUND_BYTES, vpr.SLICE_ELEMS = old
+
+
+def in_small_pieces(fn, *args, **kw):
+    with small_pieces():
+        fn(*args, **kw)
+
+
 def cases(world):
     """name -> callable(pg, rank)"""
     out = {}
@@ -168,6 +188,11 @@ def cases(world):
                                                         run_linear(pg, r, *a))
     sizes, starts = SPLITS[world]["ranked"]
     seq = (3, 2, 1)[:world] if world == 3 else (4, 2)
+    for red in ("mean", "none"):
+        for fn in (run_logits, run_linear):
+            name = f"{fn.__name__[4:]}/small-rounds-and-slices/{red}"
+            out[name] = lambda pg, r, fn=fn, red=red: in_small_pieces(fn, pg, r, sizes, None, SPECS["jsd-uniform"],
+                                                                       red, 10)
     out["logits/2d-inputs"] = lambda pg, r: run_logits(pg, r, sizes, None, {}, "none", 5, two_d=True)
     out["logits/inplace_grad"] = lambda pg, r: run_logits(pg, r, sizes, None, SPECS["jsd-uniform"], "mean", 6,
                                                           inplace=True)
