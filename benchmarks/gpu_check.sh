@@ -8,6 +8,7 @@
 # 2. the fused_loss table (copy floor, dense, torch.compile, Liger, fastfuse: ms, extra MiB, of floor)
 # 3. the fused_linear_loss table (matmul floor, naive, Liger, CCE where importable, fastfuse)
 # 4. registers / spills of every kernel launch under this machine's Triton
+# 5. the vocabulary-parallel loss on a one-rank NCCL group against the one-GPU loss (gpu_tp_loss.py --quick)
 # Everything goes to OUT_DIR (one log per step, CSVs, junit XML); a summary prints at the end.
 # Pure-Python extras (liger-kernel, cut-cross-entropy) are installed from ./.whl/*.whl if present.
 set -u
@@ -56,6 +57,7 @@ step gpu_tests 210 bash -c "cd tests && $PY -m pytest test_gpu.py -m gpu -q -p n
 step loss_table 120 $PY benchmarks/gpu_loss.py --no-check --quick
 step linear_table 90 $PY benchmarks/gpu_linear_loss.py --no-check --no-sweep --csv "$OUT/bench_linear_loss.csv"
 step kernel_resources 45 $PY benchmarks/kernel_resources.py
+step tp_loss 60 $PY benchmarks/gpu_tp_loss.py --quick --csv "$OUT/gpu_tp_loss.csv"
 
 echo
 echo "== summary ($OUT)"

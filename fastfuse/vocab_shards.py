@@ -130,7 +130,8 @@ def agree(fields: Dict[str, int], free: Sequence[str], group, device, fp: Option
 
 class VocabLayout(NamedTuple):
     """The ranks' vocabulary ranges (``starts``/``sizes`` in group-rank order) and, under sequence
-    parallelism, their shares of the tokens (``tokens``); the collectives of the loss."""
+    parallelism, their shares of the tokens (``tokens``); the collectives of the loss (run for a
+    one-rank group too: its cost is what ``benchmarks/gpu_tp_loss.py`` measures on one GPU)."""
     group: object
     rank: int
     starts: Tuple[int, ...]
@@ -155,22 +156,17 @@ class VocabLayout(NamedTuple):
 
     def all_gather(self, x: Tensor) -> Tensor:
         """``[W, *x.shape]``: every rank's ``x`` (equal shapes), in rank order."""
-        if self.world == 1:
-            return x.unsqueeze(0)
         out = torch.empty(self.world * x.numel(), dtype=x.dtype, device=x.device)
         dist.all_gather_into_tensor(out, x.contiguous().view(-1), group=self.group)   # flat: gloo's layout rule
         return out.view((self.world,) + tuple(x.shape))
 
     def all_reduce(self, x: Tensor) -> Tensor:
         """``x`` summed over the ranks, in place."""
-        if self.world > 1:
-            dist.all_reduce(x, group=self.group)
+        dist.all_reduce(x, group=self.group)
         return x
 
     def gather_tokens(self, x: Tensor) -> Tensor:
         """``[B, T, H]`` from every rank's ``[B, T_r, H]`` share of the sequence (uneven: padded)."""
-        if self.world == 1:
-            return x
         pad = max(self.tokens)
         part = x if x.shape[1] == pad else torch.cat([x, x.new_zeros(x.shape[0], pad - x.shape[1], x.shape[2])], 1)
         every = self.all_gather(part)
@@ -179,8 +175,6 @@ class VocabLayout(NamedTuple):
     def scatter_tokens(self, x: Tensor) -> Tensor:
         """This rank's ``[B, T_r, H]`` share of ``x [B, T, H]`` summed over the ranks (one
         reduce-scatter)."""
-        if self.world == 1:
-            return x
         pad, B, H = max(self.tokens), x.shape[0], x.shape[2]
         send = x.new_zeros(self.world * B, pad, H)      # rank r's part: rows [r*B, (r+1)*B)
         for r, (a, n) in enumerate(zip(_offsets(self.tokens), self.tokens)):
