@@ -33,8 +33,8 @@ import torch.distributed as dist
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
 
+import gpu_loss  # noqa: E402,F401  (sets fastfuse up: installed, or the source tree linked as a package)
 from _common import cuda_timed, write_csv  # noqa: E402
 
 from fastfuse.linear_loss import default_chunk_tokens, fused_linear_loss  # noqa: E402
