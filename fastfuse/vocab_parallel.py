@@ -108,6 +108,9 @@ def vocab_parallel_loss(target_logits, source_topk, align_map, labels, source_we
     """``fused_loss`` on this rank's logits ``[B, T, V_r]`` (or a DTensor sharded on its last dim);
     the arguments as there. Returns the loss of the whole vocabulary, the same on every rank."""
     owner = "fused_loss"
+    if inplace_grad and is_dtensor(target_logits) and target_logits.requires_grad:
+        raise ValueError("inplace_grad=True: a DTensor's local shard is a view autograd does not let a loss overwrite; "
+                         "pass the local [B, T, V_r] shard (ColwiseParallel(use_local_output=True)) with process_group")
     logits, group, rank = _resolve(target_logits, -1, "target_logits", process_group, vocab_start)
     dev = logits.device
     names = ("the logits' dimensions", "N (tokens, B*T)", "B", *_TEACHER_SHAPES, "the dtype",

@@ -139,6 +139,8 @@ def run_dtensor(pg, rank, world, spec, reduction, seed):
     got.sum().backward()
     close("loss", got.detach(), ref.detach())
     close("d_logits", zd.grad.full_tensor(), ref_in.grad)
+    msg = error_of(lambda: fastfuse.fused_loss(zd * 1.0, topk, amap, labels, w, inplace_grad=True))
+    assert msg.startswith("ValueError: inplace_grad=True: a DTensor's local shard is a view"), msg
     g = torch.Generator().manual_seed(seed + 3)
     hidden, W, b = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((B, T, H), (V, H), (V,)))
     leaves = [x.clone().requires_grad_() for x in (hidden, W, b)]
@@ -249,8 +251,25 @@ def error_cases(world):
     def starts(bad):
         return lambda pg, r: error_of(logits_call(pg, r, vocab_start=bad(r)))
 
+    def rowwise_head(pg, r):
+        """causal_lm_fusion_loss refuses an lm_head split on the hidden dimension, naming the model."""
+        import runpy
+
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+
+        from fastfuse.integrations.hf import causal_lm_fusion_loss
+
+        ex = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "ddp_step.py"))
+        net, b = ex["model"](), ex["batch"](torch.device("cpu"))
+        parallelize_module(net, init_device_mesh("cpu", (world,)), {"lm_head": RowwiseParallel()})
+        return error_of(lambda: causal_lm_fusion_loss(net, {"input_ids": b["input_ids"], "labels": b["labels"]},
+                                                      fastfuse.SourceTopK(b["ids"], b["logprobs"]),
+                                                      fastfuse.AlignMap(b["pos"], b["vocab"]), labels_shifted=True))
+
     ranked = [sum(sizes[:r]) for r in range(world)]
     return {
+        "hf-rowwise-head": rowwise_head,
         "tokens": lambda pg, r: error_of(logits_call(pg, r, t=T - 1 if r == last else T)),
         "hidden-size": lambda pg, r: error_of(linear_call(pg, r, h=H + 1 if r == last else H)),
         "dtype": lambda pg, r: error_of(logits_call(pg, r, dtype=torch.float32 if r == last else torch.float64)),

@@ -94,6 +94,8 @@ ERRORS = {
     "vocab_start-on-some-ranks": DISAGREE.format("loss", "vocab_start given", 1, 0),
     "sequence-shares": "ValueError: hidden: the ranks' shares of the tokens ([1, 1, 1]) add up to 3, but labels hold 6",
     "recovers": "no error",
+    "hf-rowwise-head": "NotImplementedError: model: LlamaForCausalLM's lm_head weight is a DTensor placed "
+                       "(Shard(dim=1),); the vocabulary-parallel loss takes an lm_head sharded by vocabulary rows",
 }
 REJECTED = "ValueError: fused_loss: rank 2 of process_group rejected its arguments (see that rank's error)"
 ONE_RANK = {
