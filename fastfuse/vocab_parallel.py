@@ -41,14 +41,13 @@ _TEACHER_SHAPES = ("S (sources)", "K (top-k)", "Ts (source positions)", "Vs_max 
                    "E (teacher entries per row, S*K + 1)", "source_weights (0: none, 1: [S, B], 2: [S, B, T])")
 
 
-def _resolve(x, dim: int, name: str, process_group, vocab_start):
-    """(local tensor, group, rank) of a vocabulary-sharded ``x`` (a DTensor, or a plain shard)."""
+def _resolve(x, dim: int, name: str, process_group):
+    """(local tensor, group, rank) of a vocabulary-sharded ``x`` (a DTensor, or a plain shard). What
+    fails here fails alike on every rank (types, placements, the group), before any collective."""
+    check_tensor(name, x)
     if process_group is not None:
         group_of(process_group)
     if is_dtensor(x):
-        if vocab_start is not None:
-            raise ValueError(f"vocab_start: {name} is a DTensor; its range is read from its placement (leave "
-                             "vocab_start None)")
         x, process_group = dtensor_local(x, dim, name, process_group)
     elif process_group is None:
         raise ValueError(f"process_group: the vocabulary-parallel loss (vocab_start, sequence_parallel or a DTensor "
@@ -57,9 +56,13 @@ def _resolve(x, dim: int, name: str, process_group, vocab_start):
     return x, group, rank
 
 
-def _check_vocab_start(vocab_start):
-    if vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int)
-                                    or vocab_start < 0):
+def _check_vocab_start(vocab_start, sharded_dtensor: bool, name: str):
+    if vocab_start is None:
+        return
+    if sharded_dtensor:
+        raise ValueError(f"vocab_start: {name} is a DTensor, whose range is read from its placement (leave "
+                         "vocab_start None)")
+    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
         raise ValueError(f"vocab_start must be None or an int >= 0 (the first target id of this rank's shard), "
                          f"got {vocab_start!r}")
 
@@ -111,7 +114,7 @@ def vocab_parallel_loss(target_logits, source_topk, align_map, labels, source_we
     if inplace_grad and is_dtensor(target_logits) and target_logits.requires_grad:
         raise ValueError("inplace_grad=True: a DTensor's local shard is a view autograd does not let a loss overwrite; "
                          "pass the local [B, T, V_r] shard (ColwiseParallel(use_local_output=True)) with process_group")
-    logits, group, rank = _resolve(target_logits, -1, "target_logits", process_group, vocab_start)
+    logits, group, rank = _resolve(target_logits, -1, "target_logits", process_group)
     dev = logits.device
     names = ("the logits' dimensions", "N (tokens, B*T)", "B", *_TEACHER_SHAPES, "the dtype",
              "target_logits requiring grad", "inplace_grad", _ARGS, "vocab_start given", "V_r", "vocab_start")
@@ -129,7 +132,7 @@ def vocab_parallel_loss(target_logits, source_topk, align_map, labels, source_we
             raise ValueError("target_logits must be contiguous in its last (vocabulary) dimension")
         check_tensor("labels", labels, INTS, "int64 (or int32)")
         spec = make_spec(**spec_args)
-        _check_vocab_start(vocab_start)
+        _check_vocab_start(vocab_start, is_dtensor(target_logits), "target_logits")
         lead = tuple(logits.shape[:-1])
         ids, logprobs, pos, vocab, labels3, sw = check_teacher_args(
             lead, 0, dev, source_topk, align_map, labels, source_weights, lm_weight, temperature, ignore_index,
@@ -193,9 +196,11 @@ def vocab_parallel_linear_loss(hidden, weight, source_topk, align_map, labels, b
     share of the tokens (``[B, T_r, H]``: of dim 1; ``[N_r, H]``: of the flattened tokens, in rank
     order). ``chunk_rule(N, V_r, element_size)``: tokens per chunk when ``chunk_tokens`` is None."""
     owner = "fused_linear_loss"
-    weight, group, rank = _resolve(weight, 0, "weight", process_group, vocab_start)
+    sharded_weight = is_dtensor(weight)
+    weight, group, rank = _resolve(weight, 0, "weight", process_group)
     if is_dtensor(bias):
         bias, _ = dtensor_local(bias, 0, "bias", group)
+    check_tensor("hidden", hidden)
     hidden, seq = _resolve_hidden(hidden, group, sequence_parallel)
     dev = hidden.device
     names = ("hidden's dimensions", "N (tokens, B*T)", "B", "H (hidden size)", *_TEACHER_SHAPES, "the dtype",
@@ -229,7 +234,7 @@ def vocab_parallel_linear_loss(hidden, weight, source_topk, align_map, labels, b
             raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
         check_tensor("labels", labels, INTS, "int64 (or int32)")
         spec = make_spec(**spec_args)
-        _check_vocab_start(vocab_start)
+        _check_vocab_start(vocab_start, sharded_weight, "weight")
         lead = tuple(hidden.shape[:-1])
         if seq:     # labels and teacher cover every rank's tokens: the lead of the gathered hidden
             if labels.dim() == 0 or (hidden.dim() == 3 and labels.dim() != 2):
