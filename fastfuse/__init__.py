@@ -28,6 +28,7 @@ The whole public API, by stage (data flows top to bottom; DESIGN.md §3):
     SourceTopK(ids, logprobs), AlignMap(pos, vocab)
     fused_loss(target_logits, source_topk, align_map, labels, source_weights=None, lm_weight=0.9, ...)
     fused_linear_loss(hidden, lm_head_weight, source_topk, align_map, labels, bias=None, ...)  no full logits
+        process_group=tp_group (or DTensor shards)     either loss on a vocabulary shard (tensor parallelism)
     fastfuse.integrations.hf.causal_lm_fusion_loss(model, batch)   through an HF model (or its DDP wrapper)
 
 Names are imported lazily, so ``import fastfuse`` stays cheap and the alignment tools work without torch.

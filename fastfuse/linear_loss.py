@@ -237,7 +237,7 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, a
             :func:`default_chunk_tokens`).
         process_group, vocab_start, sequence_parallel: tensor parallelism (README "Tensor
             parallelism"): ``weight`` (and ``bias``) are this rank's vocabulary shard ``[V_r, H]``
-            (``[V_r]``) of a lm_head split by rows over ``process_group``, holding target ids
+            (``[V_r]``) of an lm_head split by rows over ``process_group``, holding target ids
             ``[vocab_start, vocab_start + V_r)`` (default: contiguous in group-rank order); a
             DTensor weight sharded on dim 0 (``ColwiseParallel``) needs neither. ``hidden`` is whole
             on every rank and ``d_hidden`` is all-reduced over the group; with

@@ -13,7 +13,9 @@ Per chunk of rows (the same chunks on every rank, so the collectives pair up):
 3. ``row_terms`` / ``row_loss`` on the combined scalars (identical on every rank) and
    ``grad_slice``: the gradient of this rank's slice only.
 
-No rank holds an ``[N, V]`` tensor: the largest are the chunk's ``[n, V_r]`` logits and gradient.
+No rank holds an ``[N, V]`` tensor: the largest are a chunk's ``[n, V_r]`` logits (in
+``fused_linear_loss`` one buffer, overwritten by their gradient) and the float32 temporaries of the
+stages, which run on slices of ``SLICE_ELEMS`` logits.
 The torch ops run on CUDA too; the Triton row kernels are not used here because the stages need a
 collective between the passes over a row, inside what the kernels do in one program.
 """
@@ -30,8 +32,8 @@ from fastfuse.divergence_rows import (combine_stats, finish_terms, gather_sparse
 from fastfuse.rows import RowTarget
 from fastfuse.vocab_shards import VocabLayout
 
-__all__ = ["SLICE_ELEMS", "Plan", "shard_rows", "logits_rows", "linear_chunks", "VocabParallelLoss", "VocabParallelLinearLoss",
-           "Consume"]
+__all__ = ["SLICE_ELEMS", "Plan", "shard_rows", "logits_rows", "linear_chunks", "VocabParallelLoss",
+           "VocabParallelLinearLoss", "Consume"]
 
 
 SLICE_ELEMS = 1 << 22     # logits per stage call: bounds the float32 temporaries (as divergence_rows)
