@@ -28,6 +28,8 @@ The whole public API, by stage (data flows top to bottom; DESIGN.md §3):
     SourceTopK(ids, logprobs), AlignMap(pos, vocab)
     fused_loss(target_logits, source_topk, align_map, labels, source_weights=None, lm_weight=0.9, ...)
     fused_linear_loss(hidden, lm_head_weight, source_topk, align_map, labels, bias=None, ...)  no full logits
+        both: divergence= one of DIVERGENCES, tail= one of TAILS, alpha/beta, logit_scale, softcap,
+        student_temperature, hinton_scale (README "Divergences")
         process_group=tp_group (or DTensor shards)     either loss on a vocabulary shard (tensor parallelism)
     fastfuse.integrations.hf.causal_lm_fusion_loss(model, batch)   through an HF model (or its DDP wrapper)
 
@@ -49,6 +51,7 @@ _EXPORTS = {
     "RewardScorer": "integrations.reward", "generate_responses": "integrations.reward",
     "ConstantSchedule": "schedules", "LinearSchedule": "schedules", "ProgressiveSchedule": "schedules",
     "SourceTopK": "loss", "AlignMap": "loss", "fused_loss": "loss", "fused_linear_loss": "linear_loss",
+    "DIVERGENCES": "divergences", "TAILS": "divergences", "DivergenceSpec": "divergences",
     "split_document": "chunking", "split_corpus": "chunking",
     "extract_topk": "extract", "ShardReader": "shards", "ShardWriter": "shards",
     "open_shards": "shard_parts", "PartsReader": "shard_parts",

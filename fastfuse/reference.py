@@ -55,9 +55,15 @@ __all__ = [
     "random_inputs",
     "tolerance",
     "LINEAR_REL_TOL",
+    "TAIL_EPS",
 ]
 
 from fastfuse.testing import LINEAR_REL_TOL, random_inputs, tolerance  # noqa: E402  (their old home)
+
+# A source's missing mass below this is rounding of its stored log-softmax values (fp32: ~K * 6e-8),
+# not mass: it counts as 0, so a teacher without a tail does not get a spurious one (whose
+# reverse KL would jump from the support-restricted value towards P_o * log(P_o / R)).
+TAIL_EPS = 1e-5
 
 def normalize_weights(source_weights: Optional[Tensor], S: int, B: int, T: int,
                       device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -84,7 +90,8 @@ def _aligned_entries(source_topk, align_map, temperature: float, dtype: torch.dt
     tail probability ``r [S, B, T]``. Without ``tail`` the survivors are renormalised (``r = 0``);
     with it the logprobs are log-probabilities and the source's missing mass
     ``1 - sum(exp(logprob))`` over its survivors is one more outcome of log-mass ``log r``, tempered
-    with them: ``softmax([logprobs, log r] / temperature)``. A source without survivors: ``r = 0``."""
+    with them: ``softmax([logprobs, log r] / temperature)``. A source without survivors: ``r = 0``;
+    a missing mass under ``TAIL_EPS`` is the rounding of log-softmax values, not mass: 0 too."""
     ids, lp = source_topk.ids, source_topk.logprobs
     pos, vocab = align_map.pos, align_map.vocab
     S, B, Ts, K = ids.shape
@@ -104,7 +111,9 @@ def _aligned_entries(source_topk, align_map, temperature: float, dtype: torch.dt
     has = valid.any(-1)
     if tail:
         kept = torch.where(valid, a_lp.exp(), torch.zeros_like(a_lp)).sum(-1, keepdim=True)
-        x = torch.cat([x, (1.0 - kept).clamp_min(0.0).log() / temperature], -1)
+        missing = (1.0 - kept).clamp_min(0.0)
+        missing = torch.where(missing < TAIL_EPS, torch.zeros_like(missing), missing)
+        x = torch.cat([x, missing.log() / temperature], -1)
     m = x.amax(-1, keepdim=True)
     m = torch.where(has[..., None], m, torch.zeros_like(m))
     e = torch.exp(x - m)

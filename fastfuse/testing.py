@@ -39,7 +39,8 @@ def random_inputs(B: int = 2, T: int = 5, V: int = 300, S: int = 3, K: int = 10,
                   Vs: int = 400, *, dtype: torch.dtype = torch.float32, device="cpu",
                   logit_scale: float = 3.0, p_unaligned: float = 0.2, p_pad: float = 0.1,
                   p_unmapped: float = 0.1, p_ignore: float = 0.1, map_range: Optional[int] = None,
-                  weights: Optional[str] = "token", generator: Optional[torch.Generator] = None):
+                  weights: Optional[str] = "token", generator: Optional[torch.Generator] = None,
+                  missing_mass: float = 0.0, p_neginf: float = 0.0):
     """Random inputs of :func:`fastfuse.fused_loss` for tests and benchmarks.
 
     Returns ``dict(target_logits, source_topk=(ids, logprobs), align_map=(pos, vocab), labels,
@@ -47,7 +48,10 @@ def random_inputs(B: int = 2, T: int = 5, V: int = 300, S: int = 3, K: int = 10,
     are padded (-1) with probability ``p_pad``, positions unaligned with ``p_unaligned``, source
     vocabulary entries unmapped with ``p_unmapped``, labels ignored with ``p_ignore``. With
     ``map_range`` the vocabulary maps into ``[0, map_range)`` only, which makes duplicate target
-    ids frequent. ``weights``: ``None``, ``"seq"`` ([S, B]) or ``"token"`` ([S, B, T]).
+    ids frequent. ``weights``: ``None``, ``"seq"`` ([S, B]) or ``"token"`` ([S, B, T]). The
+    logprobs are log-softmax values over ``K`` times a kept mass drawn in ``[1 - missing_mass, 1]``
+    per source position (so a ``"uniform"``/``"bucket"`` tail has mass to model); with
+    ``p_neginf`` that share of them is ``-inf``.
     """
     g = generator
     dev = torch.device(device)
@@ -58,7 +62,12 @@ def random_inputs(B: int = 2, T: int = 5, V: int = 300, S: int = 3, K: int = 10,
     z = (torch.randn(B, T, V, generator=g) * logit_scale).to(device=dev, dtype=dtype)
     ids = torch.randint(0, Vs, (S, B, Ts, K), generator=g).to(dev)
     ids = torch.where(rand(S, B, Ts, K) < p_pad, torch.full_like(ids, -1), ids).to(torch.int32)
-    lp = torch.log_softmax(torch.randn(S, B, Ts, K, generator=g) * 2, -1).to(dev)
+    lp = torch.log_softmax(torch.randn(S, B, Ts, K, generator=g) * 2, -1)
+    if missing_mass:
+        lp = lp + torch.log1p(-missing_mass * torch.rand(S, B, Ts, 1, generator=g))
+    if p_neginf:
+        lp = torch.where(torch.rand(S, B, Ts, K, generator=g) < p_neginf, torch.full_like(lp, float("-inf")), lp)
+    lp = lp.to(dev)
     pos = torch.randint(0, Ts, (S, B, T), generator=g).to(dev)
     pos = torch.where(rand(S, B, T) < p_unaligned, torch.full_like(pos, -1), pos).to(torch.int32)
     hi = V if map_range is None else min(V, map_range)

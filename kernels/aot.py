@@ -66,6 +66,34 @@ def fused_loss_launches(V: int, dtype, compute_grad: bool = True, inplace_grad: 
     return launches
 
 
+def divergence_launches(V: int, dtype, spec, compute_grad: bool = True, *, S: int = 2, B: int = 1, T: int = 4,
+                        K: int = 10, Vs: int = 500, seed: int = 0):
+    """The launches (tail-mass sparse teacher, then the generic row kernel with the library's
+    launch, ``fastfuse.rows.GENERIC_LAUNCH``) that ``fused_loss`` makes for a non-default
+    :class:`~fastfuse.divergences.DivergenceSpec`, recorded on CPU tensors."""
+    import torch
+
+    from fastfuse.reference import normalize_weights, random_inputs
+    from fastfuse.rows import GENERIC_LAUNCH
+
+    from .divergence import divergence_kernel, divergence_rows
+    from .sparse_teacher import sparse_teacher, sparse_teacher_kernel
+
+    d = random_inputs(B=B, T=T, V=V, S=S, K=K, Ts=T, Vs=Vs, dtype=dtype,
+                      generator=torch.Generator().manual_seed(seed))
+    (ids, logprobs), (pos, vocab) = d["source_topk"], d["align_map"]
+    weights = normalize_weights(d["source_weights"], S, B, T, "cpu").reshape(S, B * T)
+    N, E = B * T, S * K + 1
+    with record_launches(divergence_kernel, sparse_teacher_kernel) as launches:
+        tail = torch.zeros(N)
+        sparse_teacher(ids, logprobs.half(), pos, vocab, d["labels"], weights, 0.0, 1.0, -100, V,
+                       tail=tail if spec.uses_tail_mass else None)
+        z = d["target_logits"]
+        divergence_rows(z, torch.empty_like(z), torch.zeros(N, E, dtype=torch.int32), torch.zeros(N, E), tail,
+                        d["labels"].reshape(-1), -100, torch.ones(1), compute_grad, spec, 0.9, **GENERIC_LAUNCH)
+    return launches
+
+
 def _arg_type(name: str, value) -> str:
     import torch
 

@@ -50,7 +50,9 @@ def _source_entries(si, n, b, N, Ts, K, Vs, V, ids_ptr, lp_ptr, pos_ptr, vocab_p
     if TAIL:
         # the missing mass 1 - sum(kept probabilities) is one more outcome, tempered with them
         kept = tl.sum(tl.where(valid, tl.exp(lp_raw), 0.0), axis=0)
-        lt = tl.log(tl.maximum(1.0 - kept, 0.0)) / temperature
+        missing = tl.maximum(1.0 - kept, 0.0)
+        # below fastfuse.reference.TAIL_EPS the missing mass is rounding, not mass
+        lt = tl.log(tl.where(missing < 1e-5, 0.0, missing)) / temperature
         mx = tl.maximum(mx, lt)
     e = tl.where(valid, tl.exp(x - tl.where(has, mx, 0.0)), 0.0)
     denom = tl.where(has, tl.sum(e, axis=0), 1.0)

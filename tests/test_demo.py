@@ -17,10 +17,13 @@ def test_tiny_demo_runs_end_to_end(real_tokenizer, tmp_path, capsys):
     out = tmp_path / "figures.json"
     png = tmp_path / "curves.png"
     assert cli_main(["demo", "--size", "tiny", "--seed", "1", "--workdir", str(tmp_path / "work"), "--json", str(out),
-                      "--plot", str(png), "--quiet"]) == 0
+                      "--plot", str(png), "--quiet", "--baselines", "--divergence", "skew_reverse_kl", "--tail", "bucket",
+                      "--alpha", "0.2"]) == 0
     text = capsys.readouterr().out
     for row in ("source llama2", "source gpt2", "target at init", "target clm-only", "target fused", "bits/byte",
-                "fused - CLM-only", "gold target token", "alignment coverage", "time per stage"):
+                "fused - CLM-only", "gold target token", "alignment coverage", "time per stage",
+                "target KD from llama2 only", "target KD from gpt2 only", "best single-source KD",
+                "skew_reverse_kl/bucket tail (alpha 0.2)"):
         assert row in text
     f = json.loads(out.read_text())
     for key in ("clm_only_eval_loss", "fused_eval_loss", "clm_only_eval_bpb", "fused_eval_bpb"):
@@ -32,6 +35,10 @@ def test_tiny_demo_runs_end_to_end(real_tokenizer, tmp_path, capsys):
         assert 0.5 < f["coverage"][name]["aligned_1to1"] <= 1
         assert 0 < f["teachers"]["gold_in_topk"][name] <= 1 and 0 < f["teachers"]["topk_mass"][name] <= 1
     assert sum(f["minCE_picks"].values()) == f["train"]["sequences"]
+    assert f["loss"]["divergence"] == "skew_reverse_kl" and f["loss"]["tail"] == "bucket" and f["loss"]["mix"] == 0.2
+    assert sorted(f["single_source_eval_bpb"]) == sorted(demo.SOURCES)
+    for name, bpb in f["single_source_eval_bpb"].items():   # distinct trainings: distinct targets
+        assert math.isfinite(bpb) and bpb != f["fused_eval_bpb"] and f["target"][f"single {name}"]["bpb"] == bpb
     t = f["target"]
     assert t["fused"]["loss"] == f["fused_eval_loss"] and t["clm_only"]["bpb"] == f["clm_only_eval_bpb"]
     for mode in ("clm_only", "fused"):   # the seen / unseen split adds up to the whole
@@ -62,6 +69,12 @@ def test_cli_registration_and_argument_errors():
             demo.run_demo(size="tiny", device="cuda", progress=False)
     with pytest.raises(ValueError, match="size"):
         demo.run_demo(size="huge", progress=False)
+    args = build_parser().parse_args(["demo", "--divergence", "jsd", "--beta", "0.3", "--tail", "uniform"])
+    assert (args.divergence, args.beta, args.tail, args.baselines) == ("jsd", 0.3, "uniform", False)
+    with pytest.raises(ValueError, match="alpha is not a parameter of divergence='jsd'"):
+        demo.run_demo(size="tiny", progress=False, loss={"divergence": "jsd", "alpha": 0.3})
+    with pytest.raises(ValueError, match="tail must be one of"):
+        demo.run_demo(size="tiny", progress=False, variants={"x": {"tail": "drop"}})
 
 
 def test_corpus_split_is_deterministic_and_disjoint():

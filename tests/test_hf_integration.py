@@ -125,9 +125,48 @@ def test_bad_batch_and_model():
         causal_lm_fusion_loss(model, [1, 2])
     with pytest.raises(TypeError, match="model: expected a Hugging Face causal LM"):
         causal_lm_fusion_loss(torch.nn.Linear(2, 2), batch())
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
+    model.config.output_multiplier_scale = 2.0          # a transform the loss does not know
+    with pytest.raises(NotImplementedError, match="output_multiplier_scale"):
         causal_lm_fusion_loss(model, batch())
+    del model.config.output_multiplier_scale
+    model.config.final_logit_softcapping = 30.0         # a config that says more than the forward does
+    with pytest.raises(NotImplementedError, match="beyond its config's {'softcap': 30.0}"):
+        causal_lm_fusion_loss(model, batch())
+
+
+def make_transforming_model(name):
+    from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig,
+                              GraniteForCausalLM)
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=2, max_position_embeddings=32)
+    if name == "gemma2":         # final_logit_softcapping: 30 * tanh(z / 30); a small cap so it bites
+        return Gemma2ForCausalLM(Gemma2Config(head_dim=16, final_logit_softcapping=2.0, **small))
+    if name == "cohere":         # logits * logit_scale
+        return CohereForCausalLM(CohereConfig(logit_scale=0.25, **small))
+    return GraniteForCausalLM(GraniteConfig(logits_scaling=3.0, **small))    # logits / logits_scaling
+
+
+@pytest.mark.parametrize("name", ["gemma2", "cohere", "granite"])
+@pytest.mark.parametrize("divergence", ["ce", "reverse_kl"])
+def test_models_that_transform_their_logits(name, divergence):
+    """Soft-capped / scaled logits: the loss applies the model's own transform, same loss and grads."""
+    model = make_transforming_model(name).eval()
+    b = batch()
+    params = list(model.parameters())
+    kw = dict(lm_weight=0.6, divergence=divergence, tail="bucket" if divergence == "reverse_kl" else "renormalize")
+    loss = causal_lm_fusion_loss(model, b, chunk_tokens=7, **kw)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    ref = fused_loss(logits, b["source_topk"], b["align_map"], b["labels"], source_weights=b["source_weights"], **kw)
+    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        if r is not None:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="already fixes its logit transform"):
+        causal_lm_fusion_loss(model, b, softcap=5.0)
 
 
 def test_autocast_bf16():

@@ -137,3 +137,26 @@ def test_named_two_pass_configs_compile_without_spills(kern, name, monkeypatch):
             except RuntimeError as e:
                 pytest.skip(str(e))
             assert res["spill_stores"] == 0 and res["spill_loads"] == 0, (name, dtype, arch, aligned, res)
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "uniform", "bucket"])
+def test_divergence_kernel_compiles_without_spills(kern, tail):
+    """Every divergence of the generic row kernel (with the heaviest student transform: softcap and
+    a temperature) compiles for sm_90 -- and the three-pass "uniform" ones for sm_80 too -- at
+    V = 128256 with the library's launch, without spilling."""
+    from fastfuse.divergences import DIVERGENCES, make_spec
+    aot = kern.aot
+    targets = [(aot.HOPPER, "sm_90a")] + ([(aot.AMPERE, "sm_80")] if tail == "uniform" else [])
+    for divergence in DIVERGENCES:
+        spec = make_spec(divergence, tail, softcap=30.0, student_temperature=2.0)
+        launches = aot.divergence_launches(128256, torch.bfloat16, spec, seed=len(divergence))
+        assert [k for k, _, _ in launches] == [kern.sparse_teacher.sparse_teacher_kernel,
+                                               kern.divergence.divergence_kernel]
+        kernel, args, kwargs = launches[-1]
+        for target, arch in targets:
+            try:
+                res = aot.ptxas_resources(aot.compile_launch(kernel, args, kwargs, target, aligned=True), arch)
+            except RuntimeError as e:
+                pytest.skip(str(e))
+            assert res["spill_stores"] == 0 and res["spill_loads"] == 0, (divergence, tail, arch, res)
+        _compile_all(kern, launches[:1], hopper_only=True)      # the tail-mass teacher

@@ -6,8 +6,11 @@ import json
 import os
 from pathlib import Path
 
+from fastfuse.divergences import DIVERGENCES, TAILS      # torch-free: --help stays fast
+
 PRESET_NAMES = ("tiny", "small", "large")     # fastfuse.demo.PRESETS (not imported: --help stays torch-free)
 OVERRIDES = ("src_steps", "tgt_steps", "lm_weight", "temperature")
+
 
 
 def demo_overrides(args: argparse.Namespace) -> dict:
@@ -21,8 +24,11 @@ def _demo(args: argparse.Namespace) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = args.device or "cpu"
     size = args.size or ("large" if device.startswith("cuda") else "small")
+    loss = {k: getattr(args, k) for k in ("divergence", "tail", "alpha", "beta", "student_temperature")
+            if getattr(args, k) is not None}
     figures = run_demo(size=size, device=device, seed=args.seed, workdir=args.workdir, threads=args.threads,
-                       progress=not args.quiet, plot=args.plot, overrides=demo_overrides(args))
+                       progress=not args.quiet, plot=args.plot, overrides=demo_overrides(args), loss=loss,
+                       baselines=args.baselines)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
@@ -46,6 +52,16 @@ def add_demo(subparsers) -> None:
     p.add_argument("--tgt-steps", type=int, default=None, help="override the preset's target training steps")
     p.add_argument("--lm-weight", type=float, default=None, help="override the preset's lm_weight")
     p.add_argument("--temperature", type=float, default=None, help="override the preset's teacher temperature")
+    p.add_argument("--divergence", default=None, choices=DIVERGENCES,
+                   help="the fused target's divergence (default ce, FuseLLM's)")
+    p.add_argument("--tail", default=None, choices=TAILS,
+                   help="what the teacher's missing top-k mass means (default renormalize)")
+    p.add_argument("--alpha", type=float, default=None, help="skew_kl / skew_reverse_kl mixing weight in (0, 1)")
+    p.add_argument("--beta", type=float, default=None, help="jsd mixing weight in (0, 1)")
+    p.add_argument("--student-temperature", type=float, default=None, help="the student's temperature in the "
+                                                                            "divergence term")
+    p.add_argument("--baselines", action="store_true",
+                   help="also distil a target from each source alone (FuseLLM's single-teacher KD baseline)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)
 

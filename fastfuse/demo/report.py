@@ -15,19 +15,29 @@ def save_plot(curves: dict, path: str, log=print) -> str | None:
         log("plot: matplotlib is not installed (pip install matplotlib); no plot written")
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for mode, color in (("clm_only", "tab:blue"), ("fused", "tab:orange")):
-        c = curves[mode]
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
+    for i, (mode, c) in enumerate(curves.items()):
+        if i >= len(colors):            # variants beyond eight: the table has them, the plot stays readable
+            break
+        color = colors[i]
         ax.plot(c["step"], c["train_ce"], color=color, alpha=0.4, label=f"{mode}: train CE (batch)")
         ax.plot(c["eval_step"], c["eval_loss"], "o-", color=color, label=f"{mode}: held-out CE")
     ax.set_xlabel("target training step")
     ax.set_ylabel("cross-entropy per target token (nats)")
-    ax.set_title("fastfuse demo: CLM-only vs fused target")
+    ax.set_title("fastfuse demo: CLM-only vs fused target" + (" (and baselines)" if len(curves) > 2 else ""))
     ax.legend()
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
+
+
+def _loss_name(spec: dict | None) -> str:
+    if not spec:
+        return "CE"
+    name = spec["divergence"] + ("" if spec["tail"] == "renormalize" else f"/{spec['tail']} tail")
+    return name + (f" ({'beta' if spec['divergence'] == 'jsd' else 'alpha'} {spec['mix']})" if spec["mix"] else "")
 
 
 def report(f: dict) -> str:
@@ -43,6 +53,12 @@ def report(f: dict) -> str:
     for mode in ("clm_only", "fused"):
         rows.append((f"target {mode.replace('_', '-')}", t["tokenizer"], f"{fusion}, {p['tgt_steps']} steps",
                      f"{f[mode + '_eval_loss']:.4f}", f"{f[mode + '_eval_bpb']:.4f}"))
+    for name, bpb in (f.get("single_source_eval_bpb") or {}).items():
+        rows.append((f"target KD from {name} only", t["tokenizer"], f"{fusion}, {p['tgt_steps']} steps",
+                     f"{t['single ' + name]['loss']:.4f}", f"{bpb:.4f}"))
+    for name, v in (f.get("variants") or {}).items():
+        rows.append((f"target fused, {name}", t["tokenizer"], f"{fusion}, {p['tgt_steps']} steps",
+                     f"{v['eval_loss']:.4f}", f"{v['eval_bpb']:.4f}"))
     w = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["", "  ".join(c.ljust(w[i]) for i, c in enumerate(rows[0])), "  ".join("-" * x for x in w)]
     lines += ["  ".join(c.ljust(w[i]) if i < 3 else c.rjust(w[i]) for i, c in enumerate(r)) for r in rows[1:]]
@@ -51,8 +67,13 @@ def report(f: dict) -> str:
     db = f["fused_eval_bpb"] - f["clm_only_eval_bpb"]
     lines.append(f"fused - CLM-only on held-out: {d:+.4f} nats/token, {db:+.4f} bits/byte "
                  f"({100 * db / f['clm_only_eval_bpb']:+.1f}%; {'fused is better' if d < 0 else 'fused is NOT better'}; "
-                 f"MinCE, top-{p['k']}, lm_weight {p['lm_weight']}, temperature {p['temperature']}, same init, "
-                 "same batches)")
+                 f"MinCE, top-{p['k']}, lm_weight {p['lm_weight']}, temperature {p['temperature']}, "
+                 f"{_loss_name(f.get('loss'))}, same init, same batches)")
+    singles = f.get("single_source_eval_bpb")
+    if singles:
+        name, bpb = min(singles.items(), key=lambda kv: kv[1])
+        lines.append(f"fused - best single-source KD ({name}): {f['fused_eval_bpb'] - bpb:+.4f} bits/byte "
+                     f"({'fusion beats' if f['fused_eval_bpb'] < bpb else 'fusion does NOT beat'} the best single teacher)")
     c, u = t["clm_only"], t["fused"]
     if "unseen_rate" in c:
         lines.append(f"  on the {100 * (1 - c['unseen_rate']):.1f}% of held-out tokens whose type occurs in the fusion "

@@ -65,9 +65,17 @@ def load_or_pretrain(model, ckpt: Path, key: str, device, pretrain) -> list[floa
 
 def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: str | None = None,
              threads: int = 0, progress: bool = True, plot: str | None = None, overrides: dict | None = None,
-             log=print) -> dict:
-    """Run the whole demo; returns the figures (what ``--json`` writes)."""
+             log=print, loss: dict | None = None, baselines: bool = False, variants: dict | None = None) -> dict:
+    """Run the whole demo; returns the figures (what ``--json`` writes).
+
+    ``loss``: the fused target's divergence options (``divergence``, ``tail``, ``alpha``, ``beta``,
+    ``student_temperature``... of ``fused_loss``). ``baselines``: also distil a target from each
+    source alone (the same loss, S = 1: FuseLLM's knowledge-distillation baseline), reported as
+    ``single_source_eval_bpb``. ``variants``: more fused targets, name -> loss options (same data,
+    init and batches), reported under ``"variants"``."""
     import torch
+
+    from fastfuse.divergences import make_spec
 
     from fastfuse.chunking import split_corpus
     from fastfuse.corpus_align import align_corpus
@@ -77,6 +85,9 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
 
     if size not in PRESETS:
         raise ValueError(f"size: expected one of {sorted(PRESETS)}, got {size!r}")
+    loss = dict(loss or {})
+    for options in [loss, *(variants or {}).values()]:
+        make_spec(**options)        # bad options fail here, before minutes of work
     preset = replace(PRESETS[size], **(overrides or {}))
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -156,12 +167,16 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
                       counts=unigram_counts([list(x) for x in tgt_ids], len(tgt_tok)))
     ev0 = eval_target(init)
     curves, results = {}, {}
-    for mode in ("clm_only", "fused"):
+    modes = {"clm_only": None, "fused": {"loss": loss}}
+    if baselines:
+        modes.update({f"single {name}": {"sources": [i], "loss": loss} for i, name in enumerate(toks)})
+    modes.update({f"variant {name}": {"loss": dict(options)} for name, options in (variants or {}).items()})
+    for mode, fusion in modes.items():
         model = copy.deepcopy(init)
         eval_before = times.get("eval", 0.0)
         with stage(f"train target {mode}"):
             curves[mode] = train_target(model, tvocab, dataset, collate, preset.tgt_steps, preset, seed + 200, dev,
-                                        mode == "fused", eval_target, progress)
+                                        fusion, eval_target, progress, desc=mode)
         times[f"train target {mode}"] -= times["eval"] - eval_before  # the curve's evaluations count as "eval"
         results[mode] = curves[mode].pop("final")
         curves[mode]["eval_step"].insert(0, 0)
@@ -172,8 +187,12 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
         "size": size, "device": str(dev), "seed": seed, "preset": asdict(preset),
         "clm_only_eval_loss": results["clm_only"]["loss"], "fused_eval_loss": results["fused"]["loss"],
         "clm_only_eval_bpb": results["clm_only"]["bpb"], "fused_eval_bpb": results["fused"]["bpb"],
+        "loss": {k: v for k, v in make_spec(**loss)._asdict().items()},
+        "single_source_eval_bpb": {n: results[f"single {n}"]["bpb"] for n in toks} if baselines else None,
+        "variants": {n: {"loss": variants[n], "eval_loss": results[f"variant {n}"]["loss"],
+                         "eval_bpb": results[f"variant {n}"]["bpb"]} for n in (variants or {})},
         "target": {"tokenizer": TARGET, "vocab": len(tgt_tok), "rows": tvocab.num_rows, "init_eval_loss": ev0["loss"],
-                   "init_eval_bpb": ev0["bpb"], "clm_only": results["clm_only"], "fused": results["fused"]},
+                   "init_eval_bpb": ev0["bpb"], **{m: r for m, r in results.items() if not m.startswith("variant ")}},
         "heldout": {"documents": len(held), "bytes_target": results["fused"]["bytes"],
                     "tokens_target": results["fused"]["tokens"], "unseen_rate": results["fused"]["unseen_rate"]},
         "train": {"documents": len(train), "fusion_documents": len(fuse_docs), "sequences": len(dataset)},

@@ -89,10 +89,12 @@ def evaluate(model, tokenizer, vocab: ModelVocab, docs: list[str], block_size: i
 
 
 def train_target(model, vocab: ModelVocab, dataset, collate, steps: int, preset: Preset, seed: int, device,
-                 fused: bool, eval_fn, progress: bool) -> dict:
-    """Train the target ``steps`` steps on batches drawn with ``seed``: with ``fused_loss`` when
-    ``fused``, else plain cross-entropy on the same labels. Returns the curves (the last held-out
-    evaluation, of the trained model, in ``curve["final"]``)."""
+                 fusion: dict | None, eval_fn, progress: bool, desc: str = "") -> dict:
+    """Train the target ``steps`` steps on batches drawn with ``seed``: plain cross-entropy on the
+    labels when ``fusion`` is None, else ``fused_loss`` with ``fusion["loss"]`` (its keyword
+    options: divergence, tail...) against the sources ``fusion["sources"]`` (indices; None = all --
+    one index is knowledge distillation from that source alone). Returns the curves (the last
+    held-out evaluation, of the trained model, in ``curve["final"]``)."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -104,7 +106,8 @@ def train_target(model, vocab: ModelVocab, dataset, collate, steps: int, preset:
     model.to(device).train()
     every = max(1, steps // max(1, preset.eval_points))
     curve = {"step": [], "train_ce": [], "eval_step": [], "eval_loss": [], "final": None}
-    for step in tqdm(range(1, steps + 1), desc="train target " + ("fused" if fused else "CLM-only"),
+    pick_src = None if fusion is None or fusion.get("sources") is None else list(fusion["sources"])
+    for step in tqdm(range(1, steps + 1), desc="train target " + (desc or ("fused" if fusion else "CLM-only")),
                      disable=not progress, dynamic_ncols=True):
         pick = torch.randint(len(dataset), (preset.tgt_batch,), generator=g).tolist()
         b = collate([dataset[i] for i in pick])
@@ -112,11 +115,16 @@ def train_target(model, vocab: ModelVocab, dataset, collate, steps: int, preset:
         ids, labels = vocab.rows(b["input_ids"]).to(device), vocab.rows(b["labels"]).to(device)
         logits = model(input_ids=ids, attention_mask=b["attention_mask"].to(device)).logits
         ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-        if fused:
-            topk = SourceTopK(*(t.to(device) for t in b["source_topk"]))
-            amap = AlignMap(b["align_map"].pos.to(device), vocab.rows(b["align_map"].vocab).to(device))
-            loss = fused_loss(logits, topk, amap, labels, source_weights=b["source_weights"].to(device),
-                              lm_weight=preset.lm_weight, temperature=preset.temperature)
+        if fusion is not None:
+            topk, amap, w = b["source_topk"], b["align_map"], b["source_weights"]
+            if pick_src is not None:        # a subset of the sources (their MinCE weights renormalise)
+                topk = SourceTopK(topk.ids[pick_src], topk.logprobs[pick_src])
+                amap = AlignMap(amap.pos[pick_src], amap.vocab[pick_src])
+                w = w[pick_src]
+            topk = SourceTopK(*(t.to(device) for t in topk))
+            amap = AlignMap(amap.pos.to(device), vocab.rows(amap.vocab).to(device))
+            loss = fused_loss(logits, topk, amap, labels, source_weights=w.to(device), lm_weight=preset.lm_weight,
+                              temperature=preset.temperature, **fusion.get("loss", {}))
         else:
             loss = ce
         opt.zero_grad(set_to_none=True)

@@ -21,10 +21,32 @@ from fastfuse.linear_loss import fused_linear_loss
 from fastfuse.loss import AlignMap, SourceTopK
 from fastfuse.vocab_shards import is_dtensor
 
-__all__ = ["causal_lm_fusion_loss", "backbone_and_head", "final_hidden_states", "unwrap_model"]
+__all__ = ["causal_lm_fusion_loss", "backbone_and_head", "final_hidden_states", "unwrap_model", "logit_transform"]
 
-# config attributes of models that transform the logits after the lm_head (unsupported here)
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# config attributes of models that transform the logits after the lm_head, and the student transform
+# of the fusion loss that reproduces each (None: not supported, the model raises)
+_LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": lambda v: {"softcap": float(v)},     # Gemma 2/3: c * tanh(z / c)
+    "logit_scale": lambda v: {"logit_scale": float(v)},              # Cohere: z * s
+    "logits_scaling": lambda v: {"logit_scale": 1.0 / float(v)},     # Granite: z / s
+    "output_multiplier_scale": None,
+}
+
+
+def _transform_values(model) -> dict:
+    config = getattr(model, "config", None)
+    return {attr: getattr(config, attr, None) for attr in _LOGIT_TRANSFORMS
+            if getattr(config, attr, None) not in (None, 1, 1.0, 0, 0.0, False)}
+
+
+def logit_transform(model) -> dict:
+    """The keywords (``logit_scale``, ``softcap``) of the fusion loss that reproduce what ``model``
+    does to its logits after the lm_head (Gemma 2/3's final soft-capping, Cohere's and Granite's
+    scaling), read from its config; ``{}`` for a model that uses its logits as they are."""
+    out: dict = {}
+    for attr, value in _transform_values(model).items():
+        out.update(_LOGIT_TRANSFORMS[attr](value))
+    return out
 
 
 def backbone_and_head(model) -> tuple[Any, Any]:
@@ -40,12 +62,12 @@ def backbone_and_head(model) -> tuple[Any, Any]:
     if head is None or not isinstance(getattr(head, "weight", None), Tensor):
         raise TypeError(f"model: expected a Hugging Face causal LM with an lm_head (get_output_embeddings()), got "
                         f"{type(model).__name__}")
-    config = getattr(model, "config", None)
-    for attr in _LOGIT_TRANSFORMS:
-        value = getattr(config, attr, None)
-        if value not in (None, 1, 1.0, 0, 0.0, False):
+    for attr, value in _transform_values(model).items():
+        if _LOGIT_TRANSFORMS[attr] is None:
             raise NotImplementedError(f"model: {type(model).__name__} transforms its logits after the lm_head "
                                       f"(config.{attr}={value}); use fastfuse.fused_loss on model(...).logits")
+    if "logit_scale" in _transform_values(model) and "logits_scaling" in _transform_values(model):
+        raise NotImplementedError(f"model: {type(model).__name__}'s config sets both logit_scale and logits_scaling")
     backbone = None
     if hasattr(model, "get_decoder"):
         try:
@@ -105,11 +127,14 @@ def causal_lm_fusion_loss(model, batch: Mapping[str, Any], source_topk: Optional
             for a module that hands the final hidden states and ``lm_head.weight`` (and
             ``lm_head.bias`` when it has one) to ``fused_linear_loss``: the lm_head never runs on the
             whole sequence and the ``[B, T, V]`` logits never exist. Tied embeddings need nothing
-            special. Models that rescale or soft-cap logits after the lm_head (Gemma 2, Cohere, ...)
-            raise ``NotImplementedError``; so does ``torch.nn.DataParallel`` over several GPUs (it
-            splits the batch but not the teacher: use DDP). An lm_head made vocabulary-parallel by
-            ``torch.distributed.tensor.parallel.ColwiseParallel`` (alone or under FSDP2) runs
-            the vocabulary-parallel ``fused_linear_loss`` (``examples/tp_step.py``).
+            special. Models that rescale or soft-cap their logits after the lm_head (Gemma 2/3's
+            ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's ``logits_scaling``)
+            get the same transform inside the loss (:func:`logit_transform`: ``softcap`` /
+            ``logit_scale`` of ``fused_linear_loss``, exact gradients); a transform it does not
+            know raises ``NotImplementedError``, and so does ``torch.nn.DataParallel`` over several
+            GPUs (it splits the batch but not the teacher: use DDP). An lm_head made
+            vocabulary-parallel by ``torch.distributed.tensor.parallel.ColwiseParallel`` (alone or
+            under FSDP2) runs the vocabulary-parallel ``fused_linear_loss`` (``examples/tp_step.py``).
         batch: a mapping with ``input_ids [B, T]`` and ``labels [B, T]`` (``ignore_index`` = -100
             by default for padding/prompt tokens), optionally ``attention_mask``, ``position_ids``,
             ``source_topk``, ``align_map``, ``source_weights``.
@@ -132,8 +157,9 @@ def causal_lm_fusion_loss(model, batch: Mapping[str, Any], source_topk: Optional
         return_hidden: also return the ``[B, T, H]`` final hidden states, detached, in the dtype the
             loss used (the autocast dtype under autocast), e.g. to evaluate other loss terms.
         loss_kwargs: passed to ``fused_linear_loss`` (``lm_weight``, ``temperature``, ``reduction``,
-            ``chunk_tokens``, ``ignore_index``, ``validate``, ...). ``source_weights`` defaults to
-            ``batch.get("source_weights")``.
+            ``chunk_tokens``, ``ignore_index``, ``validate``, ``divergence``, ``tail``, ...).
+            ``source_weights`` defaults to ``batch.get("source_weights")``; ``logit_scale`` /
+            ``softcap`` come from the model's config (passing them raises ``ValueError``).
 
     Returns the float32 loss (``[B, T]`` for ``reduction="none"``, the last position 0 when the
     labels were shifted here), or ``(loss, hidden)`` with ``return_hidden``. Under
@@ -150,6 +176,12 @@ def causal_lm_fusion_loss(model, batch: Mapping[str, Any], source_topk: Optional
         raise ValueError(f"batch: missing {missing} (pass source_topk/align_map as arguments or batch entries)")
     inner = _check_wrappers(model)
     _, head = backbone_and_head(inner)
+    transform = logit_transform(inner)
+    clash = sorted({"logit_scale", "softcap"} & set(loss_kwargs))
+    if clash:
+        raise ValueError(f"loss_kwargs: {clash} set, but the model's config already fixes its logit transform "
+                         f"({transform or 'none'}); it is applied inside the loss")
+    loss_kwargs.update(transform)
     labels = batch["labels"]
     if not isinstance(labels, Tensor) or labels.dim() != 2:
         raise ValueError(f"batch['labels'] must be a [B, T] tensor, got "
@@ -187,7 +219,21 @@ def causal_lm_fusion_loss(model, batch: Mapping[str, Any], source_topk: Optional
     if not isinstance(loss, Tensor) or loss.shape != fusion_head.loss.shape or loss.dtype != torch.float32:
         raise NotImplementedError(f"model: {type(inner).__name__} transforms the output of its lm_head; use "
                                   f"fastfuse.fused_loss on model(...).logits")
+    if transform:
+        # the model applied its logit transform to our loss: check it did exactly that, then take
+        # the loss itself, the wrapper's output kept in the graph with a zero weight
+        expected = _apply_transform(fusion_head.loss.detach(), transform)
+        if not torch.allclose(loss.detach(), expected, rtol=1e-4, atol=1e-5):
+            raise NotImplementedError(f"model: {type(inner).__name__} transforms the output of its lm_head beyond "
+                                      f"its config's {transform}; use fastfuse.fused_loss on model(...).logits")
+        loss = fusion_head.loss + 0.0 * (loss - loss.detach())
     return (loss, fusion_head.hidden.detach()) if return_hidden else loss
+
+
+def _apply_transform(x: Tensor, transform: dict) -> Tensor:
+    x = x * transform.get("logit_scale", 1.0)
+    cap = transform.get("softcap")
+    return cap * torch.tanh(x / cap) if cap else x
 
 
 class _FusionHead(torch.nn.Module):

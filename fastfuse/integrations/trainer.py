@@ -15,14 +15,15 @@ from typing import Any, Callable
 import torch
 from transformers import Trainer
 
-from fastfuse.integrations.hf import backbone_and_head, causal_lm_fusion_loss, unwrap_model
+from fastfuse.integrations.hf import backbone_and_head, causal_lm_fusion_loss, logit_transform, unwrap_model
 from fastfuse.linear_loss import fused_linear_loss
 from fastfuse.loss import fused_loss
 
 _LOSSES = ("linear", "logits")
 # what loss_kwargs may hold: the loss functions' keyword options the trainer does not set itself
-_OPTIONS = {"linear": {"ignore_index", "impl", "validate", "chunk_tokens", "inplace_grad"},
-            "logits": {"ignore_index", "impl", "validate", "inplace_grad"}}
+_DIVERGENCE = {"divergence", "tail", "alpha", "beta", "student_temperature", "hinton_scale"}
+_OPTIONS = {"linear": {"ignore_index", "impl", "validate", "chunk_tokens", "inplace_grad"} | _DIVERGENCE,
+            "logits": {"ignore_index", "impl", "validate", "inplace_grad", "logit_scale", "softcap"} | _DIVERGENCE}
 
 
 def check_lm_weight(lm_weight: Any, max_steps: int) -> None:
@@ -57,12 +58,15 @@ class FusionTrainer(Trainer):
         loss: ``"linear"`` (default): :func:`fastfuse.fused_linear_loss` of the final hidden states
             and the lm_head weight, computed inside the model's forward through its DDP /
             accelerate wrapper (:func:`fastfuse.integrations.hf.causal_lm_fusion_loss`): the
-            ``[B, T, V]`` logits never exist. Models that transform their logits after the lm_head
-            (soft-capping, scaling) raise ``NotImplementedError``: use ``"logits"`` for them.
+            ``[B, T, V]`` logits never exist. Models that soft-cap or scale their logits after the
+            lm_head (Gemma 2/3, Cohere, Granite) get that transform inside the loss.
             ``"logits"``: :func:`fastfuse.fused_loss` on ``model(...).logits``. Both give the same
             loss and gradients.
-        loss_kwargs: more keyword arguments for the loss function (``impl``, ``validate``; for
-            ``"linear"`` also ``chunk_tokens``; for ``"logits"`` also ``inplace_grad``...).
+        loss_kwargs: more keyword arguments for the loss function (``impl``, ``validate``, the
+            divergence family: ``divergence``, ``tail``, ``alpha``, ``beta``,
+            ``student_temperature``, ``hinton_scale``; for ``"linear"`` also ``chunk_tokens``; for
+            ``"logits"`` also ``inplace_grad``, ``logit_scale``, ``softcap`` -- the ``"linear"``
+            loss takes the model's own logit transform from its config).
 
     ``compute_loss(..., return_outputs=True)`` (what ``Trainer.evaluate`` / ``predict`` call) takes
     the ``"logits"`` path whatever ``loss`` is, so the returned outputs are the model's own, with
@@ -121,8 +125,9 @@ class FusionTrainer(Trainer):
                 bias = getattr(head, "bias", None)
                 weight = head.weight.detach().to(hidden.dtype)
                 bias = None if bias is None else bias.detach().to(hidden.dtype)
-                self._log_terms(lambda *a, **k: fused_linear_loss(hidden, weight, *a, bias=bias, **k), inputs,
-                                self.loss_kwargs)
+                transform = logit_transform(unwrap_model(model))
+                self._log_terms(lambda *a, **k: fused_linear_loss(hidden, weight, *a, bias=bias, **transform, **k),
+                                inputs, self.loss_kwargs)
             return loss
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
         # fused_loss has no chunks: drop the option when a "linear" trainer evaluates here
