@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a fresh GPU machine (torch + triton preinstalled, no package registry), <= 8 min:
+# One command for a fresh GPU machine (torch + triton preinstalled, no package registry), <= 10 min:
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR]        # default results/gpu-<UTC time>
 #
@@ -9,6 +9,7 @@
 # 3. the fused_linear_loss table (matmul floor, naive, Liger, CCE where importable, fastfuse)
 # 4. each divergence x tail's time relative to "ce" and to the copy floor (bench_divergences.py)
 # 5. registers / spills of every kernel launch under this machine's Triton
+# 6. the vocabulary-parallel loss on a one-rank NCCL group against the one-GPU loss (gpu_tp_loss.py --quick)
 # Everything goes to OUT_DIR (one log per step, CSVs, junit XML); a summary prints at the end.
 # Pure-Python extras (liger-kernel, cut-cross-entropy) are installed from ./.whl/*.whl if present.
 set -u
@@ -58,6 +59,7 @@ step loss_table 120 $PY benchmarks/gpu_loss.py --no-check --quick
 step linear_table 90 $PY benchmarks/gpu_linear_loss.py --no-check --no-sweep --csv "$OUT/bench_linear_loss.csv"
 step divergence_table 60 $PY benchmarks/bench_divergences.py --csv "$OUT/bench_divergences.csv"
 step kernel_resources 45 $PY benchmarks/kernel_resources.py
+step tp_loss 60 $PY benchmarks/gpu_tp_loss.py --quick --csv "$OUT/gpu_tp_loss.csv"
 
 echo
 echo "== summary ($OUT)"

@@ -30,6 +30,7 @@ The whole public API, by stage (data flows top to bottom; DESIGN.md §3):
     fused_linear_loss(hidden, lm_head_weight, source_topk, align_map, labels, bias=None, ...)  no full logits
         both: divergence= one of DIVERGENCES, tail= one of TAILS, alpha/beta, logit_scale, softcap,
         student_temperature, hinton_scale (README "Divergences")
+        process_group=tp_group (or DTensor shards)     either loss on a vocabulary shard (tensor parallelism)
     fastfuse.integrations.hf.causal_lm_fusion_loss(model, batch)   through an HF model (or its DDP wrapper)
 
 Names are imported lazily, so ``import fastfuse`` stays cheap and the alignment tools work without torch.

@@ -90,6 +90,8 @@ from fastfuse._dispatch import (ALL_FLOATS, INTS, SECOND_BACKWARD, check_teacher
 from fastfuse.divergences import make_spec
 from fastfuse.loss import AlignMap, SourceTopK
 from fastfuse.rows import RowTarget, build_target, run_rows
+from fastfuse.vocab_parallel import vocab_parallel_linear_loss
+from fastfuse.vocab_shards import is_dtensor
 
 __all__ = ["fused_linear_loss"]
 
@@ -211,7 +213,8 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, a
                       beta: Optional[float] = None, logit_scale: float = 1.0, softcap: Optional[float] = None,
                       student_temperature: float = 1.0, hinton_scale: bool = False,
                       inplace_grad: bool = True, impl: str = "auto", validate: bool = True,
-                      chunk_tokens: Optional[int] = None) -> Tensor:
+                      chunk_tokens: Optional[int] = None, process_group=None, vocab_start: Optional[int] = None,
+                      sequence_parallel: bool = False) -> Tensor:
     """:func:`fastfuse.fused_loss` of ``hidden @ weight.T + bias``, never holding all the logits.
 
     Args:
@@ -231,6 +234,16 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, a
             matmuls are always ``torch.mm``/``addmm`` (cuBLAS on CUDA).
         chunk_tokens: tokens per chunk (default: chunks of logits under 512 MiB, see
             :func:`default_chunk_tokens`).
+        process_group, vocab_start, sequence_parallel: tensor parallelism (README "Tensor
+            parallelism"): ``weight`` (and ``bias``) are this rank's vocabulary shard ``[V_r, H]``
+            (``[V_r]``) of an lm_head split by rows over ``process_group``, holding target ids
+            ``[vocab_start, vocab_start + V_r)`` (default: contiguous in group-rank order); a
+            DTensor weight sharded on dim 0 (``ColwiseParallel``) needs neither. ``hidden`` is whole
+            on every rank and ``d_hidden`` is all-reduced over the group; with
+            ``sequence_parallel=True`` (or a DTensor ``hidden`` sharded on its token dim) it is this
+            rank's share of the tokens (``[B, T_r, H]``, or ``[N_r, H]`` of the flattened tokens in
+            rank order), gathered here, and ``d_hidden`` is reduce-scattered back to it; labels and
+            teacher always cover every token. ``fastfuse.vocab_parallel``.
 
     Returns the float32 loss (scalar, or ``[B, T]`` / ``[N]`` for ``"none"``). Gradients flow to
     ``hidden``, ``weight`` and ``bias``; for ``"mean"``/``"sum"`` they are computed in the forward
@@ -239,6 +252,13 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, a
     sync in the forward with ``validate=False``. See the module docstring for the algorithm,
     precision choices and comparison with Liger-Kernel and Cut Cross-Entropy.
     """
+    if (process_group is not None or vocab_start is not None or sequence_parallel is not False or is_dtensor(weight)
+            or is_dtensor(hidden)):
+        return vocab_parallel_linear_loss(
+            hidden, weight, source_topk, align_map, labels, bias, source_weights, lm_weight, temperature, ignore_index,
+            reduction, dict(divergence=divergence, tail=tail, alpha=alpha, beta=beta, logit_scale=logit_scale,
+                            softcap=softcap, student_temperature=student_temperature, hinton_scale=hinton_scale),
+            impl, validate, chunk_tokens, process_group, vocab_start, sequence_parallel, default_chunk_tokens)
     check_tensor("hidden", hidden, ALL_FLOATS, "float32, bfloat16 or float16 (float64 on the torch path)")
     check_tensor("weight", weight, ALL_FLOATS, "float32, bfloat16 or float16 (float64 on the torch path)")
     if hidden.dim() not in (2, 3):

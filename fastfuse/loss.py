@@ -15,6 +15,8 @@ from fastfuse import reference as _ref
 from fastfuse._dispatch import (ALL_FLOATS, INTS, SECOND_BACKWARD, check_teacher_args, check_tensor, float64_path)
 from fastfuse.divergences import make_spec
 from fastfuse.rows import RowTarget, build_target, run_rows
+from fastfuse.vocab_parallel import vocab_parallel_loss
+from fastfuse.vocab_shards import is_dtensor
 
 __all__ = ["SourceTopK", "AlignMap", "fused_loss"]
 
@@ -114,7 +116,8 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
                *, divergence: str = "ce", tail: str = "renormalize", alpha: Optional[float] = None,
                beta: Optional[float] = None, logit_scale: float = 1.0, softcap: Optional[float] = None,
                student_temperature: float = 1.0, hinton_scale: bool = False,
-               inplace_grad: bool = False, impl: str = "auto", validate: bool = True) -> Tensor:
+               inplace_grad: bool = False, impl: str = "auto", validate: bool = True,
+               process_group=None, vocab_start: Optional[int] = None) -> Tensor:
     """Knowledge-fusion loss of target logits against gold labels and a fused sparse teacher.
 
     Per token: ``lm_weight * CE(z, label) + (1 - lm_weight) * CE(z, q)``
@@ -178,6 +181,12 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
             host sync. Shape/dtype/device checks are always done (free). With
             ``validate=False`` bad ids may give a meaningless loss but never touch memory outside
             their own row: every indirect access is masked by its full range.
+        process_group, vocab_start: tensor parallelism (README "Tensor parallelism"): with a
+            ``torch.distributed`` group, ``target_logits`` is this rank's vocabulary shard
+            ``[B, T, V_r]`` holding target ids ``[vocab_start, vocab_start + V_r)`` (default: the
+            shards contiguous in group-rank order); a DTensor sharded on its last dim needs neither.
+            ``V = sum V_r``; labels, teacher and every other argument are the same on every rank,
+            and the returned loss (the whole vocabulary's) too. ``fastfuse.vocab_parallel``.
 
     The gradient flows to ``target_logits`` only. For float32/bfloat16 it is computed in the
     forward pass (one read of the logits for the log-sum-exp, a second, L2-friendly, one for the
@@ -200,6 +209,13 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
     4M logits at a time (float32 softmax of the chunk), so memory stays ``O(N * V)`` only for
     the gradient itself.
     """
+    if process_group is not None or vocab_start is not None or is_dtensor(target_logits):
+        return vocab_parallel_loss(target_logits, source_topk, align_map, labels, source_weights, lm_weight,
+                                   temperature, ignore_index, reduction,
+                                   dict(divergence=divergence, tail=tail, alpha=alpha, beta=beta, logit_scale=logit_scale,
+                                        softcap=softcap, student_temperature=student_temperature,
+                                        hinton_scale=hinton_scale), inplace_grad, impl, validate, process_group,
+                                   vocab_start)
     if not isinstance(target_logits, Tensor):
         raise TypeError(f"target_logits must be a torch.Tensor, got {type(target_logits).__name__}")
     if target_logits.dtype not in ALL_FLOATS:

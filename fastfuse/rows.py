@@ -42,11 +42,14 @@ class RowTarget(NamedTuple):
 
 
 def build_target(use_triton: bool, spec, ids, logprobs, pos, vocab, labels, weights, lm_weight: float,
-                 temperature: float, ignore_index: int, V: int, dtype: torch.dtype = torch.float32) -> RowTarget:
+                 temperature: float, ignore_index: int, V: int, dtype: torch.dtype = torch.float32,
+                 teacher_form: bool = False) -> RowTarget:
     """The :class:`RowTarget` of every row (inputs validated, 3-d layout; ``weights [S, N]``); the
-    torch path computes its coefficients in ``dtype`` (float64 for float64 logits)."""
+    torch path computes its coefficients in ``dtype`` (float64 for float64 logits). With
+    ``teacher_form`` the teacher alone (unique ids, ``q``, ``R``) whatever the spec: the
+    vocabulary-parallel loss runs the staged rows for every spec."""
     with torch.no_grad():
-        if spec.is_default:
+        if spec.is_default and not teacher_form:
             if use_triton:
                 from fastfuse.kernels.sparse_teacher import sparse_teacher
                 tids, coefs = sparse_teacher(ids, logprobs, pos, vocab, labels, weights, lm_weight, temperature,

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from fastfuse.linear_loss import fused_linear_loss
 from fastfuse.loss import AlignMap, SourceTopK
+from fastfuse.vocab_shards import is_dtensor
 
 __all__ = ["causal_lm_fusion_loss", "backbone_and_head", "final_hidden_states", "unwrap_model", "logit_transform"]
 
@@ -131,7 +132,9 @@ def causal_lm_fusion_loss(model, batch: Mapping[str, Any], source_topk: Optional
             get the same transform inside the loss (:func:`logit_transform`: ``softcap`` /
             ``logit_scale`` of ``fused_linear_loss``, exact gradients); a transform it does not
             know raises ``NotImplementedError``, and so does ``torch.nn.DataParallel`` over several
-            GPUs (it splits the batch but not the teacher: use DDP).
+            GPUs (it splits the batch but not the teacher: use DDP). An lm_head made
+            vocabulary-parallel by ``torch.distributed.tensor.parallel.ColwiseParallel`` (alone or
+            under FSDP2) runs the vocabulary-parallel ``fused_linear_loss`` (``examples/tp_step.py``).
         batch: a mapping with ``input_ids [B, T]`` and ``labels [B, T]`` (``ignore_index`` = -100
             by default for padding/prompt tokens), optionally ``attention_mask``, ``position_ids``,
             ``source_topk``, ``align_map``, ``source_weights``.
@@ -192,6 +195,7 @@ def causal_lm_fusion_loss(model, batch: Mapping[str, Any], source_topk: Optional
     loss_kwargs.setdefault("source_weights", batch.get("source_weights"))
 
     def loss_of(hidden: Tensor) -> tuple[Tensor, Tensor]:
+        _check_vocab_parallel_head(inner, head, hidden, labels)
         if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(labels.shape):
             raise RuntimeError(f"model: its lm_head received hidden states of shape {tuple(hidden.shape)} for "
                                f"labels of shape {tuple(labels.shape)}; expected [B, T, H] for the whole batch")
@@ -262,6 +266,30 @@ def _output_embeddings_replaced(model, module: torch.nn.Module) -> Iterator[None
         yield
     finally:
         model.set_output_embeddings(head)
+
+
+def _check_vocab_parallel_head(model, head, hidden: Tensor, labels: Tensor) -> None:
+    """A tensor-parallel lm_head (README "Tensor parallelism"): torch's ``ColwiseParallel`` makes its
+    weight a DTensor sharded by vocabulary rows (``Shard(0)``; FSDP2 gathers the other mesh dimension
+    in the forward), which ``fused_linear_loss`` takes as it is: it reads the shard's range and its
+    process group from the placement, and sums ``d_hidden`` over that group. The hidden states are
+    whole on every rank, or a DTensor sharded on the sequence (a ``SequenceParallel`` final norm) for
+    sequence parallelism. Other shardings are refused here, with the model named."""
+    weight = head.weight
+    if not is_dtensor(weight):
+        return
+    from torch.distributed.tensor import Replicate, Shard
+
+    split = [p for p in weight.placements if not isinstance(p, Replicate)]
+    if len(split) != 1 or not (isinstance(split[0], Shard) and split[0].dim == 0):
+        raise NotImplementedError(f"model: {type(model).__name__}'s lm_head weight is a DTensor placed "
+                                  f"{tuple(weight.placements)}; the vocabulary-parallel loss takes an lm_head sharded "
+                                  f"by vocabulary rows (ColwiseParallel: Shard(0)); use fastfuse.fused_loss on "
+                                  f"model(...).logits otherwise")
+    if not is_dtensor(hidden) and hidden.dim() == 3 and hidden.shape[1] != labels.shape[1]:
+        raise RuntimeError(f"model: its vocabulary-parallel lm_head received hidden states of {hidden.shape[1]} "
+                           f"positions for labels of {labels.shape[1]}: a sequence-parallel final norm must hand the "
+                           f"lm_head a DTensor sharded on the sequence (SequenceParallel(use_local_output=False))")
 
 
 def _check_wrappers(model):

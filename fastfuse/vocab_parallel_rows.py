@@ -1,0 +1,249 @@
+"""The rows of the vocabulary-parallel loss: the stages of ``fastfuse.divergence_rows`` on this
+rank's vocabulary slice, combined over the process group, and the two autograd Functions
+(logits in; hidden states and the lm_head weight shard in).
+
+Per chunk of rows (the same chunks on every rank, so the collectives pair up):
+
+1. ``local_stats`` of the slice ``[n, k]`` and ``gather_sparse`` -- the transformed logits at the
+   teacher ids and the label that this rank owns, -inf elsewhere ``[n, E + 1]`` -- packed into one
+   ``[n, k + E + 1]`` tensor and all-gathered (round 1); every rank then combines them alike
+   (``combine_stats``; a max over the ranks for the sparse logits) and holds the same row scalars;
+2. for the ``"uniform"`` tail of JSD, the skew KLs and TVD: ``tail_sums`` of the slice, all-reduced
+   (round 2);
+3. ``row_terms`` / ``row_loss`` on the combined scalars (identical on every rank) and
+   ``grad_slice``: the gradient of this rank's slice only.
+
+No rank holds an ``[N, V]`` tensor: the largest are a chunk's ``[n, V_r]`` logits (in
+``fused_linear_loss`` one buffer, overwritten by their gradient) and the float32 temporaries of the
+stages, which run on slices of ``SLICE_ELEMS`` logits.
+The torch ops run on CUDA too; the Triton row kernels are not used here because the stages need a
+collective between the passes over a row, inside what the kernels do in one program.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastfuse._dispatch import SECOND_BACKWARD
+from fastfuse.divergence_rows import (combine_stats, finish_terms, gather_sparse, grad_slice, local_stats,
+                                      needs_tail_pass, row_loss, row_terms, tail_sums)
+from fastfuse.rows import RowTarget
+from fastfuse.vocab_shards import VocabLayout
+
+__all__ = ["SLICE_ELEMS", "Plan", "shard_rows", "logits_rows", "linear_chunks", "VocabParallelLoss",
+           "VocabParallelLinearLoss", "Consume"]
+
+
+SLICE_ELEMS = 1 << 22     # logits per stage call: bounds the float32 temporaries (as divergence_rows)
+
+
+class Plan(NamedTuple):
+    """What every rank runs alike: the layout, the loss, and ``chunk`` rows per collective round."""
+    layout: VocabLayout
+    spec: object
+    lm_weight: float
+    reduction: str
+    chunk: int
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows(d, a: int, e: int):
+    return {k: v[a:e] for k, v in d.items()}
+
+
+def shard_rows(z: Tensor, target: RowTarget, labels: Tensor, ignored: Tensor, scale: Tensor, plan: Plan,
+               grad_out: Optional[Tensor], acc: torch.dtype) -> Tensor:
+    """One chunk ``z [n, V_r]`` of this rank's logits: the per-row loss ``[n]`` (``acc``, the same on
+    every rank; 0 on ignored rows), and ``scale * dL/dz`` (``scale``: one element or one per row)
+    written into ``grad_out [n, V_r]`` (``z`` itself allowed) when given. One collective round (two
+    with a tail pass) for the whole chunk; the stages run on slices of ``SLICE_ELEMS`` logits."""
+    spec, layout = plan.spec, plan.layout
+    tids, q, R = target
+    n, Vr = z.shape
+    step = max(1, SLICE_ELEMS // max(Vr, 1))
+    parts = [(a, min(n, a + step)) for a in range(0, n, step)]
+    stats = torch.cat([local_stats(z[a:e], spec, acc) for a, e in parts])
+    sparse = torch.cat([gather_sparse(z[a:e], tids[a:e], labels[a:e], spec, layout.start, acc) for a, e in parts])
+    k = stats.shape[1]
+    every = layout.all_gather(torch.cat([stats, sparse], 1))         # [W, n, k + E + 1]
+    st = combine_stats(every[..., :k], spec)
+    rt = row_terms(spec, st, every[..., k:].amax(0), tids, q, R, layout.total)
+    if needs_tail_pass(spec):
+        sums = torch.cat([tail_sums(z[a:e], spec, _rows(rt, a, e), _rows(st, a, e), acc) for a, e in parts])
+        rt = finish_terms(spec, rt, layout.all_reduce(sums))
+    rows = row_loss(spec, plan.lm_weight, st, rt)
+    rows = torch.where(ignored, torch.zeros_like(rows), rows)
+    if grad_out is not None:
+        s = scale.reshape(-1).to(acc)
+        for a, e in parts:      # slice a's gradient reads only z[a:e]: writing it into z is safe
+            g = grad_slice(z[a:e], spec, plan.lm_weight, _rows(st, a, e), _rows(rt, a, e), tids[a:e], labels[a:e],
+                           layout.start, acc)
+            g.masked_fill_(ignored[a:e, None], 0.0)
+            grad_out[a:e] = g.mul_(s if s.numel() == 1 else s[a:e, None])
+    return rows
+
+
+def logits_rows(logits: Tensor, target: RowTarget, labels: Tensor, ignored: Tensor, scale: Tensor, plan: Plan,
+                grad: Optional[Tensor]) -> Tensor:
+    """Per-row loss ``[N]`` of this rank's ``logits [B, T, V_r]``, and ``scale * dL/dlogits`` written
+    into ``grad`` (any ``[B, T, V_r]`` buffer, ``logits`` itself included) when it is given."""
+    B, T, _ = logits.shape
+    acc = _acc(logits.dtype)
+    loss = torch.empty(B * T, dtype=acc, device=logits.device)
+    per_row = scale.numel() > 1
+    for b in range(B):
+        for t0 in range(0, T, plan.chunk):
+            t1 = min(T, t0 + plan.chunk)
+            a, e = b * T + t0, b * T + t1
+            loss[a:e] = shard_rows(logits[b, t0:t1], target.rows(a, e), labels[a:e], ignored[a:e],
+                                   scale[a:e] if per_row else scale, plan,
+                                   None if grad is None else grad[b, t0:t1], acc)
+    return loss
+
+
+def linear_chunks(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: RowTarget, labels: Tensor,
+                  ignored: Tensor, scale: Tensor, plan: Plan, need) -> Tuple[Tensor, Tuple[Optional[Tensor], ...]]:
+    """Per-row losses ``[N]`` of ``hidden @ weight.T + bias`` (this rank's ``[V_r, H]`` shard) and the
+    gradients flagged in ``need``: ``d_hidden`` summed over the group (all-reduce; under sequence
+    parallelism the reduce-scatter to this rank's tokens), ``d_weight``/``d_bias`` of the shard."""
+    layout = plan.layout
+    H = hidden.shape[-1]
+    h3 = hidden if hidden.dim() == 3 else hidden.unsqueeze(0)
+    full = (layout.gather_tokens(h3) if layout.tokens is not None else h3).reshape(-1, H)
+    N, Vr = full.shape[0], weight.shape[0]
+    acc = _acc(hidden.dtype)
+    compute_grad = any(need)
+    d_full = torch.empty_like(full) if need[0] else None
+    d_weight = torch.empty_like(weight) if need[1] else None
+    d_bias = torch.zeros(Vr, dtype=acc, device=hidden.device) if (need[2] and bias is not None) else None
+    loss = torch.empty(N, dtype=acc, device=hidden.device)
+    buf = torch.empty(min(plan.chunk, N), Vr, dtype=hidden.dtype, device=hidden.device)
+    wt = weight.t()
+    per_row = scale.numel() > 1
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+        for i, r0 in enumerate(range(0, N, plan.chunk)):
+            r1 = min(N, r0 + plan.chunk)
+            h, z = full[r0:r1], buf[: r1 - r0]
+            if bias is None:
+                torch.mm(h, wt, out=z)
+            else:
+                torch.addmm(bias, h, wt, out=z)
+            # z becomes the chunk's gradient, rounded once to the input dtype
+            loss[r0:r1] = shard_rows(z, target.rows(r0, r1), labels[r0:r1], ignored[r0:r1],
+                                     scale[r0:r1] if per_row else scale, plan, z if compute_grad else None, acc)
+            if not compute_grad:
+                continue
+            if d_full is not None:
+                torch.mm(z, weight, out=d_full[r0:r1])
+            if d_weight is not None:
+                if i == 0:
+                    torch.mm(z.t(), h, out=d_weight)
+                else:
+                    d_weight.addmm_(z.t(), h)
+            if d_bias is not None:
+                d_bias += z.sum(0, dtype=acc)
+        d_hidden = None
+        if d_full is not None:      # each rank's d_hidden is its vocabulary slice's part: sum them
+            if layout.tokens is not None:
+                d_hidden = layout.scatter_tokens(d_full.view(h3.shape[0], -1, H)).reshape(hidden.shape)
+            else:
+                d_hidden = layout.all_reduce(d_full).view(hidden.shape)
+    if d_bias is not None:
+        d_bias = d_bias.to(bias.dtype)
+    return loss, (d_hidden, d_weight, d_bias)
+
+
+class Consume(torch.autograd.Function):
+    """Marks the logits dirty for ``inplace_grad`` (as ``fused_loss`` does): a node that saved them
+    fails autograd's version check instead of reading gradient values as logits."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        ctx.mark_dirty(logits)
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class VocabParallelLoss(torch.autograd.Function):
+    """``fused_loss`` on this rank's ``[B, T, V_r]`` logits. As there: the gradient is computed in
+    the forward and rescaled by ``grad_output`` in the backward, except for float16, whose backward
+    computes it with ``scale * grad_output`` applied before the rounding (and then runs the
+    collectives again: every rank must call backward)."""
+
+    @staticmethod
+    def forward(ctx, logits, tids, q, R, labels, ignored, scale, plan, inplace):
+        B, T, _ = logits.shape
+        need = ctx.needs_input_grad[0]
+        ctx.defer = need and logits.dtype == torch.float16
+        grad = None
+        if need and not ctx.defer:
+            grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        loss = logits_rows(logits, RowTarget(tids, q, R), labels, ignored, scale, plan, grad)
+        ctx.plan, ctx.inplace, ctx.shape, ctx.done = plan, inplace, (B, T), False
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        elif ctx.defer:
+            ctx.save_for_backward(logits, tids, q, R, labels, ignored, scale)
+        if plan.reduction == "none":
+            return loss.view(B, T)
+        total = loss.sum()
+        return total * scale.reshape(()) if plan.reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.done:
+            raise RuntimeError(SECOND_BACKWARD.format("fused_loss"))
+        ctx.done = True
+        go = grad_output.to(_acc(grad_output.dtype)).reshape(-1)
+        if ctx.defer:
+            logits, tids, q, R, labels, ignored, scale = ctx.saved_tensors
+            grad = logits if ctx.inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+            logits_rows(logits, RowTarget(tids, q, R), labels, ignored, scale * go, ctx.plan, grad)
+        else:
+            (grad,) = ctx.saved_tensors
+            grad.mul_(go.reshape(*ctx.shape, 1) if go.numel() > 1 else go.reshape(()))
+        return (grad,) + (None,) * 8
+
+
+class VocabParallelLinearLoss(torch.autograd.Function):
+    """``fused_linear_loss`` with this rank's weight (and bias) shard; ``hidden`` is the whole
+    ``[N, H]`` (or ``[B, T, H]``), or under sequence parallelism this rank's share of the tokens.
+    Gradients in the forward for ``"mean"``/``"sum"`` (not float16), else in the backward, which
+    then runs the collectives again."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tids, q, R, labels, ignored, scale, plan):
+        need = ctx.needs_input_grad[:3]
+        grad_now = plan.reduction != "none" and hidden.dtype != torch.float16 and any(need)
+        loss, grads = linear_chunks(hidden, weight, bias, RowTarget(tids, q, R), labels, ignored, scale, plan,
+                                    need if grad_now else (False, False, False))
+        ctx.grad_now, ctx.done, ctx.plan = grad_now, False, plan
+        if grad_now:
+            ctx.grads = grads
+        else:
+            ctx.save_for_backward(hidden, weight, bias, tids, q, R, labels, ignored, scale)
+        if plan.reduction == "none":
+            return loss
+        return loss.sum() * scale.reshape(())
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.done:
+            raise RuntimeError(SECOND_BACKWARD.format("fused_linear_loss"))
+        ctx.done = True
+        go = grad_output.to(_acc(grad_output.dtype)).reshape(-1)
+        if ctx.grad_now:
+            grads, ctx.grads = ctx.grads, None
+            return tuple(None if g is None else g.mul_(go.reshape(())) for g in grads) + (None,) * 7
+        hidden, weight, bias, tids, q, R, labels, ignored, scale = ctx.saved_tensors
+        _, grads = linear_chunks(hidden, weight, bias, RowTarget(tids, q, R), labels, ignored, scale * go, ctx.plan,
+                                 ctx.needs_input_grad[:3])
+        return grads + (None,) * 7
