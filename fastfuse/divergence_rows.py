@@ -225,15 +225,22 @@ def grad_slice(z: Tensor, spec, lm_weight: float, st, rt, tids: Tensor, labels: 
     pd = torch.exp(u - st["lse_d"][:, None]) if tau != 1.0 else pg
     wd = (1.0 - lm_weight) * spec.div_weight / tau
     c = rt["c"][:, None]
-    if spec.tail == "uniform":
-        logpd = u - st["lse_d"][:, None]
-        _, G = terms(spec, pd, logpd, rt["u_R"][:, None].expand_as(pd))
-        dg = G - pd * c
-    else:
-        dg = pd * (rt["gamma"][:, None] - c)
     restrict = rt["restrict"][:, None]
-    dg = torch.where(restrict, torch.zeros_like(dg), dg)
-    g = lm_weight * pg + wd * dg
+    if spec.tail != "uniform":              # the dense divergence gradient is p_d (gamma - c)
+        # (a support-restricted reverse KL has none: its c, of the unrestricted form, may be inf)
+        coef = torch.where(restrict, torch.zeros_like(c), wd * (rt["gamma"][:, None] - c))
+        g = pg * (lm_weight + coef) if tau == 1.0 else lm_weight * pg + coef * pd
+    else:
+        u_R = rt["u_R"][:, None]
+        if spec.divergence in ("ce", "forward_kl"):         # G = -q
+            dg = -u_R - pd * c
+        elif spec.divergence == "reverse_kl":               # G = p (log p + 1 - log q)
+            log_q = torch.where(u_R > 0, _log(u_R), torch.zeros_like(u_R))
+            dg = torch.where(pd > 0, pd * ((u - st["lse_d"][:, None]) + (1.0 - log_q - c)), torch.zeros_like(pd))
+        else:                                               # per-element terms
+            _, G = terms(spec, pd, u - st["lse_d"][:, None], u_R.expand_as(pd))
+            dg = G - pd * c
+        g = lm_weight * pg + wd * torch.where(restrict, torch.zeros_like(dg), dg)
     # the sparse entries, exactly: teacher ids in A, then the label's -lm_weight
     ids = tids.long() - vocab_start
     own = (ids >= 0) & (ids < z.shape[1]) & rt["inA"]

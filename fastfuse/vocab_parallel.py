@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from fastfuse import reference as _ref
-from fastfuse._dispatch import ALL_FLOATS, INTS, check_teacher_args, check_tensor, choose_impl, float64_path
+from fastfuse._dispatch import ALL_FLOATS, INTS, check_teacher_args, check_tensor, float64_path
 from fastfuse.divergences import make_spec
 from fastfuse.rows import build_target
 from fastfuse.vocab_parallel_rows import Consume, Plan, VocabParallelLinearLoss, VocabParallelLoss
@@ -137,7 +137,7 @@ def vocab_parallel_loss(target_logits, source_topk, align_map, labels, source_we
         ids, logprobs, pos, vocab, labels3, sw = check_teacher_args(
             lead, 0, dev, source_topk, align_map, labels, source_weights, lm_weight, temperature, ignore_index,
             reduction, impl, False, tail_mass=spec.uses_tail_mass)
-        use_triton = float64_path(impl, logits.dtype, choose_impl(impl, dev) == "triton", "target_logits")
+        use_triton = float64_path(impl, logits.dtype, dev, "target_logits")
         needs_grad = logits.requires_grad and torch.is_grad_enabled()
         fields = dict(zip(names, (logits.dim(), labels3.numel(), labels3.shape[0],
                                   *_teacher_fields(ids, vocab, sw).values(), _DTYPES.index(logits.dtype),
@@ -244,7 +244,7 @@ def vocab_parallel_linear_loss(hidden, weight, source_topk, align_map, labels, b
         ids, logprobs, pos, vocab, labels3, sw = check_teacher_args(
             lead, 0, dev, source_topk, align_map, labels, source_weights, lm_weight, temperature, ignore_index,
             reduction, impl, False, owner="hidden", tail_mass=spec.uses_tail_mass)
-        use_triton = float64_path(impl, hidden.dtype, choose_impl(impl, dev) == "triton", "hidden")
+        use_triton = float64_path(impl, hidden.dtype, dev, "hidden")
         grad_on = torch.is_grad_enabled()
         fields = dict(zip(names, (hidden.dim(), labels3.numel(), labels3.shape[0], H,
                                   *_teacher_fields(ids, vocab, sw).values(), _DTYPES.index(hidden.dtype),
