@@ -30,7 +30,7 @@ from torch import Tensor
 
 from fastfuse.reference import student_logits
 
-__all__ = ["terms", "needs_tail_pass", "local_stats", "combine_stats", "gather_sparse", "row_terms",
+__all__ = ["terms", "needs_tail_pass", "teacher_ids", "local_stats", "combine_stats", "gather_sparse", "row_terms",
            "tail_sums", "finish_terms", "grad_slice", "divergence_rows"]
 
 _NEG_INF = float("-inf")
@@ -86,12 +86,23 @@ def _stat_columns(spec) -> Tuple[str, ...]:
         cols += ("sum_u",)
     if spec.tail == "uniform" and spec.divergence == "reverse_kl":
         cols += ("sum_pu",)
+    if spec.tail == "bucket":
+        cols += ("lse_off",)
     return cols
 
 
-def local_stats(z: Tensor, spec, acc: torch.dtype = torch.float32) -> Tensor:
+def teacher_ids(tids: Tensor, q: Tensor) -> Tensor:
+    """The ids of the teacher's set ``A`` (``q > 0``), -1 elsewhere: what :func:`local_stats` needs."""
+    return torch.where((tids >= 0) & (q > 0), tids.long(), torch.full_like(tids, -1, dtype=torch.long))
+
+
+def local_stats(z: Tensor, spec, acc: torch.dtype = torch.float32, a_ids: Optional[Tensor] = None,
+                vocab_start: int = 0) -> Tensor:
     """Per-row statistics ``[n, k]`` of a logits slice ``z [n, V_r]`` (columns
-    ``_stat_columns(spec)``; ``sum_pu`` is ``sum softmax_slice(u) * u``)."""
+    ``_stat_columns(spec)``; ``sum_pu`` is ``sum softmax_slice(u) * u``; ``lse_off``, for the
+    bucket, the log-sum-exp of ``u`` over the slice's ids outside ``A`` -- ``a_ids`` from
+    :func:`teacher_ids` -- so that the bucket's student mass is a direct sum, not ``1 - sum_A p``,
+    which cancels to 0 for a confident student)."""
     zt = student_logits(z.to(acc), spec)
     u = zt / spec.student_temperature if spec.student_temperature != 1.0 else zt
     lse_g = torch.logsumexp(zt, -1)
@@ -103,6 +114,14 @@ def local_stats(z: Tensor, spec, acc: torch.dtype = torch.float32) -> Tensor:
     if "sum_pu" in names:
         pl = torch.exp(u - torch.where(torch.isfinite(lse_d), lse_d, torch.zeros_like(lse_d))[:, None])
         cols.append(torch.where(pl > 0, pl * u, torch.zeros_like(pl)).sum(-1))
+    if "lse_off" in names:
+        if a_ids is None:
+            raise ValueError("local_stats: the bucket tail needs a_ids (teacher_ids(tids, q))")
+        ids = a_ids - vocab_start
+        own = (ids >= 0) & (ids < z.shape[1])
+        idx = torch.where(own, ids, torch.zeros_like(ids))
+        in_a = torch.zeros(u.shape, dtype=torch.int32, device=u.device).scatter_add_(1, idx, own.to(torch.int32))
+        cols.append(torch.logsumexp(u.masked_fill(in_a > 0, _NEG_INF), -1))
     return torch.stack(cols, -1)
 
 
@@ -115,6 +134,8 @@ def combine_stats(stats: Tensor, spec) -> Dict[str, Tensor]:
     if "sum_pu" in names:
         w = torch.exp(stats[..., 1] - out["lse_d"])        # each slice's share of the softmax
         out["sum_pu"] = torch.where(w > 0, w * stats[..., 2], torch.zeros_like(w)).sum(0)
+    if "lse_off" in names:
+        out["lse_off"] = torch.logsumexp(stats[..., names.index("lse_off")], 0)
     return out
 
 
@@ -152,6 +173,8 @@ def row_terms(spec, st: Dict[str, Tensor], zs: Tensor, tids: Tensor, q: Tensor, 
     F_a, G_a = F_a.masked_fill(~inA, 0.0), G_a.masked_fill(~inA, 0.0)
     P_A = p.sum(1)
     P_o = (1.0 - P_A).clamp_min(0.0)
+    if "lse_off" in st:                     # the bucket: the direct sum (no cancellation)
+        P_o = torch.exp(st["lse_off"] - st["lse_d"])
     restrict = torch.zeros_like(inA[:, 0])
     if spec.divergence == "reverse_kl":
         restrict = torch.ones_like(restrict) if spec.tail == "renormalize" else R == 0
@@ -161,7 +184,7 @@ def row_terms(spec, st: Dict[str, Tensor], zs: Tensor, tids: Tensor, q: Tensor, 
         lt = (u_e - torch.where(torch.isfinite(lse_A), lse_A, torch.zeros_like(lse_A))[:, None])
         lt = lt.masked_fill(~inA, _NEG_INF)
         pt = lt.exp()
-        D_r = torch.where(inA, pt * (lt - _log(q)), torch.zeros_like(pt)).sum(1)
+        D_r = torch.where(inA & (pt > 0), pt * (lt - _log(q)), torch.zeros_like(pt)).sum(1)
         out.update(p_restricted=pt, logp_restricted=lt, D_restricted=D_r)
     if needs_tail_pass(spec):
         out.update(F_A=F_a.sum(1), G_A=G_a.sum(1), G_a=G_a)
@@ -169,13 +192,14 @@ def row_terms(spec, st: Dict[str, Tensor], zs: Tensor, tids: Tensor, q: Tensor, 
     gamma = torch.zeros_like(R)
     if spec.tail == "uniform":
         if spec.divergence in ("ce", "forward_kl"):
-            sum_off_u = st["sum_u"] - torch.where(inA, u_e, torch.zeros_like(u_e)).sum(1)
+            # (a -inf logit in A makes the loss +inf through F_A; keep it out of this difference)
+            sum_off_u = st["sum_u"] - torch.where(inA & torch.isfinite(u_e), u_e, torch.zeros_like(u_e)).sum(1)
             F_off = torch.where(u_R > 0, -u_R * (sum_off_u - n_off * st["lse_d"]), torch.zeros_like(R))
             if spec.divergence == "forward_kl":
                 F_off = F_off + torch.where(u_R > 0, R * _log(u_R), torch.zeros_like(R))
             G_off = -u_R * n_off
         else:                                   # reverse_kl with a tail
-            plogp_off = (st["sum_pu"] - st["lse_d"]) - torch.where(inA, p * logp, torch.zeros_like(p)).sum(1)
+            plogp_off = (st["sum_pu"] - st["lse_d"]) - torch.where(inA & (p > 0), p * logp, torch.zeros_like(p)).sum(1)
             F_off = torch.where(u_R > 0, plogp_off - _log(u_R) * P_o, torch.zeros_like(R))
             G_off = torch.where(u_R > 0, F_off + P_o, torch.zeros_like(R))
     else:                                       # renormalize / bucket: one outcome off A
@@ -250,12 +274,14 @@ def grad_slice(z: Tensor, spec, lm_weight: float, st, rt, tids: Tensor, labels: 
     if "p_restricted" in rt:
         pt, lt = rt["p_restricted"], rt["logp_restricted"]
         D = rt["D_restricted"][:, None]
-        dg_r = torch.where(rt["inA"], pt * (lt - _log(rt["q"]) - D), torch.zeros_like(pt))
+        dg_r = torch.where(rt["inA"] & (pt > 0), pt * (lt - _log(rt["q"]) - D), torch.zeros_like(pt))
         dg_e = torch.where(restrict, dg_r, dg_e)
     pg_e = torch.exp(rt["zs"][:, :-1] - st["lse_g"][:, None])
     val = lm_weight * pg_e + wd * dg_e
-    # owned ids are unique: adding (exact - dense) there and 0 elsewhere is order-independent
-    g.scatter_add_(1, idx, torch.where(own, val - g.gather(1, idx), torch.zeros_like(val)))
+    # stored, not added as (exact - dense): a bucket's dense formula at an A id can be ~1e15 (p_a ~ 1
+    # times R / P_o), which would swallow the exact value; owned ids are unique: no write order
+    rows = torch.arange(g.shape[0], device=g.device)[:, None].expand_as(idx)
+    g[rows[own], idx[own]] = val[own]
     lab = labels.long() - vocab_start
     lown = (lab >= 0) & (lab < z.shape[1])
     li = torch.where(lown, lab, torch.zeros_like(lab))[:, None]
@@ -285,7 +311,7 @@ def divergence_rows(logits: Tensor, tids: Tensor, q: Tensor, R: Tensor, labels: 
             t1 = min(T, t0 + step)
             a, e = b * T + t0, b * T + t1
             z = logits[b, t0:t1]
-            st = combine_stats(local_stats(z, spec, acc)[None], spec)
+            st = combine_stats(local_stats(z, spec, acc, teacher_ids(tids[a:e], q[a:e]))[None], spec)
             zs = gather_sparse(z, tids[a:e], labels[a:e], spec, 0, acc)
             rt = row_terms(spec, st, zs, tids[a:e], q[a:e], R[a:e], V)
             if needs_tail_pass(spec):

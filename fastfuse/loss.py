@@ -26,9 +26,13 @@ class SourceTopK(NamedTuple):
     """Top-k next-token distributions of ``S`` source models, in source positions.
 
     ids: int32/int64 ``[S, B, Ts, K]`` source-vocabulary ids, -1 = padding.
-    logprobs: float ``[S, B, Ts, K]`` log-probs (or logits) of the kept top-k; only their
-        differences matter (the teacher is ``softmax(logprobs / temperature)`` over the kept,
-        mappable entries). ``-inf`` marks an entry with zero probability.
+    logprobs: float ``[S, B, Ts, K]`` log-probs of the kept top-k. With the default
+        ``tail="renormalize"`` only their differences matter (logits work too: the teacher is
+        ``softmax(logprobs / temperature)`` over the kept, mappable entries); with
+        ``tail="uniform"``/``"bucket"`` they must be log-probabilities, since what they leave of 1
+        is the teacher's missing mass (``validate`` refuses kept masses above 1, but cannot tell
+        logits whose exponentials happen to sum below 1). ``-inf`` marks an entry with zero
+        probability.
     """
     ids: Tensor
     logprobs: Tensor

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from fastfuse._dispatch import SECOND_BACKWARD
 from fastfuse.divergence_rows import (combine_stats, finish_terms, gather_sparse, grad_slice, local_stats,
-                                      needs_tail_pass, row_loss, row_terms, tail_sums)
+                                      needs_tail_pass, row_loss, row_terms, tail_sums, teacher_ids)
 from fastfuse.rows import RowTarget
 from fastfuse.vocab_shards import VocabLayout
 
@@ -67,7 +67,8 @@ def shard_rows(z: Tensor, target: RowTarget, labels: Tensor, ignored: Tensor, sc
     n, Vr = z.shape
     step = max(1, SLICE_ELEMS // max(Vr, 1))
     parts = [(a, min(n, a + step)) for a in range(0, n, step)]
-    stats = torch.cat([local_stats(z[a:e], spec, acc) for a, e in parts])
+    a_ids = teacher_ids(tids, q)
+    stats = torch.cat([local_stats(z[a:e], spec, acc, a_ids[a:e], layout.start) for a, e in parts])
     sparse = torch.cat([gather_sparse(z[a:e], tids[a:e], labels[a:e], spec, layout.start, acc) for a, e in parts])
     k = stats.shape[1]
     every = layout.all_gather(torch.cat([stats, sparse], 1))         # [W, n, k + E + 1]

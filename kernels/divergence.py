@@ -13,7 +13,9 @@ per row ``n = b * T + t``, for every non-default :class:`fastfuse.divergences.Di
    <p, dD/dp>``, the bucket/renormalize off-teacher coefficient and, for reverse KL over the
    teacher's support, the restricted student;
 3. only for ``"uniform"`` JSD / skew KLs / TVD: one more pass summing the per-element tail terms
-   (3 reads of the row instead of 2 -- the documented cost of those combinations);
+   (3 reads of the row instead of 2 -- the documented cost of those combinations); under
+   ``"bucket"``, for a row whose student leaves under 1% of its mass off the teacher's ids, one more
+   pass summing the small probabilities in fp64 (``1 - sum_A p`` alone would cancel to 0);
 4. the gradient pass writes ``scale * dL/dz`` over the row, then the exact values at the teacher
    ids and the label (unique ids: no races; a barrier orders them after the dense stores).
 
@@ -93,7 +95,7 @@ def _chain(zt, logit_scale, softcap, TRANSFORM: tl.constexpr):
         r = zt / softcap
         return logit_scale * (1.0 - r * r)
     else:
-        return logit_scale + 0.0 * zt
+        return tl.zeros_like(zt) + logit_scale      # (not 0 * zt: NaN at a -inf logit)
 
 
 @triton.jit
@@ -188,6 +190,22 @@ def divergence_kernel(
         F_a = tl.where(inA, F_a, 0.0)
         G_a = tl.where(inA, G_a, 0.0)
         P_o = tl.maximum(1.0 - tl.sum(p, axis=0), 0.0)
+        if TAIL == 2:
+            if P_o < 1e-2:
+                # a confident student: 1 - sum_A p cancels (to 0 under ~1e-7). Every off-A
+                # probability is below P_o + 1e-4 (the estimate's error is far smaller), so sum in
+                # fp64 only the terms below that and take away A's terms below it, computed by the
+                # same fp32 expression as in the loop (the same values): no large term to cancel
+                small = P_o + 1e-4
+                tot = tl.zeros([BLOCK_V], tl.float64)
+                for start in range(0, V, BLOCK_V):
+                    o = start + offs
+                    x = tl.load(row + o, mask=o < V, other=0.0).to(tl.float32)
+                    e = tl.exp(_transform(x, logit_scale, softcap, TRANSFORM) * inv_tau - lse_d)
+                    tot += tl.where((o < V) & (e < small), e, 0.0).to(tl.float64)
+                e_a = tl.where(inA, tl.exp(_transform(zr, logit_scale, softcap, TRANSFORM) * inv_tau - lse_d), 1.0)
+                e_a = tl.where(inA & (e_a < small), e_a, 0.0).to(tl.float64)
+                P_o = tl.maximum(tl.sum(tot, axis=0) - tl.sum(e_a, axis=0), 0.0).to(tl.float32)
         restrict = False
         D_r = 0.0
         lt = logp
@@ -197,7 +215,7 @@ def divergence_kernel(
             mA_ref = tl.where(mA == NEG, 0.0, mA)
             lse_A = mA + tl.log(tl.sum(tl.where(inA, tl.exp(u_e - mA_ref), 0.0), axis=0))
             lt = tl.where(inA, u_e - tl.where(lse_A == NEG, 0.0, lse_A), NEG)
-            D_r = tl.sum(tl.where(inA, tl.exp(lt) * (lt - tl.log(q)), 0.0), axis=0)
+            D_r = tl.sum(tl.where(inA & (lt > NEG), tl.exp(lt) * (lt - tl.log(q)), 0.0), axis=0)
         gamma = 0.0
         if TAIL_PASS:
             # 3. the per-element tail terms over the whole row, then minus the A entries' share
@@ -216,11 +234,12 @@ def divergence_kernel(
             G_off = tl.sum(sgv, axis=0) - tl.sum(tl.where(inA, G_u, 0.0), axis=0)
         elif TAIL == 1:
             if DIV == 2:
-                plogp_off = (sum_pu - lse_d) - tl.sum(tl.where(inA, p * logp, 0.0), axis=0)
+                plogp_off = (sum_pu - lse_d) - tl.sum(tl.where(inA & (p > 0.0), p * logp, 0.0), axis=0)
                 F_off = tl.where(u_R > 0.0, plogp_off - tl.log(u_R) * P_o, 0.0)
                 G_off = tl.where(u_R > 0.0, F_off + P_o, 0.0)
             else:
-                sum_off_u = sum_pu - tl.sum(tl.where(inA, u_e, 0.0), axis=0)
+                # (a -inf logit in A makes the loss +inf through F_A; keep it out of this difference)
+                sum_off_u = sum_pu - tl.sum(tl.where(inA & (u_e > NEG), u_e, 0.0), axis=0)
                 F_off = tl.where(u_R > 0.0, -u_R * (sum_off_u - n_off * lse_d), 0.0)
                 if DIV == 1:
                     F_off += tl.where(u_R > 0.0, R * tl.log(u_R), 0.0)
@@ -260,7 +279,7 @@ def divergence_kernel(
             dg_e = G_a - p * c
             if DIV == 2:
                 pt = tl.exp(lt)
-                dg_e = tl.where(restrict, tl.where(inA, pt * (lt - tl.log(q) - D_r), 0.0), dg_e)
+                dg_e = tl.where(restrict, tl.where(inA & (pt > 0.0), pt * (lt - tl.log(q) - D_r), 0.0), dg_e)
             is_lab = tid == label
             g_e = lm_weight * (tl.exp(zt_e - lse_g) - tl.where(is_lab, 1.0, 0.0)) + wd * dg_e
             g_e = g_e * _chain(zt_e, logit_scale, softcap, TRANSFORM) * scale

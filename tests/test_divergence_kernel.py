@@ -167,3 +167,32 @@ def test_strided_logits_view(small_chunks):
                              d["source_weights"], **kw).backward()
     torch.testing.assert_close(full.grad.double(), f64.grad, rtol=5e-5, atol=1e-6)
     assert (full.grad[:, -1] == 0).all()
+
+
+@pytest.mark.parametrize("z_values,kw", [
+    ({4: float("-inf")}, dict(divergence="reverse_kl")),                     # p = 0 on a teacher id
+    ({4: float("-inf")}, dict(divergence="reverse_kl", tail="uniform")),
+    ({3: 40.0}, dict(divergence="forward_kl", tail="bucket")),               # a confident student: the
+    ({3: 25.0, 4: 22.0}, dict(divergence="ce", tail="bucket", softcap=50.0)),  # fp64 pass for the bucket
+])
+def test_edge_rows(z_values, kw, small_chunks):
+    """One token, one source keeping ids 3 and 4 (q 0.6 / 0.3: R = 0.1), label 3 (cf. test_divergences)."""
+    V = 20
+    z0 = torch.zeros(1, 1, V)
+    for i, v in z_values.items():
+        z0[0, 0, i] = v
+    topk = SourceTopK(torch.tensor([[[[3, 4]]]], device=DEVICE),
+                      torch.tensor([[[[0.6, 0.3]]]], device=DEVICE).log())
+    amap = AlignMap(torch.zeros(1, 1, 1, dtype=torch.int32, device=DEVICE),
+                    torch.arange(V, dtype=torch.int32, device=DEVICE)[None])
+    labels = torch.tensor([[3]], device=DEVICE)
+    z = z0.clone().to(DEVICE).requires_grad_()
+    got = fused_loss(z, topk, amap, labels, lm_weight=0.2, impl="triton", **kw)
+    got.backward()
+    z64 = z0.clone().double().to(DEVICE).requires_grad_()
+    want = ref.fused_loss_reference(z64, SourceTopK(topk.ids, topk.logprobs.double()), amap, labels, lm_weight=0.2,
+                                    **kw)
+    want.backward()
+    assert torch.isfinite(got) and torch.isfinite(want)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z.grad.double(), z64.grad, rtol=1e-5, atol=1e-6)

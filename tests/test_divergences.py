@@ -201,3 +201,45 @@ def test_tail_modes_need_log_probabilities():
     fused_loss(d["target_logits"], logits, amap, d["labels"], divergence="jsd")     # renormalize: fine
     with pytest.raises(TypeError, match="hinton_scale must be a bool"):
         fused_loss(d["target_logits"], topk, amap, d["labels"], hinton_scale=1)
+
+
+def _one_row(z_values, V=20):
+    """One token, one source keeping ids 3 and 4 (q 0.6 / 0.3 of its mass: R = 0.1), label 3."""
+    z = torch.zeros(1, 1, V, dtype=torch.float64)
+    for i, v in z_values.items():
+        z[0, 0, i] = v
+    topk = SourceTopK(torch.tensor([[[[3, 4]]]]), torch.tensor([[[[0.6, 0.3]]]], dtype=torch.float64).log())
+    amap = AlignMap(torch.zeros(1, 1, 1, dtype=torch.int32), torch.arange(V, dtype=torch.int32)[None])
+    return z, topk, amap, torch.tensor([[3]])
+
+
+@pytest.mark.parametrize("z_values,kw", [
+    ({4: float("-inf")}, dict(divergence="reverse_kl")),                     # p = 0 on a teacher id
+    ({4: float("-inf")}, dict(divergence="reverse_kl", tail="uniform")),
+    ({4: float("-inf"), 7: 2.0}, dict(divergence="skew_reverse_kl", tail="uniform")),
+    ({3: 40.0}, dict(divergence="forward_kl", tail="bucket")),               # a confident student:
+    ({3: 25.0, 4: 22.0}, dict(divergence="ce", tail="bucket")),              # 1 - sum_A p cancels in fp32
+    ({3: 30.0}, dict(divergence="jsd", tail="bucket", student_temperature=0.5)),
+])
+def test_edge_rows_match_the_reference(z_values, kw):
+    z0, topk, amap, labels = _one_row(z_values)
+    for dtype in (torch.float64, torch.float32):
+        z = z0.detach().clone().to(dtype).requires_grad_()
+        got = fused_loss(z, topk, amap, labels, lm_weight=0.2, **kw)
+        got.backward()
+        z64 = z0.clone().requires_grad_()
+        want = ref.fused_loss_reference(z64, topk, amap, labels, lm_weight=0.2, **kw)
+        want.backward()
+        assert torch.isfinite(want) and torch.isfinite(got), (got, want)
+        tol = 1e-9 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+        torch.testing.assert_close(z.grad.double(), z64.grad, rtol=tol, atol=tol)
+
+
+def test_minus_inf_logit_in_a_gives_infinite_not_nan():
+    """CE with the teacher on an id the student rules out: +inf, as the definition says (not NaN)."""
+    z0, topk, amap, labels = _one_row({4: float("-inf")})
+    for tail in TAILS:
+        got = fused_loss(z0, topk, amap, labels, lm_weight=0.2, divergence="forward_kl", tail=tail)
+        want = ref.fused_loss_reference(z0, topk, amap, labels, lm_weight=0.2, divergence="forward_kl", tail=tail)
+        assert got.item() == want.item() == float("inf"), tail

@@ -226,7 +226,8 @@ def causal_lm_fusion_loss(model, batch: Mapping[str, Any], source_topk: Optional
         if not torch.allclose(loss.detach(), expected, rtol=1e-4, atol=1e-5):
             raise NotImplementedError(f"model: {type(inner).__name__} transforms the output of its lm_head beyond "
                                       f"its config's {transform}; use fastfuse.fused_loss on model(...).logits")
-        loss = fusion_head.loss + 0.0 * (loss - loss.detach())
+        # (0 * (out - out.detach()) alone would be NaN for an infinite loss; where() keeps it 0)
+        loss = fusion_head.loss + 0.0 * torch.where(torch.isfinite(loss), loss - loss.detach(), torch.zeros_like(loss))
     return (loss, fusion_head.hidden.detach()) if return_hidden else loss
 
 
