@@ -12,7 +12,7 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["FLOATS", "ALL_FLOATS", "float64_path", "INTS", "IMPLS", "SECOND_BACKWARD", "check_tensor", "check_teacher_args", "choose_impl"]
+__all__ = ["FLOATS", "ALL_FLOATS", "float64_path", "accumulator_dtype", "check_lm_head", "INTS", "IMPLS", "SECOND_BACKWARD", "check_tensor", "check_teacher_args", "choose_impl"]
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 # float64 runs only on the torch path (exact comparisons, gradcheck); the kernels take FLOATS
@@ -78,6 +78,12 @@ def choose_impl(impl: str, device: torch.device) -> str:
     raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
 
 
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the torch paths compute and return losses in for inputs of ``dtype``: float64 for
+    float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def float64_path(impl: str, dtype: torch.dtype, device: torch.device, owner: str) -> bool:
     """Whether a call on ``dtype`` inputs on ``device`` runs the Triton kernels (:func:`choose_impl`):
     float64 takes the torch path (``"auto"``) or is refused (``"triton"``: the kernels compute in fp32)."""
@@ -88,6 +94,39 @@ def float64_path(impl: str, dtype: torch.dtype, device: torch.device, owner: str
                          "(impl='auto' or 'reference')")
     choose_impl(impl, device)           # still refuses an unknown impl
     return False
+
+
+def check_lm_head(hidden, weight, bias, chunk_tokens, shard: bool = False) -> None:
+    """The checks ``fused_linear_loss`` makes of ``hidden``, the lm_head ``weight`` (``[V, H]``; with
+    ``shard``, this rank's ``[V_r, H]``), ``bias`` and ``chunk_tokens``: ``ValueError`` /
+    ``TypeError`` naming the argument."""
+    floats = "float32, bfloat16 or float16 (float64 on the torch path)"
+    check_tensor("hidden", hidden, ALL_FLOATS, floats)
+    check_tensor("weight", weight, ALL_FLOATS, floats)
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be [B, T, H] or [N, H], got shape {tuple(hidden.shape)}")
+    H = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] == 0:
+        what = (f"[V_r, H={H}] (this rank's shard of the lm_head weight, V_r > 0)" if shard else
+                f"[V, H={H}] (the lm_head weight)")
+        raise ValueError(f"weight must be {what}, got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device}, hidden on {hidden.device}")
+    if bias is not None:
+        check_tensor("bias", bias)
+        V = weight.shape[0]
+        if bias.shape != (V,):
+            what = f"[V_r={V}] (this rank's shard)" if shard else f"[V={V}]"
+            raise ValueError(f"bias must be {what} or None, got shape {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device}, hidden on {hidden.device}")
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
+                                     or chunk_tokens < 1):
+        raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
 
 
 def check_tensor(name: str, x, dtypes=None, what: str = ""):

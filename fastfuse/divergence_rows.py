@@ -28,7 +28,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastfuse.reference import student_logits
+from fastfuse.reference import row_chunks, row_outputs, student_logits
 
 __all__ = ["terms", "needs_tail_pass", "teacher_ids", "local_stats", "combine_stats", "gather_sparse", "row_terms",
            "tail_sums", "finish_terms", "grad_slice", "divergence_rows"]
@@ -299,31 +299,22 @@ def divergence_rows(logits: Tensor, tids: Tensor, q: Tensor, R: Tensor, labels: 
     dL/dz``, rounded once) of ``logits [B, T, V]`` in chunks of rows: the one-slice run of the
     stages above (the torch path of ``fused_loss`` for every non-default spec)."""
     B, T, V = logits.shape
-    N = B * T
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    loss = torch.empty(N, dtype=acc, device=logits.device)
-    grad = None
-    if compute_grad:
-        grad = logits if inplace_grad else torch.empty_like(logits, memory_format=torch.contiguous_format)
-    step = max(1, chunk_elems // max(V, 1))
-    for b in range(B):
-        for t0 in range(0, T, step):
-            t1 = min(T, t0 + step)
-            a, e = b * T + t0, b * T + t1
-            z = logits[b, t0:t1]
-            st = combine_stats(local_stats(z, spec, acc, teacher_ids(tids[a:e], q[a:e]))[None], spec)
-            zs = gather_sparse(z, tids[a:e], labels[a:e], spec, 0, acc)
-            rt = row_terms(spec, st, zs, tids[a:e], q[a:e], R[a:e], V)
-            if needs_tail_pass(spec):
-                rt = finish_terms(spec, rt, tail_sums(z, spec, rt, st, acc))
-            ign = ignored[a:e]
-            rows = row_loss(spec, lm_weight, st, rt)
-            loss[a:e] = torch.where(ign, torch.zeros_like(rows), rows)
-            if compute_grad:
-                g = grad_slice(z, spec, lm_weight, st, rt, tids[a:e], labels[a:e], 0, acc)
-                g.masked_fill_(ign[:, None], 0.0)
-                if grad_scale is not None:
-                    gs = grad_scale.reshape(-1).to(acc)
-                    g.mul_(gs if gs.numel() == 1 else gs[a:e, None])
-                grad[b, t0:t1] = g.to(logits.dtype)
+    acc, loss, grad = row_outputs(logits, compute_grad, inplace_grad)
+    for b, t0, t1, a, e in row_chunks(B, T, max(1, chunk_elems // max(V, 1))):
+        z = logits[b, t0:t1]
+        st = combine_stats(local_stats(z, spec, acc, teacher_ids(tids[a:e], q[a:e]))[None], spec)
+        zs = gather_sparse(z, tids[a:e], labels[a:e], spec, 0, acc)
+        rt = row_terms(spec, st, zs, tids[a:e], q[a:e], R[a:e], V)
+        if needs_tail_pass(spec):
+            rt = finish_terms(spec, rt, tail_sums(z, spec, rt, st, acc))
+        ign = ignored[a:e]
+        rows = row_loss(spec, lm_weight, st, rt)
+        loss[a:e] = torch.where(ign, torch.zeros_like(rows), rows)
+        if compute_grad:
+            g = grad_slice(z, spec, lm_weight, st, rt, tids[a:e], labels[a:e], 0, acc)
+            g.masked_fill_(ign[:, None], 0.0)
+            if grad_scale is not None:
+                gs = grad_scale.reshape(-1).to(acc)
+                g.mul_(gs if gs.numel() == 1 else gs[a:e, None])
+            grad[b, t0:t1] = g.to(logits.dtype)
     return loss, grad

@@ -86,8 +86,10 @@ import torch
 from torch import Tensor
 
 from fastfuse import reference as _ref
-from fastfuse._dispatch import (ALL_FLOATS, INTS, SECOND_BACKWARD, check_teacher_args, check_tensor, float64_path)
+from fastfuse._dispatch import (INTS, SECOND_BACKWARD, accumulator_dtype, check_lm_head, check_teacher_args, check_tensor,
+                                float64_path)
 from fastfuse.divergences import make_spec
+from fastfuse.linear_chunks import chunk_loop
 from fastfuse.loss import AlignMap, SourceTopK
 from fastfuse.rows import RowTarget, build_target, run_rows
 from fastfuse.vocab_parallel import vocab_parallel_linear_loss
@@ -139,7 +141,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             raise RuntimeError(SECOND_BACKWARD.format("fused_linear_loss"))
         ctx.done = True
         # stays on the device: no host sync
-        go = grad_output.to(torch.float64 if grad_output.dtype == torch.float64 else torch.float32).reshape(-1)
+        go = grad_output.to(accumulator_dtype(grad_output.dtype)).reshape(-1)
         if ctx.grad_now:
             grads, ctx.grads = ctx.grads, None
             return tuple(None if g is None else _rescale(g, go, ctx.use_triton) for g in grads) + (None,) * 12
@@ -162,48 +164,19 @@ def _rescale(g: Tensor, factor: Tensor, use_triton: bool) -> Tensor:
 
 def _chunks(hidden, weight, bias, rows, labels, ignored, scale, ignore_index, chunk, need
             ) -> Tuple[Tensor, Tuple[Optional[Tensor], ...]]:
-    """The chunk loop: per-row losses ``[N]`` float32 and (d_hidden, d_weight, d_bias) for the
-    gradients flagged in ``need``, times ``scale`` (float32: one element, or one per row ``[N]``),
-    applied to each row's gradient in fp32 before its rounding to the chunk dtype. ``rows`` is
-    ``(use_triton, spec, lm_weight, RowTarget)`` for :func:`fastfuse.rows.run_rows`."""
+    """The chunk loop (:func:`fastfuse.linear_chunks.chunk_loop`) with this module's row pass: per-row
+    losses ``[N]`` float32 and (d_hidden, d_weight, d_bias) for the gradients flagged in ``need``,
+    times ``scale`` (float32: one element, or one per row ``[N]``), applied to each row's gradient in
+    fp32 before its rounding to the chunk dtype. ``rows`` is ``(use_triton, spec, lm_weight,
+    RowTarget)`` for :func:`fastfuse.rows.run_rows`."""
     use_triton, spec, lm_weight, target = rows
-    N, H = hidden.shape
-    V = weight.shape[0]
-    compute_grad = any(need)
-    d_hidden = torch.empty_like(hidden) if need[0] else None
-    d_weight = torch.empty_like(weight) if need[1] else None
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    d_bias = torch.zeros(V, dtype=acc, device=hidden.device) if (need[2] and bias is not None) else None
-    loss = torch.empty(N, dtype=acc, device=hidden.device)
-    buf = torch.empty(min(chunk, N), V, dtype=hidden.dtype, device=hidden.device)
-    wt = weight.t()
     per_row = scale.numel() > 1
-    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):   # dtypes as given
-        for i, r0 in enumerate(range(0, N, chunk)):
-            r1 = min(N, r0 + chunk)
-            h = hidden[r0:r1]
-            z = buf[: r1 - r0]
-            sc = scale[r0:r1] if per_row else scale
-            if bias is None:
-                torch.mm(h, wt, out=z)
-            else:
-                torch.addmm(bias, h, wt, out=z)
-            loss[r0:r1], _ = run_rows(use_triton, spec, lm_weight, z.unsqueeze(0), target.rows(r0, r1), labels[r0:r1],
-                                      ignored[r0:r1], ignore_index, sc, compute_grad, inplace=True)
-            if not compute_grad:
-                continue
-            if d_hidden is not None:
-                torch.mm(z, weight, out=d_hidden[r0:r1])
-            if d_weight is not None:
-                if i == 0:
-                    torch.mm(z.t(), h, out=d_weight)
-                else:
-                    d_weight.addmm_(z.t(), h)
-            if d_bias is not None:
-                d_bias += z.sum(0, dtype=acc)
-    if d_bias is not None:
-        d_bias = d_bias.to(bias.dtype)
-    return loss, (d_hidden, d_weight, d_bias)
+
+    def row_pass(z, r0, r1, compute_grad):
+        return run_rows(use_triton, spec, lm_weight, z.unsqueeze(0), target.rows(r0, r1), labels[r0:r1],
+                        ignored[r0:r1], ignore_index, scale[r0:r1] if per_row else scale, compute_grad,
+                        inplace=True)[0]
+    return chunk_loop(hidden, weight, bias, chunk, need, row_pass)
 
 
 def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, align_map: AlignMap, labels: Tensor,
@@ -259,30 +232,8 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, a
             reduction, dict(divergence=divergence, tail=tail, alpha=alpha, beta=beta, logit_scale=logit_scale,
                             softcap=softcap, student_temperature=student_temperature, hinton_scale=hinton_scale),
             impl, validate, chunk_tokens, process_group, vocab_start, sequence_parallel, default_chunk_tokens)
-    check_tensor("hidden", hidden, ALL_FLOATS, "float32, bfloat16 or float16 (float64 on the torch path)")
-    check_tensor("weight", weight, ALL_FLOATS, "float32, bfloat16 or float16 (float64 on the torch path)")
-    if hidden.dim() not in (2, 3):
-        raise ValueError(f"hidden must be [B, T, H] or [N, H], got shape {tuple(hidden.shape)}")
-    H = hidden.shape[-1]
-    if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] == 0:
-        raise ValueError(f"weight must be [V, H={H}] (the lm_head weight), got shape {tuple(weight.shape)}")
-    V = weight.shape[0]
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
-    dev = hidden.device
-    if weight.device != dev:
-        raise ValueError(f"weight is on {weight.device}, hidden on {dev}")
-    if bias is not None:
-        check_tensor("bias", bias)
-        if bias.shape != (V,):
-            raise ValueError(f"bias must be [V={V}] or None, got shape {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
-        if bias.device != dev:
-            raise ValueError(f"bias is on {bias.device}, hidden on {dev}")
-    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
-                                     or chunk_tokens < 1):
-        raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
+    check_lm_head(hidden, weight, bias, chunk_tokens)
+    H, V, dev = hidden.shape[-1], weight.shape[0], hidden.device
     check_tensor("labels", labels, INTS, "int64 (or int32)")
     squeeze = hidden.dim() == 2
     spec = make_spec(divergence, tail, alpha, beta, logit_scale, softcap, student_temperature, hinton_scale)
@@ -296,7 +247,7 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, a
     use_triton = float64_path(impl, hidden.dtype, dev, "hidden")
 
     # the sparse targets of all N rows, once (the same code fused_loss runs)
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc = accumulator_dtype(hidden.dtype)
     weights = _ref.normalize_weights(source_weights, S, B, T, dev, acc).reshape(S, N)
     lm_weight, temperature = float(lm_weight), float(temperature)
     target = build_target(use_triton, spec, ids, logprobs, pos, vocab, labels, weights, lm_weight, temperature,

@@ -12,9 +12,10 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from fastfuse import reference as _ref
-from fastfuse._dispatch import (ALL_FLOATS, INTS, SECOND_BACKWARD, check_teacher_args, check_tensor, float64_path)
+from fastfuse._dispatch import (ALL_FLOATS, INTS, SECOND_BACKWARD, accumulator_dtype, check_teacher_args, check_tensor,
+                                float64_path)
 from fastfuse.divergences import make_spec
-from fastfuse.rows import RowTarget, build_target, run_rows
+from fastfuse.rows import Consume, RowTarget, build_target, run_rows
 from fastfuse.vocab_parallel import vocab_parallel_loss
 from fastfuse.vocab_shards import is_dtensor
 
@@ -46,22 +47,6 @@ class AlignMap(NamedTuple):
     """
     pos: Tensor
     vocab: Tensor
-
-
-class _Consume(torch.autograd.Function):
-    """Marks the logits dirty for ``inplace_grad``: their buffer is overwritten by the gradient, so
-    any node that saved them (e.g. a logit softcap's tanh, which saves its output) must fail
-    autograd's version check instead of back-propagating gradient values as logits. A separate
-    Function because autograd lets a Function that dirties a view return only that one tensor."""
-
-    @staticmethod
-    def forward(ctx, logits):
-        ctx.mark_dirty(logits)
-        return logits
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
 
 
 class _FusedLoss(torch.autograd.Function):
@@ -99,7 +84,7 @@ class _FusedLoss(torch.autograd.Function):
             raise RuntimeError(SECOND_BACKWARD.format("fused_loss"))
         ctx.done = True
         # grad_output stays on the device: no bool(grad_output == 1) host sync
-        go = grad_output.to(torch.float64 if grad_output.dtype == torch.float64 else torch.float32).reshape(-1)
+        go = grad_output.to(accumulator_dtype(grad_output.dtype)).reshape(-1)
         if ctx.defer:
             logits, tids, coefs, tail, labels, ignored, scale = ctx.saved_tensors
             _, grad = run_rows(*ctx.row_args, logits, RowTarget(tids, coefs, tail), labels, ignored,
@@ -247,7 +232,7 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
 
     use_triton = float64_path(impl, target_logits.dtype, dev, "target_logits")
     N = B * T
-    acc = torch.float64 if target_logits.dtype == torch.float64 else torch.float32
+    acc = accumulator_dtype(target_logits.dtype)
     weights = _ref.normalize_weights(source_weights, S, B, T, dev, acc).reshape(S, N)
     target = build_target(use_triton, spec, ids, logprobs, pos, vocab, labels, weights, lm_weight, temperature,
                           ignore_index, V, acc)
@@ -258,7 +243,7 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
         scale = torch.ones(1, dtype=acc, device=dev)
     inplace = bool(inplace_grad) and target_logits.requires_grad and torch.is_grad_enabled()
     if inplace:
-        target_logits = _Consume.apply(target_logits)
+        target_logits = Consume.apply(target_logits)
     loss = _FusedLoss.apply(target_logits, target.tids, target.coefs, target.tail, labels.reshape(N), ignored, scale,
                             int(ignore_index), reduction, inplace, use_triton, spec, lm_weight)
     if squeeze and reduction == "none":

@@ -41,6 +41,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from fastfuse._dispatch import accumulator_dtype
+
 __all__ = [
     "normalize_weights",
     "dense_teacher",
@@ -52,6 +54,8 @@ __all__ = [
     "divergence_dense",
     "student_logits",
     "loss_and_grad_rows",
+    "row_chunks",
+    "row_outputs",
     "random_inputs",
     "tolerance",
     "LINEAR_REL_TOL",
@@ -311,6 +315,28 @@ def teacher_rows(source_topk, align_map, labels: Tensor, weights: Tensor, temper
     return tids, q, R
 
 
+def row_chunks(B: int, T: int, step: int):
+    """``(b, t0, t1, a, e)`` for chunks of at most ``step`` rows of ``[B, T, ...]`` logits, within one
+    sequence each (``[T, V]`` views work for any strides, e.g. ``logits[:, :-1]``); ``[a, e)`` are
+    the chunk's rows in the flattened ``B*T`` order."""
+    for b in range(B):
+        for t0 in range(0, T, step):
+            t1 = min(T, t0 + step)
+            yield b, t0, t1, b * T + t0, b * T + t1
+
+
+def row_outputs(logits: Tensor, compute_grad: bool, inplace_grad: bool):
+    """``(acc, loss [B*T], grad)`` of the torch row paths: the accumulator dtype, the per-row loss
+    buffer in it, and the gradient buffer (``logits`` itself with ``inplace_grad``; None without
+    ``compute_grad``)."""
+    acc = accumulator_dtype(logits.dtype)
+    loss = torch.empty(logits.shape[0] * logits.shape[1], dtype=acc, device=logits.device)
+    grad = None
+    if compute_grad:
+        grad = logits if inplace_grad else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    return acc, loss, grad
+
+
 def loss_and_grad_rows(logits: Tensor, tids: Tensor, coefs: Tensor, ignored: Tensor,
                        grad_scale: Optional[Tensor], compute_grad: bool,
                        inplace_grad: bool = False, chunk_elems: int = 1 << 22
@@ -326,33 +352,24 @@ def loss_and_grad_rows(logits: Tensor, tids: Tensor, coefs: Tensor, ignored: Ten
     outside ``[0, V)`` and entries with coefficient 0 are skipped (no gather, no ``0 * -inf``).
     """
     B, T, V = logits.shape
-    N = B * T
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    loss = torch.empty(N, dtype=acc, device=logits.device)
-    grad = None
-    if compute_grad:
-        grad = logits if inplace_grad else torch.empty_like(logits, memory_format=torch.contiguous_format)
-    step = max(1, chunk_elems // max(V, 1))
-    for b in range(B):                      # [T, V] views work for any strides (e.g. logits[:, :-1])
-        for t0 in range(0, T, step):
-            t1 = min(T, t0 + step)
-            a, e = b * T + t0, b * T + t1
-            z = logits[b, t0:t1].to(acc)
-            ok = (tids[a:e] >= 0) & (tids[a:e] < V)
-            tid = torch.where(ok, tids[a:e], torch.zeros_like(tids[a:e])).long()
-            c = torch.where(ok, coefs[a:e].to(acc), torch.zeros((), dtype=acc, device=z.device))
-            ign = ignored[a:e]
-            lse = torch.logsumexp(z, dim=-1)
-            zl = torch.where(c != 0, c * z.gather(1, tid), torch.zeros_like(c)).sum(1)
-            loss[a:e] = torch.where(ign, torch.zeros_like(lse), lse - zl)
-            if compute_grad:
-                g = torch.softmax(z, dim=-1)
-                g.scatter_add_(1, tid, -c)
-                g.masked_fill_(ign[:, None], 0.0)
-                if grad_scale is not None:
-                    gs = grad_scale.reshape(-1).to(acc)
-                    g.mul_(gs if gs.numel() == 1 else gs[a:e, None])
-                grad[b, t0:t1] = g.to(logits.dtype)
+    acc, loss, grad = row_outputs(logits, compute_grad, inplace_grad)
+    for b, t0, t1, a, e in row_chunks(B, T, max(1, chunk_elems // max(V, 1))):
+        z = logits[b, t0:t1].to(acc)
+        ok = (tids[a:e] >= 0) & (tids[a:e] < V)
+        tid = torch.where(ok, tids[a:e], torch.zeros_like(tids[a:e])).long()
+        c = torch.where(ok, coefs[a:e].to(acc), torch.zeros((), dtype=acc, device=z.device))
+        ign = ignored[a:e]
+        lse = torch.logsumexp(z, dim=-1)
+        zl = torch.where(c != 0, c * z.gather(1, tid), torch.zeros_like(c)).sum(1)
+        loss[a:e] = torch.where(ign, torch.zeros_like(lse), lse - zl)
+        if compute_grad:
+            g = torch.softmax(z, dim=-1)
+            g.scatter_add_(1, tid, -c)
+            g.masked_fill_(ign[:, None], 0.0)
+            if grad_scale is not None:
+                gs = grad_scale.reshape(-1).to(acc)
+                g.mul_(gs if gs.numel() == 1 else gs[a:e, None])
+            grad[b, t0:t1] = g.to(logits.dtype)
     return loss, grad
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from fastfuse import reference as _ref
 from fastfuse.divergence_rows import divergence_rows
 
-__all__ = ["RowTarget", "build_target", "run_rows", "GENERIC_LAUNCH"]
+__all__ = ["RowTarget", "build_target", "run_rows", "Consume", "GENERIC_LAUNCH"]
 
 # the generic row kernel's launch, like fused_ce's "2pass_l2": one 32-warp CTA per SM (few rows in
 # flight, so the second read can hit L2), 4 values per thread per chunk -- <= 48 registers and no
@@ -91,3 +91,20 @@ def run_rows(use_triton: bool, spec, lm_weight: float, logits: Tensor, target: R
         return _ref.loss_and_grad_rows(logits, target.tids, target.coefs, ignored, scale, compute_grad, inplace)
     return divergence_rows(logits, target.tids, target.coefs, target.tail, labels, ignored, spec, lm_weight, scale,
                            compute_grad, inplace)
+
+
+class Consume(torch.autograd.Function):
+    """Marks the logits dirty for ``inplace_grad`` (``fused_loss``, one process or vocabulary-parallel):
+    their buffer is overwritten by the gradient, so any node that saved them (e.g. a logit softcap's
+    tanh, which saves its output) must fail autograd's version check instead of back-propagating
+    gradient values as logits. A separate Function because autograd lets a Function that dirties a
+    view return only that one tensor."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        ctx.mark_dirty(logits)
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad

@@ -24,10 +24,11 @@ import torch
 from torch import Tensor
 
 from fastfuse import reference as _ref
-from fastfuse._dispatch import ALL_FLOATS, INTS, check_teacher_args, check_tensor, float64_path
+from fastfuse._dispatch import (ALL_FLOATS, INTS, accumulator_dtype, check_lm_head, check_teacher_args, check_tensor,
+                                float64_path)
 from fastfuse.divergences import make_spec
-from fastfuse.rows import build_target
-from fastfuse.vocab_parallel_rows import Consume, Plan, VocabParallelLinearLoss, VocabParallelLoss
+from fastfuse.rows import Consume, build_target
+from fastfuse.vocab_parallel_rows import Plan, VocabParallelLinearLoss, VocabParallelLoss
 from fastfuse.vocab_shards import agree, dtensor_local, fingerprint, group_of, is_dtensor, vocab_layout
 
 __all__ = ["vocab_parallel_loss", "vocab_parallel_linear_loss", "ROUND_BYTES"]
@@ -154,7 +155,7 @@ def vocab_parallel_loss(target_logits, source_topk, align_map, labels, source_we
     # the data checks against the whole vocabulary: the same data on every rank, so all raise alike
     check_teacher_args(lead, layout.total, dev, source_topk, align_map, labels, source_weights, lm_weight,
                        temperature, ignore_index, reduction, impl, validate, tail_mass=spec.uses_tail_mass)
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = accumulator_dtype(logits.dtype)
     target, ignored, scale = _loss_parts(use_triton, spec, ids, logprobs, pos, vocab, labels3, sw, lm_weight,
                                          temperature, ignore_index, reduction, layout.total, acc)
     squeeze = logits.dim() == 2
@@ -208,30 +209,8 @@ def vocab_parallel_linear_loss(hidden, weight, source_topk, align_map, labels, b
              "sequence_parallel", _ARGS, "vocab_start given", "V_r", "vocab_start", "T_r")
     fields, fp, error = dict.fromkeys(names, 0), None, None
     try:
-        check_tensor("hidden", hidden, ALL_FLOATS, "float32, bfloat16 or float16 (float64 on the torch path)")
-        check_tensor("weight", weight, ALL_FLOATS, "float32, bfloat16 or float16 (float64 on the torch path)")
-        if hidden.dim() not in (2, 3):
-            raise ValueError(f"hidden must be [B, T, H] or [N, H], got shape {tuple(hidden.shape)}")
+        check_lm_head(hidden, weight, bias, chunk_tokens, shard=True)
         H = hidden.shape[-1]
-        if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] == 0:
-            raise ValueError(f"weight must be [V_r, H={H}] (this rank's shard of the lm_head weight, V_r > 0), got "
-                             f"shape {tuple(weight.shape)}")
-        if weight.dtype != hidden.dtype:
-            raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
-        if weight.device != dev:
-            raise ValueError(f"weight is on {weight.device}, hidden on {dev}")
-        if bias is not None:
-            check_tensor("bias", bias)
-            if bias.shape != (weight.shape[0],):
-                raise ValueError(f"bias must be [V_r={weight.shape[0]}] (this rank's shard) or None, got shape "
-                                 f"{tuple(bias.shape)}")
-            if bias.dtype != hidden.dtype:
-                raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
-            if bias.device != dev:
-                raise ValueError(f"bias is on {bias.device}, hidden on {dev}")
-        if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
-                                         or chunk_tokens < 1):
-            raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
         check_tensor("labels", labels, INTS, "int64 (or int32)")
         spec = make_spec(**spec_args)
         _check_vocab_start(vocab_start, sharded_weight, "weight")
@@ -270,7 +249,7 @@ def vocab_parallel_linear_loss(hidden, weight, source_topk, align_map, labels, b
     check_teacher_args(lead, layout.total, dev, source_topk, align_map, labels, source_weights, lm_weight,
                        temperature, ignore_index, reduction, impl, validate, owner="hidden",
                        tail_mass=spec.uses_tail_mass)
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc = accumulator_dtype(hidden.dtype)
     target, ignored, scale = _loss_parts(use_triton, spec, ids, logprobs, pos, vocab, labels3, sw, lm_weight,
                                          temperature, ignore_index, reduction, layout.total, acc)
     N = labels3.numel()

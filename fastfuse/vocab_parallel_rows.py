@@ -26,14 +26,16 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastfuse._dispatch import SECOND_BACKWARD
+from fastfuse._dispatch import SECOND_BACKWARD, accumulator_dtype
 from fastfuse.divergence_rows import (combine_stats, finish_terms, gather_sparse, grad_slice, local_stats,
                                       needs_tail_pass, row_loss, row_terms, tail_sums, teacher_ids)
+from fastfuse.linear_chunks import chunk_loop
+from fastfuse.reference import row_chunks
 from fastfuse.rows import RowTarget
 from fastfuse.vocab_shards import VocabLayout
 
 __all__ = ["SLICE_ELEMS", "Plan", "shard_rows", "logits_rows", "linear_chunks", "VocabParallelLoss",
-           "VocabParallelLinearLoss", "Consume"]
+           "VocabParallelLinearLoss"]
 
 
 SLICE_ELEMS = 1 << 22     # logits per stage call: bounds the float32 temporaries (as divergence_rows)
@@ -46,10 +48,6 @@ class Plan(NamedTuple):
     lm_weight: float
     reduction: str
     chunk: int
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _rows(d, a: int, e: int):
@@ -94,16 +92,12 @@ def logits_rows(logits: Tensor, target: RowTarget, labels: Tensor, ignored: Tens
     """Per-row loss ``[N]`` of this rank's ``logits [B, T, V_r]``, and ``scale * dL/dlogits`` written
     into ``grad`` (any ``[B, T, V_r]`` buffer, ``logits`` itself included) when it is given."""
     B, T, _ = logits.shape
-    acc = _acc(logits.dtype)
+    acc = accumulator_dtype(logits.dtype)
     loss = torch.empty(B * T, dtype=acc, device=logits.device)
     per_row = scale.numel() > 1
-    for b in range(B):
-        for t0 in range(0, T, plan.chunk):
-            t1 = min(T, t0 + plan.chunk)
-            a, e = b * T + t0, b * T + t1
-            loss[a:e] = shard_rows(logits[b, t0:t1], target.rows(a, e), labels[a:e], ignored[a:e],
-                                   scale[a:e] if per_row else scale, plan,
-                                   None if grad is None else grad[b, t0:t1], acc)
+    for b, t0, t1, a, e in row_chunks(B, T, plan.chunk):
+        loss[a:e] = shard_rows(logits[b, t0:t1], target.rows(a, e), labels[a:e], ignored[a:e],
+                               scale[a:e] if per_row else scale, plan, None if grad is None else grad[b, t0:t1], acc)
     return loss
 
 
@@ -111,66 +105,28 @@ def linear_chunks(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target
                   ignored: Tensor, scale: Tensor, plan: Plan, need) -> Tuple[Tensor, Tuple[Optional[Tensor], ...]]:
     """Per-row losses ``[N]`` of ``hidden @ weight.T + bias`` (this rank's ``[V_r, H]`` shard) and the
     gradients flagged in ``need``: ``d_hidden`` summed over the group (all-reduce; under sequence
-    parallelism the reduce-scatter to this rank's tokens), ``d_weight``/``d_bias`` of the shard."""
+    parallelism the reduce-scatter to this rank's tokens), ``d_weight``/``d_bias`` of the shard.
+    The chunk loop is ``fused_linear_loss``'s (:func:`fastfuse.linear_chunks.chunk_loop`)."""
     layout = plan.layout
     H = hidden.shape[-1]
     h3 = hidden if hidden.dim() == 3 else hidden.unsqueeze(0)
     full = (layout.gather_tokens(h3) if layout.tokens is not None else h3).reshape(-1, H)
-    N, Vr = full.shape[0], weight.shape[0]
-    acc = _acc(hidden.dtype)
-    compute_grad = any(need)
-    d_full = torch.empty_like(full) if need[0] else None
-    d_weight = torch.empty_like(weight) if need[1] else None
-    d_bias = torch.zeros(Vr, dtype=acc, device=hidden.device) if (need[2] and bias is not None) else None
-    loss = torch.empty(N, dtype=acc, device=hidden.device)
-    buf = torch.empty(min(plan.chunk, N), Vr, dtype=hidden.dtype, device=hidden.device)
-    wt = weight.t()
+    acc = accumulator_dtype(hidden.dtype)
     per_row = scale.numel() > 1
-    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-        for i, r0 in enumerate(range(0, N, plan.chunk)):
-            r1 = min(N, r0 + plan.chunk)
-            h, z = full[r0:r1], buf[: r1 - r0]
-            if bias is None:
-                torch.mm(h, wt, out=z)
-            else:
-                torch.addmm(bias, h, wt, out=z)
-            # z becomes the chunk's gradient, rounded once to the input dtype
-            loss[r0:r1] = shard_rows(z, target.rows(r0, r1), labels[r0:r1], ignored[r0:r1],
-                                     scale[r0:r1] if per_row else scale, plan, z if compute_grad else None, acc)
-            if not compute_grad:
-                continue
-            if d_full is not None:
-                torch.mm(z, weight, out=d_full[r0:r1])
-            if d_weight is not None:
-                if i == 0:
-                    torch.mm(z.t(), h, out=d_weight)
-                else:
-                    d_weight.addmm_(z.t(), h)
-            if d_bias is not None:
-                d_bias += z.sum(0, dtype=acc)
-        d_hidden = None
-        if d_full is not None:      # each rank's d_hidden is its vocabulary slice's part: sum them
+
+    def row_pass(z, r0, r1, compute_grad):
+        # z becomes the chunk's gradient, rounded once to the input dtype
+        return shard_rows(z, target.rows(r0, r1), labels[r0:r1], ignored[r0:r1],
+                          scale[r0:r1] if per_row else scale, plan, z if compute_grad else None, acc)
+    loss, (d_full, d_weight, d_bias) = chunk_loop(full, weight, bias, plan.chunk, need, row_pass)
+    d_hidden = None
+    if d_full is not None:      # each rank's d_hidden is its vocabulary slice's part: sum them
+        with torch.no_grad():
             if layout.tokens is not None:
                 d_hidden = layout.scatter_tokens(d_full.view(h3.shape[0], -1, H)).reshape(hidden.shape)
             else:
                 d_hidden = layout.all_reduce(d_full).view(hidden.shape)
-    if d_bias is not None:
-        d_bias = d_bias.to(bias.dtype)
     return loss, (d_hidden, d_weight, d_bias)
-
-
-class Consume(torch.autograd.Function):
-    """Marks the logits dirty for ``inplace_grad`` (as ``fused_loss`` does): a node that saved them
-    fails autograd's version check instead of reading gradient values as logits."""
-
-    @staticmethod
-    def forward(ctx, logits):
-        ctx.mark_dirty(logits)
-        return logits
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
 
 
 class VocabParallelLoss(torch.autograd.Function):
@@ -203,7 +159,7 @@ class VocabParallelLoss(torch.autograd.Function):
         if ctx.done:
             raise RuntimeError(SECOND_BACKWARD.format("fused_loss"))
         ctx.done = True
-        go = grad_output.to(_acc(grad_output.dtype)).reshape(-1)
+        go = grad_output.to(accumulator_dtype(grad_output.dtype)).reshape(-1)
         if ctx.defer:
             logits, tids, q, R, labels, ignored, scale = ctx.saved_tensors
             grad = logits if ctx.inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -240,7 +196,7 @@ class VocabParallelLinearLoss(torch.autograd.Function):
         if ctx.done:
             raise RuntimeError(SECOND_BACKWARD.format("fused_linear_loss"))
         ctx.done = True
-        go = grad_output.to(_acc(grad_output.dtype)).reshape(-1)
+        go = grad_output.to(accumulator_dtype(grad_output.dtype)).reshape(-1)
         if ctx.grad_now:
             grads, ctx.grads = ctx.grads, None
             return tuple(None if g is None else g.mul_(go.reshape(())) for g in grads) + (None,) * 7
