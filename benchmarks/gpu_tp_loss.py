@@ -36,9 +36,10 @@ sys.path.insert(0, HERE)
 
 import gpu_loss  # noqa: E402,F401  (sets fastfuse up: installed, or the source tree linked as a package)
 from _common import cuda_timed, write_csv  # noqa: E402
+from bench_linear_loss import make_inputs  # noqa: E402  (the same inputs as the one-GPU table)
 
 from fastfuse.linear_loss import default_chunk_tokens, fused_linear_loss  # noqa: E402
-from fastfuse.loss import AlignMap, SourceTopK, fused_loss  # noqa: E402
+from fastfuse.loss import fused_loss  # noqa: E402
 from fastfuse.testing import LINEAR_REL_TOL  # noqa: E402
 from fastfuse.vocab_parallel import ROUND_BYTES  # noqa: E402
 
@@ -57,22 +58,6 @@ def init():
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def inputs(N, H, V, device):
-    """The same inputs on every rank (one seed)."""
-    g = torch.Generator(device=device).manual_seed(0)
-    Vs, T = 32000, min(N, 2048)
-    B = N // T
-    hidden = torch.randn(B, T, H, device=device, dtype=torch.bfloat16, generator=g)
-    weight = (torch.randn(V, H, device=device, generator=g) / H ** 0.5).to(torch.bfloat16)
-    ids = torch.randint(0, Vs, (S, B, T, K), device=device, generator=g, dtype=torch.int32)
-    lp = torch.log_softmax(torch.randn(S, B, T, K, device=device, generator=g), -1).half()
-    pos = torch.arange(T, device=device, dtype=torch.int32).expand(S, B, T).contiguous()
-    vocab = torch.randint(0, V, (S, Vs), device=device, generator=g, dtype=torch.int32)
-    labels = torch.randint(0, V, (B, T), device=device, generator=g)
-    w = torch.rand(S, B, device=device, generator=g)
-    return dict(hidden=hidden, weight=weight, topk=SourceTopK(ids, lp), amap=AlignMap(pos, vocab), labels=labels, w=w)
 
 
 def shard_range(V, rank, world):
@@ -154,7 +139,7 @@ def main():
     ok, rows = True, []
     divergences = {"ce": {}, "jsd-uniform": dict(divergence="jsd", tail="uniform")}
     for op in ("linear", "logits"):
-        d = inputs(N, H, V, device)
+        d = make_inputs(N, H, V, device)
         if op == "logits":
             d["logits"] = (d.pop("hidden").reshape(N, H) @ d.pop("weight").T).reshape(d["labels"].shape + (V,))
         for dname, div in divergences.items():

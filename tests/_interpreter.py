@@ -11,6 +11,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 
 def request_interpreter(device: str) -> str | None:
     """Set TRITON_INTERPRET=1 on CPU if triton is not imported yet; returns the old value."""
@@ -47,6 +49,27 @@ def restore(old: str | None) -> None:
         os.environ.pop("TRITON_INTERPRET", None)
     else:
         os.environ["TRITON_INTERPRET"] = old
+
+
+def interpreter_fixtures(device: str, old: str | None, in_process: bool, rerun_test: str):
+    """The two autouse fixtures of a kernel test module; assign them to module names:
+    ``_interpret, _skip_if_subprocess = interpreter_fixtures(DEVICE, _OLD, _IN_PROCESS, "test_...")``.
+    ``_interpret`` turns the interpreter on for the module's tests (re-decorating the kernels if
+    needed) and restores ``TRITON_INTERPRET`` after them; ``_skip_if_subprocess`` skips every test
+    but ``rerun_test`` when triton was imported compiled (that test reruns the module)."""
+    @pytest.fixture(scope="module", autouse=True)
+    def _interpret():
+        if in_process and device == "cpu":
+            use_interpreter()
+        yield
+        restore(old)
+
+    @pytest.fixture(autouse=True)
+    def _skip_if_subprocess(request):
+        if not in_process and request.node.name != rerun_test:
+            pytest.skip(f"triton was imported in compiled mode; covered by {rerun_test}")
+
+    return _interpret, _skip_if_subprocess
 
 
 def rerun_under_interpreter(path: str, min_passed: int) -> None:

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from _interpreter import request_interpreter, rerun_under_interpreter, restore, runs_in_process, use_interpreter
+from _interpreter import interpreter_fixtures, request_interpreter, rerun_under_interpreter, runs_in_process
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _OLD_INTERPRET = request_interpreter(DEVICE)     # before triton is imported
@@ -24,21 +24,7 @@ MIX = {"jsd": dict(beta=0.3), "skew_kl": dict(alpha=0.2), "skew_reverse_kl": dic
 STUDENT = dict(logit_scale=0.8, softcap=6.0, student_temperature=2.0, hinton_scale=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _interpret():
-    if not _IN_PROCESS:
-        yield
-        return
-    if DEVICE == "cpu":
-        use_interpreter()
-    yield
-    restore(_OLD_INTERPRET)
-
-
-@pytest.fixture(autouse=True)
-def _skip_if_subprocess(request):
-    if not _IN_PROCESS and request.node.name != "test_kernels_in_subprocess":
-        pytest.skip("triton was imported in compiled mode; covered by test_kernels_in_subprocess")
+_interpret, _skip_if_subprocess = interpreter_fixtures(DEVICE, _OLD_INTERPRET, _IN_PROCESS, "test_kernels_in_subprocess")
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from _interpreter import request_interpreter, rerun_under_interpreter, restore, runs_in_process, use_interpreter
+from _interpreter import interpreter_fixtures, request_interpreter, rerun_under_interpreter, runs_in_process
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _OLD = request_interpreter(DEVICE)     # before triton is imported (tests/ is on sys.path)
@@ -33,18 +33,7 @@ _IN_PROCESS = runs_in_process(DEVICE)
 IMPLS = ["triton", "reference"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _interpret():
-    if _IN_PROCESS and DEVICE == "cpu":
-        use_interpreter()
-    yield
-    restore(_OLD)
-
-
-@pytest.fixture(autouse=True)
-def _skip_if_subprocess(request):
-    if not _IN_PROCESS and request.node.name != "test_in_subprocess":
-        pytest.skip("triton was imported in compiled mode; covered by test_in_subprocess")
+_interpret, _skip_if_subprocess = interpreter_fixtures(DEVICE, _OLD, _IN_PROCESS, "test_in_subprocess")
 
 
 @pytest.mark.skipif(_IN_PROCESS, reason="kernels run in this process")
