@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import numpy as np
 
 __all__ = ["iter_corpus", "check_text", "SourceSequence", "special_tokens", "split_points", "source_sequences",
-           "chain_fingerprint", "pad_token_id", "python_docs"]
+           "chain_fingerprint", "pad_token_id", "python_docs", "python_code", "cut_text"]
 
 
 def python_docs(max_docs: int | None = None) -> list[str]:
@@ -43,6 +43,41 @@ def python_docs(max_docs: int | None = None) -> list[str]:
 
     texts = [topics[k] for k in sorted(topics)]
     return texts[:max_docs] if max_docs else texts
+
+
+def cut_text(text: str, doc_chars: int, code: bool = False) -> list[str]:
+    """``text`` cut into pieces of about ``doc_chars`` characters that concatenate back to it. A piece ends
+    at the first boundary once it holds ``doc_chars`` characters: a non-blank line after a blank one
+    (a paragraph), and for ``code`` only one that starts at column 0 (a top-level statement), so
+    definitions stay whole where the text allows."""
+    lines = text.splitlines(keepends=True)
+    out, piece, n = [], [], 0
+    for i, line in enumerate(lines):
+        if n >= doc_chars and line.strip() and i and not lines[i - 1].strip() and not (code and line[0].isspace()):
+            out.append("".join(piece))
+            piece, n = [], 0
+        piece.append(line)
+        n += len(line)
+    if piece:
+        out.append("".join(piece))
+    return out
+
+
+def python_code(max_docs: int | None = None, doc_chars: int = 4000) -> list[str]:
+    """Python code that ships with Python: the standard library's top-level modules (``Lib/*.py``, sorted
+    by name), each cut into documents of about ``doc_chars`` characters by :func:`cut_text`."""
+    import sysconfig
+
+    out: list[str] = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        out += [d for d in cut_text(text, doc_chars, code=True) if d.strip()]
+        if max_docs and len(out) >= max_docs:
+            return out[:max_docs]
+    return out
 
 
 def pad_token_id(tokenizer, default: int = 0) -> int:

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from fastfuse.fusion import fuse_weights
+from fastfuse.fusion import fuse_weights, gold_probabilities, token_choice_weights
 from fastfuse.loss import AlignMap, SourceTopK
 
 
@@ -54,6 +54,9 @@ def _vocab_table(vocab_maps: Sequence[np.ndarray], source_vocab_sizes: Sequence[
     return torch.from_numpy(table), sizes_out
 
 
+FUSIONS = ("min_ce", "avg_ce", "min_ce_norm", "avg_ce_norm", "equal", "token")
+
+
 class FusionCollator:
     """Pads a list of examples into one batch for :func:`fastfuse.fused_loss`.
 
@@ -64,7 +67,13 @@ class FusionCollator:
         source_vocab_sizes: per source, the model's logits dimension if it exceeds the tokenizer
             (padded embeddings); ids in ``[len(map), size)`` are accepted and map to nothing.
         target_vocab_size: if given, every mapped id is checked to be below it.
-        fusion: ``"min_ce"`` | ``"avg_ce"`` | ``None`` (uniform) — per-sequence source weights.
+        fusion: how the sources are weighted (one of :data:`FUSIONS`): ``"min_ce"`` (FuseLLM's MinCE: weight 1
+            on the source with the lowest CE per own token on the sequence), ``"avg_ce"`` (``softmax(-CE / tau)``),
+            ``"min_ce_norm"`` / ``"avg_ce_norm"`` (the same on each source's total nats on the sequence per
+            *target* token: tokenizer-invariant, ranking the sources exactly as nats per byte would),
+            ``"equal"`` (or ``None``: ``1 / S``), ``"token"`` (per target position, the source whose aligned
+            top-k gives the gold token the highest probability; :func:`fastfuse.fusion.token_choice_weights`).
+        tau: the temperature of ``"avg_ce"`` / ``"avg_ce_norm"`` (nats).
         pin_memory: pin the batch's tensors (only when CUDA is available).
 
     Returns dicts with ``input_ids`` int64 ``[B, T]``, ``attention_mask`` ``[B, T]``, ``labels`` int64
@@ -84,8 +93,8 @@ class FusionCollator:
             raise ValueError(f"target_vocab_size: expected an int >= 1 or None, got {target_vocab_size!r}")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
             raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-        if fusion is not None and (not isinstance(fusion, str) or fusion not in ("min_ce", "avg_ce")):
-            raise ValueError(f"fusion: expected 'min_ce', 'avg_ce' or None, got {fusion!r}")
+        if fusion is not None and (not isinstance(fusion, str) or fusion not in FUSIONS):
+            raise ValueError(f"fusion: expected one of {', '.join(map(repr, FUSIONS))} or None, got {fusion!r}")
         self.vocab, self.source_sizes = _vocab_table(vocab_maps, source_vocab_sizes)
         if target_vocab_size is not None and self.vocab.numel() and int(self.vocab.max()) >= target_vocab_size:
             raise ValueError(f"vocab_maps: mapped ids must be < target_vocab_size ({target_vocab_size}), "
@@ -173,10 +182,7 @@ class FusionCollator:
                 ids[s, b, : len(ti), : ti.shape[1]] = torch.from_numpy(ti.astype(np.int32))
                 logprobs[s, b, : len(tl), : tl.shape[1]] = torch.from_numpy(tl.astype(np.float32))
                 pos[s, b, :n] = torch.from_numpy(p.astype(np.int32))
-        if self.fusion is None or S == 0:
-            weights = torch.full((S, B), 1.0 / max(S, 1))
-        else:
-            weights = fuse_weights(ce, method=self.fusion, level="sequence", tau=self.tau)
+        weights = self.source_weights(ids, logprobs, pos, labels, ce)
         batch = {
             "input_ids": input_ids, "attention_mask": attention, "labels": labels,
             "source_topk": SourceTopK(ids, logprobs), "align_map": AlignMap(pos, self.vocab),
@@ -188,8 +194,30 @@ class FusionCollator:
         return batch
 
 
+    def source_weights(self, ids: torch.Tensor, logprobs: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor,
+                       ce: torch.Tensor) -> torch.Tensor:
+        """``[S, B]`` (per sequence) or ``[S, B, T]`` (``"token"``) weights of the padded batch under ``fusion``."""
+        S, B = ce.shape
+        if self.fusion in (None, "equal") or S == 0:
+            return torch.full((S, B), 1.0 / max(S, 1))
+        if self.fusion == "token":
+            return token_choice_weights(gold_probabilities(ids, logprobs, pos, self.vocab, labels, self.ignore_index))
+        if self.fusion.endswith("_norm"):
+            # total nats of each source on the sequence (its CE is a mean over its Ts - 1 predictions) per
+            # predicted target token: one unit for every tokenizer
+            n_src = ((ids >= 0).any(-1).sum(-1) - 1).clamp_min(0).float()     # [S, B]
+            n_tgt = (labels != self.ignore_index).sum(-1).float()             # [B]
+            ce = ce * n_src / n_tgt
+        return fuse_weights(ce, method=self.fusion.removesuffix("_norm"), level="sequence", tau=self.tau)
+
+
 class FusionDataset(torch.utils.data.Dataset):
     """Examples for :class:`FusionCollator` from an ``align_corpus`` directory and the sources' shards.
+
+    ``sources`` names the sources and fixes their order: index ``s`` of every batch tensor (``source_topk``,
+    ``align_map``, ``source_weights``, ``source_ce``) is ``dataset.sources[s]``. The default is every source
+    of the alignment **sorted by name** (not the order they were given to ``align_corpus``), so look a
+    source up by name (``dataset.sources.index(name)``), never by a position assumed elsewhere.
 
     ``dataset.collator(pad_token_id, ...)`` builds the matching collator (vocabulary maps, padded
     source vocabularies from the shards' metadata).
@@ -200,7 +228,9 @@ class FusionDataset(torch.utils.data.Dataset):
         from fastfuse.shard_parts import open_shards
 
         self.store = AlignedStore(align_dir)
-        self.sources = list(sources) if sources is not None else self.store.sources
+        self.sources = list(sources) if sources is not None else sorted(self.store.sources)
+        if len(set(self.sources)) != len(self.sources):
+            raise ValueError(f"sources: each source at most once, got {self.sources}")
         unknown = [s for s in self.sources if s not in self.store.sources]
         if unknown:
             raise ValueError(f"sources: {unknown} not in {align_dir} (has {self.store.sources})")

@@ -9,6 +9,8 @@ Every weight function returns a float tensor ``[S, B]`` (one weight per source a
 * :func:`reward_weights` — ProFuser's *inference mode*: sources ranked by a reward model's score
   of their generated responses (one-hot on the best, or ``softmax(reward / tau)``).
 * :func:`fuse_weights` — dispatcher over method and level (sequence or token).
+* :func:`token_choice_weights` — per target position, the source whose aligned top-k gives the gold
+  token the highest probability (:func:`gold_probabilities`).
 
 Conventions shared by all of them:
 
@@ -46,6 +48,8 @@ __all__ = [
     "fuse_weights",
     "token_ce_to_sequence_ce",
     "with_target_candidate",
+    "gold_probabilities",
+    "token_choice_weights",
 ]
 
 _METHODS = ("min_ce", "avg_ce")
@@ -291,3 +295,47 @@ def with_target_candidate(source_ce: Tensor, target_ce: Tensor) -> tuple[Tensor,
     if tgt.device != src.device:
         raise ValueError(f"target_ce is on {tgt.device}, source_ce on {src.device}")
     return torch.cat([source_ce.detach(), tgt.to(source_ce.dtype)], 0), src.shape[0]
+
+
+def gold_probabilities(ids: Tensor, logprobs: Tensor, pos: Tensor, vocab: Tensor, labels: Tensor,
+                       ignore_index: int = -100) -> Tensor:
+    """The probability each source's aligned distribution gives the gold target token, per target position.
+
+    Args:
+        ids, logprobs: ``[S, B, Ts, K]`` the sources' top-k (source ids, -1 = none; log-probabilities).
+        pos: ``[S, B, T]`` int, target position -> 1-to-1 aligned source position or -1.
+        vocab: ``[S, Vs]`` int, source id -> target id or -1.
+        labels: ``[B, T]`` int, the gold next target token (``ignore_index`` where none).
+
+    Returns:
+        ``[S, B, T]`` float32: the summed probability of the top-k entries that map to the label (0 when
+        none does: the label is outside the source's top-k); NaN where the source has no aligned
+        position or the label is ignored (the source is unavailable there).
+    """
+    for name, t in (("ids", ids), ("logprobs", logprobs), ("pos", pos), ("vocab", vocab), ("labels", labels)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    S, B, Ts, K = ids.shape
+    if logprobs.shape != ids.shape or pos.shape[:2] != (S, B) or tuple(labels.shape) != tuple(pos.shape[1:]):
+        raise ValueError(f"shapes: ids {tuple(ids.shape)}, logprobs {tuple(logprobs.shape)}, pos {tuple(pos.shape)}, "
+                         f"labels {tuple(labels.shape)} must be [S, B, Ts, K] x2, [S, B, T], [B, T]")
+    aligned = (pos >= 0) & (pos < Ts) & (labels != ignore_index).unsqueeze(0)
+    j = torch.where(aligned, pos, torch.zeros_like(pos)).long()[..., None].expand(-1, -1, -1, K)
+    a_ids = ids.long().gather(2, j)                                       # [S, B, T, K]
+    a_p = logprobs.float().gather(2, j).exp()
+    ok = (a_ids >= 0) & (a_ids < vocab.shape[1])
+    s_idx = torch.arange(S, device=ids.device)[:, None, None, None]
+    tid = vocab.long()[s_idx, torch.where(ok, a_ids, torch.zeros_like(a_ids))]
+    hit = ok & (tid == labels.long().unsqueeze(0).unsqueeze(-1))
+    p = torch.where(hit, a_p, torch.zeros_like(a_p)).sum(-1)
+    return torch.where(aligned, p, torch.full_like(p, float("nan")))
+
+
+def token_choice_weights(gold_p: Tensor) -> Tensor:
+    """One-hot ``[S, B, T]`` on the source with the highest gold probability at each target position
+    (:func:`gold_probabilities`; ties to the lowest source index); uniform where every source is NaN
+    (unavailable) or gives the gold token probability 0 (it is in no source's top-k)."""
+    p = _check_scores(gold_p, "gold_p", (3,), nonneg=True)
+    w = _argmin_onehot(-p)
+    best = torch.where(torch.isnan(p), torch.zeros_like(p), p).amax(0, keepdim=True)
+    return torch.where(best > 0, w, torch.full_like(w, 1.0 / p.shape[0]))

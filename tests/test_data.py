@@ -31,7 +31,7 @@ def setup():
     return rng, maps
 
 
-@pytest.mark.parametrize("fusion", ["min_ce", "avg_ce", None])
+@pytest.mark.parametrize("fusion", ["min_ce", "avg_ce", "min_ce_norm", "avg_ce_norm", "equal", "token", None])
 def test_batched_loss_equals_sum_of_single_sequences(setup, fusion):
     rng, maps = setup
     exs = [random_example(rng, int(rng.integers(2, 12)), [int(rng.integers(1, 15)) for _ in SRC_TOK], [3, 5])
@@ -61,6 +61,51 @@ def test_weights_follow_min_ce(setup):
     ex["ce"] = np.array([2.0, 1.0], dtype=np.float32)
     batch = FusionCollator(maps, 0, SRC_MODEL, pin_memory=False)([ex])
     assert batch["source_weights"][:, 0].tolist() == [0.0, 1.0]
+
+
+def test_weightings_by_name_against_a_loop(setup):
+    """Every weighting of FUSIONS computed from the padded batch equals a per-example loop over the raw fields."""
+    from fastfuse.data import FUSIONS
+
+    rng, maps = setup
+    exs = [random_example(rng, int(rng.integers(3, 12)), [int(rng.integers(2, 15)) for _ in SRC_TOK], [3, 5])
+           for _ in range(5)]
+    for ex in exs:        # make the gold token often one of the top-k, so the token choice has something to pick
+        for s in range(len(SRC_TOK)):
+            for t, j in enumerate(ex["pos"][s][:-1]):
+                if j >= 0 and rng.random() < 0.6:
+                    hits = np.nonzero(maps[s] == ex["input_ids"][t + 1])[0]
+                    if len(hits):
+                        ex["topk_ids"][s][j, int(rng.integers(0, ex["topk_ids"][s].shape[1]))] = hits[0]
+    for fusion in FUSIONS:
+        w = FusionCollator(maps, 0, SRC_MODEL, fusion=fusion, tau=0.7, pin_memory=False)(exs)["source_weights"]
+        for b, ex in enumerate(exs):
+            T = len(ex["input_ids"])
+            ce = ex["ce"].astype(np.float64)
+            if fusion.endswith("_norm"):
+                ce = ce * np.array([len(ex["topk_ids"][s]) - 1 for s in range(2)]) / (T - 1)
+            if fusion.startswith("min_ce"):
+                want = np.eye(2)[np.argmin(ce)]
+            elif fusion.startswith("avg_ce"):
+                want = np.exp(-ce / 0.7) / np.exp(-ce / 0.7).sum()
+            elif fusion == "equal":
+                want = np.array([0.5, 0.5])
+            if fusion != "token":
+                np.testing.assert_allclose(w[:, b].numpy(), want, rtol=1e-5)
+                continue
+            for t in range(T - 1):                 # per target position: the highest gold probability wins
+                p = np.full(2, np.nan)
+                for s in range(2):
+                    j = ex["pos"][s][t]
+                    if j >= 0:
+                        ids, lps = ex["topk_ids"][s][j], ex["topk_logprobs"][s][j].astype(np.float32)
+                        ok = (ids >= 0) & (ids < len(maps[s]))
+                        p[s] = sum(np.exp(lp) for i, lp, o in zip(ids, lps, ok) if o and maps[s][i] == ex["input_ids"][t + 1])
+                best = np.nanmax(p) if not np.isnan(p).all() else 0.0
+                want = np.eye(2)[int(np.nanargmax(p))] if best > 0 else np.array([0.5, 0.5])
+                np.testing.assert_allclose(w[:, b, t].numpy(), want, rtol=1e-5, err_msg=f"example {b} position {t}")
+    with pytest.raises(ValueError, match="fusion: expected one of"):
+        FusionCollator(maps, 0, SRC_MODEL, fusion="max_ce")
 
 
 def test_padded_vocab_ids_map_to_nothing(setup):

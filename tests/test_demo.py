@@ -17,38 +17,40 @@ def test_tiny_demo_runs_end_to_end(real_tokenizer, tmp_path, capsys):
     out = tmp_path / "figures.json"
     png = tmp_path / "curves.png"
     assert cli_main(["demo", "--size", "tiny", "--seed", "1", "--workdir", str(tmp_path / "work"), "--json", str(out),
-                      "--plot", str(png), "--quiet", "--baselines", "--divergence", "skew_reverse_kl", "--tail", "bucket",
-                      "--alpha", "0.2"]) == 0
+                      "--plot", str(png), "--quiet", "--divergence", "skew_reverse_kl", "--tail", "bucket",
+                      "--alpha", "0.2", "--fusion", "token"]) == 0
     text = capsys.readouterr().out
-    for row in ("source llama2", "source gpt2", "target at init", "target clm-only", "target fused", "bits/byte",
-                "fused - CLM-only", "gold target token", "alignment coverage", "time per stage",
-                "target KD from llama2 only", "target KD from gpt2 only", "best single-source KD",
-                "skew_reverse_kl/bucket tail (alpha 0.2)"):
+    for row in ("source prose (prose expert)", "source code (code expert)", "target at init", "target CLM-only",
+                "target CLM + label smoothing", "target KD from prose only", "target KD from code only",
+                "target fused", "bits/byte", "prose b/B", "code b/B", "fused - CLM-only", "fused - KD from",
+                "gold target token", "alignment coverage", "time per stage", "token, skew_reverse_kl/bucket tail alpha 0.2"):
         assert row in text
     f = json.loads(out.read_text())
-    for key in ("clm_only_eval_loss", "fused_eval_loss", "clm_only_eval_bpb", "fused_eval_bpb"):
-        assert math.isfinite(f[key]) and f[key] > 0
-    for s in f["sources"].values():
-        assert math.isfinite(s["eval_loss"]) and math.isfinite(s["eval_bpb"])
-        assert s["rows"] < s["vocab"]                      # vocab="train": rows for the training split's types
-    for name in demo.SOURCES:
-        assert 0.5 < f["coverage"][name]["aligned_1to1"] <= 1
-        assert 0 < f["teachers"]["gold_in_topk"][name] <= 1 and 0 < f["teachers"]["topk_mass"][name] <= 1
-    assert sum(f["minCE_picks"].values()) == f["train"]["sequences"]
-    assert f["loss"]["divergence"] == "skew_reverse_kl" and f["loss"]["tail"] == "bucket" and f["loss"]["mix"] == 0.2
-    assert sorted(f["single_source_eval_bpb"]) == sorted(demo.SOURCES)
-    for name, bpb in f["single_source_eval_bpb"].items():   # distinct trainings: distinct targets
-        assert math.isfinite(bpb) and bpb != f["fused_eval_bpb"] and f["target"][f"single {name}"]["bpb"] == bpb
-    t = f["target"]
-    assert t["fused"]["loss"] == f["fused_eval_loss"] and t["clm_only"]["bpb"] == f["clm_only_eval_bpb"]
-    for mode in ("clm_only", "fused"):   # the seen / unseen split adds up to the whole
-        r = t[mode]
-        assert 0 <= r["unseen_rate"] < 1
+    assert set(f["bpb"]) == {"clm_only", "label_smoothing", "single prose", "single code", "fused"}
+    for mode, r in f["targets"].items():
+        assert math.isfinite(r["bpb"]) and r["bpb"] > 0 and f["bpb"][mode] == r["bpb"]
+        assert set(r["domains"]) == set(demo.DOMAINS)
+        # the whole held-out set is the sum of its domains
+        nats = sum(d["loss"] * d["tokens"] for d in r["domains"].values())
+        assert r["tokens"] == sum(d["tokens"] for d in r["domains"].values())
+        assert math.isclose(r["bpb"], nats / math.log(2) / sum(d["bytes"] for d in r["domains"].values()), rel_tol=1e-9)
         assert math.isclose(r["loss"], (1 - r["unseen_rate"]) * r["loss_seen"] + r["unseen_rate"] * r["loss_unseen"],
                             rel_tol=1e-6)
-        assert f["curves"][mode]["eval_loss"][0] == t["init_eval_loss"]
+        assert f["curves"][mode]["eval_loss"][0] == f["target"]["init"]["loss"]
         assert f["curves"][mode]["eval_loss"][-1] == r["loss"]
-    assert f["curves"]["clm_only"]["eval_step"] == f["curves"]["fused"]["eval_step"]
+    assert len(set(f["bpb"].values())) == len(f["bpb"])          # distinct trainings: distinct targets
+    for name, (tok, dom) in demo.SOURCES.items():
+        s = f["sources"][name]
+        assert (s["tokenizer"], s["domain"]) == (tok, dom) and s["rows"] < s["vocab"]
+        assert math.isfinite(s["eval"]["bpb"])
+        assert 0.5 < f["coverage"][name]["aligned_1to1"] <= 1
+        assert 0 < f["teachers"]["gold_in_topk"][name] <= 1 and 0 < f["teachers"]["topk_mass"][name] <= 1
+    shares = f["weights"]["token"]["by_domain"]
+    for dom in demo.DOMAINS:
+        assert math.isclose(sum(shares[dom].values()), 1.0, rel_tol=1e-6)
+    eps = (1 - f["fused_settings"]["lm_weight"]) * f["weights"]["token"]["tail_mass"]
+    assert 0 < f["label_smoothing"] == eps < 1
+    assert f["fused_settings"]["divergence"] == "skew_reverse_kl" and f["fused_settings"]["alpha"] == 0.2
     assert len(f["curves"]["fused"]["train_ce"]) == f["preset"]["tgt_steps"]
     try:
         import matplotlib  # noqa: F401
@@ -58,10 +60,53 @@ def test_tiny_demo_runs_end_to_end(real_tokenizer, tmp_path, capsys):
         assert f["plot"] == str(png) and png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_per_source_figures_are_looked_up_by_name(real_tokenizer, tmp_path):
+    """The demo's sources are defined in an order ("prose", "code") that their names do not sort in: every
+    per-source figure must still be that source's (a dataset of the source alone gives the same figure)."""
+    from fastfuse.corpus import pad_token_id
+    from fastfuse.data import FusionDataset
+
+    assert list(demo.SOURCES) != sorted(demo.SOURCES)
+    f = demo.run_demo(size="tiny", seed=2, workdir=str(tmp_path), progress=False, log=lambda *_: None)
+    pad = pad_token_id(real_tokenizer(demo.TARGET))
+    for name in demo.SOURCES:
+        alone = FusionDataset(tmp_path / "align", sources=[name])
+        want = demo.teacher_stats(alone, alone.collator(pad_token_id=pad, pin_memory=False))
+        assert f["teachers"]["topk_mass"][name] == want["topk_mass"][name]
+        assert f["teachers"]["gold_in_topk"][name] == want["gold_in_topk"][name]
+    assert f["teachers"]["topk_mass"]["prose"] != f["teachers"]["topk_mass"]["code"]
+
+
+def test_several_seeds_report_mean_sd_and_wins(tmp_path, capsys):
+    out = tmp_path / "seeds.json"
+    assert cli_main(["demo", "--size", "tiny", "--seeds", "2", "--workdir", str(tmp_path), "--json", str(out),
+                     "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "over 2 seeds (0, 1)" in text and "vs best single teacher" in text and "wins" in text
+    r = json.loads(out.read_text())
+    assert r["seeds"] == [0, 1] and [f["seed"] for f in r["per_seed"]] == [0, 1]
+    s = r["summary"]
+    for mode, stats in s["bpb"].items():
+        xs = [f["bpb"][mode] for f in r["per_seed"]]
+        assert math.isclose(stats["mean"], sum(xs) / 2) and math.isclose(stats["sd"], abs(xs[0] - xs[1]) / math.sqrt(2))
+    m = s["margins"]["fused"]
+    for f, d in zip(r["per_seed"], m["best_single"]["per_seed"]):
+        assert math.isclose(d, f["bpb"]["fused"] - min(f["bpb"]["single prose"], f["bpb"]["single code"]))
+    assert m["clm_only"]["wins"] == sum(f["bpb"]["fused"] < f["bpb"]["clm_only"] for f in r["per_seed"])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert r["plot"] and open(r["plot"], "rb").read(4) == b"\x89PNG"
+
+
 def test_cli_registration_and_argument_errors():
+    from fastfuse.data import FUSIONS
+
     args = build_parser().parse_args(["demo", "--size", "tiny", "--lm-weight", "0.3"])
     assert args.func.__module__ == "fastfuse.cli.demos" and demo_cli.demo_overrides(args) == {"lm_weight": 0.3}
     assert sorted(demo_cli.PRESET_NAMES) == sorted(demo.PRESETS)
+    assert demo_cli.FUSIONS == FUSIONS
     import torch
 
     if not torch.cuda.is_available():
@@ -69,22 +114,37 @@ def test_cli_registration_and_argument_errors():
             demo.run_demo(size="tiny", device="cuda", progress=False)
     with pytest.raises(ValueError, match="size"):
         demo.run_demo(size="huge", progress=False)
-    args = build_parser().parse_args(["demo", "--divergence", "jsd", "--beta", "0.3", "--tail", "uniform"])
-    assert (args.divergence, args.beta, args.tail, args.baselines) == ("jsd", 0.3, "uniform", False)
+    args = build_parser().parse_args(["demo", "--divergence", "jsd", "--beta", "0.3", "--tail", "uniform",
+                                      "--fusion", "avg_ce"])
+    assert demo_cli.fused_settings(args) == {"fusion": "avg_ce", "divergence": "jsd", "tail": "uniform", "beta": 0.3}
     with pytest.raises(ValueError, match="alpha is not a parameter of divergence='jsd'"):
-        demo.run_demo(size="tiny", progress=False, loss={"divergence": "jsd", "alpha": 0.3})
+        demo.run_demo(size="tiny", progress=False, fused={"divergence": "jsd", "alpha": 0.3})
     with pytest.raises(ValueError, match="tail must be one of"):
         demo.run_demo(size="tiny", progress=False, variants={"x": {"tail": "drop"}})
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        demo.run_demo(size="tiny", progress=False, variants={"x": {"fusion": "best"}})
+    assert cli_main(["demo", "--seeds", "0"]) == 2
 
 
 def test_corpus_split_is_deterministic_and_disjoint():
-    a_train, a_held = demo.load_corpus(0, 16000)
-    b_train, b_held = demo.load_corpus(0, 16000)
-    assert (a_train, a_held) == (b_train, b_held)
-    assert not set(a_train) & set(a_held) and sum(map(len, a_held)) >= 16000
-    h1, h2 = demo.halves(a_train)
-    assert len(h1) + len(h2) == len(a_train) and set(h1 + h2) == set(a_train) and not set(h1) & set(h2)
-    assert abs(sum(map(len, h1)) - sum(map(len, h2))) <= max(map(len, a_train))
+    preset = demo.PRESETS["small"]
+    a, b = demo.load_corpus(0, preset), demo.load_corpus(0, preset)
+    assert (a.heldout, a.fusion, a.sources) == (b.heldout, b.fusion, b.sources)
+    sets = [set(a.heldout[d]) for d in demo.DOMAINS] + [set(a.fusion[d]) for d in demo.DOMAINS] + \
+        [set(v) for v in a.sources.values()]
+    assert sum(map(len, sets)) == len(set().union(*sets))         # no document in two sets
+    assert demo.load_corpus(1, preset).heldout != a.heldout
+    for dom in demo.DOMAINS:
+        assert sum(map(len, a.heldout[dom])) >= preset.heldout_chars
+        assert sum(map(len, a.fusion[dom])) >= preset.fuse_chars
+    from fastfuse.corpus import python_code
+
+    code = set(python_code(doc_chars=4000))
+    for name, (_, own) in demo.SOURCES.items():
+        docs = a.sources[name]
+        own_chars = sum(len(d) for d in docs if (d in code) == (own == "code"))
+        assert sum(map(len, docs)) >= 0.9 * preset.src_chars
+        assert own_chars >= (1 - preset.src_mix) * 0.95 * sum(map(len, docs))      # mostly its own domain
 
 
 def test_model_vocab_is_a_distribution_over_every_id():

@@ -187,3 +187,26 @@ def test_align_workers_give_the_one_process_output(run, tmp_path, seq_mode):
     assert len(files) >= 3 and all(m1["files"][f] == m2["files"][f] for f in files)
     with pytest.raises(ValueError, match="workers"):
         align_corpus(chunks, toks[TARGET], srcs, tmp_path / "bad", workers=0)
+
+
+def test_dataset_source_order_is_by_name_and_explicit(run):
+    """Index s of every batch tensor is ``dataset.sources[s]``: sorted by name by default, the given order
+    otherwise -- each source's vocab map, top-k and CE stay with its name."""
+    out, toks, *_ = run
+    store = AlignedStore(out / "align")
+    default = FusionDataset(out / "align")
+    assert default.sources == sorted(SOURCES)
+    for order in (list(SOURCES), list(reversed(SOURCES))):
+        ds = FusionDataset(out / "align", sources=order)
+        assert ds.sources == order
+        batch = ds.collator(pad_token_id=0, pin_memory=False)([ds[i] for i in range(len(ds))])
+        for s, name in enumerate(order):
+            alone = FusionDataset(out / "align", sources=[name])
+            one = alone.collator(pad_token_id=0, pin_memory=False)([alone[i] for i in range(len(alone))])
+            ids = store.vocab_map(name).ids
+            assert torch.equal(batch["align_map"].vocab[s, : len(ids)], torch.as_tensor(ids))
+            Ts, K = one["source_topk"].ids.shape[2:]
+            assert torch.equal(batch["source_topk"].ids[s, :, :Ts, :K], one["source_topk"].ids[0])
+            torch.testing.assert_close(batch["source_ce"][s], one["source_ce"][0], rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError, match="each source at most once"):
+        FusionDataset(out / "align", sources=[SOURCES[0], SOURCES[0]])

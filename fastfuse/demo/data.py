@@ -1,60 +1,74 @@
-"""The demo's text: the train / held-out split of Python's docs, the sources' halves, the fusion
-corpus, and documents cut into padded model inputs."""
+"""The demo's text: Python's documentation (prose) and standard library (code), split into held-out,
+fusion and source pre-training sets, and documents cut into padded model inputs."""
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
-from fastfuse.corpus import python_docs, special_tokens
+from fastfuse.corpus import cut_text, python_code, python_docs, special_tokens
+from fastfuse.demo.presets import DOMAINS, SOURCES, Preset
 
 
-def load_corpus(seed: int, heldout_chars: int, max_train_chars: int = 0) -> tuple[list[str], list[str]]:
-    """(train, held-out) documents of ``pydoc_data.topics``, split by document, deterministically.
+@dataclass
+class DemoCorpus:
+    """The demo's text, split by document into four disjoint sets: ``heldout`` and ``fusion`` (domain ->
+    documents), ``sources`` (source name -> its pre-training documents) and ``train`` (every document
+    but the held-out ones: what the models' vocabulary rows are built from)."""
+    heldout: dict[str, list[str]]
+    fusion: dict[str, list[str]]
+    sources: dict[str, list[str]]
 
-    Documents are shuffled with ``seed``; held-out takes documents of at most 20000 characters
-    until it holds ``heldout_chars``; train the rest (if ``max_train_chars`` > 0, only documents
-    of at most a quarter of it, until it is reached)."""
-    # some topics share one text ("Exceptions", "exceptions"): deduplicate, or it lands on both sides
-    docs = list(dict.fromkeys(d for d in python_docs() if d.strip()))
-    random.Random(seed).shuffle(docs)
-    held, train, n = [], [], 0
-    for d in docs:
-        if n < heldout_chars and len(d) <= 20000:
-            held.append(d)
+    @property
+    def train(self) -> list[str]:
+        return [d for docs in (*self.fusion.values(), *self.sources.values()) for d in docs]
+
+    def fusion_docs(self) -> tuple[list[str], list[str]]:
+        """The fusion corpus as one document list (domains interleaved, deterministic) and each document's domain."""
+        tagged = [(d, dom) for dom, docs in self.fusion.items() for d in docs]
+        random.Random(len(tagged)).shuffle(tagged)
+        return [d for d, _ in tagged], [dom for _, dom in tagged]
+
+
+def take(pool: list[str], chars: int, max_len: int = 8000) -> tuple[list[str], list[str]]:
+    """Documents of at most ``max_len`` characters from the front of ``pool`` until they hold ``chars``
+    characters; returns (taken, the rest of the pool in order)."""
+    taken, rest, n = [], [], 0
+    for d in pool:
+        if n < chars and len(d) <= max_len:
+            taken.append(d)
             n += len(d)
         else:
-            train.append(d)
-    if max_train_chars > 0:  # whole documents of at most a quarter of the cap, until it is reached
-        out, n = [], 0
-        for d in train:
-            if n < max_train_chars and len(d) <= max_train_chars // 4:
-                out.append(d)
-                n += len(d)
-        train = out
-    return train, held
+            rest.append(d)
+    return taken, rest
 
 
-def halves(docs: list[str]) -> tuple[list[str], list[str]]:
-    """Two disjoint sets of documents with about the same number of characters (greedy)."""
-    a, b, na, nb = [], [], 0, 0
-    for d in sorted(docs, key=len, reverse=True):
-        if na <= nb:
-            a.append(d)
-            na += len(d)
-        else:
-            b.append(d)
-            nb += len(d)
-    return a, b
-
-
-def fusion_docs(train: list[str], fuse_chars: int) -> list[str]:
-    """The fusion corpus: the first training documents, until they hold ``fuse_chars`` characters (0 = all)."""
-    out, n = [], 0
-    for d in train:
-        if fuse_chars and n >= fuse_chars:
-            break
-        out.append(d)
-        n += len(d)
-    return out
+def load_corpus(seed: int, preset: Preset) -> DemoCorpus:
+    """Prose (``pydoc_data.topics``) and code (the standard library's modules) shuffled with ``seed``,
+    then cut into held-out and fusion documents per domain and each source's pre-training text:
+    ``src_chars`` characters, ``1 - src_mix`` of them from its own domain (``SOURCES``)."""
+    # some topics share one text ("Exceptions", "exceptions"): deduplicate, or it lands on two sides;
+    # long topics are cut at paragraphs like the code at top-level statements (documents of ~4000 chars)
+    prose = [p for d in dict.fromkeys(python_docs()) for p in cut_text(d, 4000) if p.strip()]
+    pools = {"prose": prose, "code": python_code(doc_chars=4000)}
+    rng = random.Random(seed)
+    for dom in DOMAINS:
+        rng.shuffle(pools[dom])
+    heldout, fusion = {}, {}
+    for dom in DOMAINS:
+        heldout[dom], pools[dom] = take(pools[dom], preset.heldout_chars)
+        fusion[dom], pools[dom] = take(pools[dom], preset.fuse_chars)
+    sources = {}
+    for name, (_, own) in SOURCES.items():
+        docs = []
+        for dom in DOMAINS:
+            want = preset.src_chars * ((1 - preset.src_mix) if dom == own else preset.src_mix / (len(DOMAINS) - 1))
+            got, pools[dom] = take(pools[dom], int(want))
+            if sum(map(len, got)) < 0.9 * want:
+                raise ValueError(f"src_chars: source {name} wants {int(want)} characters of {dom}, only "
+                                 f"{sum(map(len, got))} are left after the held-out and fusion text")
+            docs += got
+        sources[name] = docs
+    return DemoCorpus(heldout, fusion, sources)
 
 
 def windows(tokenizer, docs: list[str], block_size: int) -> tuple[list[list[int]], int]:

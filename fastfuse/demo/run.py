@@ -1,5 +1,5 @@
-"""``run_demo``: the whole demo stage by stage (corpus, sources, extract, align, two targets), timing
-each stage and caching the pre-trained sources in the workdir."""
+"""``run_demo``: one seed of the demo stage by stage (corpus, sources, extract, align, the targets: the
+controls and the fused target), timing each stage and caching the pre-trained sources in the workdir."""
 from __future__ import annotations
 
 import copy
@@ -10,17 +10,18 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, replace
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
 
 from fastfuse.corpus import pad_token_id
-from fastfuse.demo.data import fusion_docs, halves, load_corpus, windows
+from fastfuse.demo.data import load_corpus, windows
 from fastfuse.demo.models import FullVocabLM, make_model, model_vocab, unigram_counts
-from fastfuse.demo.presets import PRESETS, SOURCES, TARGET, Preset
+from fastfuse.demo.presets import DEFAULT_FUSED, PRESETS, SOURCES, TARGET, Preset, split_settings
 from fastfuse.demo.report import report, save_plot
-from fastfuse.demo.train import evaluate, pretrain_source, teacher_stats, train_target
+from fastfuse.demo.train import (evaluate_domains, pretrain_source, teacher_stats, train_target,
+                                 weight_shares)
 
 
 class StageTimer:
@@ -40,10 +41,10 @@ class StageTimer:
 
 def source_key(name: str, seed: int, preset: Preset) -> str:
     """Everything a pre-trained source depends on: a cached source is reused only under the same key."""
-    return json.dumps([name, seed, "corpus-v2", "model-v3", {k: v for k, v in asdict(preset).items()
-                                                             if k.startswith("src_") or k in (
-                                                                 "heldout_chars", "max_train_chars",
-                                                                 "block_size", "vocab")}], sort_keys=True)
+    return json.dumps([name, SOURCES[name], seed, "corpus-v3", "model-v3",
+                       {k: v for k, v in asdict(preset).items()
+                        if k.startswith("src_") or k in ("heldout_chars", "fuse_chars", "block_size", "vocab")}],
+                      sort_keys=True)
 
 
 def load_or_pretrain(model, ckpt: Path, key: str, device, pretrain) -> list[float]:
@@ -63,19 +64,34 @@ def load_or_pretrain(model, ckpt: Path, key: str, device, pretrain) -> list[floa
     return losses
 
 
+def check_settings(settings: dict, what: str) -> dict:
+    """``settings`` (a fused target's: ``fusion``, ``lm_weight``, ``temperature`` and ``fused_loss``'s
+    divergence options) validated, with the defaults of :data:`DEFAULT_FUSED` filled in."""
+    from fastfuse.data import FUSIONS
+    from fastfuse.divergences import make_spec
+
+    merged = {**DEFAULT_FUSED, **settings}
+    train, loss = split_settings(merged)
+    if train["fusion"] not in FUSIONS:
+        raise ValueError(f"{what}: fusion must be one of {', '.join(map(repr, FUSIONS))}, got {train['fusion']!r}")
+    make_spec(**loss)       # bad options fail here, before minutes of work
+    return merged
+
+
 def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: str | None = None,
              threads: int = 0, progress: bool = True, plot: str | None = None, overrides: dict | None = None,
-             log=print, loss: dict | None = None, baselines: bool = False, variants: dict | None = None) -> dict:
-    """Run the whole demo; returns the figures (what ``--json`` writes).
+             log=print, fused: dict | None = None, variants: dict | None = None) -> dict:
+    """Run one seed of the demo; returns the figures (what ``--json`` writes for a seed).
 
-    ``loss``: the fused target's divergence options (``divergence``, ``tail``, ``alpha``, ``beta``,
-    ``student_temperature``... of ``fused_loss``). ``baselines``: also distil a target from each
-    source alone (the same loss, S = 1: FuseLLM's knowledge-distillation baseline), reported as
-    ``single_source_eval_bpb``. ``variants``: more fused targets, name -> loss options (same data,
-    init and batches), reported under ``"variants"``."""
+    Targets, all from the same initialisation on the same batches: ``clm_only``; ``label_smoothing``
+    (cross-entropy with label smoothing at the fused loss's implied strength, ``(1 - lm_weight)`` times the
+    fused teacher's mean missing top-k mass); ``single <name>`` (knowledge distillation from each source
+    alone, with the fused target's loss, tail and temperature); ``fused``. ``fused``: the fused target's
+    settings over :data:`DEFAULT_FUSED` (``fusion`` -- the collator's weighting --, ``lm_weight``,
+    ``temperature``, and ``fused_loss``'s ``divergence``, ``tail``, ``alpha``, ``beta``,
+    ``student_temperature``). ``variants``: more fused targets, name -> settings (over ``fused``'s),
+    reported as ``variant <name>``."""
     import torch
-
-    from fastfuse.divergences import make_spec
 
     from fastfuse.chunking import split_corpus
     from fastfuse.corpus_align import align_corpus
@@ -85,10 +101,9 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
 
     if size not in PRESETS:
         raise ValueError(f"size: expected one of {sorted(PRESETS)}, got {size!r}")
-    loss = dict(loss or {})
-    for options in [loss, *(variants or {}).values()]:
-        make_spec(**options)        # bad options fail here, before minutes of work
     preset = replace(PRESETS[size], **(overrides or {}))
+    fused = check_settings({"lm_weight": preset.lm_weight, "temperature": preset.temperature, **(fused or {})}, "fused")
+    variants = {n: check_settings({**fused, **v}, f"variants[{n!r}]") for n, v in (variants or {}).items()}
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: CUDA was asked for but torch sees no CUDA device")
@@ -104,23 +119,25 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
     t_all = time.perf_counter()
 
     with stage("load"):
-        train, held = load_corpus(seed, preset.heldout_chars, preset.max_train_chars)
-        toks = {n: load_tokenizer(f) for n, f in SOURCES.items()}
+        log("loading the tokenizers (the first run fetches their vocabulary files from the package index once)")
+        corpus = load_corpus(seed, preset)
+        toks = {n: load_tokenizer(tok) for n, (tok, _) in SOURCES.items()}
         tgt_tok = load_tokenizer(TARGET)
-        half = dict(zip(SOURCES, halves(train)))
-        fuse_docs = fusion_docs(train, preset.fuse_chars)
-        # each model's rows: the token types of the whole training split (never of the held-out one)
+        fuse_docs, fuse_domains = corpus.fusion_docs()
+        train = corpus.train
+        # each model's rows: the token types of the whole training text (never of the held-out one)
         vocabs = {n: model_vocab(t, preset.vocab, windows(t, train, preset.block_size)[0])
                   for n, t in [*toks.items(), ("target", tgt_tok)]}
-    log(f"corpus: {len(train)} train documents ({sum(map(len, train))} chars; source halves "
-        f"{', '.join(f'{n}: {len(d)} docs' for n, d in half.items())}; fusion corpus {len(fuse_docs)} docs, "
-        f"{sum(map(len, fuse_docs))} chars), {len(held)} held-out ({sum(map(len, held))} chars); model rows "
-        f"{', '.join(f'{n}: {v.num_rows}' for n, v in vocabs.items())}; workdir {work}")
+    chars = lambda docs: sum(map(len, docs))  # noqa: E731
+    log(f"corpus: held-out {', '.join(f'{d} {len(v)} docs ({chars(v)} chars)' for d, v in corpus.heldout.items())}; "
+        f"fusion corpus {', '.join(f'{d} {len(v)} docs ({chars(v)} chars)' for d, v in corpus.fusion.items())}; "
+        f"sources {', '.join(f'{n} {len(v)} docs ({chars(v)} chars)' for n, v in corpus.sources.items())}; "
+        f"model rows {', '.join(f'{n}: {v.num_rows}' for n, v in vocabs.items())}; workdir {work}")
 
     sources, src_keys, figures = {}, {}, {"sources": {}}
     for i, (name, tok) in enumerate(toks.items()):
         with stage(f"pretrain {name}"):
-            inputs, _ = windows(tok, half[name], preset.block_size)
+            inputs, _ = windows(tok, corpus.sources[name], preset.block_size)
             model = make_model(tok, vocabs[name], preset.src_hidden, preset.src_layers, preset.block_size, seed + 1 + i,
                                counts=unigram_counts(inputs, len(tok)), dropout=preset.src_dropout)
             src_keys[name] = source_key(name, seed, preset)
@@ -129,18 +146,19 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
                                       partial(pretrain_source, model, tok, vocabs[name], inputs, preset,
                                               preset.src_steps, seed + 11 + i, dev, name, progress))
         with stage("eval"):
-            ev = evaluate(model, tok, vocabs[name], held, preset.block_size, dev)
+            ev = evaluate_domains(model, tok, vocabs[name], corpus.heldout, preset.block_size, dev)
         sources[name] = model if vocabs[name].kept is None else FullVocabLM(model, vocabs[name])
-        figures["sources"][name] = {"tokenizer": SOURCES[name], "vocab": len(tok), "rows": vocabs[name].num_rows,
-                                    "train_documents": len(half[name]), "eval_loss": ev["loss"], "eval_bpb": ev["bpb"],
-                                    "final_train_loss": losses[-1]}
+        figures["sources"][name] = {"tokenizer": SOURCES[name][0], "domain": SOURCES[name][1], "vocab": len(tok),
+                                    "rows": vocabs[name].num_rows, "train_chars": chars(corpus.sources[name]),
+                                    "eval": ev, "final_train_loss": losses[-1]}
 
     with stage("split"):
-        chunks = [c for _, c in split_corpus(fuse_docs, [tgt_tok, *toks.values()], preset.block_size)]
+        pieces = split_corpus(fuse_docs, [tgt_tok, *toks.values()], preset.block_size)
+        chunks, seq_domains = [c for _, c in pieces], [fuse_domains[d] for d, _ in pieces]
     topk_dirs = {}
     for name, tok in toks.items():
         # one directory per (source, fusion corpus): a re-run with other settings never resumes stale shards
-        tag = hashlib.sha1(json.dumps([src_keys[name], preset.fuse_chars]).encode()).hexdigest()[:10]
+        tag = hashlib.sha1(json.dumps([src_keys[name], preset.k]).encode()).hexdigest()[:10]
         topk_dirs[name] = work / "topk" / f"{name}-{tag}"
         with stage(f"extract {name}"):
             # full-size logits per batch: keep a CPU batch near 200 MB
@@ -150,10 +168,19 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
     with stage("align"):
         coverage = align_corpus(chunks, tgt_tok, {n: (t, topk_dirs[n]) for n, t in toks.items()}, work / "align",
                                 progress=progress)
-    dataset = FusionDataset(work / "align")
-    collate = dataset.collator(pad_token_id=pad_token_id(tgt_tok), pin_memory=False)
-    with stage("align"):
-        teachers = teacher_stats(dataset, collate, list(toks))
+    dataset = FusionDataset(work / "align", sources=list(SOURCES))   # batch index s = SOURCES' order, by name
+
+    @lru_cache(maxsize=None)
+    def collate_for(fusion: str):
+        return dataset.collator(pad_token_id=pad_token_id(tgt_tok), pin_memory=False, fusion=fusion)
+
+    fused_modes = {"fused": fused, **{f"variant {n}": v for n, v in variants.items()}}
+    with stage("teachers"):
+        teachers = teacher_stats(dataset, collate_for("equal"))
+        weights = {s["fusion"]: None for s in fused_modes.values()}
+        for fusion in weights:
+            weights[fusion] = weight_shares(dataset, collate_for(fusion), seq_domains, fused["temperature"])
+    eps = (1 - fused["lm_weight"]) * weights[fused["fusion"]]["tail_mass"]
     tgt_ids = [dataset.store.target_ids(i) for i in range(len(dataset))]
     seen = torch.zeros(len(tgt_tok), dtype=torch.bool)  # token types of the target's own training text
     seen[torch.as_tensor(np.concatenate(tgt_ids), dtype=torch.long)] = True
@@ -161,22 +188,20 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
 
     def eval_target(m):
         with stage("eval"):
-            return evaluate(m, tgt_tok, tvocab, held, preset.block_size, dev, seen=seen)
+            return evaluate_domains(m, tgt_tok, tvocab, corpus.heldout, preset.block_size, dev, seen=seen)
 
     init = make_model(tgt_tok, tvocab, preset.tgt_hidden, preset.tgt_layers, preset.block_size, seed + 100,
                       counts=unigram_counts([list(x) for x in tgt_ids], len(tgt_tok)))
     ev0 = eval_target(init)
+    single = {f"single {n}": {**fused, "sources": [n]} for n in SOURCES}
+    modes = {"clm_only": None, "label_smoothing": {"label_smoothing": eps}, **single, **fused_modes}
     curves, results = {}, {}
-    modes = {"clm_only": None, "fused": {"loss": loss}}
-    if baselines:
-        modes.update({f"single {name}": {"sources": [i], "loss": loss} for i, name in enumerate(toks)})
-    modes.update({f"variant {name}": {"loss": dict(options)} for name, options in (variants or {}).items()})
-    for mode, fusion in modes.items():
+    for mode, settings in modes.items():
         model = copy.deepcopy(init)
         eval_before = times.get("eval", 0.0)
         with stage(f"train target {mode}"):
-            curves[mode] = train_target(model, tvocab, dataset, collate, preset.tgt_steps, preset, seed + 200, dev,
-                                        fusion, eval_target, progress, desc=mode)
+            curves[mode] = train_target(model, tvocab, dataset, collate_for, preset.tgt_steps, preset, seed + 200, dev,
+                                        settings, eval_target, progress, desc=mode)
         times[f"train target {mode}"] -= times["eval"] - eval_before  # the curve's evaluations count as "eval"
         results[mode] = curves[mode].pop("final")
         curves[mode]["eval_step"].insert(0, 0)
@@ -185,21 +210,17 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
 
     figures.update({
         "size": size, "device": str(dev), "seed": seed, "preset": asdict(preset),
-        "clm_only_eval_loss": results["clm_only"]["loss"], "fused_eval_loss": results["fused"]["loss"],
-        "clm_only_eval_bpb": results["clm_only"]["bpb"], "fused_eval_bpb": results["fused"]["bpb"],
-        "loss": {k: v for k, v in make_spec(**loss)._asdict().items()},
-        "single_source_eval_bpb": {n: results[f"single {n}"]["bpb"] for n in toks} if baselines else None,
-        "variants": {n: {"loss": variants[n], "eval_loss": results[f"variant {n}"]["loss"],
-                         "eval_bpb": results[f"variant {n}"]["bpb"]} for n in (variants or {})},
-        "target": {"tokenizer": TARGET, "vocab": len(tgt_tok), "rows": tvocab.num_rows, "init_eval_loss": ev0["loss"],
-                   "init_eval_bpb": ev0["bpb"], **{m: r for m, r in results.items() if not m.startswith("variant ")}},
-        "heldout": {"documents": len(held), "bytes_target": results["fused"]["bytes"],
-                    "tokens_target": results["fused"]["tokens"], "unseen_rate": results["fused"]["unseen_rate"]},
-        "train": {"documents": len(train), "fusion_documents": len(fuse_docs), "sequences": len(dataset)},
-        "minCE_picks": teachers.pop("picks"), "teachers": teachers, "coverage": coverage, "curves": curves,
+        "fused_settings": fused, "variant_settings": variants, "label_smoothing": eps,
+        "bpb": {m: r["bpb"] for m, r in results.items()},
+        "bpb_by_domain": {m: {d: r["domains"][d]["bpb"] for d in r["domains"]} for m, r in results.items()},
+        "targets": results,
+        "target": {"tokenizer": TARGET, "vocab": len(tgt_tok), "rows": tvocab.num_rows, "init": ev0},
+        "heldout": {d: {"documents": len(v), "chars": chars(v)} for d, v in corpus.heldout.items()},
+        "train": {"fusion_documents": {d: len(v) for d, v in corpus.fusion.items()}, "sequences": len(dataset),
+                  "sequence_domains": {d: seq_domains.count(d) for d in sorted(set(seq_domains))}},
+        "weights": weights, "teachers": teachers, "coverage": coverage, "curves": curves,
         "seconds": {k: round(v, 2) for k, v in times.items()}, "workdir": str(work),
     })
-    figures["fused_beats_clm_only"] = figures["fused_eval_loss"] < figures["clm_only_eval_loss"]
     figures["plot"] = save_plot(curves, plot or str(work / "curves.png"), log)
     log(report(figures))
     return figures

@@ -8,7 +8,7 @@ import math
 from fastfuse.corpus import pad_token_id
 from fastfuse.demo.data import pad_batch, windows
 from fastfuse.demo.models import ModelVocab
-from fastfuse.demo.presets import Preset
+from fastfuse.demo.presets import Preset, split_settings
 
 
 def make_optimizer(model, lr: float, steps: int):
@@ -88,43 +88,72 @@ def evaluate(model, tokenizer, vocab: ModelVocab, docs: list[str], block_size: i
     return out
 
 
-def train_target(model, vocab: ModelVocab, dataset, collate, steps: int, preset: Preset, seed: int, device,
-                 fusion: dict | None, eval_fn, progress: bool, desc: str = "") -> dict:
-    """Train the target ``steps`` steps on batches drawn with ``seed``: plain cross-entropy on the
-    labels when ``fusion`` is None, else ``fused_loss`` with ``fusion["loss"]`` (its keyword
-    options: divergence, tail...) against the sources ``fusion["sources"]`` (indices; None = all --
-    one index is knowledge distillation from that source alone). Returns the curves (the last
-    held-out evaluation, of the trained model, in ``curve["final"]``)."""
+def evaluate_domains(model, tokenizer, vocab: ModelVocab, heldout: dict, block_size: int, device, seen=None) -> dict:
+    """:func:`evaluate` on each domain's held-out documents (``heldout``: domain -> documents), plus the
+    whole held-out set: the figures of ``evaluate`` over every domain at the top level (per token and per
+    byte, summed over the domains) and each domain's under ``"domains"``."""
+    parts = {d: evaluate(model, tokenizer, vocab, docs, block_size, device, seen=seen) for d, docs in heldout.items()}
+    tokens = sum(p["tokens"] for p in parts.values())
+    nbytes = sum(p["bytes"] for p in parts.values())
+    nats = sum(p["loss"] * p["tokens"] for p in parts.values())
+    out = {"loss": nats / tokens, "bpb": nats / math.log(2) / nbytes, "tokens": tokens, "bytes": nbytes,
+           "domains": parts}
+    if seen is not None:
+        unseen = sum(p["unseen_rate"] * p["tokens"] for p in parts.values())
+        nats_unseen = sum(p["loss_unseen"] * p["unseen_rate"] * p["tokens"] for p in parts.values())
+        out.update(unseen_rate=unseen / tokens, loss_unseen=nats_unseen / max(unseen, 1e-12),
+                   loss_seen=(nats - nats_unseen) / max(tokens - unseen, 1e-12))
+    return out
+
+
+def train_target(model, vocab: ModelVocab, dataset, collate_for, steps: int, preset: Preset, seed: int, device,
+                 mode: dict | None, eval_fn, progress: bool, desc: str = "") -> dict:
+    """Train the target ``steps`` steps on batches drawn with ``seed`` (the same batches for every mode).
+
+    ``mode`` None: plain cross-entropy on the labels. ``{"label_smoothing": eps}``: cross-entropy with
+    label smoothing (the control for the uniform tail's regularisation). Otherwise ``fused_loss`` with the
+    flat settings ``mode``: ``fusion`` (the collator's weighting: ``collate_for(fusion)`` is its collator),
+    ``sources`` (source *names*; absent = all; one name is knowledge distillation from that source
+    alone), ``lm_weight`` and ``temperature`` (default: the preset's) and every other key a divergence
+    option of ``fused_loss`` (divergence, tail...). Returns the curves (the last held-out evaluation, of
+    the trained model, in ``curve["final"]``)."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
 
     from fastfuse.loss import AlignMap, SourceTopK, fused_loss
 
+    train, loss_options = split_settings(mode or {})
+    fused = bool(mode) and "label_smoothing" not in train
+    collate = collate_for(train.get("fusion", "equal"))
+    names = train.get("sources")
+    pick_src = None if names is None else [dataset.sources.index(n) for n in names]
     g = torch.Generator().manual_seed(seed)
     opt, sched = make_optimizer(model, preset.tgt_lr, steps)
     model.to(device).train()
     every = max(1, steps // max(1, preset.eval_points))
     curve = {"step": [], "train_ce": [], "eval_step": [], "eval_loss": [], "final": None}
-    pick_src = None if fusion is None or fusion.get("sources") is None else list(fusion["sources"])
-    for step in tqdm(range(1, steps + 1), desc="train target " + (desc or ("fused" if fusion else "CLM-only")),
-                     disable=not progress, dynamic_ncols=True):
+    for step in tqdm(range(1, steps + 1), desc="train target " + desc, disable=not progress, dynamic_ncols=True):
         pick = torch.randint(len(dataset), (preset.tgt_batch,), generator=g).tolist()
         b = collate([dataset[i] for i in pick])
         # real target ids -> the model's rows (identity for vocab="full")
         ids, labels = vocab.rows(b["input_ids"]).to(device), vocab.rows(b["labels"]).to(device)
         logits = model(input_ids=ids, attention_mask=b["attention_mask"].to(device)).logits
         ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-        if fusion is not None:
+        if fused:
             topk, amap, w = b["source_topk"], b["align_map"], b["source_weights"]
-            if pick_src is not None:        # a subset of the sources (their MinCE weights renormalise)
+            if pick_src is not None:        # a subset of the sources, by name (their weights renormalise)
                 topk = SourceTopK(topk.ids[pick_src], topk.logprobs[pick_src])
                 amap = AlignMap(amap.pos[pick_src], amap.vocab[pick_src])
                 w = w[pick_src]
             topk = SourceTopK(*(t.to(device) for t in topk))
             amap = AlignMap(amap.pos.to(device), vocab.rows(amap.vocab).to(device))
-            loss = fused_loss(logits, topk, amap, labels, source_weights=w.to(device), lm_weight=preset.lm_weight,
-                              temperature=preset.temperature, **fusion.get("loss", {}))
+            loss = fused_loss(logits, topk, amap, labels, source_weights=w.to(device),
+                              lm_weight=train.get("lm_weight", preset.lm_weight),
+                              temperature=train.get("temperature", preset.temperature), **loss_options)
+        elif mode:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                   label_smoothing=train["label_smoothing"])
         else:
             loss = ce
         opt.zero_grad(set_to_none=True)
@@ -144,21 +173,19 @@ def train_target(model, vocab: ModelVocab, dataset, collate, steps: int, preset:
     return curve
 
 
-def teacher_stats(dataset, collate, names: list[str], batch: int = 64) -> dict:
-    """How good the aligned teachers are on the fusion corpus, per source: ``gold_in_topk`` (the
-    target's next token is among the source's top-k mapped to target ids, over 1-to-1 aligned
-    positions), ``topk_mass`` (mean probability the source puts on its own top-k there), and
-    ``picks`` (sequences for which MinCE picks each source)."""
+def teacher_stats(dataset, collate, batch: int = 64) -> dict:
+    """How good the aligned teachers are on the fusion corpus, per source (by name): ``gold_in_topk``
+    (the target's next token is among the source's top-k mapped to target ids, over 1-to-1 aligned
+    positions) and ``topk_mass`` (mean probability the source puts on its own top-k there)."""
     import torch
 
+    names = dataset.sources
     hit = torch.zeros(len(names))
     mass = torch.zeros(len(names), dtype=torch.float64)
     n = torch.zeros(len(names))
-    picks = torch.zeros(len(names), dtype=torch.long)
     for a in range(0, len(dataset), batch):
         b = collate([dataset[i] for i in range(a, min(len(dataset), a + batch))])
         labels = b["labels"]
-        picks += torch.bincount(b["source_ce"].argmin(0), minlength=len(names))
         for s in range(len(names)):
             pos = b["align_map"].pos[s].long()
             m = (pos >= 0) & (labels != -100)
@@ -169,6 +196,34 @@ def teacher_stats(dataset, collate, names: list[str], batch: int = 64) -> dict:
             hit[s] += float(((mapped == labels[..., None]).any(-1) & m).sum())
             mass[s] += float(lps.exp().sum(-1)[m].double().sum())
             n[s] += float(m.sum())
-    return {"picks": {k: int(picks[i]) for i, k in enumerate(names)},
-            "gold_in_topk": {k: float(hit[i] / n[i].clamp_min(1)) for i, k in enumerate(names)},
+    return {"gold_in_topk": {k: float(hit[i] / n[i].clamp_min(1)) for i, k in enumerate(names)},
             "topk_mass": {k: float(mass[i] / n[i].clamp_min(1)) for i, k in enumerate(names)}}
+
+
+def weight_shares(dataset, collate, domains: list[str], temperature: float, batch: int = 64) -> dict:
+    """Under ``collate``'s weighting: the mean weight of each source (by name) per domain of the fusion
+    corpus (``domains[i]`` is sequence i's), over predicted target tokens -- for MinCE the share of
+    sequences it picks -- and ``tail_mass``: the fused teacher's mean missing top-k mass at ``temperature``
+    (what the uniform tail spreads; it sets the label-smoothing control's strength)."""
+    import torch
+
+    from fastfuse.reference import teacher_tail_mass
+
+    names = dataset.sources
+    tot = {d: torch.zeros(len(names), dtype=torch.float64) for d in set(domains)}
+    cnt = dict.fromkeys(tot, 0.0)
+    tail, n_tail = 0.0, 0
+    for a in range(0, len(dataset), batch):
+        rows = list(range(a, min(len(dataset), a + batch)))
+        b = collate([dataset[i] for i in rows])
+        valid = b["labels"] != -100                                           # [B, T]
+        w = b["source_weights"].double()
+        w = w if w.dim() == 3 else w[..., None].expand(-1, -1, valid.shape[1])
+        for j, i in enumerate(rows):
+            tot[domains[i]] += w[:, j][:, valid[j]].sum(-1)
+            cnt[domains[i]] += float(valid[j].sum())
+        r = teacher_tail_mass(b["source_topk"], b["align_map"], b["labels"], b["source_weights"], temperature)
+        tail += float(r[valid].sum())
+        n_tail += int(valid.sum())
+    return {"by_domain": {d: {k: float(tot[d][s] / max(cnt[d], 1)) for s, k in enumerate(names)} for d in sorted(tot)},
+            "tail_mass": tail / max(n_tail, 1)}
