@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("hypothesis")
@@ -381,3 +382,69 @@ def test_rank_parts_from_other_corpora_are_refused(tmp_path, real_tokenizer, cor
         corpus_of = a if first == "a" else b
         with pytest.raises(ValueError, match=f"{named}.* another corpus"):
             align_corpus(corpus_of, tgt, {"s": (tok, mix)}, tmp_path / f"al-{first}{second}", progress=False)
+
+
+def vllm_like(prompts: list[dict], k: int, vocab: int) -> list:
+    """RequestOutput-shaped objects whose log-probs come from the hostile server's prefix "model"."""
+    from types import SimpleNamespace
+
+    from _hostile_server import prefix_logprobs
+
+    outs = []
+    for p in prompts:
+        ids = p["prompt_token_ids"]
+
+        def entry(row, extra):
+            order = list(np.argsort(-row, kind="stable")[:k]) + ([extra] if extra is not None else [])
+            return {int(t): SimpleNamespace(logprob=float(row[t]), rank=j + 1) for j, t in enumerate(order)}
+        rows = [prefix_logprobs(ids[:j + 1], vocab) for j in range(len(ids))]
+        plp = [None] + [entry(rows[j - 1], ids[j]) for j in range(1, len(ids))]
+        outs.append(SimpleNamespace(prompt_token_ids=list(ids), prompt_logprobs=plp,
+                                    outputs=[SimpleNamespace(logprobs=[entry(rows[-1], None)])]))
+    return outs
+
+
+@pytest.mark.parametrize("kind", ["inf", "positive", "huge", "true", "tiny", "gold_nan", "gold_inf", "abc", "dict",
+                                  "ids_numpy", "ids_text", "none_output", "key_bool"])
+def test_vllm_outputs_bad_values(tmp_path, real_tokenizer, corpus, kind):
+    """Impossible log-probs and malformed outputs are refused naming sequence, position and field;
+    a numpy array of prompt ids is read like a list."""
+    import copy
+
+    from fastfuse.shards import ShardReader
+    from fastfuse.vllm_outputs import vllm_prompts, write_vllm_outputs
+
+    tok = real_tokenizer("llama-spm")
+    texts = [corpus[i][:150] for i in range(3)]
+    kw = dict(k=4, block_size=48, shard_size=2, progress=False, model_name="m")
+    good = vllm_like(vllm_prompts(tok, texts, 48), 4, len(tok))
+    outs = copy.deepcopy(good)
+    d = outs[1].prompt_logprobs[3]                 # sequence 1, position 2
+    top, gold = next(iter(d)), outs[1].prompt_token_ids[3]
+    value = {"inf": float("inf"), "positive": 0.5, "huge": 1e6, "true": True, "tiny": -1e6, "abc": "abc",
+             "dict": {"a": 1}}.get(kind)
+    if value is not None:
+        d[top].logprob = value
+    elif kind.startswith("gold_"):
+        d[gold].logprob = float(kind[5:])
+    elif kind == "ids_numpy":
+        outs[1].prompt_token_ids = np.asarray(outs[1].prompt_token_ids)
+    elif kind == "ids_text":
+        outs[1].prompt_token_ids = "abc"
+    elif kind == "none_output":
+        outs[1] = None
+    elif kind == "key_bool":
+        d[True] = d.pop(top)
+    if kind == "ids_numpy":
+        write_vllm_outputs(outs, tok, texts, tmp_path / "a", **kw)
+        write_vllm_outputs(good, tok, texts, tmp_path / "b", **kw)
+        assert [r["topk_ids"].tolist() for r in ShardReader(tmp_path / "a")] == \
+            [r["topk_ids"].tolist() for r in ShardReader(tmp_path / "b")]
+        return
+    want = {"ids_text": "sequence 1: prompt_token_ids must be a 1-d sequence of ints",
+            "none_output": "outputs: item 1 \\(sequence 1\\) is None",
+            "key_bool": "sequence 1, position 2: prompt_logprobs\\[3\\]: key True is not a token id"}.get(
+        kind, "sequence 1, position 2: prompt_logprobs\\[3\\]: token \\d+: logprob")
+    with pytest.raises(ValueError, match=want):
+        write_vllm_outputs(outs, tok, texts, tmp_path / "a", **kw)
+    assert len(list((tmp_path / "a").glob("shard-*"))) <= 1      # at most the shard before it
