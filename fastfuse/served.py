@@ -11,8 +11,9 @@ from a server's prompt log-probs instead of a local forward pass:
    server cannot re-tokenise it; a server that refuses ids (llama-cpp-python's server takes text only)
    gets the sequence's text and adds its own special tokens (``prompt_format="auto"`` tries ids
    first, once). ``concurrency`` requests are in flight; replies may arrive in any order, shards are
-   written in order. 429/5xx/timeouts/refused connections are retried with exponential backoff
-   (``max_retries``; ``Retry-After`` honoured up to 60 s); every request has a ``timeout``.
+   written in order. 408/425/429, every 5xx, timeouts and refused or dropped connections are retried
+   with exponential backoff (``max_retries``; ``Retry-After`` honoured up to 60 s); ``timeout`` bounds
+   each request as a whole, connect to last byte (:mod:`fastfuse.completion_client`).
 2. **Replies.** The echoed prompt tokens must be our tokenisation (as ids, or as strings that can
    render our ids: :meth:`fastfuse.token_strings.TokenStrings.consistent`), else ``ValueError``
    naming the sequence and the first differing position. Servers either echo every prompt token
@@ -21,8 +22,11 @@ from a server's prompt log-probs instead of a local forward pass:
    :mod:`fastfuse.topk_runs`). Top-k strings become ids through
    :class:`~fastfuse.token_strings.TokenStrings`; gold log-probs give the per-sequence CE.
 3. **Identity.** The weights are not here, so ``model_fingerprint`` is sha256 of the served model's
-   name and the tokenizer's fingerprint; the URL is recorded (``model``) but a restarted server on
-   another port resumes the same run.
+   name and the tokenizer's fingerprint; the URL (without user-info) is recorded (``model``) but a
+   restarted server on another port resumes the same run.
+4. **Values.** Every log-prob must be a possible one (:func:`fastfuse.topk_runs.checked_logprob`),
+   else ``ValueError`` naming the sequence, position and field; secrets never appear in an error.
+5. **Ranks.** ``rank``/``world_size`` split the corpus as local extraction does (the same parts).
 """
 from __future__ import annotations
 
