@@ -448,3 +448,29 @@ def test_vllm_outputs_bad_values(tmp_path, real_tokenizer, corpus, kind):
     with pytest.raises(ValueError, match=want):
         write_vllm_outputs(outs, tok, texts, tmp_path / "a", **kw)
     assert len(list((tmp_path / "a").glob("shard-*"))) <= 1      # at most the shard before it
+
+
+def test_served_extraction_under_torchrun(tmp_path, real_tokenizer, corpus):
+    """`torchrun --nproc-per-node 2 -m fastfuse extract --server ...`: two clients, one server, each
+    sequence asked once, the parts read back as a one-process run (bounded: the run's own timeout)."""
+    import json
+
+    from _hostile_server import HostileServer
+    from fastfuse.shard_parts import open_shards
+
+    tok = real_tokenizer("llama-spm")
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"text": corpus[i][:300]}) + "\n" for i in range(5)))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | \
+        {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with HostileServer(len(tok)) as s:
+        flags = ["extract", "--server", s.url, "--served-model", "stub", "--tokenizer", "llama-spm", "--input",
+                 str(data), "--k", "4", "--block-size", "48", "--shard-size", "2", "--timeout", "10", "--quiet"]
+        for out, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone",
+                                                     "--nproc-per-node", "2"])):
+            r = subprocess.run([sys.executable, *launcher, "-m", "fastfuse", *flags, "--out", str(tmp_path / out)],
+                               env=env, capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr[-3000:]
+        one, two = open_shards(tmp_path / "one"), open_shards(tmp_path / "two")
+        assert s.calls == 2 * len(one) and len(two.parts) == 2
+    assert served_records(one) == served_records(two)
