@@ -8,7 +8,7 @@
   ``max_retries`` times with exponential backoff (``Retry-After`` honoured up to 60 s); then
   :class:`ServerError`.
 - **Secrets.** The user-info of the URL (``http://user:password@host``) is sent as HTTP Basic
-  auth and appears nowhere else: :attr:`CompletionClient.base`, which every message and
+  auth (unless an API key is given) and appears nowhere else: :attr:`CompletionClient.base`, which every message and
   ``meta.json`` use, is the URL without it. The API key (``Authorization: Bearer``), the password
   and their encodings are replaced by ``<redacted>`` in any text that comes back from the server
   (:meth:`CompletionClient.redact`), before it is cut short or put in an error.
@@ -121,7 +121,8 @@ class CompletionClient:
             user, password = unquote(parts.username or ""), unquote(parts.password or "")
             basic = base64.b64encode(f"{user}:{password}".encode()).decode()
             self.headers.setdefault("Authorization", f"Basic {basic}")
-            secrets += [basic, f"{user}:{password}"] + ([password, quote(password, safe="")] if password else [])
+            cred = password or user         # http://TOKEN@host: the user name is the credential
+            secrets += [basic, f"{user}:{password}"] + ([cred, quote(cred, safe="")] if cred else [])
         self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)   # longest first
 
     def redact(self, text: str) -> str:

@@ -474,3 +474,18 @@ def test_served_extraction_under_torchrun(tmp_path, real_tokenizer, corpus):
         one, two = open_shards(tmp_path / "one"), open_shards(tmp_path / "two")
         assert s.calls == 2 * len(one) and len(two.parts) == 2
     assert served_records(one) == served_records(two)
+
+
+def test_completion_client_never_shows_a_credential():
+    """Every spelling of every credential (a token as the user name too) is redacted; the recorded URL has none."""
+    from fastfuse.completion_client import CompletionClient
+
+    for url, key, creds in (("http://TOKEN-abc@127.0.0.1:9", None, ["TOKEN-abc"]),
+                            ("https://u:p%40ss-x@example.com/proxy/v1/", "sk-1", ["p@ss-x", "p%40ss-x", "sk-1"])):
+        c = CompletionClient(url, api_key=key)
+        assert "@" not in c.base and not any(x in c.base for x in creds)
+        text = " ".join(creds + [h for h in c.headers.values()])
+        assert not any(x in c.redact(text) for x in creds + [c.headers.get("Authorization", "").split()[-1]])
+    with pytest.raises(ValueError, match="server_url") as e:
+        CompletionClient("ftp://u:SECRET@host")
+    assert "SECRET" not in str(e.value)
