@@ -351,13 +351,15 @@ def swap_a_letter(tok, text: str) -> str:
     raise AssertionError("no same-length variant")
 
 
-def test_rank_parts_from_other_corpora_are_refused(tmp_path, real_tokenizer, corpus):
+def test_rank_parts_from_other_corpora_are_refused(tmp_path, real_tokenizer, corpus, capsys):
     """Parts of two corpora with the same token counts read as one source (nothing in the parts alone
     can tell); aligning them against a corpus compares every part's corpus fingerprints with it and
     refuses, naming the part."""
+    import json
     import shutil
 
     from _hostile_server import HostileServer
+    from fastfuse.cli import main as cli_main
     from fastfuse.corpus_align import align_corpus
     from fastfuse.shard_parts import open_shards, part_name
 
@@ -382,6 +384,12 @@ def test_rank_parts_from_other_corpora_are_refused(tmp_path, real_tokenizer, cor
         corpus_of = a if first == "a" else b
         with pytest.raises(ValueError, match=f"{named}.* another corpus"):
             align_corpus(corpus_of, tgt, {"s": (tok, mix)}, tmp_path / f"al-{first}{second}", progress=False)
+    data = tmp_path / "a.jsonl"                    # the command line: one error line, exit 2
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in a))
+    assert cli_main(["align", "--target", "gpt-2", "--source", f"s=llama-spm:{tmp_path / 'mix-ab'}", "--input",
+                     str(data), "--out", str(tmp_path / "al-cli"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and part_name(1, 2) in err and "another corpus" in err, err
 
 
 def vllm_like(prompts: list[dict], k: int, vocab: int) -> list:
