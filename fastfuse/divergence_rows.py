@@ -211,7 +211,9 @@ def row_terms(spec, st: Dict[str, Tensor], zs: Tensor, tids: Tensor, q: Tensor, 
         if "lse_off" in st and spec.divergence in ("ce", "forward_kl"):
             # p_v * gamma = -R p_v / P_o = -R exp(u_v - lse_off): grad_slice takes it in log space
             gamma = torch.zeros_like(gamma)
-            out["bucket_lse_off"] = torch.where(R > 0, st["lse_off"], torch.full_like(R, float("inf")))
+            # (R = 0, or no student mass off A -- an infinite loss -- carry +inf: no term, as gamma = 0 did)
+            keep = (R > 0) & torch.isfinite(st["lse_off"])
+            out["bucket_lse_off"] = torch.where(keep, st["lse_off"], torch.full_like(R, float("inf")))
     out.update(D=F_a.sum(1) + F_off, c=G_a.sum(1) + G_off, gamma=gamma, G_a=G_a)
     return out
 
@@ -261,7 +263,7 @@ def grad_slice(z: Tensor, spec, lm_weight: float, st, rt, tids: Tensor, labels: 
         coef = torch.where(restrict, torch.zeros_like(c), wd * (rt["gamma"][:, None] - c))
         g = pg * (lm_weight + coef) if tau == 1.0 else lm_weight * pg + coef * pd
         if "bucket_lse_off" in rt:          # CE / forward KL's bucket share -R p_v / P_o, in log space
-            # (u_v <= lse_off off A; A ids are overwritten below; R = 0 rows carry lse_off = +inf: 0)
+            # (u_v <= lse_off off A; A ids are overwritten below; rows without the term carry +inf)
             R = rt["R"][:, None]
             g = g - wd * R * torch.exp((u - rt["bucket_lse_off"][:, None]).clamp_max(0.0))
     else:

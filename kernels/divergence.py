@@ -270,6 +270,7 @@ def divergence_kernel(
             gamma = tl.where(P_o > 0.0, G_off / tl.where(P_o > 0.0, P_o, 1.0), 0.0)
             if TAIL == 2 and DIV <= 1:
                 gamma = 0.0         # -R p_v / P_o = -R exp(lpd - logP_o): below, in log space
+        has_off = (R > 0.0) & (logP_o > NEG)     # the bucket's log-space term (CE / forward KL) applies
         D = tl.sum(F_a, axis=0) + F_off
         c = tl.sum(G_a, axis=0) + G_off
         D = tl.where(restrict, D_r, D)
@@ -295,7 +296,7 @@ def divergence_kernel(
                 else:
                     dg = pd * (gamma - c)
                     if TAIL == 2 and DIV <= 1:
-                        dg -= tl.where(R > 0.0, R * tl.exp(tl.minimum(lpd - logP_o, 0.0)), 0.0)
+                        dg -= tl.where(has_off, R * tl.exp(tl.minimum(lpd - logP_o, 0.0)), 0.0)
                 dg = tl.where(restrict, 0.0, dg)
                 g = (lm_weight * pg + wd * dg) * _chain(zt, logit_scale, softcap, TRANSFORM) * scale
                 tl.store(grow + o, g.to(grad_ptr.dtype.element_ty), mask=msk, eviction_policy="evict_first")
@@ -319,7 +320,7 @@ def divergence_kernel(
             else:
                 dgy = py * (gamma - c)
                 if TAIL == 2 and DIV <= 1:
-                    dgy -= tl.where(R > 0.0, R * tl.exp(tl.minimum(lpy - logP_o, 0.0)), 0.0)
+                    dgy -= tl.where(has_off, R * tl.exp(tl.minimum(lpy - logP_o, 0.0)), 0.0)
             dgy = tl.where(restrict, 0.0, dgy)
             gy = (lm_weight * (tl.exp(zt_y - lse_g) - 1.0) + wd * dgy) * _chain(zt_y, logit_scale, softcap,
                                                                                  TRANSFORM) * scale
