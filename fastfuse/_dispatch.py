@@ -143,14 +143,27 @@ def _number(name: str, value) -> float:
     return float(value)
 
 
+def _refuse_dead_rows(logits: Tensor, candidates: Tensor) -> None:
+    """``ValueError`` naming the first row among ``candidates`` (rows whose label's logit is -inf)
+    whose logits are all -inf: no distribution, a NaN loss. Runs only when there are candidates."""
+    for idx in candidates.nonzero().tolist():
+        if bool(torch.isneginf(logits[tuple(idx)]).all()):
+            where = f"({', '.join(map(str, idx))})" if logits.dim() > 2 else str(idx[0])
+            raise ValueError(f"target_logits: row {where} has logits that are all -inf (no distribution: its loss "
+                             "would be NaN); mask it with ignore_index")
+
+
 def check_teacher_args(lead, V, dev, source_topk, align_map, labels, source_weights, lm_weight, temperature,
-                       ignore_index, reduction, impl, validate, owner: str = "target_logits", tail_mass: bool = False):
+                       ignore_index, reduction, impl, validate, owner: str = "target_logits", tail_mass: bool = False,
+                       logits: Tensor | None = None):
     """Every check of the loss inputs but those of the logits tensor itself, for logits of shape
     ``lead + (V,)`` on ``dev``; ``owner`` names that tensor in the messages. Shared by
     :func:`fused_loss` and :func:`fastfuse.fused_linear_loss`. ``lead`` of length 1 (``[N, V]``) is
     read as ``B = 1``. With ``tail_mass`` (a ``"uniform"``/``"bucket"`` tail) the logprobs must be
     log-probabilities: a source row whose kept probabilities sum past 1 (beyond fp16 rounding) is
-    refused. Returns the 3-d layout (ids, logprobs, pos, vocab, labels, source_weights)."""
+    refused. With ``logits`` (the logits tensor itself), ``validate`` also refuses a kept row whose
+    logits are all -inf (read where the label's logit is -inf: no pass over the logits).
+    Returns the 3-d layout (ids, logprobs, pos, vocab, labels, source_weights)."""
     if not isinstance(reduction, str) or reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not isinstance(impl, str) or impl not in IMPLS:
@@ -239,7 +252,16 @@ def check_teacher_args(lead, V, dev, source_topk, align_map, labels, source_weig
         if source_weights is not None:
             checks.append(("source_weights", "must be finite and >= 0",
                            (~torch.isfinite(source_weights) | (source_weights < 0)).any()))
+        dead = None
+        if logits is not None:
+            lab = labels.reshape(logits.shape[:-1])
+            kept = (lab != ignore_index) & (lab >= 0) & (lab < V)
+            at_label = logits.gather(-1, torch.where(kept, lab, 0).long().unsqueeze(-1)).squeeze(-1)
+            dead = kept & torch.isneginf(at_label)
+            checks.append(("target_logits", "", dead.any()))
         for (name, msg, _), bad in zip(checks, torch.stack([c[2] for c in checks]).tolist()):
-            if bad:
+            if bad and name == "target_logits":
+                _refuse_dead_rows(logits, dead)
+            elif bad:
                 raise ValueError(f"{name} {msg}")
     return ids, logprobs, pos, vocab, labels, source_weights

@@ -26,13 +26,14 @@ import os
 import re
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Mapping
 
 import numpy as np
 
 from fastfuse.align import TokenizerOffsets
 from fastfuse.align_pool import align_chunks
-from fastfuse.corpus import iter_corpus
+from fastfuse.corpus import chain_fingerprint, iter_corpus
 from fastfuse.shard_parts import PartsReader, open_shards
 from fastfuse.shards import ShardReader, shard_name, tokenizer_fingerprint
 from fastfuse.storage import atomic_write, json_bytes, read_safetensors, serialize_safetensors, sha256_file
@@ -63,11 +64,17 @@ def corpus_fingerprint(docs: list[str]) -> str:
     return h.hexdigest()
 
 
-def _check_against_shards(name: str, seqs, reader: ShardReader | PartsReader) -> None:
-    """``seqs``: (source length, doc index, pos) per sequence, as :class:`ChunkAligner` gives them."""
+def _check_against_shards(name: str, seqs, reader: ShardReader | PartsReader, docs: list[str]) -> None:
+    """``seqs``: (source length, doc index, pos) per sequence, as :class:`ChunkAligner` gives them.
+    Also recomputes the corpus fingerprint chain (:func:`fastfuse.corpus.chain_fingerprint`) over
+    the shards' own document spans of ``docs`` and compares it with the one every shard recorded --
+    each part's shards of a distributed run too, so parts written from another corpus (or from
+    several) are refused, naming the part, even where their token counts agree."""
     if len(reader) != len(seqs):
         raise ValueError(f"sources['{name}']: its shards hold {len(reader)} sequences but the corpus gives "
                          f"{len(seqs)}; extract and align the same (already split) corpus")
+    recorded = {int(s["seq_end"]): (s["corpus_fingerprint"], s["file"]) for s in reader.meta["shards"]}
+    h = hashlib.sha256(b"").digest()
     for i, (n, doc, _) in enumerate(seqs):
         rec = reader[i]
         if rec["doc_index"] != doc or len(rec["topk_ids"]) != n:
@@ -75,6 +82,13 @@ def _check_against_shards(name: str, seqs, reader: ShardReader | PartsReader) ->
                 f"sources['{name}']: sequence {i} has {len(rec['topk_ids'])} positions from document "
                 f"{rec['doc_index']} in the shards, but {n} tokens from document {doc} here: the corpus "
                 "was split differently (split it once with fastfuse.chunking.split_corpus for all tokenizers)")
+        span = SimpleNamespace(doc_index=doc, char_start=int(rec["char_start"]), char_end=int(rec["char_end"]))
+        h = chain_fingerprint(h, span, docs[doc])
+        want, where = recorded.get(i + 1, (None, None))
+        if want is not None and want != h.hex():
+            raise ValueError(f"sources['{name}']: {Path(reader.out_dir) / where} was extracted from another corpus "
+                             f"than the one aligned here (its sequences up to {i + 1} hash differently); "
+                             "extract every part from this corpus")
 
 
 def _coverage(pos_rows, reader: ShardReader | PartsReader, vocab: np.ndarray) -> dict[str, float]:
@@ -215,7 +229,7 @@ def align_corpus(texts: Any, target_tokenizer, sources: Mapping[str, tuple[Any, 
     coverage = {}
     for name, (tok, _) in sources.items():
         reader = readers[name]
-        _check_against_shards(name, src_seqs[name], reader)
+        _check_against_shards(name, src_seqs[name], reader, docs)
         positions = [p for _, _, p in src_seqs[name]]
         vpath = out / name / "vocab.safetensors"
         vmap = VocabMap.build(tok, target_tokenizer, mode=vocab_mode, num_threads=num_threads)

@@ -173,8 +173,10 @@ def row_terms(spec, st: Dict[str, Tensor], zs: Tensor, tids: Tensor, q: Tensor, 
     F_a, G_a = F_a.masked_fill(~inA, 0.0), G_a.masked_fill(~inA, 0.0)
     P_A = p.sum(1)
     P_o = (1.0 - P_A).clamp_min(0.0)
-    if "lse_off" in st:                     # the bucket: the direct sum (no cancellation)
-        P_o = torch.exp(st["lse_off"] - st["lse_d"])
+    log_P_o = _log(P_o)
+    if "lse_off" in st:                     # the bucket: the direct sum (no cancellation), in log space
+        log_P_o = (st["lse_off"] - st["lse_d"]).clamp_max(0.0)      # (P_o itself may underflow)
+        P_o = torch.exp(log_P_o)
     restrict = torch.zeros_like(inA[:, 0])
     if spec.divergence == "reverse_kl":
         restrict = torch.ones_like(restrict) if spec.tail == "renormalize" else R == 0
@@ -203,9 +205,15 @@ def row_terms(spec, st: Dict[str, Tensor], zs: Tensor, tids: Tensor, q: Tensor, 
             F_off = torch.where(u_R > 0, plogp_off - _log(u_R) * P_o, torch.zeros_like(R))
             G_off = torch.where(u_R > 0, F_off + P_o, torch.zeros_like(R))
     else:                                       # renormalize / bucket: one outcome off A
-        F_o, G_o = terms(spec, P_o, _log(P_o), R)
+        F_o, G_o = terms(spec, P_o, log_P_o, R)
         F_off, G_off = F_o, G_o
         gamma = torch.where(P_o > 0, G_o / torch.where(P_o > 0, P_o, torch.ones_like(P_o)), torch.zeros_like(P_o))
+        if "lse_off" in st and spec.divergence in ("ce", "forward_kl"):
+            # p_v * gamma = -R p_v / P_o = -R exp(u_v - lse_off): grad_slice takes it in log space
+            gamma = torch.zeros_like(gamma)
+            # (R = 0, or no student mass off A -- an infinite loss -- carry +inf: no term, as gamma = 0 did)
+            keep = (R > 0) & torch.isfinite(st["lse_off"])
+            out["bucket_lse_off"] = torch.where(keep, st["lse_off"], torch.full_like(R, float("inf")))
     out.update(D=F_a.sum(1) + F_off, c=G_a.sum(1) + G_off, gamma=gamma, G_a=G_a)
     return out
 
@@ -254,6 +262,10 @@ def grad_slice(z: Tensor, spec, lm_weight: float, st, rt, tids: Tensor, labels: 
         # (a support-restricted reverse KL has none: its c, of the unrestricted form, may be inf)
         coef = torch.where(restrict, torch.zeros_like(c), wd * (rt["gamma"][:, None] - c))
         g = pg * (lm_weight + coef) if tau == 1.0 else lm_weight * pg + coef * pd
+        if "bucket_lse_off" in rt:          # CE / forward KL's bucket share -R p_v / P_o, in log space
+            # (u_v <= lse_off off A; A ids are overwritten below; rows without the term carry +inf)
+            R = rt["R"][:, None]
+            g = g - wd * R * torch.exp((u - rt["bucket_lse_off"][:, None]).clamp_max(0.0))
     else:
         u_R = rt["u_R"][:, None]
         if spec.divergence in ("ce", "forward_kl"):         # G = -q

@@ -167,7 +167,10 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
         validate: run the data-dependent checks (id ranges, negative weights, NaN logprobs,
             label range). They cost a few reductions over the small index tensors
             (``O(S*B*Ts*K + S*Vs + S*B*T)``, plus ``min``/``max`` of the labels) and **one**
-            host sync. Shape/dtype/device checks are always done (free). With
+            host sync. Shape/dtype/device checks are always done (free). A kept row whose
+            logits are all -inf is refused too (``ValueError`` naming the row; found from the
+            labels' logits, no pass over the logits); with ``validate=False`` such a row's loss is
+            NaN (so is a mean or sum over it) and its gradient NaN. With
             ``validate=False`` bad ids may give a meaningless loss but never touch memory outside
             their own row: every indirect access is masked by its full range.
         process_group, vocab_start: tensor parallelism (README "Tensor parallelism"): with a
@@ -223,7 +226,7 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
     spec = make_spec(divergence, tail, alpha, beta, logit_scale, softcap, student_temperature, hinton_scale)
     ids, logprobs, pos, vocab, labels, source_weights = check_teacher_args(
         target_logits.shape[:-1], V, dev, source_topk, align_map, labels, source_weights, lm_weight, temperature,
-        ignore_index, reduction, impl, validate, tail_mass=spec.uses_tail_mass)
+        ignore_index, reduction, impl, validate, tail_mass=spec.uses_tail_mass, logits=target_logits)
     lm_weight, temperature = float(lm_weight), float(temperature)
     if squeeze:
         target_logits = target_logits.unsqueeze(0)

@@ -11,8 +11,9 @@ from a server's prompt log-probs instead of a local forward pass:
    server cannot re-tokenise it; a server that refuses ids (llama-cpp-python's server takes text only)
    gets the sequence's text and adds its own special tokens (``prompt_format="auto"`` tries ids
    first, once). ``concurrency`` requests are in flight; replies may arrive in any order, shards are
-   written in order. 429/5xx/timeouts/refused connections are retried with exponential backoff
-   (``max_retries``; ``Retry-After`` honoured up to 60 s); every request has a ``timeout``.
+   written in order. 408/425/429, every 5xx, timeouts and refused or dropped connections are retried
+   with exponential backoff (``max_retries``; ``Retry-After`` honoured up to 60 s); ``timeout`` bounds
+   each request as a whole, connect to last byte (:mod:`fastfuse.completion_client`).
 2. **Replies.** The echoed prompt tokens must be our tokenisation (as ids, or as strings that can
    render our ids: :meth:`fastfuse.token_strings.TokenStrings.consistent`), else ``ValueError``
    naming the sequence and the first differing position. Servers either echo every prompt token
@@ -21,15 +22,16 @@ from a server's prompt log-probs instead of a local forward pass:
    :mod:`fastfuse.topk_runs`). Top-k strings become ids through
    :class:`~fastfuse.token_strings.TokenStrings`; gold log-probs give the per-sequence CE.
 3. **Identity.** The weights are not here, so ``model_fingerprint`` is sha256 of the served model's
-   name and the tokenizer's fingerprint; the URL is recorded (``model``) but a restarted server on
-   another port resumes the same run.
+   name and the tokenizer's fingerprint; the URL (without user-info) is recorded (``model``) but a
+   restarted server on another port resumes the same run.
+4. **Values.** Every log-prob must be a possible one (:func:`fastfuse.topk_runs.checked_logprob`),
+   else ``ValueError`` naming the sequence, position and field; secrets never appear in an error.
+5. **Ranks.** ``rank``/``world_size`` split the corpus as local extraction does (the same parts).
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import threading
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,108 +39,32 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from fastfuse.completion_client import (DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, CompletionClient, Reply, ServerError,
+                                       check_timeout, redacted_error, reply_cap)
 from fastfuse.corpus import SourceSequence, special_tokens
+from fastfuse.extract import rank_partition
+from fastfuse.shard_parts import check_layout, part_name
 from fastfuse.shards import tokenizer_fingerprint
 from fastfuse.token_strings import TokenStrings
-from fastfuse.topk_runs import ShardRun, TopKRows
+from fastfuse.topk_runs import ShardRun, TopKRows, checked_logprob
 
-RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+__all__ = ["ServerError", "CompletionClient", "rows_from_choice", "served_fingerprint", "served_meta",
+           "extract_served", "DEFAULT_CONCURRENCY", "DEFAULT_TIMEOUT", "DEFAULT_MAX_RETRIES"]
+
 DEFAULT_CONCURRENCY = 8
-DEFAULT_TIMEOUT = 120.0
-DEFAULT_MAX_RETRIES = 5
-
-
-class ServerError(ConnectionError):
-    """The server could not be reached or kept failing after the retries."""
-
-
-class CompletionClient:
-    """POSTs to ``{server_url}/v1/completions`` with retries (module docstring), one
-    ``requests.Session`` per thread. ``api_key`` goes in ``Authorization: Bearer``."""
-
-    def __init__(self, server_url: str, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 max_retries: int = DEFAULT_MAX_RETRIES, backoff: float = 0.5):
-        if not isinstance(server_url, str) or not server_url.startswith(("http://", "https://")):
-            raise ValueError(f"server_url: expected an http:// or https:// URL, got {server_url!r}")
-        self.base = server_url.rstrip("/").removesuffix("/v1")
-        self.api_key, self.timeout, self.max_retries, self.backoff = api_key, float(timeout), int(max_retries), backoff
-        self.local = threading.local()
-
-    def session(self):
-        import requests
-
-        if getattr(self.local, "session", None) is None:
-            self.local.session = requests.Session()
-            if self.api_key:
-                self.local.session.headers["Authorization"] = f"Bearer {self.api_key}"
-        return self.local.session
-
-    def request(self, method: str, path: str, payload: dict | None = None, retry_status=RETRY_STATUS):
-        """The response (any status but the retried ones), after at most ``max_retries`` retries."""
-        import requests
-
-        url = self.base + path
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            wait = min(self.backoff * 2 ** attempt, 30.0)
-            try:
-                r = self.session().request(method, url, json=payload, timeout=(min(self.timeout, 10.0), self.timeout))
-                if r.status_code not in retry_status:
-                    return r
-                last = f"HTTP {r.status_code}: {r.text[:200]}"
-                retry_after = r.headers.get("Retry-After", "")
-                if retry_after.strip().isdigit():
-                    wait = min(max(wait, float(retry_after)), 60.0)
-            except (requests.ConnectionError, requests.Timeout) as e:
-                last = f"{type(e).__name__}: {e}"
-            if attempt < self.max_retries:
-                time.sleep(wait)
-        raise ServerError(f"server_url: {url} failed {self.max_retries + 1} times (last: {last})")
-
-    def refused(self, r, what: str) -> ValueError:
-        """A clear error for a request the server refused (4xx)."""
-        try:
-            detail = r.json()
-            detail = detail.get("error", detail) if isinstance(detail, dict) else detail
-            detail = detail.get("message", detail) if isinstance(detail, dict) else detail
-        except ValueError:
-            detail = r.text
-        detail = str(detail)[:300]
-        if r.status_code in (401, 403):
-            hint = ("the API key was not accepted" if self.api_key else
-                    "it needs an API key (pass the name of an environment variable that holds it)")
-            return ValueError(f"api_key: {self.base} refused {what} (HTTP {r.status_code}: {detail}): {hint}")
-        if r.status_code == 404:
-            return ValueError(f"server_url: {self.base + '/v1/completions'} answered 404 ({detail}): is it an "
-                              "OpenAI-compatible server, and the URL its base (http://host:port)?")
-        return ValueError(f"server_url: {self.base} refused {what} (HTTP {r.status_code}: {detail})")
-
-    def model_names(self) -> list[str] | None:
-        """The ids ``/v1/models`` lists, or None where the server has no such route."""
-        r = self.request("GET", "/v1/models")
-        if r.status_code in (401, 403):
-            raise self.refused(r, "the model list")
-        if r.status_code != 200:
-            return None
-        try:
-            return [str(m["id"]) for m in r.json()["data"]]
-        except (ValueError, KeyError, TypeError):
-            return None
 
 
 def _entries(top: Any, strings: TokenStrings, k: int, where: str) -> list[tuple[int, float]]:
     """A reply's top log-probs at one position, k largest first, as (id, log-prob); strings are
-    mapped only for the entries kept (a server may add the prompt token as a k+1-th entry)."""
+    mapped only for the entries kept (a server may add the prompt token as a k+1-th entry). Every
+    value must be a possible log-prob (:func:`fastfuse.topk_runs.checked_logprob`)."""
     if isinstance(top, dict):
         pairs = list(top.items())
     elif isinstance(top, list):  # [{"token": ..., "logprob": ...}] as some servers spell it
         pairs = [(e.get("token"), e.get("logprob")) for e in top if isinstance(e, dict)]
     else:
         raise ValueError(f"{where}: top_logprobs entry is {type(top).__name__}, expected an object")
-    try:
-        vals = [float(v) for _, v in pairs]
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: top_logprobs values are not numbers") from None
+    vals = [checked_logprob(v, f"{where}: top_logprobs entry {t!r:.40}") for t, v in pairs]
     order = sorted(range(len(pairs)), key=lambda j: -vals[j])[:k]
     if len(order) < k:
         raise ValueError(f"{where}: the server returned {len(pairs)} top log-probs for k = {k} (does it cap top-k, "
@@ -201,7 +127,7 @@ def rows_from_choice(choice: dict, seq: np.ndarray, k: int, strings: TokenString
                              "is null)")
         rows.set_row(r, _entries(top[e], strings, k, f"{where}, position {r}"), f"{where}, position {r}")
         if r < n - 1:
-            rows.gold[r] = float(tlp[e])
+            rows.gold[r] = checked_logprob(tlp[e], f"{where}, position {r}: token_logprobs", gold=True)
     return rows
 
 
@@ -235,27 +161,32 @@ class _Fetcher:
 
     def refused(self, r, group) -> ValueError:
         err = self.client.refused(r, f"logprobs={self.k} for sequence {group[0][0].seq_index}")
-        if r.status_code in (400, 422) and "logprob" in str(err).lower():
+        if r.status_code in (400, 422) and "logprob" in r.text.lower():     # the server's words, not ours
             return ValueError(f"k: {err}; servers cap top-k (vLLM: --max-logprobs, default 20): use a smaller k or "
                               "raise the server's cap")
         return err
 
+    def post(self, group, fmt: str, final=None) -> Reply:
+        tokens = sum(len(s.input_ids) for s, _ in group)
+        return self.client.request("POST", "/v1/completions", self.payload(group, fmt), reply_cap(tokens, self.k), final)
+
     def __call__(self, group) -> list[TopKRows]:
         fmt = "ids" if self.format == "auto" else self.format
         if self.format == "auto":  # decided once, on the first request
-            # llama-cpp-python answers a prompt it cannot validate with HTTP 500: not retried here
-            r = self.client.request("POST", "/v1/completions", self.payload(group, fmt), RETRY_STATUS - {500})
+            # llama-cpp-python answers a prompt it cannot read (ids) with HTTP 500 naming the prompt:
+            # that one is final here (try text next); every other 5xx is retried as always
+            r = self.post(group, fmt, final=lambda r: r.status_code == 500 and "prompt" in r.text)
             if r.status_code in (400, 422) or (r.status_code == 500 and "prompt" in r.text):
                 first = self.refused(r, group)
                 if str(first).startswith("k: "):
                     raise first
-                r = self.client.request("POST", "/v1/completions", self.payload(group, "text"))
+                r = self.post(group, "text")
                 if r.status_code != 200:
                     raise ValueError(f"{first}; as text: {self.refused(r, group)}")
                 fmt = "text"
             self.format = fmt
         else:
-            r = self.client.request("POST", "/v1/completions", self.payload(group, fmt))
+            r = self.post(group, fmt)
         if r.status_code != 200:
             raise self.refused(r, group)
         try:
@@ -299,13 +230,17 @@ def extract_served(server_url: str, served_model: str, tokenizer, texts: Any, ou
                    shard_size: int = 4096, concurrency: int = DEFAULT_CONCURRENCY, api_key: str | None = None,
                    timeout: float = DEFAULT_TIMEOUT, max_retries: int = DEFAULT_MAX_RETRIES,
                    prompt_format: str = "auto", source_name: str | None = None, progress: bool = True,
-                   text_field: str = "text", on_shard: Callable[[int, Path], None] | None = None) -> dict:
+                   text_field: str = "text", on_shard: Callable[[int, Path], None] | None = None,
+                   rank: int = 0, world_size: int = 1) -> dict:
     """Top-k shards of a served source model (module docstring): ``tokenizer`` is the served model's
     (fast) tokenizer, ``texts`` a corpus (:func:`fastfuse.corpus.iter_corpus`), ``token_budget`` the
-    prompt tokens one request may carry (default ``block_size``). Resumes a run in ``out_dir`` with the
-    same settings; ``on_shard(i, path)`` is called after each shard is on disk. Returns the summary of
-    :func:`fastfuse.extract.extract_topk` plus ``rows_without_teacher`` (positions the server did not
-    report) and ``prompt_format``."""
+    prompt tokens one request may carry (default ``block_size``), ``timeout`` the seconds one request
+    may take in all (connect, send, read; :mod:`fastfuse.completion_client`). Resumes a run in
+    ``out_dir`` with the same settings; ``on_shard(i, path)`` is called after each shard is on disk.
+    ``rank`` / ``world_size``: as :func:`fastfuse.extract.extract_topk` -- rank ``rank``'s share of
+    the corpus into ``out_dir/rank-RRRRR-of-WWWWW``, the same parts a local extraction writes.
+    Returns the summary of :func:`fastfuse.extract.extract_topk` plus ``rows_without_teacher``
+    (positions the server did not report) and ``prompt_format``."""
     token_budget = block_size if token_budget is None else token_budget
     for name, v in (("k", k), ("block_size", block_size), ("token_budget", token_budget), ("shard_size", shard_size),
                     ("concurrency", concurrency), ("prompts_per_request", prompts_per_request)):
@@ -317,24 +252,46 @@ def extract_served(server_url: str, served_model: str, tokenizer, texts: Any, ou
         raise ValueError(f"prompt_format: expected 'auto', 'ids' or 'text', got {prompt_format!r}")
     if not isinstance(served_model, str) or not served_model:
         raise ValueError(f"served_model: expected the model name the server serves, got {served_model!r}")
-    if not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
+    check_timeout(timeout)
     if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
         raise ValueError(f"max_retries: expected an int >= 0, got {max_retries!r}")
     n_real = len(tokenizer)
     if k > n_real:
         raise ValueError(f"k: {k} exceeds the tokenizer's {n_real} tokens")
     client = CompletionClient(server_url, api_key, timeout, max_retries)
+    try:
+        return _extract(client, served_model, tokenizer, texts, out_dir, int(k), int(block_size), int(token_budget),
+                        int(prompts_per_request), int(shard_size), int(concurrency), prompt_format, source_name,
+                        progress, text_field, on_shard, rank, world_size)
+    except (ValueError, ServerError) as e:
+        clean = redacted_error(e, client)      # a secret the server echoed into a token string, say
+        if clean is None:
+            raise
+        raise clean from None
+
+
+def _extract(client: CompletionClient, served_model: str, tokenizer, texts, out_dir, k: int, block_size: int,
+             token_budget: int, prompts_per_request: int, shard_size: int, concurrency: int, prompt_format: str,
+             source_name, progress: bool, text_field: str, on_shard, rank: int, world_size: int) -> dict:
+    part = None
+    if world_size != 1 or rank != 0:
+        part = rank_partition(tokenizer, texts, block_size, text_field, rank, world_size)
     names = client.model_names()
     if names is not None and served_model not in names:
         raise ValueError(f"served_model: {client.base} serves {names}, not {served_model!r}")
+    check_layout(out_dir, world_size)
+    meta = served_meta(tokenizer, served_model, f"{served_model} at {client.base}", source_name, k, block_size,
+                       token_budget, shard_size)
+    desc = f"extract {served_model} (served)"
+    if part is not None:
+        out_dir = Path(out_dir) / part_name(rank, world_size)
+        meta["partition"] = part
+        desc += f" [rank {rank}/{world_size}]"
     prefix = special_tokens(tokenizer)[0]
-    run = ShardRun(out_dir, served_meta(tokenizer, served_model, f"{served_model} at {client.base}", source_name, k,
-                                        block_size, token_budget, shard_size),
-                   tokenizer, texts, block_size, shard_size, text_field, progress,
-                   desc=f"extract {served_model} (served)", on_shard=on_shard)
-    fetch = _Fetcher(client, served_model, int(k), TokenStrings(tokenizer), prompt_format, hidden_ok=bool(prefix))
-    groups = _groups(run.pending(), int(prompts_per_request), int(token_budget))
+    run = ShardRun(out_dir, meta, tokenizer, texts, block_size, shard_size, text_field, progress, desc=desc,
+                   on_shard=on_shard, seq_end=part["seq_end"] if part is not None else None)
+    fetch = _Fetcher(client, served_model, k, TokenStrings(tokenizer), prompt_format, hidden_ok=bool(prefix))
+    groups = _groups(run.pending(), prompts_per_request, token_budget)
     window: deque = deque()
 
     def take_one() -> None:
@@ -347,7 +304,7 @@ def extract_served(server_url: str, served_model: str, tokenizer, texts: Any, ou
         if first is not None:  # alone, so that "auto" settles the prompt format once
             for (s, _), rows in zip(first, fetch(first)):
                 run.add(s, rows)
-        with ThreadPoolExecutor(max_workers=int(concurrency)) as pool:
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
             try:
                 for g in groups:
                     window.append((g, pool.submit(fetch, g)))

@@ -12,6 +12,7 @@ prediction, or stops on end-of-sequence before the last) is written as ids ``-1`
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -22,6 +23,30 @@ import numpy as np
 
 from fastfuse.corpus import SourceSequence, chain_fingerprint, source_sequences
 from fastfuse.shards import ShardReader, ShardWriter
+
+
+LOGPROB_TOL = 1e-3          # a log-prob above 0 by at most this is rounding (stored as 0); more is refused
+FLOAT16_MIN = -65504.0      # the most negative log-prob the shards' float16 holds (beyond: -inf, "no teacher")
+FLOAT32_MIN = -3.4028234663852886e38
+
+
+def checked_logprob(v: Any, where: str, gold: bool = False) -> float:
+    """A log-prob from outside (a server's JSON, vLLM's objects) as a float, or a ``ValueError``
+    naming ``where`` (sequence, position and field): it must be a number (not a bool, a string or a
+    container), finite, at most ``LOGPROB_TOL`` above 0 (then read as 0) and within what its stored
+    dtype holds (float16 for top-k values, float32 for ``gold``)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{where}: expected a number (a log-prob), got {type(v).__name__} {v!r:.60}")
+    x = float(v)
+    if not math.isfinite(x):
+        raise ValueError(f"{where}: log-prob {x} is not finite (a broken server or model)")
+    if x > LOGPROB_TOL:
+        raise ValueError(f"{where}: log-prob {x} is above 0 (a probability above 1; a broken server or model)")
+    low = FLOAT32_MIN if gold else FLOAT16_MIN
+    if x < low:
+        raise ValueError(f"{where}: log-prob {x} is below {low:g}, the lowest the shards' "
+                         f"{'float32' if gold else 'float16'} can hold")
+    return min(x, 0.0)
 
 
 @dataclass
@@ -40,13 +65,12 @@ class TopKRows:
 
     def set_row(self, r: int, entries: list[tuple[int, float]], where: str) -> None:
         """Row ``r`` from (id, log-prob) pairs: the ``k`` largest, in descending order (ties keep
-        the given order); ``ValueError`` naming ``where`` for fewer than k, repeats or NaN."""
+        the given order); ``ValueError`` naming ``where`` for fewer than k, repeats or values that are
+        not possible log-probs (:func:`checked_logprob`)."""
         k = self.ids.shape[1]
         if len(entries) < k:
             raise ValueError(f"{where}: {len(entries)} top log-probs for k = {k}")
-        vals = np.array([v for _, v in entries], np.float64)
-        if np.isnan(vals).any():
-            raise ValueError(f"{where}: NaN log-probs (a broken model or input)")
+        vals = np.array([checked_logprob(v, f"{where}: top log-prob of id {i}") for i, v in entries], np.float64)
         order = np.argsort(-vals, kind="stable")[:k]
         ids = np.array([entries[j][0] for j in order], np.int64)
         if len(np.unique(ids)) < k:

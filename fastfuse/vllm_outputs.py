@@ -27,7 +27,7 @@ import numpy as np
 from fastfuse.corpus import source_sequences
 from fastfuse.served import served_meta
 from fastfuse.shards import META_NAME, load_meta
-from fastfuse.topk_runs import ShardRun, TopKRows
+from fastfuse.topk_runs import ShardRun, TopKRows, checked_logprob
 
 
 def vllm_prompts(tokenizer, texts: Any, block_size: int, out_dir: str | os.PathLike | None = None,
@@ -41,24 +41,42 @@ def vllm_prompts(tokenizer, texts: Any, block_size: int, out_dir: str | os.PathL
             for s, _ in source_sequences(tokenizer, texts, block_size, text_field) if s.seq_index >= done]
 
 
-def _pairs(d: Any, where: str) -> list[tuple[int, float, float]]:
-    """(id, log-prob, rank) of a ``{token_id: Logprob}`` dict (a bare float is a log-prob without rank)."""
+def _pairs(d: Any, where: str, gold: int | None = None) -> list[tuple[int, float, float]]:
+    """(id, log-prob, rank) of a ``{token_id: Logprob}`` dict (a bare float is a log-prob without
+    rank); every log-prob checked (:func:`fastfuse.topk_runs.checked_logprob`; ``gold``: the id whose
+    value is stored as float32, the others as float16)."""
     if not isinstance(d, dict):
         raise ValueError(f"{where}: expected a {{token_id: Logprob}} dict, got {type(d).__name__}")
     out = []
     for tid, v in d.items():
+        if isinstance(tid, (bool, np.bool_)) or not isinstance(tid, (int, np.integer)):
+            raise ValueError(f"{where}: key {tid!r:.40} is not a token id (an int)")
         lp = getattr(v, "logprob", v)
         rank = getattr(v, "rank", None)
-        try:
-            out.append((int(tid), float(lp), float("inf") if rank is None else float(rank)))
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: entry {tid!r}: {v!r} is not a Logprob") from None
+        if isinstance(rank, (bool, np.bool_)) or not (rank is None or isinstance(rank, (int, float, np.integer,
+                                                                                          np.floating))):
+            raise ValueError(f"{where}: token {int(tid)}: rank {rank!r:.40} is not a number")
+        lp = checked_logprob(lp, f"{where}: token {int(tid)}: logprob", gold=int(tid) == gold)
+        out.append((int(tid), lp, float("inf") if rank is None else float(rank)))
     return out
+
+
+def _token_ids(output: Any, where: str) -> list[int]:
+    """``output.prompt_token_ids`` (a list, tuple or numpy array of ints) as a list."""
+    got = getattr(output, "prompt_token_ids", None)
+    if got is None:
+        raise ValueError(f"{where}: has no prompt_token_ids (expected a vLLM RequestOutput, got "
+                         f"{type(output).__name__})")
+    arr = np.asarray(got) if not isinstance(got, (str, bytes, dict)) else None
+    if arr is None or arr.ndim != 1 or not (arr.dtype.kind in "iu" or arr.size == 0):
+        raise ValueError(f"{where}: prompt_token_ids must be a 1-d sequence of ints, got {type(got).__name__} "
+                         f"{got!r:.60}")
+    return [int(x) for x in arr]
 
 
 def rows_from_output(output: Any, seq: np.ndarray, k: int, n_real: int, where: str) -> TopKRows:
     """One sequence's :class:`TopKRows` from a vLLM ``RequestOutput`` (module docstring)."""
-    got = list(getattr(output, "prompt_token_ids", None) or [])
+    got = _token_ids(output, where)
     want = seq.tolist()
     if got != want:
         p = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
@@ -71,25 +89,28 @@ def rows_from_output(output: Any, seq: np.ndarray, k: int, n_real: int, where: s
     n = len(seq)
     rows = TopKRows.empty(n, k)
 
-    def fill(r: int, d: Any) -> None:
-        pairs = _pairs(d, f"{where}, position {r}")
-        pairs.sort(key=lambda t: (t[2], -t[1]))  # vLLM's own top-k order; the prompt token last if outside it
+    def fill(r: int, d: Any, field: str, gold: int | None) -> list[tuple[int, float, float]]:
+        at = f"{where}, position {r}: {field}"
+        pairs = _pairs(d, at, gold)
         bad = [t for t, _, _ in pairs if not 0 <= t < n_real]
         if bad:
-            raise ValueError(f"{where}, position {r}: token ids {bad[:4]} outside the tokenizer's {n_real} tokens")
-        rows.set_row(r, [(t, lp) for t, lp, _ in pairs[:k]], f"{where}, position {r}")
+            raise ValueError(f"{at}: token ids {bad[:4]} outside the tokenizer's {n_real} tokens")
+        top = sorted(pairs, key=lambda t: (t[2], -t[1]))  # vLLM's own top-k order; the prompt token last if outside it
+        rows.set_row(r, [(t, lp) for t, lp, _ in top[:k]], at)
+        return pairs
 
     for r in range(n - 1):
-        d = plp[r + 1]
-        fill(r, d)
-        gold = {t: lp for t, lp, _ in _pairs(d, where)}.get(int(seq[r + 1]))
+        gold_id = int(seq[r + 1])
+        pairs = fill(r, plp[r + 1], f"prompt_logprobs[{r + 1}]", gold_id)
+        gold = {t: lp for t, lp, _ in pairs}.get(gold_id)
         if gold is None:
-            raise ValueError(f"{where}: prompt_logprobs[{r + 1}] lacks the prompt token {int(seq[r + 1])}")
+            raise ValueError(f"{where}, position {r}: prompt_logprobs[{r + 1}] lacks the prompt token {gold_id}")
         rows.gold[r] = gold
-    outs = getattr(output, "outputs", None) or []
+    outs = getattr(output, "outputs", None)
+    outs = [] if outs is None else list(outs)
     gen = getattr(outs[0], "logprobs", None) if outs else None
     if gen:  # SamplingParams(logprobs=k): the prediction after the whole sequence
-        fill(n - 1, gen[0])
+        fill(n - 1, gen[0], "outputs[0].logprobs[0]", None)
     return rows
 
 
@@ -106,13 +127,16 @@ def write_vllm_outputs(outputs: Iterable[Any], tokenizer, texts: Any, out_dir: s
                                         block_size, block_size, shard_size, default_name="vllm"),
                    tokenizer, texts, block_size, shard_size, text_field, progress, desc=f"vLLM outputs {model_name}")
     it = iter(outputs)
+    end = object()
     try:
-        for s, _ in run.pending():
-            out = next(it, None)
-            if out is None:
+        for i, (s, _) in enumerate(run.pending()):
+            out = next(it, end)
+            if out is end:
                 raise ValueError(f"outputs: ended before sequence {s.seq_index} (one output per vllm_prompts prompt)")
+            if out is None:
+                raise ValueError(f"outputs: item {i} (sequence {s.seq_index}) is None, expected a vLLM RequestOutput")
             run.add(s, rows_from_output(out, s.input_ids, int(k), n_real, f"outputs: sequence {s.seq_index}"))
-        if next(it, None) is not None:
+        if next(it, end) is not end:
             raise ValueError("outputs: more outputs than sequences (one output per vllm_prompts prompt)")
     except BaseException:
         run.close()

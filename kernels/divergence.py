@@ -190,6 +190,7 @@ def divergence_kernel(
         F_a = tl.where(inA, F_a, 0.0)
         G_a = tl.where(inA, G_a, 0.0)
         P_o = tl.maximum(1.0 - tl.sum(p, axis=0), 0.0)
+        logP_o = tl.log(P_o)
         if TAIL == 2:
             if P_o < 1e-2:
                 # a confident student: 1 - sum_A p cancels (to 0 under ~1e-7). Every off-A
@@ -206,6 +207,26 @@ def divergence_kernel(
                 e_a = tl.where(inA, tl.exp(_transform(zr, logit_scale, softcap, TRANSFORM) * inv_tau - lse_d), 1.0)
                 e_a = tl.where(inA & (e_a < small), e_a, 0.0).to(tl.float64)
                 P_o = tl.maximum(tl.sum(tot, axis=0) - tl.sum(e_a, axis=0), 0.0).to(tl.float32)
+                logP_o = tl.log(P_o)
+                if P_o < 1e-12:
+                    # so confident that the sum above loses P_o (fp32 terms underflow, or A's terms
+                    # dwarf it): the log-sum-exp of u over the ids outside A, with a membership test
+                    # against the E teacher entries -- a cost only such rows pay
+                    mo = tl.full([BLOCK_V], NEG, tl.float32)
+                    so = tl.zeros([BLOCK_V], tl.float32)
+                    for start in range(0, V, BLOCK_V):
+                        o = start + offs
+                        x = tl.load(row + o, mask=o < V, other=0.0).to(tl.float32)
+                        keep = o < V
+                        for j in range(0, E):
+                            tj = tl.load(tids_ptr + n * E + j).to(tl.int64)
+                            tj = tl.where(tl.load(q_ptr + n * E + j) > 0.0, tj, -1)     # in A, or none
+                            keep = keep & (o != tj)
+                        uo = tl.where(keep, _transform(x, logit_scale, softcap, TRANSFORM) * inv_tau, NEG)
+                        mo, so, _, _ = _online(mo, so, uo)
+                    lse_off, _ = _lane_lse(mo, so)
+                    logP_o = tl.minimum(lse_off - lse_d, 0.0)
+                    P_o = tl.exp(logP_o)
         restrict = False
         D_r = 0.0
         lt = logp
@@ -245,8 +266,11 @@ def divergence_kernel(
                     F_off += tl.where(u_R > 0.0, R * tl.log(u_R), 0.0)
                 G_off = -u_R * n_off
         else:
-            F_off, G_off = _terms(P_o, tl.log(P_o), R, mix, log_a, log_b, DIV)
+            F_off, G_off = _terms(P_o, logP_o, R, mix, log_a, log_b, DIV)
             gamma = tl.where(P_o > 0.0, G_off / tl.where(P_o > 0.0, P_o, 1.0), 0.0)
+            if TAIL == 2 and DIV <= 1:
+                gamma = 0.0         # -R p_v / P_o = -R exp(lpd - logP_o): below, in log space
+        has_off = (R > 0.0) & (logP_o > NEG)     # the bucket's log-space term (CE / forward KL) applies
         D = tl.sum(F_a, axis=0) + F_off
         c = tl.sum(G_a, axis=0) + G_off
         D = tl.where(restrict, D_r, D)
@@ -271,6 +295,8 @@ def divergence_kernel(
                     dg = Gv - pd * c
                 else:
                     dg = pd * (gamma - c)
+                    if TAIL == 2 and DIV <= 1:
+                        dg -= tl.where(has_off, R * tl.exp(tl.minimum(lpd - logP_o, 0.0)), 0.0)
                 dg = tl.where(restrict, 0.0, dg)
                 g = (lm_weight * pg + wd * dg) * _chain(zt, logit_scale, softcap, TRANSFORM) * scale
                 tl.store(grow + o, g.to(grad_ptr.dtype.element_ty), mask=msk, eviction_policy="evict_first")
@@ -293,6 +319,8 @@ def divergence_kernel(
                 dgy = Gy - py * c
             else:
                 dgy = py * (gamma - c)
+                if TAIL == 2 and DIV <= 1:
+                    dgy -= tl.where(has_off, R * tl.exp(tl.minimum(lpy - logP_o, 0.0)), 0.0)
             dgy = tl.where(restrict, 0.0, dgy)
             gy = (lm_weight * (tl.exp(zt_y - lse_g) - 1.0) + wd * dgy) * _chain(zt_y, logit_scale, softcap,
                                                                                  TRANSFORM) * scale

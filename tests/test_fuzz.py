@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("hypothesis")
@@ -166,3 +167,333 @@ def test_command_line_under_generated_bad_input(tmp_path, vocab_dir):
         assert not new, f"{argv} wrote outside its output: {sorted(new)}"
 
     prop()
+
+
+# ---- served teachers against a misbehaving server on 127.0.0.1 (tests/_hostile_server.py) ----
+# Every run below is bounded by its own settings (timeout, retries, the server's MAX_S), not by pytest-timeout.
+
+def served_setup(real_tokenizer, corpus):
+    tok = real_tokenizer("llama-spm")
+    texts = [corpus[i][:150] for i in range(4)]
+    return tok, texts, dict(k=4, block_size=48, shard_size=3, progress=False, concurrency=2)
+
+
+def served_run(url, tok, texts, out, **kw):
+    from fastfuse.served import extract_served
+
+    return extract_served(url, "stub", tok, texts, out, **kw)
+
+
+@pytest.mark.parametrize("mode", ["drip", "drip_headers"])
+def test_served_deadline_bounds_the_whole_request(tmp_path, real_tokenizer, corpus, mode):
+    """A server that sends its reply a byte at a time is cut off at the timeout, retried, then a
+    ServerError -- in about (retries + 1) x timeout + backoff, not the server's 20 s."""
+    import time
+
+    from _hostile_server import HostileServer
+    from fastfuse.served import ServerError
+
+    tok, texts, kw = served_setup(real_tokenizer, corpus)
+    t0 = time.monotonic()
+    with HostileServer(len(tok), [mode] * 2) as s, pytest.raises(ServerError, match="failed 2 times"):
+        served_run(s.url, tok, texts, tmp_path / "a", timeout=1.0, max_retries=1, **kw)
+    assert time.monotonic() - t0 < 8
+    with HostileServer(len(tok), [mode]) as s:      # one slow reply: the retry succeeds
+        st = served_run(s.url, tok, texts, tmp_path / "b", timeout=1.0, max_retries=2, **kw)
+    assert st["rows_without_teacher"] == 0 and time.monotonic() - t0 < 16
+
+
+@pytest.mark.parametrize("mode", ["huge", "huge_length"])
+def test_served_huge_reply_is_refused(tmp_path, real_tokenizer, corpus, mode):
+    from _hostile_server import HostileServer
+
+    tok, texts, kw = served_setup(real_tokenizer, corpus)
+    with HostileServer(len(tok), [mode]) as s, pytest.raises(ValueError, match="server_url: .*more than the \\d+"):
+        served_run(s.url, tok, texts, tmp_path / "a", timeout=10.0, max_retries=0, **kw)
+
+
+@pytest.mark.parametrize("kind,field", [
+    ("top_inf", "top_logprobs"), ("top_positive", "top_logprobs"), ("top_huge", "top_logprobs"),
+    ("top_true", "top_logprobs"), ("top_tiny", "top_logprobs"), ("gold_inf", "token_logprobs"),
+    ("gold_nan", "token_logprobs"), ("gold_abc", "token_logprobs"), ("gold_dict", "token_logprobs")])
+def test_served_impossible_values_are_refused(tmp_path, real_tokenizer, corpus, kind, field):
+    """Log-probs must be numbers, finite, <= 0 and storable: refused naming sequence, position and field;
+    nothing written."""
+    from _hostile_server import HostileServer
+
+    tok, texts, kw = served_setup(real_tokenizer, corpus)
+    with HostileServer(len(tok), [kind]) as s, \
+            pytest.raises(ValueError, match=f"sequence 0, position 1: {field}"):
+        served_run(s.url, tok, texts, tmp_path / "a", timeout=10.0, max_retries=0, **kw)
+    assert not list((tmp_path / "a").glob("shard-*"))
+
+
+@pytest.mark.parametrize("modes", [["status_500"], ["status_500", "status_502", "status_599"], ["status_503"]])
+def test_served_5xx_on_the_first_request_is_retried(tmp_path, real_tokenizer, corpus, modes):
+    from _hostile_server import HostileServer
+    from fastfuse.shards import ShardReader
+
+    tok, texts, kw = served_setup(real_tokenizer, corpus)
+    with HostileServer(len(tok), modes) as s:
+        st = served_run(s.url, tok, texts, tmp_path / "a", timeout=10.0, max_retries=3, **kw)
+        assert st["prompt_format"] == "ids" and s.calls == len(modes) + len(ShardReader(tmp_path / "a"))
+
+
+SECRET, KEY = "pa55-w0rd-SECRET", "sk-KEY-0123456789"
+
+
+@pytest.mark.parametrize("mode", ["echo_400", "echo_401", "echo_500", "echo_in_token", "closed"])
+def test_served_secrets_are_never_recorded_or_printed(tmp_path, real_tokenizer, corpus, capsys, monkeypatch, mode):
+    """The URL's password and the API key go to the server only: not in meta.json, not in an error,
+    however the server quotes them back."""
+    import base64
+    import json
+    import socket
+
+    from _hostile_server import HostileServer
+    from fastfuse.cli import main as cli_main
+
+    tok, texts, _ = served_setup(real_tokenizer, corpus)
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    monkeypatch.setenv("FF_KEY", KEY)
+    leaks = (SECRET, KEY, base64.b64encode(f"user:{SECRET}".encode()).decode())
+    with HostileServer(len(tok), [mode] * (1 if mode in ("echo_400", "echo_401") else 3)) as s:
+        url = s.url.replace("http://", f"http://user:{SECRET}@")
+        if mode == "closed":
+            with socket.socket() as sk:
+                sk.bind(("127.0.0.1", 0))
+                url = f"http://user:{SECRET}@127.0.0.1:{sk.getsockname()[1]}"
+        argv = ["extract", "--server", url, "--served-model", "stub", "--tokenizer", "llama-spm", "--input",
+                str(data), "--k", "4", "--block-size", "48", "--timeout", "5", "--max-retries", "1", "--quiet"]
+        code = cli_main(argv + ["--out", str(tmp_path / "a"), "--api-key-env", "FF_KEY"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.strip().count("\n") == 0, err
+        assert not any(x in err for x in leaks), err
+        if mode == "echo_400":
+            assert s.seen_auth[0] == f"Bearer {KEY}" and "<redacted>" in err
+            assert cli_main(argv + ["--out", str(tmp_path / "b")]) == 0      # basic auth from the URL: works
+            assert s.seen_auth[-1].startswith("Basic ")
+            meta = (tmp_path / "b" / "meta.json").read_text()
+            assert SECRET not in meta and "user" not in meta and s.url in meta
+
+
+def test_served_timeout_flag_must_be_finite(tmp_path, real_tokenizer, corpus, capsys):
+    import json
+
+    from fastfuse.cli import main as cli_main
+
+    tok, texts, kw = served_setup(real_tokenizer, corpus)
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"text": texts[0]}) + "\n")
+    for value in ("inf", "1e300", "nan", "0", "-1"):
+        code = cli_main(["extract", "--server", "http://127.0.0.1:9", "--served-model", "m", "--tokenizer",
+                         "llama-spm", "--input", str(data), "--out", str(tmp_path / "a"), "--timeout", value, "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.count("\n") == 0 and "--timeout" in err, (value, err)
+    for value in (float("inf"), 1e300, True):
+        with pytest.raises(ValueError, match="timeout"):
+            served_run("http://127.0.0.1:9", tok, texts, tmp_path / "b", timeout=value, **kw)
+
+
+def served_records(reader):
+    return [(r["seq_index"], r["doc_index"], r["char_start"], r["char_end"], r["topk_ids"].tobytes(),
+             r["topk_logprobs"].tobytes(), float(r["ce"])) for r in reader]
+
+
+def test_served_extraction_splits_by_rank(tmp_path, real_tokenizer, corpus, monkeypatch):
+    """`extract --server` with --rank/--world-size, or torchrun's RANK/WORLD_SIZE, writes the rank's part
+    of the corpus (the parts a local extraction writes), each sequence asked once: read back, the
+    parts are the one-process result exactly."""
+    import json
+
+    from _hostile_server import HostileServer
+    from fastfuse.cli import main as cli_main
+    from fastfuse.extract import rank_partition
+    from fastfuse.shard_parts import PartsReader, open_shards, part_name
+    from fastfuse.shards import ShardReader
+
+    tok = real_tokenizer("llama-spm")
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"text": corpus[i][:300]}) + "\n" for i in range(5)))
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["extract", "--served-model", "stub", "--tokenizer", "llama-spm", "--input", str(data), "--k", "4",
+            "--block-size", "48", "--shard-size", "2", "--timeout", "10", "--concurrency", "2", "--quiet"]
+    with HostileServer(len(tok)) as s:
+        argv += ["--server", s.url]
+        assert cli_main(argv + ["--out", str(tmp_path / "one")]) == 0
+        n = s.calls
+        assert cli_main(argv + ["--out", str(tmp_path / "two"), "--rank", "1", "--world-size", "2"]) == 0
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert cli_main(argv + ["--out", str(tmp_path / "two")]) == 0
+        assert s.calls == 2 * n                     # every sequence once, not once per rank
+        assert cli_main(argv + ["--out", str(tmp_path / "two")]) == 0 and s.calls == 2 * n   # resumed: done
+    one, two = open_shards(tmp_path / "one"), open_shards(tmp_path / "two")
+    assert isinstance(two, PartsReader) and not (tmp_path / "two" / "meta.json").exists()
+    assert served_records(one) == served_records(two) and len(one) == n
+    for r in range(2):
+        part = ShardReader(tmp_path / "two" / part_name(r, 2))
+        assert part.meta["partition"] == rank_partition(tok, [data], 48, "text", r, 2)
+
+
+def swap_a_letter(tok, text: str) -> str:
+    """``text`` with one letter (the last one that can be) changed so that it tokenises to as many tokens."""
+    from fastfuse.corpus import source_sequences
+
+    n = [len(s.input_ids) for s, _ in source_sequences(tok, [text], 64)]
+    for j in sorted((i for i, c in enumerate(text) if c.isalpha()), reverse=True):
+        for c in "etaoinshrdlu":
+            other = text[:j] + c + text[j + 1:]
+            if other != text and [len(s.input_ids) for s, _ in source_sequences(tok, [other], 64)] == n:
+                return other
+    raise AssertionError("no same-length variant")
+
+
+def test_rank_parts_from_other_corpora_are_refused(tmp_path, real_tokenizer, corpus, capsys):
+    """Parts of two corpora with the same token counts read as one source (nothing in the parts alone
+    can tell); aligning them against a corpus compares every part's corpus fingerprints with it and
+    refuses, naming the part."""
+    import json
+    import shutil
+
+    from _hostile_server import HostileServer
+    from fastfuse.cli import main as cli_main
+    from fastfuse.corpus_align import align_corpus
+    from fastfuse.shard_parts import open_shards, part_name
+
+    tok, tgt = real_tokenizer("llama-spm"), real_tokenizer("gpt-2")
+    a = [corpus[i][:120] for i in range(6)]
+    b = a[:5] + [swap_a_letter(tok, a[5])]
+    kw = dict(k=4, block_size=64, shard_size=2, progress=False, concurrency=1, timeout=10.0)
+    with HostileServer(len(tok)) as s:
+        for name, texts in (("a", a), ("b", b)):
+            served_run(s.url, tok, texts, tmp_path / f"{name}1", **kw)
+            for r in range(2):
+                served_run(s.url, tok, texts, tmp_path / name, rank=r, world_size=2, **kw)
+    align_corpus(a, tgt, {"s": (tok, tmp_path / "a")}, tmp_path / "ok", progress=False)        # the right one
+    for bad, part in (("b", part_name(1, 2)), ("b1", "shard-00002")):
+        with pytest.raises(ValueError, match=f"sources\\['s'\\]: .*{part}.* another corpus"):
+            align_corpus(a, tgt, {"s": (tok, tmp_path / bad)}, tmp_path / f"al-{bad}", progress=False)
+    for first, second, named in (("a", "b", part_name(1, 2)), ("b", "a", part_name(1, 2))):
+        mix = tmp_path / f"mix-{first}{second}"
+        shutil.copytree(tmp_path / first / part_name(0, 2), mix / part_name(0, 2))
+        shutil.copytree(tmp_path / second / part_name(1, 2), mix / part_name(1, 2))
+        assert len(open_shards(mix)) == len(a)
+        corpus_of = a if first == "a" else b
+        with pytest.raises(ValueError, match=f"{named}.* another corpus"):
+            align_corpus(corpus_of, tgt, {"s": (tok, mix)}, tmp_path / f"al-{first}{second}", progress=False)
+    data = tmp_path / "a.jsonl"                    # the command line: one error line, exit 2
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in a))
+    assert cli_main(["align", "--target", "gpt-2", "--source", f"s=llama-spm:{tmp_path / 'mix-ab'}", "--input",
+                     str(data), "--out", str(tmp_path / "al-cli"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and part_name(1, 2) in err and "another corpus" in err, err
+
+
+def vllm_like(prompts: list[dict], k: int, vocab: int) -> list:
+    """RequestOutput-shaped objects whose log-probs come from the hostile server's prefix "model"."""
+    from types import SimpleNamespace
+
+    from _hostile_server import prefix_logprobs
+
+    outs = []
+    for p in prompts:
+        ids = p["prompt_token_ids"]
+
+        def entry(row, extra):
+            order = list(np.argsort(-row, kind="stable")[:k]) + ([extra] if extra is not None else [])
+            return {int(t): SimpleNamespace(logprob=float(row[t]), rank=j + 1) for j, t in enumerate(order)}
+        rows = [prefix_logprobs(ids[:j + 1], vocab) for j in range(len(ids))]
+        plp = [None] + [entry(rows[j - 1], ids[j]) for j in range(1, len(ids))]
+        outs.append(SimpleNamespace(prompt_token_ids=list(ids), prompt_logprobs=plp,
+                                    outputs=[SimpleNamespace(logprobs=[entry(rows[-1], None)])]))
+    return outs
+
+
+@pytest.mark.parametrize("kind", ["inf", "positive", "huge", "true", "tiny", "gold_nan", "gold_inf", "abc", "dict",
+                                  "ids_numpy", "ids_text", "none_output", "key_bool"])
+def test_vllm_outputs_bad_values(tmp_path, real_tokenizer, corpus, kind):
+    """Impossible log-probs and malformed outputs are refused naming sequence, position and field;
+    a numpy array of prompt ids is read like a list."""
+    import copy
+
+    from fastfuse.shards import ShardReader
+    from fastfuse.vllm_outputs import vllm_prompts, write_vllm_outputs
+
+    tok = real_tokenizer("llama-spm")
+    texts = [corpus[i][:150] for i in range(3)]
+    kw = dict(k=4, block_size=48, shard_size=2, progress=False, model_name="m")
+    good = vllm_like(vllm_prompts(tok, texts, 48), 4, len(tok))
+    outs = copy.deepcopy(good)
+    d = outs[1].prompt_logprobs[3]                 # sequence 1, position 2
+    top, gold = next(iter(d)), outs[1].prompt_token_ids[3]
+    value = {"inf": float("inf"), "positive": 0.5, "huge": 1e6, "true": True, "tiny": -1e6, "abc": "abc",
+             "dict": {"a": 1}}.get(kind)
+    if value is not None:
+        d[top].logprob = value
+    elif kind.startswith("gold_"):
+        d[gold].logprob = float(kind[5:])
+    elif kind == "ids_numpy":
+        outs[1].prompt_token_ids = np.asarray(outs[1].prompt_token_ids)
+    elif kind == "ids_text":
+        outs[1].prompt_token_ids = "abc"
+    elif kind == "none_output":
+        outs[1] = None
+    elif kind == "key_bool":
+        d[True] = d.pop(top)
+    if kind == "ids_numpy":
+        write_vllm_outputs(outs, tok, texts, tmp_path / "a", **kw)
+        write_vllm_outputs(good, tok, texts, tmp_path / "b", **kw)
+        assert [r["topk_ids"].tolist() for r in ShardReader(tmp_path / "a")] == \
+            [r["topk_ids"].tolist() for r in ShardReader(tmp_path / "b")]
+        return
+    want = {"ids_text": "sequence 1: prompt_token_ids must be a 1-d sequence of ints",
+            "none_output": "outputs: item 1 \\(sequence 1\\) is None",
+            "key_bool": "sequence 1, position 2: prompt_logprobs\\[3\\]: key True is not a token id"}.get(
+        kind, "sequence 1, position 2: prompt_logprobs\\[3\\]: token \\d+: logprob")
+    with pytest.raises(ValueError, match=want):
+        write_vllm_outputs(outs, tok, texts, tmp_path / "a", **kw)
+    assert len(list((tmp_path / "a").glob("shard-*"))) <= 1      # at most the shard before it
+
+
+def test_served_extraction_under_torchrun(tmp_path, real_tokenizer, corpus):
+    """`torchrun --nproc-per-node 2 -m fastfuse extract --server ...`: two clients, one server, each
+    sequence asked once, the parts read back as a one-process run (bounded: the run's own timeout)."""
+    import json
+
+    from _hostile_server import HostileServer
+    from fastfuse.shard_parts import open_shards
+
+    tok = real_tokenizer("llama-spm")
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"text": corpus[i][:300]}) + "\n" for i in range(5)))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | \
+        {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with HostileServer(len(tok)) as s:
+        flags = ["extract", "--server", s.url, "--served-model", "stub", "--tokenizer", "llama-spm", "--input",
+                 str(data), "--k", "4", "--block-size", "48", "--shard-size", "2", "--timeout", "10", "--quiet"]
+        for out, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone",
+                                                     "--nproc-per-node", "2"])):
+            r = subprocess.run([sys.executable, *launcher, "-m", "fastfuse", *flags, "--out", str(tmp_path / out)],
+                               env=env, capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr[-3000:]
+        one, two = open_shards(tmp_path / "one"), open_shards(tmp_path / "two")
+        assert s.calls == 2 * len(one) and len(two.parts) == 2
+    assert served_records(one) == served_records(two)
+
+
+def test_completion_client_never_shows_a_credential():
+    """Every spelling of every credential (a token as the user name too) is redacted; the recorded URL has none."""
+    from fastfuse.completion_client import CompletionClient
+
+    for url, key, creds in (("http://TOKEN-abc@127.0.0.1:9", None, ["TOKEN-abc"]),
+                            ("https://u:p%40ss-x@example.com/proxy/v1/", "sk-1", ["p@ss-x", "p%40ss-x", "sk-1"])):
+        c = CompletionClient(url, api_key=key)
+        assert "@" not in c.base and not any(x in c.base for x in creds)
+        text = " ".join(creds + [h for h in c.headers.values()])
+        assert not any(x in c.redact(text) for x in creds + [c.headers.get("Authorization", "").split()[-1]])
+    with pytest.raises(ValueError, match="server_url") as e:
+        CompletionClient("ftp://u:SECRET@host")
+    assert "SECRET" not in str(e.value)

@@ -99,7 +99,7 @@ def _extract(args: argparse.Namespace) -> dict:
 _SERVED_FLAGS = {"server_url": "--server", "served_model": "--served-model", "api_key": "--api-key-env", "k": "--k",
                  "concurrency": "--concurrency", "token_budget": "--token-budget",
                  "prompts_per_request": "--prompts-per-request", "timeout": "--timeout", "prompt_format": "--prompt-format",
-                 "max_retries": "--max-retries"}
+                 "max_retries": "--max-retries", "rank": "--rank", "world_size": "--world-size"}
 
 
 def _extract_served(args: argparse.Namespace) -> dict:
@@ -118,6 +118,13 @@ def _extract_served(args: argparse.Namespace) -> dict:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise CommandError(f"--api-key-env: the environment variable {args.api_key_env!r} is not set or empty")
+    from fastfuse.completion_client import check_timeout
+
+    try:
+        check_timeout(args.timeout)
+    except ValueError as e:
+        raise CommandError(f"--timeout: {str(e).removeprefix('timeout: ')}") from None
+    rank, world = rank_and_world(args)
     tokenizer = load_tokenizer_flag("--tokenizer", args.tokenizer)
     files = input_files(args.input)
     output_dir(args.out)
@@ -128,7 +135,7 @@ def _extract_served(args: argparse.Namespace) -> dict:
                                concurrency=args.concurrency, api_key=api_key, timeout=args.timeout,
                                max_retries=args.max_retries,
                                prompt_format=args.prompt_format, source_name=args.source_name,
-                               progress=not args.quiet, text_field=args.text_field)
+                               progress=not args.quiet, text_field=args.text_field, rank=rank, world_size=world)
     except (ValueError, ConnectionError) as e:  # ConnectionError: fastfuse.served.ServerError
         name, _, rest = str(e).partition(": ")
         if name in _SERVED_FLAGS:
@@ -219,7 +226,8 @@ def add_extract(subparsers) -> None:
     g.add_argument("--api-key-env", default=None, metavar="VAR", help="environment variable holding the API key")
     g.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     g.add_argument("--prompts-per-request", type=int, default=1, help="sequences per request (default 1)")
-    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request before a retry (default 120)")
+    g.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds one request may take in all (connect, send, read) before a retry (default 120)")
     g.add_argument("--max-retries", type=int, default=5,
                    help="retries of a request after 429/5xx/timeouts, with exponential backoff (default 5)")
     g.add_argument("--prompt-format", choices=["auto", "ids", "text"], default="auto",

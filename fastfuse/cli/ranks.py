@@ -1,4 +1,5 @@
-"""``--rank`` / ``--world-size`` for ``fastfuse extract``: one process of a distributed run.
+"""``--rank`` / ``--world-size`` for ``fastfuse extract``: one process of a distributed run (a local
+model, or ``--server``: many clients sharing one or several servers, each asking for its share only).
 
 Under ``torchrun`` the flags default to its environment (``RANK``, ``WORLD_SIZE``), and each rank
 takes GPU ``LOCAL_RANK`` when CUDA is available and ``--device`` is not given. Ranks never talk
