@@ -138,7 +138,7 @@ def main():
     rank, world, device = init(cpu=a.tiny)
     N, H, V, iters = (4096, 4096, 128256, 3) if a.quick else (8192, 4096, 128256, 5)
     if a.tiny:
-        N, H, V, iters = 16, 32, 5000, 1
+        N, H, V, iters = 8, 16, 2000, 1
     start, n = shard_range(V, rank, world)
     say = print if rank == 0 else (lambda *x: None)
     sink = CsvRows(a.csv if rank == 0 else None, ["op", "divergence", "kind", "world", "N", "V", "ms"])
