@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import shutil
 import signal
@@ -65,7 +64,7 @@ def steps(out: str, dry: bool, py: str) -> list[tuple[str, list[str]]]:
     if importlib.util.find_spec("xdist"):
         tests += ["-n", "auto"]
     if importlib.util.find_spec("pytest_timeout"):
-        tests += ["--timeout", "60"]
+        tests += ["--timeout", "90"]
     return [
         ("versions", [py, "-c", VERSIONS]),
         ("gpu_tests", tests),

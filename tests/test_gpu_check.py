@@ -30,7 +30,7 @@ def _pgids(res: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_dry_run_runs_every_step_and_fills_the_summary(tmp_path):
-    r = _check(tmp_path, "--deadline", "400")
+    r = _check(tmp_path, "--deadline", "540", timeout=700)
     res = tmp_path / "res"
     summary = json.loads((res / "summary.json").read_text())
     steps = {s["step"]: s["status"] for s in summary["steps"]}
@@ -80,3 +80,30 @@ def test_kill_group_stops_grandchildren(tmp_path):
     assert gpu_check.kill_group(p.pid)
     p.wait()
     assert gpu_check.group_alive(p.pid) == []
+
+
+def test_summary_states_each_target_from_the_tables(tmp_path):
+    """The ratios come from the CSV rows (a GPU run's numbers, here written by hand); a table that is
+    missing reads "not measured"; RESULTS.md gets the rows between its markers, the rest unchanged."""
+    import gpu_summary
+    (tmp_path / "bench_loss.csv").write_text(
+        "operation,provider,N,V,ms,extra_mib,floor_ms\n"
+        "fused_loss,fastfuse,16384,128256,2.0,0.0,1.8\nfused_loss,liger_ce,16384,128256,2.5,10.0,1.8\n")
+    (tmp_path / "bench_divergences.csv").write_text(
+        "case,N,V,ms,x_ce,of_floor,extra_mib\nce,16384,128256,2.0,1.000,0.9,0\n"
+        "jsd/renormalize,16384,128256,2.4,1.200,0.75,0\njsd/uniform,16384,128256,5.0,2.500,0.36,0\n")
+    md = tmp_path / "RESULTS.md"
+    md.write_text(f"# R\n\nbefore\n\n{gpu_summary.BEGIN}\nold\n{gpu_summary.END}\n\nafter\n")
+    info = dict(dry_run=False, deadline_s=480, elapsed_s=100.0, steps=[dict(step="loss_table", status="ok", seconds=9.0)])
+    gpu_summary.write_all(str(tmp_path), info, str(md))
+    got = {t["target"]: t for t in json.loads((tmp_path / "summary.json").read_text())["targets"]}
+    floor = got["fused_loss N=16384 V=128256: fastfuse of the copy floor"]
+    assert floor["ratio"] == "90.0%" and floor["met"] is True
+    liger = got["fused_loss N=16384 V=128256: fastfuse / Liger hard-label CE"]
+    assert liger["ratio"] == "0.80x" and liger["met"] is True
+    assert got["divergence jsd/renormalize / ce"]["met"] is False
+    assert got["divergence jsd/uniform / ce"]["met"] is None                  # tail pass: stated
+    assert got["fused_linear_loss N=8192 H=4096 V=128256: time / matmul floor"]["measured"] == "not measured"
+    out = (tmp_path / "RESULTS.md").read_text()
+    assert out.startswith("# R\n\nbefore\n") and out.endswith("\n\nafter\n") and "old" not in out
+    assert "| 16384 x 128256 | fastfuse | 2.0 | 90.0% | 0.0 |" in out
