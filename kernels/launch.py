@@ -41,14 +41,19 @@ def forced_config(kernel: str):
 _tuned_cache: dict = {}
 
 
+def load_tuned(path: str = TUNED_PATH) -> dict:
+    """(Re)load the winners' table from ``path`` (default: ``launch_tuned.json`` beside this file);
+    a missing or unreadable file, or a dry run's (``"dry_run": true``: no measurement), is no table."""
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except (OSError, ValueError):
+        table = {}
+    _tuned_cache["table"] = {} if table.get("dry_run") else table
+    return _tuned_cache["table"]
+
+
 def tuned(kernel: str, key: str):
     """The winning configuration name a GPU run recorded for ``kernel`` at ``key``, or None."""
-    if "table" not in _tuned_cache:
-        try:
-            with open(TUNED_PATH) as f:
-                _tuned_cache["table"] = json.load(f)
-        except (OSError, ValueError):
-            _tuned_cache["table"] = {}
-        if _tuned_cache["table"].get("dry_run"):     # a CPU dry run's "winners" are no measurement
-            _tuned_cache["table"] = {}
-    return _tuned_cache["table"].get(kernel, {}).get(key)
+    table = _tuned_cache["table"] if "table" in _tuned_cache else load_tuned()
+    return table.get(kernel, {}).get(key)

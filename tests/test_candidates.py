@@ -87,3 +87,22 @@ def test_forcing_an_unknown_kernel_is_a_clear_error():
     with pytest.raises(ValueError, match="kernel must be one of"):
         with forced("fused_cee", "2pass_l2"):
             pass
+
+
+def test_a_gpu_runs_winners_take_precedence_unless_forced(tmp_path):
+    import json
+
+    from fastfuse.kernels import launch
+    path = tmp_path / "launch_tuned.json"
+    path.write_text(json.dumps({"fused_ce": {"two_pass/bf16/9": "2pass_l2_persistent"}, "rescale": {"9": "row"}}))
+    try:
+        launch.load_tuned(str(path))
+        assert fused_ce.launch_config(128256, torch.bfloat16) == fused_ce.CONFIGS["2pass_l2_persistent"]
+        assert fused_ce.launch_config(128256, torch.float16) == fused_ce.CONFIGS["2pass_l2"]    # not measured
+        with forced("fused_ce", "2pass_v1"):
+            assert fused_ce.launch_config(128256, torch.bfloat16) == fused_ce.CONFIGS["2pass_v1"]
+        path.write_text(json.dumps({"dry_run": True, "fused_ce": {"two_pass/bf16/9": "2pass_l2_s5"}}))
+        launch.load_tuned(str(path))                    # a dry run's winners are no measurement
+        assert fused_ce.launch_config(128256, torch.bfloat16) == fused_ce.CONFIGS["2pass_l2"]
+    finally:
+        launch.load_tuned()
