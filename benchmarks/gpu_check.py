@@ -23,6 +23,11 @@ step writes its results as it goes (CSV rows flushed one by one, unbuffered logs
 ``RESULTS.md`` (the repository's file with its "GPU" section filled in) are rewritten, and with
 ``--pack DIR`` copied there with a tarball of everything, so a cut run still returns what it measured.
 
+In the workplace's device tool (one call, ``timeout_s`` 570; Liger's pure-Python wheel carried in a
+git-ignored ``.whl/``, see ``gpu_check.sh``): ``bash benchmarks/gpu_check.sh /tmp/gc --pack $OUT``.
+Then commit ``RESULTS.md`` over ``benchmarks/RESULTS.md`` and ``launch_tuned.json`` as
+``kernels/launch_tuned.json``, the numbers of ``summary.md`` in the message.
+
 ``--dry-run``: the same steps on CPU under ``TRITON_INTERPRET=1`` at tiny shapes (the kernels run in the
 interpreter; timings are meaningless), default deadline 240 s: what CI runs (``tests/test_gpu_check.py``).
 The register tables (``kernel_resources.py``: an ahead-of-time compile, no GPU needed) run in CI.
