@@ -53,15 +53,17 @@ def _warm_one(job):
     d, topk, amap = _inputs(16, V, torch.device(device), torch.bfloat16)
     z = d["target_logits"].requires_grad_()
     fused_loss(z, topk, amap, d["labels"], d["source_weights"], validate=False, **kw).backward()
-    torch.cuda.synchronize()
+    if z.is_cuda:
+        torch.cuda.synchronize()
     return name
 
 
-def warm(V, device, jobs):
+def warm(V, device, jobs, limit=None):
     import multiprocessing as mp
     t = time.perf_counter()
+    names = [name for name, _ in cases()][:limit]
     with mp.get_context("spawn").Pool(jobs) as pool:
-        done = pool.map(_warm_one, [(name, V, device) for name, _ in cases()], chunksize=1)
+        done = pool.map(_warm_one, [(name, V, device) for name in names], chunksize=1)
     print(f"(compiled {len(done)} cases in {jobs} processes: {time.perf_counter() - t:.1f} s)", flush=True)
 
 
@@ -95,8 +97,8 @@ def main(argv=None):
     N = args.n or (16384 if cuda else 512)
     V = args.v or (128256 if cuda else 32000)
     dtype = torch.bfloat16 if cuda else torch.float32
-    if cuda and args.warm_jobs > 1:
-        warm(V, args.device, args.warm_jobs)
+    if args.warm_jobs > 1:      # (the dry run: two cases, to prove the parallel path)
+        warm(V, args.device, 2 if args.tiny else args.warm_jobs, 2 if args.tiny else None)
     d, topk, amap = _inputs(N, V, dev, dtype)
     logits = d["target_logits"].requires_grad_()
     run = timer(dev)

@@ -49,11 +49,12 @@ TINY = [(16, 40000), (32, 1000)]                   # gpu_check.py --dry-run: CPU
 S, K = 2, 10
 
 
-def make_inputs(N: int, V: int, device=None, dtype=torch.bfloat16, seed: int = 0):
-    """Logits ``[B, T, V]`` with B*T = N and S=2, K=10 top-k teachers (source vocab 32000)."""
+def make_inputs(N: int, V: int, device=None, dtype=torch.bfloat16, seed: int = 0, T: int = None):
+    """Logits ``[B, T, V]`` with B*T = N (T = min(N, 2048) unless given) and S=2, K=10 top-k
+    teachers (source vocab 32000)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator(device=device).manual_seed(seed)
-    T = min(N, 2048)
+    T = T or min(N, 2048)
     B = N // T
     Vs = 32000
     z = torch.randn(B, T, V, device=device, dtype=dtype, generator=g) * 2

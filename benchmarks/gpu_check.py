@@ -77,7 +77,7 @@ def steps(out: str, dry: bool, py: str) -> list[tuple[str, list[str]]]:
         ("candidates", [py, f"{HERE}/gpu_candidates.py", "--csv", f"{out}/candidates.csv",
                         "--table", f"{out}/launch_tuned.json"] + tiny),
         ("divergence_table", [py, f"{HERE}/bench_divergences.py", "--csv", f"{out}/bench_divergences.csv",
-                              "--warm-jobs", "1" if dry else "8"] + tiny),
+                              "--warm-jobs", "8"] + tiny),
         ("linear_table", [py, f"{HERE}/gpu_linear_loss.py", "--no-check", "--no-sweep", "--csv",
                           f"{out}/bench_linear_loss.csv"] + tiny),
         ("tp_loss", [py, f"{HERE}/gpu_tp_loss.py", "--quick", "--csv", f"{out}/gpu_tp_loss.csv"] + tiny),
