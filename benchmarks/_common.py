@@ -7,9 +7,16 @@ import gc
 
 
 def cuda_timed(step):
-    """Run ``step()`` between CUDA events; ``(ms, peak bytes allocated above the start)``."""
+    """Run ``step()`` between CUDA events; ``(ms, peak bytes allocated above the start)``. Without
+    CUDA (``gpu_check.py --dry-run``: CPU, interpreter) the host clock and a peak of 0."""
+    import time
+
     import torch
 
+    if not torch.cuda.is_available():
+        t = time.perf_counter()
+        step()
+        return (time.perf_counter() - t) * 1e3, 0
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -42,7 +49,30 @@ def free_cuda() -> None:
     import torch
 
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no CUDA: dry run)"
+
+
+class CsvRows:
+    """A CSV file written row by row (flushed each time), so a run cut short keeps what it measured."""
+
+    def __init__(self, path, fields):
+        self.f = open(path, "w", newline="") if path else None
+        self.w = csv.DictWriter(self.f, fieldnames=fields) if path else None
+        if self.w:
+            self.w.writeheader()
+            self.f.flush()
+
+    def add(self, row: dict):
+        if self.w:
+            self.w.writerow(row)
+            self.f.flush()
 
 
 def write_csv(path: str, rows: list[dict]) -> None:

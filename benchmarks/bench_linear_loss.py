@@ -30,15 +30,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fastfuse.linear_loss import fused_linear_loss  # noqa: E402
 from fastfuse.loss import AlignMap, SourceTopK, fused_loss  # noqa: E402
 
-from _common import cuda_ms_per_call, cuda_timed, free_cuda, median_run  # noqa: E402
+from _common import CsvRows, cuda_ms_per_call, cuda_timed, device_name, free_cuda, median_run  # noqa: E402
 
 N, H = 8192, 4096
-SHAPES = [(N, H, 32000), (N, H, 128256)]
+SHAPES = [(N, H, 128256), (N, H, 32000)]          # the target shape first
+TINY = [(16, 64, 40000)]                           # gpu_check.py --dry-run: CPU, interpreter
 S, K, LM_WEIGHT = 2, 10, 0.9
 PROVIDERS = ["fastfuse_linear", "naive", "liger_flce", "cce"]
 
 
-def make_inputs(N, H, V, device="cuda", seed=0):
+def make_inputs(N, H, V, device=None, seed=0):
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator(device=device).manual_seed(seed)
     T = min(N, 2048)
     B = N // T
@@ -86,18 +88,24 @@ def run_once(fn, d):
 
 
 def matmul_rate(n=8192) -> float:
+    if not torch.cuda.is_available():       # dry run: a small host matmul
+        a = torch.randn(512, 512, dtype=torch.bfloat16)
+        return 2 * 512 ** 3 / (cuda_ms_per_call(lambda: a @ a) / 1e3)
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     return 2 * n ** 3 / (cuda_ms_per_call(lambda: a @ a) / 1e3)
 
 
-def table(csv=None, out=print, warmup=2, iters=5):
+def table(csv=None, out=print, warmup=2, iters=5, shapes=SHAPES, errors=None):
+    """Time, extra memory, floor and fraction of it per (shape, provider); CSV rows as they come,
+    a provider that raises reported and appended to ``errors`` (if given)."""
     rate = matmul_rate()
-    out(f"device: {torch.cuda.get_device_name()}  bf16 matmul: {rate / 1e12:.0f} TFLOP/s  (S={S}, K={K}, fwd+bwd)")
+    out(f"device: {device_name()}  bf16 matmul: {rate / 1e12:.0f} TFLOP/s  (S={S}, K={K}, fwd+bwd)")
     head = f"{'N':>6} {'H':>5} {'V':>7} {'provider':<16} {'ms':>9} {'extra MiB':>10} {'floor ms':>9} {'of floor':>8}"
     out(head)
     out("-" * len(head))
     rows = []
-    for n, h, V in SHAPES:
+    sink = CsvRows(csv, ["operation", "provider", "N", "H", "V", "ms", "extra_mib", "floor_ms"])
+    for n, h, V in shapes:
         d = make_inputs(n, h, V)
         floor = 6 * n * h * V / rate * 1e3
         for p in PROVIDERS:
@@ -111,16 +119,18 @@ def table(csv=None, out=print, warmup=2, iters=5):
                 out(f"{n:>6} {h:>5} {V:>7} {p:<16} OOM")
                 free_cuda()
                 continue
+            except Exception as e:  # keep the table going
+                out(f"{n:>6} {h:>5} {V:>7} {p:<16} error: {type(e).__name__}: {str(e)[:80]}")
+                if errors is not None:
+                    errors.append((n, h, V, p, repr(e)))
+                continue
             extra /= 2**20
             rows.append((n, h, V, p, ms, extra, floor))
+            sink.add(dict(operation="fused_linear_loss", provider=p, N=n, H=h, V=V, ms=f"{ms:.3f}",
+                          extra_mib=f"{extra:.1f}", floor_ms=f"{floor:.3f}"))
             out(f"{n:>6} {h:>5} {V:>7} {p:<16} {ms:>9.2f} {extra:>10.0f} {floor:>9.2f} {floor / ms:>8.1%}")
         del d
         free_cuda()
-    if csv:
-        with open(csv, "w") as f:
-            f.write("operation,provider,N,H,V,ms,extra_mib,floor_ms\n")
-            for r in rows:
-                f.write("fused_linear_loss,{3},{0},{1},{2},{4:.3f},{5:.1f},{6:.3f}\n".format(*r))
     return rows
 
 

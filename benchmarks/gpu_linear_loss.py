@@ -45,12 +45,16 @@ def main():
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--csv", default=None)
+    ap.add_argument("--tiny", action="store_true", help="CPU dry run (TRITON_INTERPRET=1): tiny shapes, no checks")
     a = ap.parse_args()
-    if not torch.cuda.is_available():
+    if a.tiny:
+        a.no_check, a.no_sweep = True, True
+    elif not torch.cuda.is_available():
         sys.exit("gpu_linear_loss.py needs CUDA")
     import triton
+    from _common import device_name
 
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    print(f"device: {device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     t0 = time.time()
     ok = True
     if not a.no_check:
@@ -59,10 +63,13 @@ def main():
     if not a.no_sweep:
         chunk_sweep()
     if not a.no_bench:
-        from bench_linear_loss import table
+        from bench_linear_loss import SHAPES, TINY, table
 
         print()
-        table(csv=a.csv)
+        errors = []
+        table(csv=a.csv, shapes=TINY if a.tiny else SHAPES, errors=errors, warmup=1 if a.tiny else 2,
+              iters=1 if a.tiny else 5)
+        ok &= not errors
     print(f"total {time.time() - t0:.0f} s")
     sys.exit(0 if ok else 1)
 

@@ -48,6 +48,7 @@ def _bootstrap():
 
 
 _bootstrap()
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import torch  # noqa: E402
 
@@ -70,29 +71,36 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-check", action="store_true", help="skip the gpu tests (gpu_check.sh runs them once)")
     ap.add_argument("--no-bench", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="benchmark only N=8192")
+    ap.add_argument("--quick", action="store_true", help="benchmark only N=16384 (V=128256, the target, first)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile in the table")
+    ap.add_argument("--csv", default=None, help="table rows, written as they are measured")
+    ap.add_argument("--tiny", action="store_true", help="CPU dry run (TRITON_INTERPRET=1): tiny shapes, no checks")
     a = ap.parse_args()
-    if not torch.cuda.is_available():
+    if a.tiny:
+        a.no_check, a.no_compile = True, True
+    elif not torch.cuda.is_available():
         sys.exit("gpu_loss.py needs a CUDA device")
     import triton
-    print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}")
+    from _common import device_name
+    print(f"torch {torch.__version__}, triton {triton.__version__}, {device_name()}")
     t0 = time.time()
     ok = True
     if not a.no_check:
         ok = run_gpu_tests("not linear and not training and not extraction", os.environ.get("OUT"))
         print(f"correctness: {'PASS' if ok else 'FAIL'} ({time.time() - t0:.0f} s)\n")
     if not a.no_bench:
-        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
         import bench_loss
-        shapes = bench_loss.SHAPES[:2] if a.quick else bench_loss.SHAPES
+        shapes = bench_loss.TINY if a.tiny else (bench_loss.QUICK if a.quick else bench_loss.SHAPES)
         provs = [p for p in bench_loss.PROVIDERS if not (a.no_compile and p == "torch_compile")]
         t1 = time.time()
+        errors = []
         try:
-            bench_loss.table(shapes, provs, csv=os.path.join(os.environ.get("OUT", "."), "bench_loss.csv"),
-                             iters=5)
+            bench_loss.table(shapes, provs, csv=a.csv or os.path.join(os.environ.get("OUT", "."), "bench_loss.csv"),
+                             warmup=1 if a.tiny else 2, iters=1 if a.tiny else 5, errors=errors)
         except Exception:
             traceback.print_exc()
+            ok = False
+        ok &= not errors
         print(f"benchmark: {time.time() - t1:.0f} s")
     sys.exit(0 if ok else 1)
 

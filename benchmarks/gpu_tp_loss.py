@@ -35,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import gpu_loss  # noqa: E402,F401  (sets fastfuse up: installed, or the source tree linked as a package)
-from _common import cuda_timed, write_csv  # noqa: E402
+from _common import CsvRows, cuda_timed, device_name, free_cuda  # noqa: E402
 from bench_linear_loss import make_inputs  # noqa: E402  (the same inputs as the one-GPU table)
 
 from fastfuse.linear_loss import default_chunk_tokens, fused_linear_loss  # noqa: E402
@@ -46,15 +46,19 @@ from fastfuse.vocab_parallel import ROUND_BYTES  # noqa: E402
 S, K, LM_WEIGHT = 2, 10, 0.9
 
 
-def init():
-    """(rank, world, device): torchrun's group, or a one-rank NCCL group on a free local port."""
+def init(cpu: bool = False):
+    """(rank, world, device): torchrun's group, or a one-rank NCCL group on a free local port
+    (``cpu``: a one-rank gloo group, the dry run)."""
+    backend = "gloo" if cpu else "nccl"
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     else:
-        dist.init_process_group("nccl")
+        dist.init_process_group(backend)
+    if cpu:
+        return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
@@ -126,15 +130,19 @@ def sent_bytes(N, H, T, V_r, tail_pass, linear):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="N = 4096, 3 iterations")
-    ap.add_argument("--csv", default=None)
+    ap.add_argument("--csv", default=None, help="rows written as they are measured (rank 0)")
+    ap.add_argument("--tiny", action="store_true", help="dry run: CPU, gloo, TRITON_INTERPRET=1, tiny shapes")
     a = ap.parse_args()
-    if not torch.cuda.is_available():
+    if not (a.tiny or torch.cuda.is_available()):
         sys.exit("gpu_tp_loss.py needs CUDA")
-    rank, world, device = init()
+    rank, world, device = init(cpu=a.tiny)
     N, H, V, iters = (4096, 4096, 128256, 3) if a.quick else (8192, 4096, 128256, 5)
+    if a.tiny:
+        N, H, V, iters = 8, 16, 2000, 1
     start, n = shard_range(V, rank, world)
     say = print if rank == 0 else (lambda *x: None)
-    say(f"device: {torch.cuda.get_device_name()}  world {world}  N={N} H={H} V={V} (V_r={n} on rank {rank}) bf16, "
+    sink = CsvRows(a.csv if rank == 0 else None, ["op", "divergence", "kind", "world", "N", "V", "ms"])
+    say(f"device: {device_name()}  world {world}  N={N} H={H} V={V} (V_r={n} on rank {rank}) bf16, "
         f"S={S} K={K}, fwd+bwd")
     ok, rows = True, []
     divergences = {"ce": {}, "jsd-uniform": dict(divergence="jsd", tail="uniform")}
@@ -150,14 +158,13 @@ def main():
             for kind in ("single", "single-torch", "tp"):
                 ms = timed(kind, d, start, n, div, iters)
                 rows.append(dict(op=op, divergence=dname, kind=kind, world=world, N=N, V=V, ms=round(ms, 3)))
+                sink.add(rows[-1])
                 say(f"  {kind:<13} {ms:9.2f} ms")
             sent, rounds = sent_bytes(N, H, d["labels"].shape[1], -(-V // world), dname == "jsd-uniform",
                                       op == "linear")
             say(f"  tp: each rank sends {sent / 2**20:.1f} MiB per call ({rounds} collective rounds of row "
                 f"statistics{' x 2' if dname == 'jsd-uniform' else ''}{', then the d_hidden all-reduce' if op == 'linear' else ''})")
-            torch.cuda.empty_cache()
-    if a.csv and rank == 0:
-        write_csv(a.csv, rows)
+            free_cuda()
     dist.destroy_process_group()
     sys.exit(0 if ok else 1)
 

@@ -27,9 +27,20 @@ accesses are bounded by ``[0, V)``; ignored rows get loss 0 and a zero gradient.
 import triton
 import triton.language as tl
 
+from .launch import forced_config, tuned
+
 # spec.div_code / spec.tail_code
 CE, FKL, RKL, JSD, SKL, SRKL, TVD = range(7)
 RENORMALIZE, UNIFORM, BUCKET = range(3)
+
+# launches by name: "generic" is fastfuse.rows.GENERIC_LAUNCH (today's); the others are candidates a
+# GPU compares (benchmarks/gpu_candidates.py): the chunk loops (pass 1, tail pass, gradient)
+# software-pipelined 3-5 deep. A forced name (launch.forced("divergence", ...)) or a GPU run's
+# winner (launch_tuned.json, CUDA only) replaces the launch divergence_rows is given.
+LAUNCHES = {"generic": dict(block_v=4096, num_warps=32, num_stages=1),
+            "generic_s3": dict(block_v=4096, num_warps=32, num_stages=3),
+            "generic_s4": dict(block_v=4096, num_warps=32, num_stages=4),
+            "generic_s5": dict(block_v=4096, num_warps=32, num_stages=5)}
 
 
 @triton.jit
@@ -242,7 +253,7 @@ def divergence_kernel(
             # 3. the per-element tail terms over the whole row, then minus the A entries' share
             sf = tl.zeros([BLOCK_V], tl.float32)
             sgv = tl.zeros([BLOCK_V], tl.float32)
-            for start in range(0, V, BLOCK_V):
+            for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
                 o = start + offs
                 msk = o < V
                 x = tl.load(row + o, mask=msk, other=0.0).to(tl.float32)
@@ -342,6 +353,11 @@ def divergence_rows(logits, grad, tids, q, R, labels, ignore_index: int, scale, 
     if grad is None:
         grad = logits
     scale = scale.to(torch.float32).reshape(-1).contiguous()
+    name = forced_config("divergence") or (
+        tuned("divergence", str(torch.cuda.get_device_capability(logits.device)[0])) if logits.is_cuda else None)
+    if name is not None:
+        launch = LAUNCHES[name] if isinstance(name, str) else name
+        block_v, num_warps, num_stages = launch["block_v"], launch["num_warps"], launch["num_stages"]
     mix = spec.mix if spec.mix > 0 else 0.5
     tau = spec.student_temperature
     transform = 2 if spec.softcap else (1 if spec.logit_scale != 1.0 else 0)

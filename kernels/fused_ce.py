@@ -33,11 +33,9 @@ CTA-wide reduction per chunk) stays reachable through ``FORCE_CONFIG`` for compa
 Rows with ``V <= SINGLE_BLOCK_MAX_V`` (32000-token vocabularies) take the ``SINGLE_BLOCK`` path:
 the row is one block held in registers, read once -- 128 registers, one CTA per SM.
 
-Only a GPU can confirm (none was used to write this): the L2 hit rate of the second read (ncu
-``lts__t_sector_hit_rate`` on the ``evict_first`` loads), the time against the one-read +
-one-write floor (``benchmarks/gpu_loss.py``: ``fastfuse`` vs ``fastfuse_2pass_v1``), that the
-loops really pipeline (``cp.async``/TMA in the SASS), and whether the single-block path beats the
-two-pass one at V = 32000 (``fastfuse_2pass``). The configurations are untuned on hardware.
+Only a GPU can confirm (none was used to write this) the L2 hit rate of the second read, the time
+against the copy floor and which configuration wins: ``benchmarks/gpu_candidates.py`` times each
+of ``CANDIDATES`` and writes the winners to ``launch_tuned.json`` (see ``launch.py``).
 Compiled with a GPU launch's alignment, pipelined loads become ``cp.async``, which carries no L2
 eviction hint: pass 1's ``evict_last`` is then lost and the re-read relies on the small number
 of rows in flight (a GPU should also time pass 1 at ``num_stages = 1``).
@@ -52,16 +50,22 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
+from .launch import forced_config, tuned
+
 
 class RowConfig(NamedTuple):
     """How ``fused_ce_kernel`` runs a row: ``block_v`` elements per chunk (0: the whole row in one
     block, ``next_power_of_2(V)``), ``num_warps``, ``num_stages`` of the software-pipelined chunk
     loops and ``lane_stats`` (per-lane running max/sum reduced once per row, instead of a CTA-wide
-    reduction per chunk). ``num_stages = 1`` with ``lane_stats = False`` is the v1 two-pass loop."""
+    reduction per chunk). ``num_stages = 1`` with ``lane_stats = False`` is the v1 two-pass loop.
+    ``hoist``: the label and sparse-target loads issued before pass 1 (their latency hidden behind
+    it); ``persistent``: ``min(rows, SMs)`` programs, each looping over rows (lane-stats path)."""
     block_v: int
     num_warps: int
     num_stages: int = 1
     lane_stats: bool = False
+    hoist: bool = False
+    persistent: bool = False
 
 
 # Named configurations; LAUNCH_TABLE picks among them, FORCE_CONFIG may name one.
@@ -79,7 +83,16 @@ CONFIGS = {
     "2pass_l2": RowConfig(8192, 32, 3, True),
     # fp32 rows are twice as long in bytes: 2 stages keep the shared-memory ring at 64 KiB
     "2pass_l2_fp32": RowConfig(8192, 32, 2, True),
+    # candidates beside today's (a GPU picks: benchmarks/gpu_candidates.py): deeper pipelines, the
+    # label / teacher loads above pass 1, and a persistent grid (no CTA drain/launch between rows)
+    "2pass_l2_s4": RowConfig(8192, 32, 4, True),
+    "2pass_l2_s5": RowConfig(8192, 32, 5, True),
+    "2pass_l2_hoist": RowConfig(8192, 32, 3, True, hoist=True),
+    "2pass_l2_persistent": RowConfig(8192, 32, 3, True, hoist=True, persistent=True),
 }
+# what gpu_candidates.py times per vocabulary class (today's LAUNCH_TABLE choice among them)
+CANDIDATES = {"two_pass": ["2pass_l2", "2pass_l2_s4", "2pass_l2_s5", "2pass_l2_hoist", "2pass_l2_persistent"],
+              "one_block": ["single_block", "2pass_l2", "2pass_l2_s4", "2pass_l2_persistent"]}
 
 # (vocabulary-size class, dtype, architecture major) -> configuration name, reason beside it.
 # "one_block": V <= SINGLE_BLOCK_MAX_V; "two_pass": larger V. Untuned on hardware.
@@ -99,13 +112,16 @@ LAUNCH_TABLE = {
 }
 
 # None, a name in CONFIGS, a RowConfig, or (BLOCK_V, num_warps) for the v1 loop: overrides
-# launch_config (tests and benchmarks compare variants with it).
+# launch_config. Prefer ``launch.forced("fused_ce", ...)`` (a context manager, nothing left set).
 FORCE_CONFIG = None
 
 # Rows up to this length are held on chip: one block covers the row, read once from HBM.
 SINGLE_BLOCK_MAX_V = 32768
 
 RESCALE_BLOCK = 4096
+# the backward's grad_output multiply: "grid2d" a [rows, V / 4096] grid (today's), "row" one program
+# per row looping over it (a factor of 1 costs one load per row, not V / 4096 programs per row)
+RESCALES = {"grid2d": (RESCALE_BLOCK, 8), "row": (8192, 16)}
 
 _DTYPE_KEY = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
 
@@ -113,35 +129,49 @@ _DTYPE_KEY = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32"
 def launch_config(V: int, dtype=None, arch: int = 9) -> RowConfig:
     """The :class:`RowConfig` for rows of ``V`` logits of ``dtype`` (a torch dtype; None: bf16) on
     compute capability major ``arch`` (9: Hopper and later, anything older: the sm_80 entries),
-    from ``LAUNCH_TABLE`` unless ``FORCE_CONFIG`` is set. Single-block rows get
-    ``BLOCK_V = next_power_of_2(V)`` and fewer warps when short (64 values per thread at 32768)."""
-    cfg = FORCE_CONFIG
+    from a GPU run's ``launch_tuned.json`` or ``LAUNCH_TABLE`` unless one is forced (``launch.forced``,
+    ``FORCE_CONFIG``). Single-block rows get ``BLOCK_V = next_power_of_2(V)`` and fewer warps when
+    short (64 values per thread at 32768). fp32 rows keep at most 2 pipeline stages on the lane-stats
+    path (twice the bytes per stage: 3 spill on sm_80 under Triton 3.6)."""
+    cfg = forced_config("fused_ce") or FORCE_CONFIG
+    dkey = _DTYPE_KEY.get(str(dtype), "bf16")
     if cfg is None:
-        key = ("one_block" if V <= SINGLE_BLOCK_MAX_V else "two_pass",
-               _DTYPE_KEY.get(str(dtype), "bf16"), 9 if arch >= 9 else 8)
-        cfg = LAUNCH_TABLE[key]
+        key = ("one_block" if V <= SINGLE_BLOCK_MAX_V else "two_pass", dkey, 9 if arch >= 9 else 8)
+        cfg = tuned("fused_ce", "/".join(map(str, key))) or LAUNCH_TABLE[key]
     if isinstance(cfg, str):
         cfg = CONFIGS[cfg]
     cfg = RowConfig(*cfg)
     if cfg.block_v == 0:
         bv = max(16, triton.next_power_of_2(V))
         return RowConfig(bv, 16 if bv >= 16384 else (8 if bv >= 4096 else 4))
+    if dkey == "fp32" and cfg.lane_stats and cfg.num_stages > 2:
+        cfg = cfg._replace(num_stages=2)
     return cfg
 
 
 @triton.jit
-def _gather_sparse_loss(row, tids_ptr, coefs_ptr, loss_ptr, n, E, V, lse, BLOCK_E: tl.constexpr):
-    """Load row n's sparse target (ids, coefficients), gather those logits from ``row`` and store
-    ``loss = lse - sum coef * z[id]``. Runs before any gradient store, so ``inplace_grad`` is safe.
-    Ids outside ``[0, V)`` are neither read nor (later) written."""
+def _gather_sparse(row, tids_ptr, coefs_ptr, n, E, V, BLOCK_E: tl.constexpr):
+    """Load row n's sparse target (ids, coefficients) and gather those logits from ``row``; before
+    any gradient store, so ``inplace_grad`` is safe. Ids outside ``[0, V)`` are never read."""
     eoffs = tl.arange(0, BLOCK_E)
     emask = eoffs < E
     tid = tl.load(tids_ptr + n * E + eoffs, mask=emask, other=-1).to(tl.int64)
     coef = tl.load(coefs_ptr + n * E + eoffs, mask=emask, other=0.0)
     has = (tid >= 0) & (tid < V)
     zt = tl.load(row + tl.where(has, tid, 0), mask=has, other=0.0).to(tl.float32)
-    # coef == 0 adds nothing, even at a -inf logit (0 * -inf would be NaN)
+    return tid, coef, has, zt
+
+
+@triton.jit
+def _store_loss(loss_ptr, n, lse, coef, has, zt):
+    """``loss = lse - sum coef * z[id]``; coef == 0 adds nothing, even at a -inf logit (not 0 * -inf)."""
     tl.store(loss_ptr + n, lse - tl.sum(coef * tl.where(has & (coef != 0.0), zt, 0.0), axis=0))
+
+
+@triton.jit
+def _gather_sparse_loss(row, tids_ptr, coefs_ptr, loss_ptr, n, E, V, lse, BLOCK_E: tl.constexpr):
+    tid, coef, has, zt = _gather_sparse(row, tids_ptr, coefs_ptr, n, E, V, BLOCK_E)
+    _store_loss(loss_ptr, n, lse, coef, has, zt)
     return tid, coef, has, zt
 
 
@@ -157,11 +187,28 @@ def fused_ce_kernel(
     logits_ptr, stride_lb, stride_lt,
     grad_ptr, stride_gb, stride_gt,
     tids_ptr, coefs_ptr, labels_ptr, loss_ptr, scale_ptr, scale_stride,
-    T, V, E, ignore_index,
+    T, V, E, ignore_index, N,
     BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr, LANE_STATS: tl.constexpr = False, NUM_STAGES: tl.constexpr = 1,
+    HOIST: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
 ):
-    n = tl.program_id(0).to(tl.int64)
+    """Rows ``program_id`` (or, ``PERSISTENT``, every ``num_programs``-th row from it) of ``N``."""
+    if PERSISTENT:
+        for r in tl.range(tl.program_id(0), N, tl.num_programs(0)):
+            _ce_row(tl.full([], 0, tl.int64) + r, logits_ptr, stride_lb, stride_lt, grad_ptr, stride_gb, stride_gt, tids_ptr,
+                    coefs_ptr, labels_ptr, loss_ptr, scale_ptr, scale_stride, T, V, E, ignore_index, BLOCK_V,
+                    BLOCK_E, COMPUTE_GRAD, SINGLE_BLOCK, LANE_STATS, NUM_STAGES, HOIST)
+    else:
+        _ce_row(tl.program_id(0).to(tl.int64), logits_ptr, stride_lb, stride_lt, grad_ptr, stride_gb, stride_gt,
+                tids_ptr, coefs_ptr, labels_ptr, loss_ptr, scale_ptr, scale_stride, T, V, E, ignore_index, BLOCK_V,
+                BLOCK_E, COMPUTE_GRAD, SINGLE_BLOCK, LANE_STATS, NUM_STAGES, HOIST)
+
+
+@triton.jit
+def _ce_row(n, logits_ptr, stride_lb, stride_lt, grad_ptr, stride_gb, stride_gt, tids_ptr, coefs_ptr, labels_ptr,
+            loss_ptr, scale_ptr, scale_stride, T, V, E, ignore_index, BLOCK_V: tl.constexpr,
+            BLOCK_E: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+            LANE_STATS: tl.constexpr, NUM_STAGES: tl.constexpr, HOIST: tl.constexpr):
     b = n // T
     t = n % T
     row = logits_ptr + b * stride_lb + t * stride_lt
@@ -189,6 +236,8 @@ def fused_ce_kernel(
             tl.debug_barrier()      # the sparse stores overwrite dense ones of the same addresses
             _store_sparse_grad(grow, tid, coef, has, zt, lse, scale)
     elif LANE_STATS:
+        if HOIST:       # 2. first: the gathers' latency overlaps pass 1 (nothing is stored yet)
+            tid, coef, has, zt = _gather_sparse(row, tids_ptr, coefs_ptr, n, E, V, BLOCK_E)
         # 1. online log-sum-exp, one running (max, sum) per lane; one exp per element: the larger
         # of (m, x) becomes the max, exp(smaller - larger) rescales the sum or adds to it
         mv = tl.full([BLOCK_V], float("-inf"), tl.float32)
@@ -206,7 +255,10 @@ def fused_ce_kernel(
         m_ref = tl.where(m == float("-inf"), 0.0, m)
         lse = m + tl.log(tl.sum(sv * tl.exp(mv - m_ref), axis=0))
         # 2. gather the sparse target's logits (before any gradient store: inplace-safe)
-        tid, coef, has, zt = _gather_sparse_loss(row, tids_ptr, coefs_ptr, loss_ptr, n, E, V, lse, BLOCK_E)
+        if HOIST:
+            _store_loss(loss_ptr, n, lse, coef, has, zt)
+        else:
+            tid, coef, has, zt = _gather_sparse_loss(row, tids_ptr, coefs_ptr, loss_ptr, n, E, V, lse, BLOCK_E)
         # 3. gradient: pipelined re-read (meant to hit L2), streaming stores
         if COMPUTE_GRAD:
             scale = tl.load(scale_ptr + n * scale_stride).to(tl.float32)
@@ -263,17 +315,35 @@ def rescale_kernel(x_ptr, stride_b, stride_t, T, V, f_ptr, f_stride, BLOCK: tl.c
         tl.store(p, (x * f).to(x_ptr.dtype.element_ty), mask=o < V)
 
 
+@triton.jit
+def rescale_row_kernel(x_ptr, stride_b, stride_t, T, V, f_ptr, f_stride, BLOCK: tl.constexpr):
+    """``rescale_kernel`` with one program per row looping over it: a factor of 1 returns after
+    one load per row."""
+    n = tl.program_id(0).to(tl.int64)
+    f = tl.load(f_ptr + n * f_stride).to(tl.float32)
+    if f != 1.0:
+        p = x_ptr + (n // T) * stride_b + (n % T) * stride_t
+        for start in range(0, V, BLOCK):
+            o = start + tl.arange(0, BLOCK)
+            x = tl.load(p + o, mask=o < V).to(tl.float32)
+            tl.store(p + o, (x * f).to(x_ptr.dtype.element_ty), mask=o < V)
+
+
 def rescale_rows_(x, factor):
     """``x [B, T, V]`` or ``[R, C]`` (unit last stride) times ``factor`` in place: a float32 tensor
-    of one element, or one per row (``B*T`` / ``R``). No host sync; free when the factor is 1."""
+    of one element, or one per row (``B*T`` / ``R``). No host sync; free when the factor is 1.
+    The launch: ``RESCALES`` by name, forced or from a GPU run's table, else ``"grid2d"``."""
     import torch
 
     x3 = x if x.dim() == 3 else x.unsqueeze(0)
     B, T, V = x3.shape
     f = factor.to(torch.float32).reshape(-1).contiguous()
-    rescale_kernel[(B * T, triton.cdiv(V, RESCALE_BLOCK))](
-        x3, x3.stride(0), x3.stride(1), T, V, f, 0 if f.numel() == 1 else 1,
-        BLOCK=RESCALE_BLOCK, num_warps=8)
+    arch = torch.cuda.get_device_capability(x.device)[0] if x.is_cuda else 9
+    name = forced_config("rescale") or tuned("rescale", str(arch)) or "grid2d"
+    block, warps = RESCALES[name]
+    kernel, grid = ((rescale_row_kernel, (B * T,)) if name == "row" else
+                    (rescale_kernel, (B * T, triton.cdiv(V, block))))
+    kernel[grid](x3, x3.stride(0), x3.stride(1), T, V, f, 0 if f.numel() == 1 else 1, BLOCK=block, num_warps=warps)
     return x
 
 
@@ -293,14 +363,19 @@ def ce_rows(logits, grad, tids, coefs, labels, ignore_index: int, scale, compute
     scale = scale.to(torch.float32).reshape(-1).contiguous()
     arch = torch.cuda.get_device_capability(logits.device)[0] if logits.is_cuda else 9
     cfg = launch_config(V, logits.dtype, arch)
-    fused_ce_kernel[(B * T,)](
+    persistent = cfg.persistent and cfg.lane_stats and cfg.block_v < V
+    programs = B * T
+    if persistent:      # one program per SM (a CPU run: 3, so the interpreter loops over rows too)
+        programs = min(B * T, torch.cuda.get_device_properties(logits.device).multi_processor_count
+                       if logits.is_cuda else 3)
+    fused_ce_kernel[(programs,)](
         logits, logits.stride(0), logits.stride(1),
         grad, grad.stride(0), grad.stride(1),
         tids, coefs, labels.reshape(-1).contiguous(), loss, scale, 0 if scale.numel() == 1 else 1,
-        T, V, E, int(ignore_index),
+        T, V, E, int(ignore_index), B * T,
         BLOCK_V=cfg.block_v, BLOCK_E=max(2, triton.next_power_of_2(E)), COMPUTE_GRAD=bool(compute_grad),
         SINGLE_BLOCK=cfg.block_v >= V, LANE_STATS=cfg.lane_stats, NUM_STAGES=cfg.num_stages,
-        num_warps=cfg.num_warps,
+        HOIST=cfg.hoist and cfg.lane_stats, PERSISTENT=persistent, num_warps=cfg.num_warps,
     )
     return loss
 

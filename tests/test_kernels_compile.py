@@ -116,17 +116,18 @@ def test_hopper_kernels_do_not_spill(kern):
 
 
 @pytest.mark.parametrize("name", ["2pass_l2", "2pass_l2_fp32", "2pass_v1"])
-def test_named_two_pass_configs_compile_without_spills(kern, name, monkeypatch):
+def test_named_two_pass_configs_compile_without_spills(kern, name):
     """Every two-pass entry of fused_ce.CONFIGS (the table's sm_80 and sm_90 choices and the v1
     configuration kept for comparison), recorded through fused_loss at V = 128256, compiles for
     sm_80 and sm_90 and does not spill on either."""
+    from fastfuse.kernels.launch import forced
     fc = kern.fused_ce
     assert {v for k, v in fc.LAUNCH_TABLE.items() if k[0] == "two_pass"} <= set(fc.CONFIGS)
-    monkeypatch.setattr(fc, "FORCE_CONFIG", name)
     aot = kern.aot
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        launches = [x for x in aot.fused_loss_launches(128256, dtype, inplace_grad=True, Vs=50)
-                    if x[0] is fc.fused_ce_kernel]
+        with forced("fused_ce", name):
+            launches = [x for x in aot.fused_loss_launches(128256, dtype, inplace_grad=True, Vs=50)
+                        if x[0] is fc.fused_ce_kernel]
         assert len(launches) == 1 and launches[0][2]["BLOCK_V"] == fc.CONFIGS[name].block_v
         kernel, args, kwargs = launches[0]
         # aligned: what a GPU compiles for V = 128256 (16-byte loads, cp.async-pipelined)
@@ -160,3 +161,51 @@ def test_divergence_kernel_compiles_without_spills(kern, tail):
                 pytest.skip(str(e))
             assert res["spill_stores"] == 0 and res["spill_loads"] == 0, (divergence, tail, arch, res)
         _compile_all(kern, launches[:1], hopper_only=True)      # the tail-mass teacher
+
+
+def _no_spills(aot, kernel, args, kwargs, what):
+    for aligned in (False, True):
+        try:
+            res = aot.ptxas_resources(aot.compile_launch(kernel, args, kwargs, aot.HOPPER, aligned), "sm_90a")
+        except RuntimeError as e:
+            pytest.skip(str(e))
+        assert res["spill_stores"] == 0 and res["spill_loads"] == 0, (what, aligned, res)
+
+
+@pytest.mark.parametrize("name", ["2pass_l2", "2pass_l2_s4", "2pass_l2_s5", "2pass_l2_hoist", "2pass_l2_persistent"])
+def test_fused_ce_candidates_compile_for_hopper_without_spills(kern, name):
+    """Each candidate a GPU run compares (fused_ce.CANDIDATES), bf16 at V = 128256 and V = 32000
+    (a two-pass configuration forced onto a one-block vocabulary), compiles for sm_90 unspilled."""
+    from fastfuse.kernels.launch import forced
+    fc, aot = kern.fused_ce, kern.aot
+    assert name in fc.CANDIDATES["two_pass"]
+    for V in (128256, 32000):
+        with forced("fused_ce", name):
+            (launch,) = [x for x in aot.fused_loss_launches(V, torch.bfloat16, inplace_grad=True, Vs=50)
+                         if x[0] is fc.fused_ce_kernel]
+        assert launch[2]["NUM_STAGES"] == fc.CONFIGS[name].num_stages
+        _no_spills(aot, *launch, (name, V))
+
+
+@pytest.mark.parametrize("name", ["generic", "generic_s3", "generic_s4", "generic_s5"])
+def test_divergence_launches_compile_for_hopper_without_spills(kern, name):
+    """Each divergence.LAUNCHES entry on the heaviest combinations (softcap and a temperature; the
+    tail-pass jsd/uniform, reverse_kl/uniform, the bucket's fp64 pass) at V = 128256, sm_90."""
+    from fastfuse.divergences import make_spec
+    from fastfuse.kernels.launch import forced
+    assert name in kern.divergence.LAUNCHES
+    for div, tail in (("jsd", "uniform"), ("reverse_kl", "uniform"), ("jsd", "bucket")):
+        spec = make_spec(div, tail, softcap=30.0, student_temperature=2.0)
+        with forced("divergence", name):
+            launch = kern.aot.divergence_launches(128256, torch.bfloat16, spec)[-1]
+        assert launch[2]["NUM_STAGES"] == kern.divergence.LAUNCHES[name]["num_stages"]
+        _no_spills(kern.aot, *launch, (name, div, tail))
+
+
+def test_rescale_row_candidate_compiles_for_gpus(kern):
+    from fastfuse.kernels.launch import forced
+    with kern.aot.record_launches(kern.fused_ce.rescale_row_kernel) as launches, forced("rescale", "row"):
+        kern.fused_ce.rescale_rows_(torch.empty(2, 3, 128256, dtype=torch.bfloat16), torch.ones(6))
+    assert len(launches) == 1
+    _compile_all(kern, launches)
+    _no_spills(kern.aot, *launches[0], "rescale row")
