@@ -48,7 +48,7 @@ def add_demo(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--size", choices=PRESET_NAMES, default=None,
                    help="preset: tiny (seconds, for tests), small (CPU default), large (CUDA default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the models and draws the held-out documents (default 0)")
     p.add_argument("--workdir", default=None, help="where shards and alignments go (default: a new temp dir)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
     p.add_argument("--plot", default=None, metavar="PATH", help="PNG of the training curves (default: WORKDIR/curves.png)")
