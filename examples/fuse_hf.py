@@ -197,7 +197,7 @@ def add_loss_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully sharded) instead of DDP")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="stage", required=True)
     p = sub.add_parser("run", help="the whole recipe, stage by stage")
@@ -229,7 +229,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block-size", type=int, default=2048)
     p.add_argument("--json", default=None)
     p.set_defaults(func=evaluate)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     args.func(args)
 
 
