@@ -124,10 +124,14 @@ def train(a: argparse.Namespace) -> None:
     collator = data.collator(pad_token_id(tok), fusion=None if a.fusion == "uniform" else a.fusion)
     # fp32 master weights; bf16 autocast on GPUs (Trainer's bf16=True)
     model = AutoModelForCausalLM.from_pretrained(a.student, dtype=torch.float32)
-    if cuda:
-        model.gradient_checkpointing_enable()   # activations of long sequences, recomputed in the backward
-    fsdp = dict(fsdp="full_shard auto_wrap", fsdp_config={"fsdp_version": 2, "reshard_after_forward": True,
-                                                           "state_dict_type": "FULL_STATE_DICT"}) if a.fsdp else {}
+    # activations of long sequences are recomputed in the backward on GPUs (under FSDP2 by its own wrapper)
+    if a.fsdp:   # FSDP2: each decoder layer and the root fully sharded (Trainer's TRANSFORMER_BASED_WRAP)
+        fsdp = dict(fsdp=True, fsdp_config={"version": 2, "reshard_after_forward": True, "activation_checkpointing": cuda,
+                                            "state_dict_type": "FULL_STATE_DICT"})
+    else:
+        fsdp = {}
+        if cuda:
+            model.gradient_checkpointing_enable()
     args = TrainingArguments(
         output_dir=a.out, per_device_train_batch_size=a.batch_size, gradient_accumulation_steps=a.grad_accum,
         learning_rate=a.lr, lr_scheduler_type="cosine", warmup_steps=a.warmup, weight_decay=0.0,
@@ -136,12 +140,16 @@ def train(a: argparse.Namespace) -> None:
         disable_tqdm=not sys.stderr.isatty(), **fsdp)
     trainer = FusionTrainer(model=model, args=args, train_dataset=data, data_collator=collator,
                             lm_weight=a.lm_weight, temperature=a.temperature, loss_kwargs={"tail": a.tail})
+    if a.fsdp and trainer.accelerator.distributed_type.name != "FSDP":   # accelerate runs CPU processes as DDP
+        raise SystemExit(f"fuse_hf.py: error: --fsdp: accelerate did not shard the model (it runs "
+                         f"{trainer.accelerator.distributed_type.name}; FSDP needs GPUs); drop --fsdp for DDP")
     trainer.train()
     trainer.save_model(a.out)
     if trainer.is_world_process_zero():
         tok.save_pretrained(a.out)
         logs = [h for h in trainer.state.log_history if "loss" in h]
-        Path(a.out, "fusion_log.json").write_text(json.dumps(logs, indent=1) + "\n")
+        run = {"distributed_type": str(trainer.accelerator.distributed_type), "world_size": args.world_size}
+        Path(a.out, "fusion_log.json").write_text(json.dumps({**run, "logs": logs}, indent=1) + "\n")
 
 
 def evaluate(a: argparse.Namespace) -> None:

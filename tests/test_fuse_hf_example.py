@@ -60,10 +60,17 @@ def test_fuse_hf_recipe_end_to_end(tmp_path, real_tokenizer, corpus):
             ["rank-00000-of-00002", "rank-00001-of-00002"]
     coverage = json.loads((run / "align" / "meta.json").read_text())["coverage"]
     assert set(coverage) == {"gpt2", "qwen", "neox"} and all(c["aligned_1to1"] > 0.5 for c in coverage.values())
-    logs = json.loads((run / "student-fused" / "fusion_log.json").read_text())
+    ddp = json.loads((run / "student-fused" / "fusion_log.json").read_text())
+    assert ddp["distributed_type"] == "DistributedType.MULTI_CPU" and ddp["world_size"] == 2
+    logs = ddp["logs"]
     assert len(logs) == 8 and all(math.isfinite(h["ce_loss"]) and math.isfinite(h["fusion_loss"]) for h in logs)
     assert logs[-1]["loss"] < logs[0]["loss"]
     figures = json.loads((run / "eval.json").read_text())
     before, after = figures[str(models / "student")], figures["run/student-fused"]
     assert before["tokens"] == after["tokens"] > 1000
     assert after["nats_per_token"] < before["nats_per_token"] and math.isfinite(after["bits_per_byte"])
+    # --fsdp on CPU: accelerate would silently run DDP; the example refuses instead
+    train = shown[5].split()[3:]      # after "torchrun --standalone --nproc-per-node=2"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *train,
+                        "--fsdp"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "--fsdp: accelerate did not shard the model" in r.stderr, r.stderr[-3000:]
