@@ -1,6 +1,6 @@
 """Which optional extra provides which import, for a missing-dependency error that says what to install.
 
-The wheel's required dependencies are numpy, safetensors and tqdm (alignment, chunking, shards); the
+The wheel's required dependencies are numpy, safetensors and tqdm (the alignment core, shards); the
 loss, extraction, training and the demo need the ``torch`` extra, real tokenizers and Hugging Face
 models the ``hf`` extra, served teachers the ``served`` extra. Torch-free: imported by the package
 root and the command line before anything heavy.
