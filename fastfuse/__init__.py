@@ -67,7 +67,15 @@ def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'fastfuse' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"fastfuse.{module}"), name)
+    try:
+        value = getattr(importlib.import_module(f"fastfuse.{module}"), name)
+    except ModuleNotFoundError as e:    # an optional dependency: say which extra installs it
+        from fastfuse.extras import missing_extra
+
+        hint = missing_extra(e)
+        if hint is None:
+            raise
+        raise ModuleNotFoundError(f"fastfuse.{name} needs {hint}", name=e.name) from e
     globals()[name] = value
     return value
 

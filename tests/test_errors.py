@@ -139,3 +139,36 @@ def test_shard_meta_written_by_json_is_read_back(tmp_path):
                   doc_spans=np.zeros((1, 3), np.int64), corpus_fingerprint="x")
     w.finish()
     assert len(ShardReader(tmp_path)) == 1 and json.loads((tmp_path / "meta.json").read_text())["complete"]
+
+
+def test_every_command_and_flag_says_what_it_is(capsys):
+    """Each subcommand has a description and every flag a help text; --version prints the version."""
+    import argparse
+
+    from fastfuse import __version__
+    from fastfuse.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(sub.choices) == {"chunk", "extract", "align", "demo", "align-demo"}
+    for name, p in sub.choices.items():
+        assert p.description, f"fastfuse {name}: no description"
+        undocumented = [a.option_strings for a in p._actions if a.option_strings and not a.help]
+        assert not undocumented, f"fastfuse {name}: flags without help {undocumented}"
+    with pytest.raises(SystemExit) as e:
+        cli_main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"fastfuse {__version__}"
+
+
+def test_a_missing_optional_dependency_is_one_line_naming_the_extra(tmp_path):
+    """Without torch (blocked in a subprocess), `fastfuse demo` and fastfuse.fused_loss name the extra
+    (tests/test_wheel.py checks the same from a wheel installed without extras)."""
+    block = "import sys; sys.modules['torch'] = None; "
+    r = subprocess.run([sys.executable, "-c", block + "from fastfuse.cli import main; sys.exit(main(['demo']))"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    assert r.stderr.splitlines() == ["fastfuse: error: fastfuse demo needs 'torch', which is not installed "
+                                     "(the 'torch' extra): pip install \"fastfuse[torch,hf]\""]
+    r = subprocess.run([sys.executable, "-c", block + "import fastfuse; fastfuse.fused_loss"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert "ModuleNotFoundError: fastfuse.fused_loss needs 'torch'" in r.stderr and "fastfuse[torch,hf]" in r.stderr

@@ -170,6 +170,26 @@ def test_both_paths_train_and_log_the_same(tmp_path):
     assert logs["logits"][-1]["loss"] < logs["logits"][0]["loss"]
 
 
+@pytest.mark.parametrize("loss", ["linear", "logits"])
+def test_default_training_arguments_keep_the_teacher_fields(tmp_path, loss):
+    """Trainer's default remove_unused_columns=True drops what the model's forward does not take;
+    FusionTrainer keeps the teacher fields, so default TrainingArguments train (and evaluate)."""
+    from transformers import TrainingArguments
+
+    from fastfuse.integrations.trainer import FusionTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_train_batch_size=4,
+                             num_train_epochs=3, learning_rate=3e-3, logging_steps=2, disable_tqdm=True)
+    assert args.remove_unused_columns  # the default this test is about
+    data = RandomFusionData(8, seed=3)
+    trainer = FusionTrainer(model=tiny_llama(), args=args, train_dataset=data, eval_dataset=data, loss=loss,
+                            data_collator=FusionCollator(maps(), pad_token_id=0, pin_memory=False))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) >= 2 and logs[-1]["loss"] < logs[0]["loss"]
+    assert np.isfinite(trainer.evaluate()["eval_loss"])
+
+
 def test_return_outputs_and_evaluate(tmp_path):
     """Trainer.evaluate / predict ask for outputs: the model's own, with real logits, same loss."""
     model = tiny_llama()

@@ -187,13 +187,19 @@ def _align(args: argparse.Namespace) -> dict:
 
 
 def add_chunk(subparsers) -> None:
-    p = subparsers.add_parser("chunk", help="split documents so that every tokenizer's tokenisation fits a block")
+    p = subparsers.add_parser("chunk", help="split documents so that every tokenizer's tokenisation fits a block",
+                              description="Cut each document of a corpus into chunks at places where every "
+                                          "given tokenizer (the target's and each source's) has a token boundary, "
+                                          "so that each chunk is at most --block-size tokens for all of them and "
+                                          "every model reads the same text. Writes one JSON line per chunk "
+                                          "({\"text\": ..., \"doc\": N}).")
     p.add_argument("--tokenizers", nargs="+", required=True, help="target and source tokenizers (names or paths)")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help=".jsonl or text files")
-    p.add_argument("--block-size", type=int, required=True)
+    p.add_argument("--block-size", type=int, required=True,
+                   help="max tokens of a chunk under every tokenizer (the training sequence length)")
     p.add_argument("--out", required=True, help="output .jsonl (one chunk per line, field 'text')")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--text-field", default="text", help="the JSON field holding a document's text (default text)")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(func=_chunk)
 
 
@@ -207,18 +213,23 @@ def add_extract(subparsers) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="FILE",
                    help="corpus files: .jsonl (one JSON object with a text field per line) or text (one document each)")
     p.add_argument("--out", required=True, help="output directory (one per source)")
-    p.add_argument("--k", type=int, default=DEFAULT_K)
-    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
+    p.add_argument("--k", type=int, default=DEFAULT_K,
+                   help=f"log-probs kept per position: the teacher's top-k tokens (default {DEFAULT_K})")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                   help=f"max tokens per sequence; longer lines are cut (run fastfuse chunk first; "
+                        f"default {DEFAULT_BLOCK_SIZE})")
     p.add_argument("--token-budget", type=int, default=None,
                    help=f"max padded tokens per batch (default {DEFAULT_TOKEN_BUDGET}); with --server, max prompt "
                         "tokens per request (default --block-size)")
-    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="sequences per shard")
-    p.add_argument("--source-name", default=None)
-    p.add_argument("--text-field", default="text")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                   help=f"sequences per shard file, the unit of resumption (default {DEFAULT_SHARD_SIZE})")
+    p.add_argument("--source-name", default=None,
+                   help="a name recorded in the shards' meta.json (default: the model directory's or served name)")
+    p.add_argument("--text-field", default="text", help="the JSON field holding a line's text (default text)")
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="torch dtype (default bfloat16 on GPU, float32 on CPU)")
     add_rank_flags(p)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary line")
     g = p.add_argument_group("served teachers", "a source model behind an OpenAI-compatible /v1/completions "
                              "endpoint (vLLM, llama-cpp-python, ...) instead of --model")
     g.add_argument("--server", default=None, metavar="URL", help="the server's base URL, e.g. http://127.0.0.1:8000")
@@ -236,15 +247,20 @@ def add_extract(subparsers) -> None:
 
 
 def add_align(subparsers) -> None:
-    p = subparsers.add_parser("align", help="align extracted sources to the target tokenisation (corpus scale)")
+    p = subparsers.add_parser("align", help="align extracted sources to the target tokenisation (corpus scale)",
+                              description="Tokenise the chunked corpus with the target tokenizer, align each "
+                                          "source's positions to it by byte spans, map each source vocabulary to "
+                                          "the target's, and print the coverage; the output directory is what "
+                                          "fastfuse.FusionDataset reads. A finished run with the same inputs is "
+                                          "skipped.")
     p.add_argument("--target", required=True, help="target tokenizer (name or path)")
     p.add_argument("--source", action="append", required=True, metavar="NAME=TOKENIZER:SHARD_DIR",
                    help="a source: its name, tokenizer and `fastfuse extract` output directory (repeat)")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="the chunked corpus (.jsonl)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output directory (what fastfuse.FusionDataset reads)")
     p.add_argument("--mode", choices=["exact", "mined"], default="exact", help="vocabulary map mode")
     p.add_argument("--threads", type=int, default=0, help="threads of the in-process alignment (0: all cores)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes that tokenise and align chunks of documents (same output for any number)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no coverage table")
     p.set_defaults(func=_align)

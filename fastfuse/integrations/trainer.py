@@ -20,6 +20,9 @@ from fastfuse.linear_loss import fused_linear_loss
 from fastfuse.loss import fused_loss
 
 _LOSSES = ("linear", "logits")
+# the fields of a fastfuse.FusionDataset item that FusionCollator reads; Trainer's default
+# remove_unused_columns=True would keep only the model's forward arguments and drop the teachers
+EXAMPLE_FIELDS = ("input_ids", "topk_ids", "topk_logprobs", "pos", "ce")
 # what loss_kwargs may hold: the loss functions' keyword options the trainer does not set itself
 _DIVERGENCE = {"divergence", "tail", "alpha", "beta", "student_temperature", "hinton_scale"}
 _OPTIONS = {"linear": {"ignore_index", "impl", "validate", "chunk_tokens", "inplace_grad"} | _DIVERGENCE,
@@ -71,7 +74,8 @@ class FusionTrainer(Trainer):
     ``compute_loss(..., return_outputs=True)`` (what ``Trainer.evaluate`` / ``predict`` call) takes
     the ``"logits"`` path whatever ``loss`` is, so the returned outputs are the model's own, with
     real ``logits``; the loss value is the same. The loss is a mean over the batch's tokens, and
-    ``Trainer`` divides it by the gradient-accumulation steps.
+    ``Trainer`` divides it by the gradient-accumulation steps. Default ``TrainingArguments`` work:
+    with ``remove_unused_columns=True`` the teacher fields (``EXAMPLE_FIELDS``) are kept.
     """
 
     def __init__(self, *args, lm_weight: float | Callable[[int], float] = 0.9, temperature: float = 1.0,
@@ -105,6 +109,12 @@ class FusionTrainer(Trainer):
         if not 0.0 <= float(w) <= 1.0:
             raise ValueError(f"lm_weight: expected a value in [0, 1], got {w!r} at step {self.state.global_step}")
         return float(w)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # The columns Trainer keeps when remove_unused_columns=True (its default), for a datasets.Dataset
+        # and a torch Dataset alike: the model's forward arguments plus the teacher fields.
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *EXAMPLE_FIELDS]))
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         # Trainer rebuilds tuples from a generator, which NamedTuples do not accept.
