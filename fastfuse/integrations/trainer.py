@@ -16,8 +16,8 @@ import torch
 from transformers import Trainer
 
 from fastfuse.integrations.hf import backbone_and_head, causal_lm_fusion_loss, logit_transform, unwrap_model
-from fastfuse.linear_loss import fused_linear_loss
-from fastfuse.loss import fused_loss
+from fastfuse.loss.linear_loss import fused_linear_loss
+from fastfuse.loss.logits_loss import fused_loss
 
 _LOSSES = ("linear", "logits")
 # the fields of a fastfuse.FusionDataset item that FusionCollator reads; Trainer's default
