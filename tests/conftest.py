@@ -1,4 +1,5 @@
-"""Shared fixtures: real tokenizers of several model families, offline after one download."""
+"""Shared fixtures: real tokenizers of several model families, offline after one download; and the
+``interpreter`` marker's two sessions (tests/_interpreter.py)."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,13 @@ import functools
 
 import pytest
 
+from _interpreter import plugin as interpreter_plugin
+
 REQUIRED_FAMILIES = ["llama-spm", "llama-bpe", "qwen2", "gpt-2", "mpt"]
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(interpreter_plugin(config), "fastfuse-interpreter")
 
 
 @functools.lru_cache(maxsize=None)

@@ -6,10 +6,8 @@ Forcing is a context manager: nothing is left set afterwards."""
 import pytest
 import torch
 
-from _interpreter import interpreter_fixtures, request_interpreter, rerun_under_interpreter, runs_in_process
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_OLD_INTERPRET = request_interpreter(DEVICE)
+pytestmark = pytest.mark.interpreter
 
 triton = pytest.importorskip("triton")
 
@@ -18,14 +16,6 @@ from fastfuse.kernels.launch import forced, forced_config  # noqa: E402
 from fastfuse import AlignMap, SourceTopK, fused_loss  # noqa: E402
 from fastfuse.loss.reference import fused_loss_reference  # noqa: E402
 from fastfuse.testing import random_inputs, tolerance
-
-_IN_PROCESS = runs_in_process(DEVICE)
-_interpret, _skip_if_subprocess = interpreter_fixtures(DEVICE, _OLD_INTERPRET, _IN_PROCESS, "test_in_subprocess")
-
-
-@pytest.mark.skipif(_IN_PROCESS, reason="kernels run in this process")
-def test_in_subprocess():
-    rerun_under_interpreter(__file__, min_passed=15)
 
 
 def _check(kernel, config, dtype, seed, inplace=False, grad_output=0.5, **divergence_kw):

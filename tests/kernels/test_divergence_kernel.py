@@ -1,16 +1,14 @@
 """The generic divergence row kernel and the tail-mass sparse teacher (``impl="triton"``; on CPU under
 ``TRITON_INTERPRET=1``) against the dense float64 reference: every divergence x tail, student
 transforms, several chunks per row, dtypes, in-place gradients, reductions, the linear loss.
-(See tests/kernels/test_loss_kernel.py for how the interpreter is arranged.)"""
+Marked ``interpreter`` (tests/_interpreter.py)."""
 import itertools
 
 import pytest
 import torch
 
-from _interpreter import interpreter_fixtures, request_interpreter, rerun_under_interpreter, runs_in_process
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_OLD_INTERPRET = request_interpreter(DEVICE)     # before triton is imported
+pytestmark = pytest.mark.interpreter
 
 triton = pytest.importorskip("triton")
 
@@ -20,23 +18,14 @@ from fastfuse.loss import reference as ref  # noqa: E402
 from fastfuse.loss.spec import DIVERGENCES, TAILS  # noqa: E402
 from fastfuse.testing import random_inputs, tolerance  # noqa: E402
 
-_IN_PROCESS = runs_in_process(DEVICE)
 MIX = {"jsd": dict(beta=0.3), "skew_kl": dict(alpha=0.2), "skew_reverse_kl": dict(alpha=0.4)}
 STUDENT = dict(logit_scale=0.8, softcap=6.0, student_temperature=2.0, hinton_scale=True)
-
-
-_interpret, _skip_if_subprocess = interpreter_fixtures(DEVICE, _OLD_INTERPRET, _IN_PROCESS, "test_kernels_in_subprocess")
 
 
 @pytest.fixture
 def small_chunks(monkeypatch):
     """16-element chunks: every row takes several trips through each loop (one warp: fast to interpret)."""
     monkeypatch.setattr(rows, "GENERIC_LAUNCH", dict(block_v=16, num_warps=1, num_stages=1))
-
-
-@pytest.mark.skipif(_IN_PROCESS, reason="kernels run in this process")
-def test_kernels_in_subprocess():
-    rerun_under_interpreter(__file__, min_passed=50)
 
 
 def inputs(seed, dtype=torch.float32, **kw):

@@ -3,51 +3,33 @@
 The interpreter (``TRITON_INTERPRET=1``) checks the kernels' arithmetic but not what only the
 compiler checks (e.g. a loop-carried value that changes type passes the interpreter). The launch
 wrappers run here on CPU tensors with the launches recorded instead of run
-(:mod:`fastfuse.testing.aot`), and every recorded launch is compiled down to a cubin.
+(:mod:`fastfuse.testing.aot`), and every recorded launch is compiled down to a cubin. Not marked
+``interpreter``: these run in the main session, where Triton is imported compiled (tests/_interpreter.py).
 """
 import importlib.util
 import itertools
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from _interpreter import kernels_interpreted
+
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
-# triton itself is imported only inside the tests: importing it here, at collection, would fix
-# compiled mode for the interpreter tests of other modules (Triton reads TRITON_INTERPRET once).
-
-
-def _kernels_interpreted() -> bool:
-    import fastfuse.kernels.fused_ce as fc
-    return type(fc.fused_ce_kernel).__name__ == "InterpretedFunction"
 
 
 @pytest.fixture(scope="module")
 def kern():
-    """The kernel modules and the AOT helpers, compiled mode (else the tests run in a subprocess)."""
-    if _kernels_interpreted():
-        pytest.skip("kernels are interpreted in this process; test_in_fresh_process compiles them")
+    """The kernel modules and the AOT helpers (compiled mode: see the module's docstring)."""
+    if kernels_interpreted():
+        pytest.skip("the kernels are interpreted in this process (TRITON_INTERPRET=1): nothing to compile")
     try:
         from fastfuse.testing import aot
     except ImportError as e:  # pragma: no cover - a Triton without ASTSource/GPUTarget
         pytest.skip(f"no ahead-of-time compilation in this Triton: {e}")
     from fastfuse.kernels import divergence, fused_ce, sparse_teacher
     return SimpleNamespace(aot=aot, fused_ce=fused_ce, divergence=divergence, sparse_teacher=sparse_teacher)
-
-
-def test_in_fresh_process():
-    """When another test module turned the interpreter on, run this module again without it."""
-    if not _kernels_interpreted():
-        pytest.skip("the kernels are compiled in this process: the tests here ran in-process")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    assert " passed" in out.stdout and "failed" not in out.stdout, out.stdout[-2000:]
 
 
 def _compile_all(k, launches, hopper_only=False):

@@ -1,11 +1,7 @@
 """Triton kernels (``impl="triton"``) against the float64 dense reference, forward and backward.
 
-Without CUDA the kernels run on CPU tensors under ``TRITON_INTERPRET=1``. Triton decides between
-interpreter and compiler when a function is decorated -- its own ``triton.language`` helpers
-included -- so the variable must be set before ``triton`` is first imported. This module sets it
-at import time when it can (and restores the old value after its tests, so other modules keep
-the torch path under ``impl="auto"``); if ``triton`` was already imported in compiled mode, the
-module re-runs itself in a subprocess with the variable set. Shapes are small: the interpreter
+Without CUDA the kernels run on CPU tensors under ``TRITON_INTERPRET=1``: marked ``interpreter``,
+they run in the one interpreter session (tests/_interpreter.py). Shapes are small: the interpreter
 is slow.
 """
 import math
@@ -13,10 +9,8 @@ import math
 import pytest
 import torch
 
-from _interpreter import interpreter_fixtures, request_interpreter, rerun_under_interpreter, runs_in_process
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_OLD_INTERPRET = request_interpreter(DEVICE)     # before triton is imported (tests/ is on sys.path)
+pytestmark = pytest.mark.interpreter
 
 triton = pytest.importorskip("triton")
 
@@ -24,16 +18,6 @@ from fastfuse import AlignMap, SourceTopK, fused_loss  # noqa: E402
 from fastfuse.loss.reference import (dense_teacher, fused_loss_reference, normalize_weights,  # noqa: E402
                                      sparse_teacher)
 from fastfuse.testing import random_inputs, tolerance  # noqa: E402
-
-_IN_PROCESS = runs_in_process(DEVICE)
-
-
-_interpret, _skip_if_subprocess = interpreter_fixtures(DEVICE, _OLD_INTERPRET, _IN_PROCESS, "test_kernels_in_subprocess")
-
-
-@pytest.mark.skipif(_IN_PROCESS, reason="kernels run in this process")
-def test_kernels_in_subprocess():
-    rerun_under_interpreter(__file__, min_passed=40)
 
 
 def check(d, *, lm_weight=0.9, temperature=1.0, reduction="mean", inplace=False, out_scale=1.0):

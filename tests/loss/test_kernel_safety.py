@@ -9,8 +9,7 @@
 * no host read (``bool``/``item``...) of a tensor in forward (``validate=False``) or backward;
 * rows starting with a ``-inf`` block, ``-inf`` logits where a coefficient is 0: no NaN.
 
-Triton runs under ``TRITON_INTERPRET=1`` (set here before triton is imported, as in
-``test_loss_kernel.py``; if triton was already imported compiled, the module re-runs in a subprocess).
+Triton runs under ``TRITON_INTERPRET=1`` on CPU: marked ``interpreter`` (tests/_interpreter.py).
 """
 import contextlib
 import math
@@ -18,10 +17,8 @@ import math
 import pytest
 import torch
 
-from _interpreter import interpreter_fixtures, request_interpreter, rerun_under_interpreter, runs_in_process
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_OLD = request_interpreter(DEVICE)     # before triton is imported (tests/ is on sys.path)
+pytestmark = pytest.mark.interpreter
 triton = pytest.importorskip("triton")
 
 from fastfuse.loss.checks import SECOND_BACKWARD  # noqa: E402
@@ -29,16 +26,7 @@ from fastfuse.loss.linear_loss import fused_linear_loss  # noqa: E402
 from fastfuse import AlignMap, SourceTopK, fused_loss  # noqa: E402
 from fastfuse.testing import random_inputs  # noqa: E402
 
-_IN_PROCESS = runs_in_process(DEVICE)
 IMPLS = ["triton", "reference"]
-
-
-_interpret, _skip_if_subprocess = interpreter_fixtures(DEVICE, _OLD, _IN_PROCESS, "test_in_subprocess")
-
-
-@pytest.mark.skipif(_IN_PROCESS, reason="kernels run in this process")
-def test_in_subprocess():
-    rerun_under_interpreter(__file__, min_passed=50)
 
 
 def _inputs(seed, B=2, T=4, V=300, S=2, K=6, Ts=5, Vs=40, **kw):

@@ -2,13 +2,11 @@
 gradients of hidden, weight and bias; chunk sizes (some not dividing N, some spanning sequences),
 reductions, ignored tokens, per-token/per-sequence weights, fp32/bf16/fp16; bad input.
 
-The torch row path runs in this process; the Triton row kernel runs in a subprocess under
-``TRITON_INTERPRET=1`` (``test_triton_path_under_interpreter``), which re-runs the tests selected by
-``INTERP_TESTS`` (and checks that the kernel was really used).
+The tests that use the ``auto_impl`` fixture run twice: on the torch row path here, and with the
+Triton row kernel (``impl="auto"`` picks it under ``TRITON_INTERPRET=1``) in the interpreter session
+(marked ``interpreter``, tests/_interpreter.py).
 """
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,10 +16,15 @@ from fastfuse import AlignMap, SourceTopK, fused_loss
 from fastfuse.loss.reference import fused_loss_reference
 from fastfuse.testing import random_inputs
 
-# set only in the subprocess of test_triton_path_under_interpreter (decided by us, not by which
-# other test module happened to set TRITON_INTERPRET during collection)
-CHILD = os.environ.get("FASTFUSE_TEST_LINEAR_INTERP") == "1"
-INTERP_TESTS = "(matches_reference_fp32 and not seq and not 64) or low_precision or spans_sequences"
+from _interpreter import kernels_interpreted
+
+
+@pytest.fixture(params=["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def auto_impl(request):
+    """The row path ``impl="auto"`` takes on these CPU tensors: torch here, the Triton kernel when interpreted."""
+    if (request.param == "triton") != kernels_interpreted():
+        pytest.skip(f"impl='auto' takes the {'torch' if request.param == 'triton' else 'triton'} path in this process")
+    return request.param
 
 
 def make(seed, B=2, T=7, H=12, V=53, S=2, K=4, weights="token", bias=True, dtype=torch.float32):
@@ -59,6 +62,7 @@ def grad_out(ref, reduction, seed=0):
         torch.tensor(0.37, dtype=torch.float64)
 
 
+@pytest.mark.usefixtures("auto_impl")
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("chunk_tokens", [None, 1, 5, 14, 64])   # 5 divides neither N = 14 nor T = 7
 @pytest.mark.parametrize("weights", ["token", "seq", None])
@@ -74,6 +78,7 @@ def test_matches_reference_fp32(reduction, chunk_tokens, weights):
         torch.testing.assert_close(ours.double(), theirs, rtol=1e-4, atol=1e-5, msg=lambda m: f"d_{name}: {m}")
 
 
+@pytest.mark.usefixtures("auto_impl")
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_low_precision(dtype, tol, reduction):
@@ -96,6 +101,7 @@ def test_low_precision(dtype, tol, reduction):
     torch.testing.assert_close(loss, full.detach(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.usefixtures("auto_impl")
 def test_chunks_span_sequences_and_partial_grads():
     """B > chunk and chunks crossing sequence boundaries; only some inputs require grad."""
     args = make(4, B=9, T=3, weights="token")
@@ -177,7 +183,7 @@ def test_second_backward_raises_and_impl_choice():
         loss.backward()
     ref = fused_linear_loss(hidden, weight, topk, amap, labels, bias=bias, source_weights=w, impl="reference")
     torch.testing.assert_close(loss.detach(), ref)
-    if os.environ.get("TRITON_INTERPRET") != "1":     # (other test modules may set it at collection)
+    if os.environ.get("TRITON_INTERPRET") != "1":     # (not when run under the interpreter)
         with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
             fused_linear_loss(hidden, weight, topk, amap, labels, impl="triton")
 
@@ -275,10 +281,11 @@ def test_same_errors_as_fused_loss():
         assert str(ours.value) == str(theirs.value).replace("target_logits", "hidden"), change
 
 
+@pytest.mark.interpreter
 def test_uses_triton_when_interpreted(monkeypatch):
-    """Under TRITON_INTERPRET=1 (subprocess below) impl='auto' takes the Triton row kernel."""
-    if not CHILD:
-        pytest.skip("runs in the interpreter subprocess")
+    """Under TRITON_INTERPRET=1 impl='auto' takes the Triton row kernel."""
+    if not kernels_interpreted():
+        pytest.skip("the kernels are not interpreted in this process: CPU tensors take the torch path")
     import fastfuse.kernels.fused_ce as fc
 
     calls = []
@@ -288,15 +295,3 @@ def test_uses_triton_when_interpreted(monkeypatch):
     loss = fused_linear_loss(hidden, weight.requires_grad_(True), topk, amap, labels, bias=bias, chunk_tokens=5)
     loss.backward()
     assert len(calls) == 3
-
-
-@pytest.mark.skipif(CHILD, reason="already under the interpreter")
-def test_triton_path_under_interpreter():
-    """The tests selected by ``INTERP_TESTS`` again with the Triton kernels (TRITON_INTERPRET=1, fresh process)."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", FASTFUSE_TEST_LINEAR_INTERP="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__,
-                        "-k", f"{INTERP_TESTS} or uses_triton_when_interpreted"],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    assert " skipped" not in r.stdout and " passed" in r.stdout, r.stdout[-3000:]

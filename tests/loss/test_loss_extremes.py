@@ -1,14 +1,13 @@
 """The loss at the edges of float range: the bucket tail's off-teacher student mass in log space
 (finite wherever the float64 log-space loss is, e.g. float32 logits with max |z| ~ 1e4) on the torch
 path and in the Triton kernel (on CPU under TRITON_INTERPRET=1), against a float64 dense reference
-written in log space; and a row of all -inf logits refused by ``validate=True``."""
+written in log space; and a row of all -inf logits refused by ``validate=True``. Marked ``interpreter``
+(tests/_interpreter.py)."""
 import pytest
 import torch
 
-from _interpreter import interpreter_fixtures, request_interpreter, rerun_under_interpreter, runs_in_process
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_OLD_INTERPRET = request_interpreter(DEVICE)     # before triton is imported
+pytestmark = pytest.mark.interpreter
 
 triton = pytest.importorskip("triton")
 
@@ -17,14 +16,6 @@ from fastfuse.loss import row_runner as rows  # noqa: E402
 from fastfuse.loss import reference as ref  # noqa: E402
 from fastfuse.loss.spec import DIVERGENCES, TAILS  # noqa: E402
 from fastfuse.testing import random_inputs  # noqa: E402
-
-_IN_PROCESS = runs_in_process(DEVICE)
-_interpret, _skip_if_subprocess = interpreter_fixtures(DEVICE, _OLD_INTERPRET, _IN_PROCESS, "test_kernels_in_subprocess")
-
-
-@pytest.mark.skipif(_IN_PROCESS, reason="kernels run in this process")
-def test_kernels_in_subprocess():
-    rerun_under_interpreter(__file__, min_passed=8)
 
 
 def log_space_reference(z64, topk, amap, d, lm_weight, divergence):
