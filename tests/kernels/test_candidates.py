@@ -40,6 +40,7 @@ def _check(kernel, config, dtype, seed, inplace=False, grad_output=0.5, **diverg
     torch.testing.assert_close(z.grad.double(), z64.grad, **tol["grad"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted({c for v in fused_ce.CANDIDATES.values() for c in v}))
 @pytest.mark.parametrize("dtype,inplace", [(torch.float32, False), (torch.bfloat16, True)])
 def test_fused_ce_candidates_match_reference(name, dtype, inplace):
@@ -60,12 +61,14 @@ def test_persistent_grid_launches_fewer_programs_than_rows():
     assert kwargs["PERSISTENT"] and kwargs["HOIST"] and args[16] == 10      # N, looped over by 3 programs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(fused_ce.RESCALES))
 @pytest.mark.parametrize("grad_output", [0.5, 1.0])
 def test_rescale_candidates_match_reference(name, grad_output):
     _check("rescale", name, torch.float32, seed=3, grad_output=grad_output)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(divergence.LAUNCHES))
 @pytest.mark.parametrize("div,tail", [("jsd", "uniform"), ("reverse_kl", "renormalize"), ("ce", "bucket")])
 def test_divergence_launches_match_reference(name, div, tail):

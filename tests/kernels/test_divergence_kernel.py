@@ -57,6 +57,7 @@ def check(d, topk, amap, reduction="sum", lm_weight=0.6, temperature=1.3, inplac
     assert z.grad.dtype == z0.dtype
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("divergence,tail", list(itertools.product(DIVERGENCES, TAILS)))
 @pytest.mark.parametrize("student", [False, True])
 def test_every_combination(divergence, tail, student, small_chunks):
@@ -65,6 +66,7 @@ def test_every_combination(divergence, tail, student, small_chunks):
     check(d, topk, amap, divergence=divergence, tail=tail, **MIX.get(divergence, {}), **(STUDENT if student else {}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("divergence,tail", [("reverse_kl", "uniform"), ("tvd", "uniform"), ("jsd", "bucket")])
 def test_half_precision(dtype, divergence, tail, small_chunks):
@@ -79,6 +81,7 @@ def test_reductions_and_inplace(reduction, inplace):
           student_temperature=0.5)
 
 
+@pytest.mark.slow
 def test_many_sources_and_fallbacks(small_chunks):
     d, topk, amap = inputs(71, S=8, K=64, V=150, Vs=200, map_range=90, p_unaligned=0.4, p_pad=0.3)
     check(d, topk, amap, divergence="reverse_kl", tail="bucket")
@@ -86,6 +89,7 @@ def test_many_sources_and_fallbacks(small_chunks):
     check(d, topk, amap, divergence="reverse_kl", tail="uniform")       # rows without a tail: restricted
 
 
+@pytest.mark.slow
 def test_tail_teacher_kernel_matches_torch():
     """The sparse-teacher kernel's tail mass and merged probabilities against ``reference.teacher_rows``."""
     from fastfuse.kernels.sparse_teacher import sparse_teacher
@@ -131,6 +135,7 @@ def test_linear_loss_under_the_kernel(small_chunks):
     torch.testing.assert_close(W.grad.double(), W2.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_strided_logits_view(small_chunks):
     """``logits[:, :-1]`` (row stride != V) read and written without a copy."""
     d, topk, amap = inputs(76, T=5)

@@ -93,6 +93,7 @@ def test_kernel_block_configs(config, inplace, monkeypatch):
     check(d, inplace=inplace, reduction="none")
 
 
+@pytest.mark.slow
 def test_kernel_two_pass_edge_cases(monkeypatch):
     import fastfuse.kernels.fused_ce as fc
     for config in ((128, 2), (128, 2, 3, True)):
@@ -101,6 +102,7 @@ def test_kernel_two_pass_edge_cases(monkeypatch):
         test_kernel_reductions_and_inplace("mean", True)
 
 
+@pytest.mark.slow
 def test_kernel_edge_cases():
     g = torch.Generator().manual_seed(10)
     base = dict(B=2, T=5, V=300, S=3, K=10, device=DEVICE, generator=g)
@@ -225,6 +227,7 @@ def test_auto_uses_triton_under_interpreter(monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["2pass_l2", "2pass_l2_fp32", (256, 2, 3, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("inplace", [False, True])

@@ -137,6 +137,7 @@ def _exact_ce_grad(z, labels, go):
 
 # smallest shapes where the old code (scale folded into the fp16 gradient before grad_output) fails:
 # scale * softmax ~ 1 / (N * V) ~ 5e-7 is subnormal in fp16 (steps of 6e-8) and often flushed to 0
+@pytest.mark.slow
 @pytest.mark.parametrize("impl,config", [("triton", None), ("triton", (1024, 4)), ("reference", None)])
 def test_fp16_loss_scale_matches_torch_cross_entropy(impl, config, monkeypatch):
     import fastfuse.kernels.fused_ce as fc
@@ -160,6 +161,7 @@ def test_fp16_loss_scale_matches_torch_cross_entropy(impl, config, monkeypatch):
     torch.testing.assert_close(got, want, **tol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_fp16_linear_loss_scale_matches_torch(impl, reduction):
@@ -256,6 +258,7 @@ def _no_host_reads():
             setattr(torch.Tensor, n, f)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])

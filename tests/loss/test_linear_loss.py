@@ -19,7 +19,7 @@ from fastfuse.testing import random_inputs
 from _interpreter import kernels_interpreted
 
 
-@pytest.fixture(params=["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.fixture(params=["torch", pytest.param("triton", marks=[pytest.mark.interpreter, pytest.mark.slow])])
 def auto_impl(request):
     """The row path ``impl="auto"`` takes on these CPU tensors: torch here, the Triton kernel when interpreted."""
     if (request.param == "triton") != kernels_interpreted():
