@@ -115,6 +115,9 @@ class MainSession:
         marked = [i for i in items if i.get_closest_marker(MARK)]
         if not marked or _cuda():
             return
+        if hasattr(self.config, "workerinput"):     # a pytest-xdist worker: each would start its own child
+            raise pytest.UsageError(f"the `{MARK}` tests run in one TRITON_INTERPRET=1 session: deselect them "
+                                    f"(-m 'not {MARK}') with -n, or run them with TRITON_INTERPRET=1 -m {MARK}")
         self.items, self.ids = marked, {i.nodeid for i in marked}
         items[:] = [i for i in items if i.nodeid not in self.ids] + marked
 
@@ -154,7 +157,8 @@ class MainSession:
         except subprocess.TimeoutExpired:
             self._stop()
             self.note = f"killed after {CHILD_TIMEOUT_S:.0f} s; "
-        self.note += f"exit status {self.child.returncode} after {time.monotonic() - self.started:.0f} s"
+        lines = (self.dir / "output.txt").read_text(errors="replace").strip().splitlines()
+        self.note += f"exit status {self.child.returncode}: {lines[-1] if lines else 'no output'}"
         self.reports = {}
         path = self.dir / "reports.jsonl"
         for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:

@@ -13,6 +13,7 @@ from fastfuse.cli import demos as demo_cli
 from fastfuse.cli import main as cli_main
 
 
+@pytest.mark.slow
 def test_tiny_demo_runs_end_to_end(real_tokenizer, tmp_path, capsys):
     out = tmp_path / "figures.json"
     png = tmp_path / "curves.png"
@@ -60,6 +61,7 @@ def test_tiny_demo_runs_end_to_end(real_tokenizer, tmp_path, capsys):
         assert f["plot"] == str(png) and png.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_per_source_figures_are_looked_up_by_name(real_tokenizer, tmp_path):
     """The demo's sources are defined in an order ("prose", "code") that their names do not sort in: every
     per-source figure must still be that source's (a dataset of the source alone gives the same figure)."""
@@ -77,6 +79,7 @@ def test_per_source_figures_are_looked_up_by_name(real_tokenizer, tmp_path):
     assert f["teachers"]["topk_mass"]["prose"] != f["teachers"]["topk_mass"]["code"]
 
 
+@pytest.mark.slow
 def test_several_seeds_report_mean_sd_and_wins(tmp_path, capsys):
     out = tmp_path / "seeds.json"
     assert cli_main(["demo", "--size", "tiny", "--seeds", "2", "--workdir", str(tmp_path), "--json", str(out),

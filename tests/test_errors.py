@@ -42,6 +42,7 @@ def run_cli(*args, cwd=None):
                           cwd=cwd)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, says", [
     (["chunk", "--tokenizers", "gpt-2", "--block-size", "64", "--out", "x.jsonl"], "--input"),
     (["align", "--target", "gpt-2", "--source", "a=gpt-2:d", "--out", "o"], "--input"),

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow       # every case runs in a subprocess
 pytest.importorskip("hypothesis")
 pytest.importorskip("torch")
 

@@ -43,6 +43,7 @@ def run(tmp_path_factory, real_tokenizer, corpus):
     return out, toks, chunks, models, cov
 
 
+@pytest.mark.slow
 def test_coverage_report(run):
     *_, cov = run
     for n in SOURCES:
@@ -121,6 +122,7 @@ def direct_reference(run, logits, lm_weight):
     return total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lm_weight", [0.0, 0.9])
 def test_batch_loss_equals_direct_reference(run, lm_weight):
     out, toks, chunks, *_ = run
@@ -136,6 +138,7 @@ def test_batch_loss_equals_direct_reference(run, lm_weight):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_chunk_and_align_reproduce_the_python_api(run, corpus, tmp_path):
     from fastfuse.cli import main
 
@@ -173,6 +176,7 @@ def test_mined_sequence_alignment_agrees_with_offsets_where_it_matches(run, tmp_
         align_corpus(chunks, toks[TARGET], {}, tmp_path / "bad", seq_mode="dtw")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seq_mode", ["offsets", "mined"])
 def test_align_workers_give_the_one_process_output(run, tmp_path, seq_mode):
     """--workers N: chunks of documents tokenised and aligned in spawned processes, collected in order."""

@@ -135,6 +135,7 @@ def _check_pos_spans(tgt_ends, src_ends, pos):
             assert span(tgt_ends, i + 1)[1] > span(tgt_ends, i + 1)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tgt,src,floor", [("llama-bpe", "qwen2", 0.98), ("llama-spm", "gpt-2", 0.75), ("mpt", "llama-spm", 0.75)])
 def test_real_tokenizers_on_corpus(real_tokenizer, corpus, tgt, src, floor):
     t, s = real_tokenizer(tgt), real_tokenizer(src)

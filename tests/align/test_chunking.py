@@ -15,6 +15,7 @@ def n_tokens(tok, text):
     return len(tok.encode([text], add_special_tokens=False)[0][0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block_size", [16, 100, 512])
 def test_chunks_fit_every_tokenizer_and_rebuild_the_text(offsets, corpus, block_size):
     texts = corpus[:25]

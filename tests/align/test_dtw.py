@@ -211,6 +211,7 @@ def tokenizers_pair():
     return bpe, wp, uni, paragraphs
 
 
+@pytest.mark.slow
 def test_realistic_tokenisations(tokenizers_pair):
     bpe, wp, uni, paragraphs = tokenizers_pair
     rng = random.Random(0)

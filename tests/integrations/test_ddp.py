@@ -13,8 +13,9 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ddp_step.py"
 WORKER = Path(__file__).resolve().parents[1] / "_ddp_worker.py"  # runs EXAMPLE, skips gloo teardown
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = [pytest.mark.slow,   # torchrun
+              pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                 reason="torch.distributed with gloo is not available")]
 
 
 @pytest.fixture(scope="module")

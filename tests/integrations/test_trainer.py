@@ -126,6 +126,7 @@ def test_head_restored_after_an_error_in_the_forward(tmp_path):
     assert torch.isfinite(trainer.compute_loss(model, batch))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lm_weight", [0.5, LinearSchedule(0.2, 0.9, 10)])
 def test_trainer_trains_and_logs_terms(tmp_path, lm_weight):
     from transformers import TrainingArguments
@@ -153,6 +154,7 @@ def test_trainer_trains_and_logs_terms(tmp_path, lm_weight):
             assert h["loss"] == pytest.approx(lm_weight * h["ce_loss"] + (1 - lm_weight) * h["fusion_loss"], rel=0.05)
 
 
+@pytest.mark.slow
 def test_both_paths_train_and_log_the_same(tmp_path):
     """Same data, seed and schedule: the linear and logits paths log the same losses and terms."""
     logs = {}

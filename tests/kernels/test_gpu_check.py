@@ -53,6 +53,7 @@ def test_dry_run_runs_every_step_and_fills_the_summary(tmp_path):
     assert not any(gpu_check.group_alive(p) for p in _pgids(res))
 
 
+@pytest.mark.slow
 def test_deadline_kills_the_step_tree_and_says_what_was_cut(tmp_path):
     """A deadline shorter than one step: the step (a pytest run whose collection alone outlasts it)
     and its children are gone, the later steps are marked not run, and the summary says so."""

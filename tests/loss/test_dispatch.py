@@ -36,6 +36,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_same_backend_rule_when_interpreter_set_late():
     r = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "TRITON_INTERPRET": "0"})

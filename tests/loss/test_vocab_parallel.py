@@ -62,6 +62,7 @@ def results(tmp_path_factory):
 CASES = [(w, name) for w in (2, 3) for name in [*WORKER_MOD.cases(w), "world-1-group"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world,case", CASES, ids=[f"{w}ranks-{c}" for w, c in CASES])
 def test_matches_one_process(results, world, case):
     per_rank = results("cases", world)
@@ -104,6 +105,7 @@ ONE_RANK = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [*ERRORS, *ONE_RANK])
 def test_errors_on_every_rank(results, case):
     per_rank = results("errors", 3)
@@ -147,6 +149,7 @@ def one_process(tmp_path_factory):
     return torch.load(out)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _fsdp2_available(), reason="FSDP2 and torch.distributed.tensor.parallel need torch >= 2.6")
 @pytest.mark.parametrize("world", [2, 4], ids=["dp1-tp2", "dp2-tp2"])
 def test_tp_fsdp2_example_matches_one_process(one_process, tmp_path, world):

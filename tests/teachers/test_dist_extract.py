@@ -13,6 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow       # ranks as processes (torchrun, the CLI)
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 

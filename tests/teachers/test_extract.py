@@ -70,6 +70,7 @@ def check_against_reference(model, tok, texts, out, k, block_size):
     assert agree / total > 0.99  # only exact near-ties may swap places
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,tok_name,pad", [("gpt2", "gpt-2", 0), ("llama", "llama-spm", 13)])
 def test_matches_unbatched_forward(tmp_path, real_tokenizer, corpus, family, tok_name, pad):
     tok = real_tokenizer(tok_name)
@@ -149,6 +150,7 @@ def test_corpus_sources(tmp_path):
         list(iter_corpus(tmp_path / "bad.jsonl"))
 
 
+@pytest.mark.slow
 def test_bytes_per_token(tmp_path, real_tokenizer, corpus):
     tok = real_tokenizer("gpt-2")
     model = tiny_model("gpt2", len(tok))
@@ -161,6 +163,7 @@ def test_bytes_per_token(tmp_path, real_tokenizer, corpus):
     assert bpt == pytest.approx(stats["bytes_per_token"]) and 60 <= bpt <= 64
 
 
+@pytest.mark.slow
 def test_resume_mismatch_errors(tmp_path, real_tokenizer, corpus):
     tok = real_tokenizer("gpt-2")
     model = tiny_model("gpt2", len(tok))
@@ -198,6 +201,7 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_byte_identical(tmp_path, real_tokenizer, corpus):
     tok = real_tokenizer("gpt-2")
     model_dir = tmp_path / "model"

@@ -137,6 +137,7 @@ def fake_vllm_outputs(model, prompts: list[dict], k: int) -> list:
     return outs
 
 
+@pytest.mark.slow
 def test_vllm_outputs_match_local_extraction_and_resume(tmp_path, real_tokenizer, corpus):
     tok = real_tokenizer("llama-spm")
     model = tiny_model("llama", len(tok))
@@ -238,6 +239,7 @@ class Stub:
         self.server.server_close()
 
 
+@pytest.mark.slow
 def test_client_retries_orders_and_caps(tmp_path, real_tokenizer, corpus):
     tok = real_tokenizer("llama-spm")
     model = tiny_llama(tok)

@@ -16,6 +16,7 @@ import textwrap
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow       # a real llama.cpp server and CLI runs in processes
 torch = pytest.importorskip("torch")
 
 from _llama_server import MODEL_ALIAS, llama_server, tiny_llama, write_gguf  # noqa: E402
