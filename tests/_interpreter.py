@@ -7,8 +7,9 @@ never both. A run therefore has two sessions (a plugin registered by ``conftest.
 * the main session (``python -m pytest tests``, no ``TRITON_INTERPRET``): the kernels compiled (the AOT
   compile tests need that; ``impl="auto"`` keeps the torch path on CPU). The ``interpreter`` tests it
   selected go to ONE child pytest with ``TRITON_INTERPRET=1`` that starts with the test loop and runs
-  beside it; they are moved to the end, and each one's reports come back from the child as it would
-  have reported here (counted, ``-x``, ``--durations``, ``-v``). One the child did not report fails.
+  beside it at a lower priority; they are moved to the end, and each one's reports come back from the
+  child as it would have reported here (counted, ``-x``, ``--durations``, ``-v``). One the child did not
+  report fails.
   On a CUDA machine the kernels run compiled on the GPU, in the main session, and there is no child.
 * the interpreter session (``TRITON_INTERPRET=1 python -m pytest -m interpreter``, the inner loop for
   kernel work; the child runs as one, limited to the node ids the main session sent it).
@@ -31,6 +32,7 @@ MARK = "interpreter"
 ITEMS_ENV = "FASTFUSE_INTERPRETER_ITEMS"        # the child's node ids, one a line
 REPORTS_ENV = "FASTFUSE_INTERPRETER_REPORTS"    # where the child writes its reports, JSON lines
 CHILD_TIMEOUT_S = 3600.0
+CHILD_NICENESS = 10
 
 
 def interpreting() -> bool:
@@ -141,8 +143,10 @@ class MainSession:
         env = dict(os.environ, TRITON_INTERPRET="1", **{ITEMS_ENV: str(self.dir / "items.txt"),
                                                         REPORTS_ENV: str(self.dir / "reports.jsonl")})
         with open(self.dir / "output.txt", "wb") as log:
+            # niced: the main session's tests that time things (deadlines, step caps) come first
             self.child = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                          cwd=cfg.invocation_params.dir, start_new_session=True)
+                                          cwd=cfg.invocation_params.dir, start_new_session=True,
+                                          preexec_fn=lambda: os.nice(CHILD_NICENESS))
         self.started = time.monotonic()
 
     def _stop(self):
