@@ -15,6 +15,7 @@ from fastfuse.teachers.local_extract import extract_topk
 from fastfuse.loss.logits_loss import fused_loss
 from fastfuse.align.surface import token_surfaces
 
+pytestmark = pytest.mark.slow       # every test shares `run`: a real extraction and alignment (~15 s)
 K = 5
 TARGET, SOURCES = "llama-spm", ("gpt-2", "llama-bpe")
 
@@ -43,7 +44,6 @@ def run(tmp_path_factory, real_tokenizer, corpus):
     return out, toks, chunks, models, cov
 
 
-@pytest.mark.slow
 def test_coverage_report(run):
     *_, cov = run
     for n in SOURCES:
@@ -122,7 +122,6 @@ def direct_reference(run, logits, lm_weight):
     return total
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("lm_weight", [0.0, 0.9])
 def test_batch_loss_equals_direct_reference(run, lm_weight):
     out, toks, chunks, *_ = run
@@ -138,7 +137,6 @@ def test_batch_loss_equals_direct_reference(run, lm_weight):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.slow
 def test_cli_chunk_and_align_reproduce_the_python_api(run, corpus, tmp_path):
     from fastfuse.cli import main
 
@@ -176,7 +174,6 @@ def test_mined_sequence_alignment_agrees_with_offsets_where_it_matches(run, tmp_
         align_corpus(chunks, toks[TARGET], {}, tmp_path / "bad", seq_mode="dtw")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("seq_mode", ["offsets", "mined"])
 def test_align_workers_give_the_one_process_output(run, tmp_path, seq_mode):
     """--workers N: chunks of documents tokenised and aligned in spawned processes, collected in order."""

@@ -70,6 +70,7 @@ def test_matches_one_process(results, world, case):
         assert res[case] == "ok", f"rank {rank}: {res[case]}"
 
 
+@pytest.mark.slow
 def test_every_case_ran(results):
     for world in (2, 3):
         for res in results("cases", world):
