@@ -18,11 +18,12 @@ from transformers import Trainer
 from fastfuse.integrations.hf import backbone_and_head, causal_lm_fusion_loss, logit_transform, unwrap_model
 from fastfuse.linear_loss import fused_linear_loss
 from fastfuse.loss import fused_loss
+from fastfuse.online_policy import OnPolicy
 
 _LOSSES = ("linear", "logits")
 # the fields of a fastfuse.FusionDataset item that FusionCollator reads; Trainer's default
 # remove_unused_columns=True would keep only the model's forward arguments and drop the teachers
-EXAMPLE_FIELDS = ("input_ids", "topk_ids", "topk_logprobs", "pos", "ce")
+EXAMPLE_FIELDS = ("input_ids", "topk_ids", "topk_logprobs", "pos", "ce", "prompt_lengths")
 # what loss_kwargs may hold: the loss functions' keyword options the trainer does not set itself
 _DIVERGENCE = {"divergence", "tail", "alpha", "beta", "student_temperature", "hinton_scale"}
 _OPTIONS = {"linear": {"ignore_index", "impl", "validate", "chunk_tokens", "inplace_grad"} | _DIVERGENCE,
@@ -70,6 +71,14 @@ class FusionTrainer(Trainer):
             ``student_temperature``, ``hinton_scale``; for ``"linear"`` also ``chunk_tokens``; for
             ``"logits"`` also ``inplace_grad``, ``logit_scale``, ``softcap`` -- the ``"linear"``
             loss takes the model's own logit transform from its config).
+        teachers: a :class:`fastfuse.OnlineTeachers`: the teachers score each batch online (batches then
+            need only ``input_ids`` / ``attention_mask``; ones that already carry teacher fields are
+            used as they are).
+        on_policy: GKD's ``lambda``, the share of training batches that are on-policy
+            (:mod:`fastfuse.online_policy`): the student continues the batch's prompts, the teachers
+            score its tokens, the loss is the divergence alone (``lm_weight`` 0) on those tokens.
+        on_policy_kwargs: ``prompt_tokens``, ``max_new_tokens``, ``temperature``, ``eos_token_id``
+            (:class:`fastfuse.online_policy.OnPolicy`).
 
     ``compute_loss(..., return_outputs=True)`` (what ``Trainer.evaluate`` / ``predict`` call) takes
     the ``"logits"`` path whatever ``loss`` is, so the returned outputs are the model's own, with
@@ -79,7 +88,8 @@ class FusionTrainer(Trainer):
     """
 
     def __init__(self, *args, lm_weight: float | Callable[[int], float] = 0.9, temperature: float = 1.0,
-                 loss: str = "linear", loss_kwargs: dict | None = None, **kwargs):
+                 loss: str = "linear", loss_kwargs: dict | None = None, teachers=None, on_policy: float = 0.0,
+                 on_policy_kwargs: dict | None = None, **kwargs):
         if loss not in _LOSSES:
             raise ValueError(f"loss: expected one of {_LOSSES}, got {loss!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
@@ -91,7 +101,11 @@ class FusionTrainer(Trainer):
         if unknown:
             raise ValueError(f"loss_kwargs: unknown options {unknown} for loss={loss!r} "
                              f"(allowed: {sorted(_OPTIONS[loss])})")
+        if teachers is None and (on_policy or on_policy_kwargs):
+            raise ValueError("on_policy: needs teachers= (a fastfuse.OnlineTeachers) to score the student's tokens")
         super().__init__(*args, **kwargs)
+        self.online = None if teachers is None else OnPolicy(teachers, on_policy, seed=self.args.seed,
+                                                             **(on_policy_kwargs or {}))
         check_lm_weight(lm_weight, int(getattr(self.args, "max_steps", 0) or 0))
         self.lm_weight = lm_weight
         self.temperature = temperature
@@ -121,10 +135,14 @@ class FusionTrainer(Trainer):
         return _to_device(inputs, self.args.device)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        on_policy = False
+        if self.online is not None:     # teachers in the loop: this batch's teacher fields, or an on-policy batch
+            inputs, on_policy = self.online.prepare(unwrap_model(model), inputs, self.model.training and not return_outputs)
+            inputs = _to_device(inputs, self.args.device)
         missing = [k for k in ("input_ids", "labels", "source_topk", "align_map") if k not in inputs]
         if missing:
             raise ValueError(f"inputs: missing {missing}; use fastfuse.FusionCollator to build the batches")
-        lm_weight = self.current_lm_weight()
+        lm_weight = 0.0 if on_policy else self.current_lm_weight()
         log_terms = self.model.training and self._should_log_terms()
         if self.loss == "linear" and not return_outputs:
             loss, hidden = causal_lm_fusion_loss(model, inputs, labels_shifted=True, return_hidden=True,
