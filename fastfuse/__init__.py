@@ -27,6 +27,7 @@ The whole public API, by stage (data flows top to bottom; DESIGN.md §3):
     # online and on-policy fusion: teachers in the loop, no shards
     OnlineTeachers({name: LocalTeacher(model, tok) | ServedTeacher(url, name, tok)}, target_tok)
         teachers(input_ids, attention_mask) -> the FusionCollator batch of that text
+    on_policy_batch(student, teachers, input_ids, attention_mask, prompt_tokens, max_new_tokens)
     FusionTrainer(..., teachers=online_teachers, on_policy=lambda_)   GKD-style on-policy share
 
     # the loss (Triton on GPU, torch on CPU)
@@ -65,6 +66,7 @@ _EXPORTS = {
     "FusionCollator": "data", "FusionDataset": "data",
     "FusionTrainer": "integrations.trainer",
     "OnlineTeachers": "online", "LocalTeacher": "online_teachers", "ServedTeacher": "online_teachers",
+    "on_policy_batch": "online_policy",
 }
 __all__ = sorted(_EXPORTS)
 

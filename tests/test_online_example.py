@@ -19,3 +19,15 @@ def test_online_fusion_example_runs(vocab_dir, capsys):
     assert steps[2]["tokens"] <= 2 * 8                                    # only the sampled tokens count
     assert math.isfinite(out["held_out_ce"])
     assert "on -policy loss" in capsys.readouterr().out
+
+
+def test_readme_online_section_runs(vocab_dir):
+    """The README's "Online and on-policy fusion" example is complete: it runs as written."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Online and on-policy fusion", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert math.isfinite(float(scope["loss"])) and isinstance(scope["teachers"].sources, list)

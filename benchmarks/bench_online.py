@@ -1,0 +1,153 @@
+"""Online teachers' cost per training step beside the student's step alone (CPU or GPU).
+
+    python benchmarks/bench_online.py [--batch 4] [--length 256] [--hidden 256] [--layers 2] [--k 10]
+                                      [--iters 5] [--threads 2] [--new-tokens 32] [--csv out.csv]
+
+A student (Llama over the Llama-2 SentencePiece vocabulary) and two teachers of other tokenizers
+(GPT-2 over GPT-2's byte-level BPE, Qwen2 over Qwen2's 152k vocabulary), all random from configs of
+``--hidden`` x ``--layers``, on pydoc text: ``--batch`` sequences of ``--length`` target tokens.
+Rows (median of ``--iters`` after one warm-up):
+
+- ``student step``: forward, ``fused_loss``, backward and AdamW on a ready batch: the step alone;
+- ``online teachers``: ``OnlineTeachers(ids, mask)`` end to end, and its stages from ``last_stats``:
+  target ids -> text, the teachers' tokenisation, their forward + top-k, alignment + vocabulary map,
+  the collator. ``share`` is each stage's fraction of the online call; the alignment's part
+  (text + tokenize + align + collate) is what online fusion adds to offline extraction's forward;
+- ``on-policy``: the student's ``generate`` of ``--new-tokens`` per sequence, then the teachers.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from _common import write_csv  # noqa: E402
+
+
+def models(hidden: int, layers: int, sizes: dict):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
+                  max_position_embeddings=1024)
+    torch.manual_seed(0)
+    student = LlamaForCausalLM(LlamaConfig(vocab_size=sizes["llama-spm"], **common))
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=sizes["gpt-2"], n_embd=hidden, n_layer=layers,
+                                      n_head=max(1, hidden // 64), n_positions=1024))
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=sizes["qwen2"], **common))
+    return student, gpt2, qwen
+
+
+def batch_of(tok, texts, B: int, T: int):
+    import torch
+
+    seqs = []
+    for t in texts:
+        ids = tok(t)["input_ids"]
+        if len(ids) >= T:
+            seqs.append(ids[:T])
+        if len(seqs) == B:
+            break
+    ids = torch.tensor(seqs)
+    return ids, torch.ones_like(ids)
+
+
+def median_s(fn, iters: int) -> tuple[float, object]:
+    out = fn()              # warm-up
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def run(batch=4, length=256, hidden=256, layers=2, k=10, iters=5, threads=2, new_tokens=32) -> list[dict]:
+    import torch
+
+    import fastfuse
+    from fastfuse.corpus import python_docs
+    from fastfuse.online_policy import on_policy_batch
+    from fastfuse.vocabfiles import load_tokenizer
+
+    torch.set_num_threads(threads)
+    toks = {n: load_tokenizer(n) for n in ("llama-spm", "gpt-2", "qwen2")}
+    student, gpt2, qwen = models(hidden, layers, {n: len(t) for n, t in toks.items()})
+    online = fastfuse.OnlineTeachers({"gpt2": fastfuse.LocalTeacher(gpt2, toks["gpt-2"], k=k, device="cpu"),
+                                      "qwen2": fastfuse.LocalTeacher(qwen, toks["qwen2"], k=k, device="cpu")},
+                                     toks["llama-spm"], pin_memory=False)
+    ids, mask = batch_of(toks["llama-spm"], python_docs(), batch, length)
+    tokens = ids.numel()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    ready = online(ids, mask)
+
+    def student_step():
+        logits = student(input_ids=ready["input_ids"], attention_mask=ready["attention_mask"]).logits
+        loss = fastfuse.fused_loss(logits, ready["source_topk"], ready["align_map"], ready["labels"],
+                                   source_weights=ready["source_weights"], lm_weight=0.5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    stages: list[dict] = []
+
+    def teachers_call():
+        out = online(ids, mask)
+        stages.append(dict(online.last_stats["seconds"]))
+        return out
+
+    t_student, _ = median_s(student_step, iters)
+    t_online, _ = median_s(teachers_call, iters)
+    med = {key: statistics.median(s[key] for s in stages[1:]) for key in stages[0]}
+    rows = [{"what": "student step (forward + loss + backward + AdamW)", "ms": 1e3 * t_student,
+             "tokens_per_s": tokens / t_student, "share": ""},
+            {"what": "online teachers, end to end (2 teachers)", "ms": 1e3 * t_online,
+             "tokens_per_s": tokens / t_online, "share": f"{t_online / t_student:.2f}x the student step"}]
+    names = {"text": "  target ids -> text (token surfaces)", "tokenize": "  teachers' tokenisation + byte offsets",
+             "teacher": "  teachers' forward + top-k", "align": "  byte-span alignment",
+             "collate": "  collator (vocab maps, weights, padding)"}
+    for key, label in names.items():
+        rows.append({"what": label, "ms": 1e3 * med[key], "tokens_per_s": "", "share": f"{med[key] / t_online:.1%}"})
+    added = sum(med[key] for key in ("text", "tokenize", "align", "collate"))
+    rows.append({"what": "  all but the forward (what online adds to extraction's work)", "ms": 1e3 * added,
+                 "tokens_per_s": "", "share": f"{added / t_online:.1%}"})
+    prompt = min(length // 2, 64)
+
+    def on_policy():
+        return on_policy_batch(student, online, ids, mask, prompt_tokens=prompt, max_new_tokens=new_tokens)
+
+    t_on, _ = median_s(on_policy, max(1, iters // 2))
+    rows.append({"what": f"on-policy batch (generate {new_tokens} tokens after {prompt}, then the teachers)",
+                 "ms": 1e3 * t_on, "tokens_per_s": "", "share": f"{t_on / t_student:.2f}x the student step"})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--length", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--csv")
+    a = p.parse_args()
+    rows = run(a.batch, a.length, a.hidden, a.layers, a.k, a.iters, a.threads, a.new_tokens)
+    print("| what | ms | tokens/s | share |\n|---|---:|---:|---:|")
+    for r in rows:
+        tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] != "" else ""
+        print(f"| {r['what']} | {r['ms']:.1f} | {tps} | {r['share']} |")
+    if a.csv:
+        write_csv(a.csv, rows)
+
+
+if __name__ == "__main__":
+    main()
