@@ -14,6 +14,10 @@ Rows (median of ``--iters`` after one warm-up):
   the collator. ``share`` is each stage's fraction of the online call; the alignment's part
   (text + tokenize + align + collate) is what online fusion adds to offline extraction's forward;
 - ``on-policy``: the student's ``generate`` of ``--new-tokens`` per sequence, then the teachers.
+- ``--overlap``: ``--iters`` training steps with the teachers before each student step, then with
+  the next batch's teachers in a background thread (:func:`fastfuse.online_overlap.prefetch`); with
+  ``--served`` also for a served teacher alone (a tiny Llama behind llama-cpp-python's server on
+  loopback, tests/_llama_server.py), whose work leaves this process.
 """
 from __future__ import annotations
 
@@ -68,7 +72,57 @@ def median_s(fn, iters: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def run(batch=4, length=256, hidden=256, layers=2, k=10, iters=5, threads=2, new_tokens=32) -> list[dict]:
+def overlap_rows(label: str, teachers, student_step, ids, mask, iters: int) -> list[dict]:
+    """ms per training step: teachers then student, and teachers prefetched beside the student."""
+    from fastfuse.online_overlap import prefetch
+
+    items = [(ids, mask)] * iters
+    student_step(teachers(ids, mask))      # warm-up: the optimizer's state, the first calls
+
+    ready = teachers(ids, mask)
+
+    def timed(fn):
+        def run():
+            t, c = time.perf_counter(), time.process_time()
+            fn()
+            return (time.perf_counter() - t) / iters, (time.process_time() - c) / iters
+        return run
+
+    modes = {
+        "teachers alone": timed(lambda: [teachers(*item) for item in items]),
+        "student alone": timed(lambda: [student_step(ready) for _ in items]),
+        "step, teachers then student": timed(lambda: [student_step(teachers(*item)) for item in items]),
+        "step, next batch's teachers in a background thread":
+            timed(lambda: [student_step(batch) for _, batch in prefetch(teachers, items)]),
+    }
+    rounds = [{name: fn() for name, fn in modes.items()} for _ in range(2)]   # interleaved: the load drifts
+    med = {name: tuple(statistics.median(r[name][j] for r in rounds) for j in (0, 1)) for name in modes}
+    seq = med["step, teachers then student"][0]
+    return [{"what": f"{label}: {name}", "ms": 1e3 * wall, "tokens_per_s": ids.numel() / wall,
+             "share": f"{wall / seq:.2f}x the sequential step; CPU {1e3 * cpu:.0f} ms"}
+            for name, (wall, cpu) in med.items()]
+
+
+def served_teachers(k: int, target_tok, stack):
+    """A tiny Llama served by llama-cpp-python on loopback, as the only online teacher."""
+    import tempfile
+
+    sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+    from _llama_server import MODEL_ALIAS, llama_server, tiny_llama, write_gguf
+
+    import fastfuse
+    from fastfuse.vocabfiles import gguf_path, load_tokenizer
+
+    tok = load_tokenizer("llama-spm")
+    d = stack.enter_context(tempfile.TemporaryDirectory())
+    write_gguf(tiny_llama(tok), str(gguf_path("llama-spm")), os.path.join(d, "tiny.gguf"))
+    url = stack.enter_context(llama_server(os.path.join(d, "tiny.gguf")))
+    return fastfuse.OnlineTeachers({"served": fastfuse.ServedTeacher(url, MODEL_ALIAS, tok, k=k, timeout=600)},
+                                   target_tok, pin_memory=False)
+
+
+def run(batch=4, length=256, hidden=256, layers=2, k=10, iters=5, threads=2, new_tokens=32, overlap=False,
+        served=False) -> list[dict]:
     import torch
 
     import fastfuse
@@ -102,6 +156,23 @@ def run(batch=4, length=256, hidden=256, layers=2, k=10, iters=5, threads=2, new
         stages.append(dict(online.last_stats["seconds"]))
         return out
 
+    if overlap:
+        import contextlib
+
+        def step_on(b):
+            logits = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            loss = fastfuse.fused_loss(logits, b["source_topk"], b["align_map"], b["labels"],
+                                       source_weights=b["source_weights"], lm_weight=0.5)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        rows = overlap_rows("2 local teachers", online, step_on, ids, mask, iters)
+        if served:
+            with contextlib.ExitStack() as stack:
+                rows += overlap_rows("1 served teacher", served_teachers(k, toks["llama-spm"], stack), step_on,
+                                     ids[:, :128], mask[:, :128], iters)
+        return rows
     t_student, _ = median_s(student_step, iters)
     t_online, _ = median_s(teachers_call, iters)
     med = {key: statistics.median(s[key] for s in stages[1:]) for key in stages[0]}
@@ -138,9 +209,11 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--overlap", action="store_true", help="sequential vs prefetched steps instead")
+    p.add_argument("--served", action="store_true", help="with --overlap: also a served teacher")
     p.add_argument("--csv")
     a = p.parse_args()
-    rows = run(a.batch, a.length, a.hidden, a.layers, a.k, a.iters, a.threads, a.new_tokens)
+    rows = run(a.batch, a.length, a.hidden, a.layers, a.k, a.iters, a.threads, a.new_tokens, a.overlap, a.served)
     print("| what | ms | tokens/s | share |\n|---|---:|---:|---:|")
     for r in rows:
         tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] != "" else ""
