@@ -1,7 +1,8 @@
 """On-policy fusion (fastfuse.online_policy, FusionTrainer(teachers=, on_policy=)): a GPT-2-tokenizer
 student continues its prompts, two local teachers of other tokenizers (Qwen2, MPT) and one served
 teacher (a real llama-cpp-python server process on loopback, Llama-2 SentencePiece) score its tokens;
-the step's loss is finite, gradients reach the student only, and the teachers stay frozen in eval mode."""
+the step's loss is finite, gradients reach the student only, and the teachers stay frozen in eval mode.
+Also: the served teacher online gives the offline served pipeline's batch exactly."""
 from __future__ import annotations
 
 import math
@@ -150,3 +151,31 @@ def test_on_policy_needs_teachers(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no")
     with pytest.raises(ValueError, match="on_policy: needs teachers="):
         FusionTrainer(model=gpt2(64, 0), args=args, on_policy=0.5)
+
+
+def test_served_online_equals_served_offline(server, real_tokenizer, corpus, tmp_path):
+    """The served teacher online gives the batch of extract_served -> align_corpus -> FusionDataset."""
+    from fastfuse.chunking import split_corpus
+    from fastfuse.corpus_align import align_corpus
+    from fastfuse.data import FusionDataset
+    from fastfuse.served import extract_served
+
+    tgt, spm = real_tokenizer(STUDENT), real_tokenizer("llama-spm")
+    texts = [c for _, c in split_corpus([corpus[i][:120] for i in (0, 2)], [tgt, spm], 96)]
+    extract_served(server, MODEL_ALIAS, spm, texts, tmp_path / "served", k=K, block_size=96, concurrency=1,
+                   timeout=60, progress=False)
+    align_corpus(texts, tgt, {"served": (spm, tmp_path / "served")}, tmp_path / "align", progress=False)
+    ds = FusionDataset(tmp_path / "align")
+    want = ds.collator(pad_token_id=0, pin_memory=False)([ds[i] for i in range(len(ds))])
+    online = OnlineTeachers({"served": ServedTeacher(server, MODEL_ALIAS, spm, k=K, timeout=60, concurrency=1)}, tgt,
+                            pad_token_id=0, pin_memory=False)
+    got = online(want["input_ids"], want["attention_mask"])
+    for key in ("input_ids", "attention_mask", "labels", "source_weights"):
+        assert torch.equal(got[key], want[key]), key
+    torch.testing.assert_close(got["source_ce"], want["source_ce"], rtol=0, atol=0, equal_nan=True)
+    for key in ("source_topk", "align_map"):
+        for a, b in zip(got[key], want[key]):
+            assert torch.equal(a, b), key
+    assert (got["align_map"].pos >= 0).float().mean() > 0.5 * got["attention_mask"].float().mean()
+    # the server hides the prediction after BOS: that row is "no teacher" online as offline
+    assert (got["source_topk"].ids[0, :, 0] == -1).all()
