@@ -14,6 +14,7 @@ Teachers are frozen: eval mode, no gradient, run under ``torch.inference_mode()`
 """
 from __future__ import annotations
 
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
@@ -155,6 +156,10 @@ class ServedTeacher:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             for j, r in zip(todo[1:], pool.map(lambda j: self.score_one(seqs[j], texts[j], f"sequence {j}"), todo[1:])):
                 out[j] = r
+        if all(out[j] is None for j in todo):
+            warnings.warn(f"ServedTeacher({self.client.base}, {self.served_model!r}): the server refused or tokenised "
+                          f"otherwise all {len(todo)} sequences of this batch: no teacher for any (is `tokenizer` the "
+                          "served model's?)", RuntimeWarning, stacklevel=3)
         return out
 
 

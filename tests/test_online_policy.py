@@ -179,3 +179,19 @@ def test_served_online_equals_served_offline(server, real_tokenizer, corpus, tmp
     assert (got["align_map"].pos >= 0).float().mean() > 0.5 * got["attention_mask"].float().mean()
     # the server hides the prediction after BOS: that row is "no teacher" online as offline
     assert (got["source_topk"].ids[0, :, 0] == -1).all()
+
+
+def test_served_teacher_refusals_are_no_teacher_rows(server, real_tokenizer, corpus):
+    """A served teacher that tokenises the text otherwise (here: told the wrong tokenizer), or a sequence
+    over its max_length, gives "no teacher" rows -- never an alignment of the wrong tokens."""
+    tgt = real_tokenizer(STUDENT)
+    batch = pad([Texts(tgt, [corpus[i][:120] for i in (0, 2)])[i] for i in range(2)])
+    wrong = ServedTeacher(server, MODEL_ALIAS, real_tokenizer("mpt"), k=K, timeout=60, max_retries=0)
+    online = OnlineTeachers({"served": wrong}, tgt, pin_memory=False)
+    with pytest.warns(RuntimeWarning, match="refused or tokenised otherwise all 2 sequences"):
+        out = online(batch["input_ids"], batch["attention_mask"])
+    assert (out["align_map"].pos == -1).all() and out["source_ce"].isnan().all() and wrong.refused == 2
+    short = ServedTeacher(server, MODEL_ALIAS, real_tokenizer("llama-spm"), k=K, timeout=60, max_length=3)
+    online = OnlineTeachers({"served": short}, tgt, pin_memory=False)
+    out = online(batch["input_ids"], batch["attention_mask"])       # nothing sent: too long for max_length
+    assert (out["align_map"].pos == -1).all() and online.last_stats["teachers"]["served"]["no_teacher"] == 2
