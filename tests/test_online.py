@@ -145,3 +145,46 @@ def test_bad_inputs_name_the_argument(offline):
         OnlineTeachers({}, offline["toks"][offline["target"]])
     with pytest.raises(TypeError, match=r"teachers\['x'\]: expected a LocalTeacher"):
         OnlineTeachers({"x": object()}, offline["toks"][offline["target"]])
+
+
+def test_trainer_with_online_teachers_gives_the_offline_loss(offline, tmp_path):
+    """FusionTrainer(teachers=..., on_policy=0) on plain (input_ids, attention_mask) batches: the same loss
+    and gradients as the offline batch without teachers."""
+    from transformers import TrainingArguments
+
+    from fastfuse.integrations.trainer import FusionTrainer
+
+    ds = offline["dataset"]
+    want = ds.collator(pad_token_id=0, pin_memory=False)([ds[i] for i in range(6)])
+    student = tiny_model(len(offline["toks"][offline["target"]]), "llama", 7).train()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, remove_unused_columns=False,
+                             save_strategy="no", seed=0, disable_tqdm=True)
+    results = []
+    for teachers in (None, online_teachers(offline, pad_token_id=0)):
+        trainer = FusionTrainer(model=student, args=args, teachers=teachers, lm_weight=0.5,
+                                loss_kwargs={"divergence": "reverse_kl"})
+        inputs = {k: want[k] for k in ("input_ids", "attention_mask")} if teachers is not None else want
+        loss = trainer.compute_loss(student, trainer._prepare_inputs(inputs))
+        results.append((loss.detach(), torch.autograd.grad(loss, list(student.parameters()))))
+    (a, ga), (b, gb) = results
+    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb))
+
+
+def test_vocab_maps_cached_on_disk_and_wider_input_columns(offline, tmp_path):
+    ds = offline["dataset"]
+    first = online_teachers(offline, pad_token_id=0, vocab_cache_dir=tmp_path, fusion="token")
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == len(offline["sources"]) and all(f.endswith(".vocab.safetensors") for f in files)
+    again = online_teachers(offline, pad_token_id=0, vocab_cache_dir=tmp_path, fusion="token")  # read back
+    assert torch.equal(first.collator.vocab, again.collator.vocab)
+    assert torch.equal(first.collator.vocab[0, : len(ds.store.vocab_map(ds.sources[0]).ids)],
+                       torch.as_tensor(ds.store.vocab_map(ds.sources[0]).ids))
+    # columns past every sequence's end (a batch padded wider than its longest row) are kept, as padding
+    want = ds.collator(pad_token_id=0, pin_memory=False, fusion="token")([ds[i] for i in range(3)])
+    B, T = want["input_ids"].shape
+    wide = torch.nn.functional.pad(want["input_ids"], (0, 5)), torch.nn.functional.pad(want["attention_mask"], (0, 5))
+    got = again(*wide)
+    assert got["input_ids"].shape == (B, T + 5) and got["source_weights"].shape[-1] == T + 5
+    assert torch.equal(got["input_ids"][:, :T], want["input_ids"]) and (got["labels"][:, T:] == -100).all()
+    assert torch.equal(got["align_map"].pos[..., :T], want["align_map"].pos)
+    assert (got["align_map"].pos[..., T:] == -1).all()
