@@ -41,9 +41,9 @@ def python_merge(te, se):
 
 def corpus_ends(target="llama-bpe", source="llama-spm", repeat=4):
     """Byte end offsets of the whole pydoc corpus as one long text, under two real tokenizers."""
-    from fastfuse.align import TokenizerOffsets
+    from fastfuse.align.spans import TokenizerOffsets
     from fastfuse.corpus import python_docs
-    from fastfuse.vocabfiles import load_tokenizer
+    from fastfuse.tokenizer_files import load_tokenizer
 
     text = "\n\n".join(python_docs()) * repeat
     (_, te), = TokenizerOffsets(load_tokenizer(target)).encode([text], add_special_tokens=False)

@@ -24,8 +24,8 @@ _OFFSETS = {}
 
 def offsets(name):
     """Tokenizer + surface forms, built once (loading is not part of the alignment cost)."""
-    from fastfuse.align import TokenizerOffsets
-    from fastfuse.vocabfiles import load_tokenizer
+    from fastfuse.align.spans import TokenizerOffsets
+    from fastfuse.tokenizer_files import load_tokenizer
 
     if name not in _OFFSETS:
         _OFFSETS[name] = TokenizerOffsets(load_tokenizer(name))
@@ -33,7 +33,7 @@ def offsets(name):
 
 
 def run(texts, target=TARGET, sources=SOURCES, threads=0):
-    from fastfuse.align import align_offsets_batch
+    from fastfuse.align.spans import align_offsets_batch
 
     t0 = time.perf_counter()
     tgt = offsets(target).encode(texts)
@@ -55,7 +55,7 @@ def run(texts, target=TARGET, sources=SOURCES, threads=0):
 @pytest.fixture(scope="module")
 def texts():
     try:
-        from fastfuse.vocabfiles import load_tokenizer
+        from fastfuse.tokenizer_files import load_tokenizer
 
         load_tokenizer(TARGET)
     except Exception as e:

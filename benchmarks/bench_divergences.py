@@ -2,7 +2,7 @@
 
     python benchmarks/bench_divergences.py [--device cuda|cpu] [--n N] [--v V] [--csv PATH] [--warm-jobs J]
 
-On CUDA (the Triton kernels; ``tests/test_gpu.py`` is the correctness side) at N = 16384,
+On CUDA (the Triton kernels; ``tests/kernels/test_gpu.py`` is the correctness side) at N = 16384,
 V = 128256 bf16 by default, with the one-read + one-write copy floor measured in the same run; the
 issue's targets: two-pass combinations within 1.15x of ``ce``, the three-pass ``"uniform"`` JSD /
 skew KLs / TVD stated. On CPU (no GPU: the torch path, chunked float32) at a small default shape;
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from fastfuse import AlignMap, SourceTopK, fused_loss  # noqa: E402
-from fastfuse.divergences import DIVERGENCES, TAILS  # noqa: E402
+from fastfuse.loss.spec import DIVERGENCES, TAILS  # noqa: E402
 from fastfuse.testing import random_inputs  # noqa: E402
 
 MIX = {"jsd": dict(beta=0.5), "skew_kl": dict(alpha=0.1), "skew_reverse_kl": dict(alpha=0.1)}

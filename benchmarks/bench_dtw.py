@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from fastfuse.dtw import dtw_align, dtw_align_batch
+from fastfuse.align.dtw import dtw_align, dtw_align_batch
 
 N_TGT, N_SRC = 2048, 2250
 

@@ -9,7 +9,7 @@ A random-initialised Llama of the given size (vocabulary of a real tokenizer) re
 
 * ``forward``: ``model(input_ids, attention_mask)`` only (the floor);
 * ``forward+topk``: plus fp32 log-sum-exp, ``torch.topk``, gold log-probs and the host copy
-  (:func:`fastfuse.extract.topk_forward`);
+  (:func:`fastfuse.teachers.local_extract.topk_forward`);
 * ``extract_topk``: the whole pipeline (tokenise, split, batch, top-k, write shards + meta.json).
 
 Goal on a GPU with a real source model: extraction <= 5 % over the bare forward. On a CPU with a
@@ -28,9 +28,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fastfuse.extract import (extract_topk, forward_logits, pad_batch, plan_batches,  # noqa: E402
+from fastfuse.teachers.local_extract import (extract_topk, forward_logits, pad_batch, plan_batches,  # noqa: E402
                               source_sequences, topk_forward)
-from fastfuse.shards import ShardReader  # noqa: E402
+from fastfuse.teachers.shards import ShardReader  # noqa: E402
 
 from _common import write_csv  # noqa: E402
 
@@ -59,7 +59,7 @@ def _sync(device):
 
 def run(tokenizer_name="llama-spm", hidden=64, layers=2, docs=24, block_size=512, token_budget=4096, k=10,
         device=None, dtype=None, repeats=2) -> list[dict]:
-    from fastfuse.vocabfiles import load_tokenizer
+    from fastfuse.tokenizer_files import load_tokenizer
 
     tok = load_tokenizer(tokenizer_name)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
 # ------------------------------------------------------------------ pytest-benchmark
 def test_bench_extract(benchmark, tmp_path):
     pytest.importorskip("transformers")
-    from fastfuse.vocabfiles import load_tokenizer
+    from fastfuse.tokenizer_files import load_tokenizer
 
     tok = load_tokenizer("llama-spm")
     model = make_model(len(tok), 32, 1)

@@ -37,8 +37,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastfuse.loss import AlignMap, SourceTopK, fused_loss  # noqa: E402
-from fastfuse.reference import normalize_weights, sparse_teacher  # noqa: E402
+from fastfuse import AlignMap, SourceTopK, fused_loss  # noqa: E402
+from fastfuse.loss.reference import normalize_weights, sparse_teacher  # noqa: E402
 
 from _common import CsvRows, cuda_ms_per_call, cuda_timed, device_name, free_cuda, median_run  # noqa: E402
 

@@ -15,7 +15,7 @@ Rows (median of ``--iters`` after one warm-up):
   (text + tokenize + align + collate) is what online fusion adds to offline extraction's forward;
 - ``on-policy``: the student's ``generate`` of ``--new-tokens`` per sequence, then the teachers.
 - ``--overlap``: ``--iters`` training steps with the teachers before each student step, then with
-  the next batch's teachers in a background thread (:func:`fastfuse.online_overlap.prefetch`); with
+  the next batch's teachers in a background thread (:func:`fastfuse.batches.online_overlap.prefetch`); with
   ``--served`` also for a served teacher alone (a tiny Llama behind llama-cpp-python's server on
   loopback, tests/_llama_server.py), whose work leaves this process.
 """
@@ -74,7 +74,7 @@ def median_s(fn, iters: int) -> tuple[float, object]:
 
 def overlap_rows(label: str, teachers, student_step, ids, mask, iters: int) -> list[dict]:
     """ms per training step: teachers then student, and teachers prefetched beside the student."""
-    from fastfuse.online_overlap import prefetch
+    from fastfuse.batches.online_overlap import prefetch
 
     items = [(ids, mask)] * iters
     student_step(teachers(ids, mask))      # warm-up: the optimizer's state, the first calls
@@ -111,7 +111,7 @@ def served_teachers(k: int, target_tok, stack):
     from _llama_server import MODEL_ALIAS, llama_server, tiny_llama, write_gguf
 
     import fastfuse
-    from fastfuse.vocabfiles import gguf_path, load_tokenizer
+    from fastfuse.tokenizer_files import gguf_path, load_tokenizer
 
     tok = load_tokenizer("llama-spm")
     d = stack.enter_context(tempfile.TemporaryDirectory())
@@ -127,8 +127,8 @@ def run(batch=4, length=256, hidden=256, layers=2, k=10, iters=5, threads=2, new
 
     import fastfuse
     from fastfuse.corpus import python_docs
-    from fastfuse.online_policy import on_policy_batch
-    from fastfuse.vocabfiles import load_tokenizer
+    from fastfuse.integrations.on_policy import on_policy_batch
+    from fastfuse.tokenizer_files import load_tokenizer
 
     torch.set_num_threads(threads)
     toks = {n: load_tokenizer(n) for n in ("llama-spm", "gpt-2", "qwen2")}

@@ -32,9 +32,9 @@ def run(docs=16, chars=1000, block_size=512, k=10, concurrency=(1, 2, 4), thread
 
     from _llama_server import MODEL_ALIAS, llama_server, tiny_llama, write_gguf
     from fastfuse.corpus import python_docs
-    from fastfuse.extract import extract_topk
-    from fastfuse.served import extract_served
-    from fastfuse.vocabfiles import gguf_path, load_tokenizer
+    from fastfuse.teachers.local_extract import extract_topk
+    from fastfuse.teachers.served import extract_served
+    from fastfuse.tokenizer_files import gguf_path, load_tokenizer
 
     torch.set_num_threads(threads)
     tok = load_tokenizer("llama-spm")
@@ -67,7 +67,7 @@ def run(docs=16, chars=1000, block_size=512, k=10, concurrency=(1, 2, 4), thread
 
 def stub_row(tok, model, texts, d, block_size, k) -> dict:
     """The client alone: a loopback endpoint that answers each prompt instantly from replies
-    computed beforehand (tests/test_served.py's vLLM shape, token ids)."""
+    computed beforehand (tests/teachers/test_served.py's vLLM shape, token ids)."""
     import json
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -76,7 +76,7 @@ def stub_row(tok, model, texts, d, block_size, k) -> dict:
     import torch
 
     from fastfuse.corpus import source_sequences
-    from fastfuse.served import extract_served
+    from fastfuse.teachers.served import extract_served
 
     replies = {}
     for s, _ in source_sequences(tok, texts, block_size):

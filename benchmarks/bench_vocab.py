@@ -7,7 +7,7 @@ prints one row per (pair, mode, provider): the C++ map over the whole vocabulary
 for exact matching, and a brute-force pure-Python minimum-edit-distance search timed on a sample
 of the source tokens that need it and extrapolated to all of them. Targets on 2 cores: mined
 <= 30 s, exact <= 1 s. Under pytest (``pytest benchmarks/bench_vocab.py --benchmark-enable``)
-the same maps run through pytest-benchmark; both skip when ``fastfuse.vocabfiles`` is missing.
+the same maps run through pytest-benchmark; both skip when ``fastfuse.tokenizer_files`` is missing.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from fastfuse.vocab import VocabMap, reference_vocab_map
+from fastfuse.align.vocab_map import VocabMap, reference_vocab_map
 
 from _common import write_csv
 
@@ -27,8 +27,8 @@ LIMITS_S = {"exact": 1.0, "mined": 30.0}
 
 
 def surfaces(name: str):
-    from fastfuse.surface import token_surfaces
-    from fastfuse.vocabfiles import load_tokenizer
+    from fastfuse.align.surface import token_surfaces
+    from fastfuse.tokenizer_files import load_tokenizer
 
     return token_surfaces(load_tokenizer(name))
 
@@ -102,10 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--csv", help="also write the rows to this CSV file")
     args = ap.parse_args(argv)
     try:
-        import fastfuse.surface  # noqa: F401
-        import fastfuse.vocabfiles  # noqa: F401
+        import fastfuse.align.surface  # noqa: F401
+        import fastfuse.tokenizer_files  # noqa: F401
     except ImportError as e:
-        sys.exit(f"bench_vocab: needs fastfuse.vocabfiles and fastfuse.surface ({e})")
+        sys.exit(f"bench_vocab: needs fastfuse.tokenizer_files and fastfuse.align.surface ({e})")
     threads = [int(x) for x in args.threads.split(",")]
     rows = []
     for pair in args.pairs.split(","):
@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
 # ------------------------------------------------------------------ pytest-benchmark
 @pytest.fixture(scope="module")
 def llama_pair():
-    pytest.importorskip("fastfuse.vocabfiles")
-    pytest.importorskip("fastfuse.surface")
+    pytest.importorskip("fastfuse.tokenizer_files")
+    pytest.importorskip("fastfuse.align.surface")
     return surfaces(SRC), surfaces(TGT)
 
 

@@ -14,7 +14,7 @@ import itertools
 import json
 
 from fastfuse.demo import run_demo
-from fastfuse.divergences import DIVERGENCES, TAILS
+from fastfuse.loss.spec import DIVERGENCES, TAILS
 
 MIX = {"jsd": dict(beta=0.5), "skew_kl": dict(alpha=0.1), "skew_reverse_kl": dict(alpha=0.1)}
 

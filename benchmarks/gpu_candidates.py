@@ -2,8 +2,8 @@
 
     python benchmarks/gpu_candidates.py [--csv candidates.csv] [--table launch_tuned.json] [--tiny]
 
-Candidates (each exact under the interpreter, ``tests/test_candidates.py``; compiled without spills,
-``tests/test_kernels_compile.py``), all timed as ``fused_loss`` forward + backward, bf16, S = 2, K = 10:
+Candidates (each exact under the interpreter, ``tests/kernels/test_candidates.py``; compiled without spills,
+``tests/kernels/test_kernels_compile.py``), all timed as ``fused_loss`` forward + backward, bf16, S = 2, K = 10:
 
 * ``fused_ce``   -- ``fused_ce.CANDIDATES`` at N = 16384, V = 128256 (two passes) and V = 32000 (one block);
 * ``rescale``    -- ``fused_ce.RESCALES`` at N = 16384, V = 128256, ``backward(0.5)`` (a factor to apply)
@@ -34,7 +34,7 @@ from _common import CsvRows, cuda_timed, device_name, free_cuda  # noqa: E402
 from bench_loss import LM_WEIGHT, copy_bandwidth, make_inputs  # noqa: E402
 from fastfuse.kernels import divergence, fused_ce  # noqa: E402
 from fastfuse.kernels.launch import forced  # noqa: E402
-from fastfuse.loss import fused_loss  # noqa: E402
+from fastfuse.loss.logits_loss import fused_loss  # noqa: E402
 
 DIV_CASES = {"ce/bucket": dict(divergence="ce", tail="bucket"),
              "reverse_kl/renormalize": dict(divergence="reverse_kl", tail="renormalize"),

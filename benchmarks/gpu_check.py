@@ -5,7 +5,7 @@
 Steps, each a child process in its own process group (session), one after another:
 
 1. ``versions``          torch / triton / device;
-2. ``gpu_tests``         ``pytest -m gpu tests/test_gpu.py -v`` with ``-n auto`` (pytest-xdist) and a
+2. ``gpu_tests``         ``pytest -m gpu tests/kernels/test_gpu.py -v`` with ``-n auto`` (pytest-xdist) and a
                          per-test timeout (pytest-timeout) where installed, junit XML;
 3. ``loss_table``        ``fused_loss`` at N = 16384, V = 128256 first (then 32000), against the copy floor,
                          Liger and the torch providers (``gpu_loss.py --quick``);
@@ -29,7 +29,7 @@ Then commit ``RESULTS.md`` over ``benchmarks/RESULTS.md`` and ``launch_tuned.jso
 ``kernels/launch_tuned.json``, the numbers of ``summary.md`` in the message.
 
 ``--dry-run``: the same steps on CPU under ``TRITON_INTERPRET=1`` at tiny shapes (the kernels run in the
-interpreter; timings are meaningless), default deadline 240 s: what CI runs (``tests/test_gpu_check.py``).
+interpreter; timings are meaningless), default deadline 240 s: what CI runs (``tests/kernels/test_gpu_check.py``).
 The register tables (``kernel_resources.py``: an ahead-of-time compile, no GPU needed) run in CI.
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ GRACE_S = 3.0           # between SIGTERM and SIGKILL of a step's group
 def steps(out: str, dry: bool, py: str) -> list[tuple[str, list[str]]]:
     """``(name, argv)`` of every step, in order."""
     tiny = ["--tiny"] if dry else []
-    tests = [py, "-m", "pytest", "test_gpu.py", "-m", "gpu", "-v", "-p", "no:cacheprovider", "-rfs",
+    tests = [py, "-m", "pytest", "kernels/test_gpu.py", "-m", "gpu", "-v", "-p", "no:cacheprovider", "-rfs",
              f"--junitxml={out}/gpu_tests.xml"]
     if importlib.util.find_spec("xdist"):
         tests += ["-n", "auto"]
@@ -198,7 +198,7 @@ def source_env(py: str, env: dict) -> tuple[dict, str | None]:
     """Where fastfuse is not importable as installed (a fresh GPU machine: no C++ core built), a
     scratch folder holding ``fastfuse/`` (links to the source files) and ``kernels/`` as
     ``fastfuse.kernels`` -- what the wheel maps -- goes first on PYTHONPATH."""
-    ok = subprocess.run([py, "-c", "import fastfuse.loss, fastfuse.kernels.fused_ce"], cwd=os.path.join(ROOT, "tests"),
+    ok = subprocess.run([py, "-c", "import fastfuse.loss.logits_loss, fastfuse.kernels.fused_ce"], cwd=os.path.join(ROOT, "tests"),
                         env=env, capture_output=True).returncode == 0
     if ok:
         return env, None

@@ -1,4 +1,4 @@
-"""One-shot GPU check of ``fastfuse.fused_linear_loss``: the ``gpu`` tests of ``tests/test_gpu.py``
+"""One-shot GPU check of ``fastfuse.fused_linear_loss``: the ``gpu`` tests of ``tests/kernels/test_gpu.py``
 that concern it (float64 reference of ``fused_loss(hidden @ W.T + b)`` on small shapes, fp32/bf16/
 fp16, bias, reductions, chunk sizes, 32k and 128k vocabularies; the benchmark shape N = 8192,
 H = 4096, V = 128256 bf16 against the naive bf16 path and an fp32 one, with the memory bound), then
@@ -23,7 +23,7 @@ from gpu_loss import run_gpu_tests  # noqa: E402  (importing gpu_loss sets fastf
 
 import torch  # noqa: E402
 
-from fastfuse.linear_loss import fused_linear_loss  # noqa: E402
+from fastfuse.loss.linear_loss import fused_linear_loss  # noqa: E402
 
 def chunk_sweep(N=8192, H=4096, V=128256, iters=5):
     from _common import median_run

@@ -1,4 +1,4 @@
-"""One-shot GPU check of ``fastfuse.fused_loss``: the ``gpu`` tests of ``tests/test_gpu.py`` that
+"""One-shot GPU check of ``fastfuse.fused_loss``: the ``gpu`` tests of ``tests/kernels/test_gpu.py`` that
 concern it (float64 reference on fresh random inputs, fp32/bf16/fp16, 128k vocabularies, edge
 cases, N*V > 2**31, strided in-place views, fp16 loss scale, determinism, no host sync), then the
 benchmark table of ``bench_loss.py``. Meant for a single call on a CUDA machine, a few minutes:
@@ -27,7 +27,7 @@ def _bootstrap():
     ``fastfuse/kernels`` -- what the wheel build maps."""
     try:
         import fastfuse.kernels.fused_ce  # noqa: F401
-        import fastfuse.loss  # noqa: F401
+        import fastfuse.loss.logits_loss  # noqa: F401
         return
     except ImportError:
         for name in [m for m in sys.modules if m == "fastfuse" or m.startswith("fastfuse.")]:
@@ -54,12 +54,12 @@ import torch  # noqa: E402
 
 
 def run_gpu_tests(select: str, out_dir: str = None) -> bool:
-    """The GPU correctness checks are the ``gpu`` tests of ``tests/test_gpu.py`` (one copy, the
-    tolerances of :func:`fastfuse.reference.tolerance`): run those matching ``select`` with pytest in
+    """The GPU correctness checks are the ``gpu`` tests of ``tests/kernels/test_gpu.py`` (one copy, the
+    tolerances of :func:`fastfuse.testing.tolerance`): run those matching ``select`` with pytest in
     a subprocess (this script does not import pytest), junit XML to ``out_dir`` if given."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "pytest", "test_gpu.py", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-k", select]
+    cmd = [sys.executable, "-m", "pytest", "kernels/test_gpu.py", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-k", select]
     if out_dir:
         cmd.append(f"--junitxml={os.path.join(out_dir, 'pytest_' + select.split()[-1] + '.xml')}")
     # run from tests/: "python -m" puts the working directory first on the path, and the source

@@ -38,10 +38,10 @@ import gpu_loss  # noqa: E402,F401  (sets fastfuse up: installed, or the source 
 from _common import CsvRows, cuda_timed, device_name, free_cuda  # noqa: E402
 from bench_linear_loss import make_inputs  # noqa: E402  (the same inputs as the one-GPU table)
 
-from fastfuse.linear_loss import default_chunk_tokens, fused_linear_loss  # noqa: E402
-from fastfuse.loss import fused_loss  # noqa: E402
+from fastfuse.loss.linear_loss import default_chunk_tokens, fused_linear_loss  # noqa: E402
+from fastfuse.loss.logits_loss import fused_loss  # noqa: E402
 from fastfuse.testing import LINEAR_REL_TOL  # noqa: E402
-from fastfuse.vocab_parallel import ROUND_BYTES  # noqa: E402
+from fastfuse.loss.parallel.losses import ROUND_BYTES  # noqa: E402
 
 S, K, LM_WEIGHT = 2, 10, 0.9
 

@@ -1,6 +1,6 @@
 """Registers and spills of every kernel launch fused_loss / fused_linear_loss would make on an
 H100 (sm_90a), and of every launch candidate a GPU run compares, compiled ahead of time on this
-machine (no GPU needed; CI runs it: ``tests/test_kernel_resources.py``).
+machine (no GPU needed; CI runs it: ``tests/kernels/test_kernel_resources.py``).
 
     python benchmarks/kernel_resources.py
 
@@ -15,7 +15,8 @@ import sys
 import torch
 import triton
 
-from fastfuse.kernels import aot, divergence, fused_ce
+from fastfuse.kernels import divergence, fused_ce
+from fastfuse.testing import aot
 from fastfuse.kernels.launch import forced
 
 
@@ -32,7 +33,7 @@ def launches():
             for kernel, args, kwargs in launches:
                 if kernel is fused_ce.fused_ce_kernel:
                     yield f"fused_loss V=128256, forced {name}", dtype, kernel, args, kwargs
-    from fastfuse.divergences import make_spec
+    from fastfuse.loss.spec import make_spec
     for name in divergence.LAUNCHES:
         for div, tail in (("jsd", "uniform"), ("reverse_kl", "renormalize")):
             with forced("divergence", name):

@@ -18,7 +18,7 @@ Three 7-8B teachers of three tokenizer families into a 1B student on one machine
         --corpus corpus.jsonl --heldout heldout.jsonl --work run/ --nproc 8 --block-size 2048 --k 10 \\
         --batch-size 4 --grad-accum 8 --lr 1e-5 --epochs 1 --fsdp
 
-CI (tests/test_fuse_hf_example.py) runs exactly this on tiny random models saved to disk with the real
+CI (tests/integrations/test_fuse_hf_example.py) runs exactly this on tiny random models saved to disk with the real
 tokenizers of four families, on CPU: only the model paths and sizes differ.
 
 Loss settings: ``--lm-weight`` and ``--temperature`` default to the demo's measured defaults

@@ -53,8 +53,8 @@ def batches(tok, texts: list[str], batch_size: int, length: int, seed: int):
 def main(argv=None) -> dict:
     import fastfuse
     from fastfuse.corpus import python_docs
-    from fastfuse.online_policy import on_policy_batch
-    from fastfuse.vocabfiles import load_tokenizer
+    from fastfuse.integrations.on_policy import on_policy_batch
+    from fastfuse.tokenizer_files import load_tokenizer
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=20)

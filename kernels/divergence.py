@@ -1,7 +1,7 @@
 """Triton kernel: one row of any divergence x tail x student transform, loss and gradient.
 
-The row math of ``fastfuse/divergence_rows.py`` (its docstring has the derivation) in one program
-per row ``n = b * T + t``, for every non-default :class:`fastfuse.divergences.DivergenceSpec`
+The row math of ``fastfuse/loss/torch_rows.py`` (its docstring has the derivation) in one program
+per row ``n = b * T + t``, for every non-default :class:`fastfuse.loss.spec.DivergenceSpec`
 (the default, FuseLLM's CE, keeps the original ``fused_ce.py`` kernel bit for bit):
 
 1. pass 1 over the row in ``BLOCK_V`` chunks, per-lane online statistics of the transformed
@@ -33,7 +33,7 @@ from .launch import forced_config, tuned
 CE, FKL, RKL, JSD, SKL, SRKL, TVD = range(7)
 RENORMALIZE, UNIFORM, BUCKET = range(3)
 
-# launches by name: "generic" is fastfuse.rows.GENERIC_LAUNCH (today's); the others are candidates a
+# launches by name: "generic" is fastfuse.loss.row_runner.GENERIC_LAUNCH (today's); the others are candidates a
 # GPU compares (benchmarks/gpu_candidates.py): the chunk loops (pass 1, tail pass, gradient)
 # software-pipelined 3-5 deep. A forced name (launch.forced("divergence", ...)) or a GPU run's
 # winner (launch_tuned.json, CUDA only) replaces the launch divergence_rows is given.
@@ -361,7 +361,6 @@ def divergence_rows(logits, grad, tids, q, R, labels, ignore_index: int, scale, 
     mix = spec.mix if spec.mix > 0 else 0.5
     tau = spec.student_temperature
     transform = 2 if spec.softcap else (1 if spec.logit_scale != 1.0 else 0)
-    from fastfuse.divergence_rows import needs_tail_pass
     divergence_kernel[(B * T,)](
         logits, logits.stride(0), logits.stride(1), grad, grad.stride(0), grad.stride(1),
         tids, q, R, labels.reshape(-1).contiguous(), loss, scale, 0 if scale.numel() == 1 else 1,
@@ -369,7 +368,7 @@ def divergence_rows(logits, grad, tids, q, R, labels, ignore_index: int, scale, 
         float(lm_weight), (1.0 - lm_weight) * spec.div_weight, (1.0 - lm_weight) * spec.div_weight / tau,
         1.0 / tau, mix, math.log(mix), math.log1p(-mix), spec.logit_scale, spec.softcap or 1.0,
         DIV=spec.div_code, TAIL=spec.tail_code, TRANSFORM=transform, TEMPERED=tau != 1.0,
-        TAIL_PASS=needs_tail_pass(spec), BLOCK_V=min(block_v, max(16, triton.next_power_of_2(V))),
+        TAIL_PASS=spec.needs_tail_pass, BLOCK_V=min(block_v, max(16, triton.next_power_of_2(V))),
         BLOCK_E=max(2, triton.next_power_of_2(E)), COMPUTE_GRAD=bool(compute_grad), NUM_STAGES=num_stages,
         num_warps=num_warps,
     )

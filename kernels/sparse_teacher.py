@@ -51,7 +51,7 @@ def _source_entries(si, n, b, N, Ts, K, Vs, V, ids_ptr, lp_ptr, pos_ptr, vocab_p
         # the missing mass 1 - sum(kept probabilities) is one more outcome, tempered with them
         kept = tl.sum(tl.where(valid, tl.exp(lp_raw), 0.0), axis=0)
         missing = tl.maximum(1.0 - kept, 0.0)
-        # below fastfuse.reference.TAIL_EPS the missing mass is rounding, not mass
+        # below fastfuse.loss.reference.TAIL_EPS the missing mass is rounding, not mass
         lt = tl.log(tl.where(missing < 1e-5, 0.0, missing)) / temperature
         mx = tl.maximum(mx, lt)
     e = tl.where(valid, tl.exp(x - tl.where(has, mx, 0.0)), 0.0)
@@ -126,7 +126,7 @@ def sparse_teacher(ids, logprobs, pos, vocab, labels, weights, lm_weight: float,
     target vocabulary size (mapped ids and labels outside ``[0, V)`` are dropped).
     Returns tids int32 ``[N, S*K + 1]`` and coefs float32 ``[N, S*K + 1]``. With ``tail`` (a
     float32 ``[N]`` tensor) the sources keep their missing mass as one more tempered outcome
-    (``fastfuse.reference.teacher_tail_mass``) and the fused ``R = sum_s w_s r_s`` goes to ``tail``."""
+    (``fastfuse.loss.reference.teacher_tail_mass``) and the fused ``R = sum_s w_s r_s`` goes to ``tail``."""
     import torch
 
     S, B, Ts, K = ids.shape

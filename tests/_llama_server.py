@@ -18,7 +18,7 @@ MODEL_ALIAS = "tiny-llama"
 def tiny_llama(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2):
     """A random Llama over ``tokenizer``'s vocabulary with peaked next-token distributions. Byte-fallback
     and control tokens get zero output rows: a trained SentencePiece model gives them next to nothing,
-    and a server that names tokens by text cannot tell ``<0x61>`` from ``a`` (fastfuse.token_strings)."""
+    and a server that names tokens by text cannot tell ``<0x61>`` from ``a`` (fastfuse.teachers.served_tokens)."""
     import torch
     import transformers
 
@@ -44,7 +44,7 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def write_gguf(model, vocab_gguf: str, path: str) -> None:
     """``model`` (LlamaForCausalLM, fp32) as a GGUF file; the tokenizer fields are copied from the
-    vocabulary-only GGUF of the same tokenizer (fastfuse.vocabfiles.gguf_path)."""
+    vocabulary-only GGUF of the same tokenizer (fastfuse.tokenizer_files.gguf_path)."""
     import gguf
 
     cfg = model.config

@@ -1,4 +1,4 @@
-"""torchrun entry for tests/test_vocab_parallel.py: every case of one world size in one process group
+"""torchrun entry for tests/loss/test_vocab_parallel.py: every case of one world size in one process group
 (process start-up dominates), each rank checking its vocabulary-parallel results against the
 one-process float64 loss, and writing ``OUT/rank-R.json``: ``{case: "ok" | error text}``.
 
@@ -161,8 +161,8 @@ def run_dtensor(pg, rank, world, spec, reduction, seed):
 @contextlib.contextmanager
 def small_pieces():
     """Several collective rounds per fused_loss call and several stage slices per round, at these sizes."""
-    import fastfuse.vocab_parallel as vp
-    import fastfuse.vocab_parallel_rows as vpr
+    import fastfuse.loss.parallel.losses as vp
+    import fastfuse.loss.parallel.stages as vpr
 
     old = vp.ROUND_BYTES, vpr.SLICE_ELEMS
     vp.ROUND_BYTES, vpr.SLICE_ELEMS = 3 * 19 * 8, 40        # 3-4 rows per round, 2-3 rows per slice

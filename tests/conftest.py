@@ -14,7 +14,7 @@ REQUIRED_FAMILIES = ["llama-spm", "llama-bpe", "qwen2", "gpt-2", "mpt"]
 
 @functools.lru_cache(maxsize=None)
 def _load(name: str):
-    from fastfuse.vocabfiles import load_tokenizer
+    from fastfuse.tokenizer_files import load_tokenizer
 
     return load_tokenizer(name)
 
@@ -22,7 +22,7 @@ def _load(name: str):
 @pytest.fixture(scope="session")
 def vocab_dir():
     """Directory with llama.cpp's ggml-vocab-* files (downloads and checks the sdist once)."""
-    from fastfuse.vocabfiles import ensure_vocab_files
+    from fastfuse.tokenizer_files import ensure_vocab_files
 
     return ensure_vocab_files()
 

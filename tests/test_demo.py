@@ -64,7 +64,7 @@ def test_per_source_figures_are_looked_up_by_name(real_tokenizer, tmp_path):
     """The demo's sources are defined in an order ("prose", "code") that their names do not sort in: every
     per-source figure must still be that source's (a dataset of the source alone gives the same figure)."""
     from fastfuse.corpus import pad_token_id
-    from fastfuse.data import FusionDataset
+    from fastfuse.batches.dataset import FusionDataset
 
     assert list(demo.SOURCES) != sorted(demo.SOURCES)
     f = demo.run_demo(size="tiny", seed=2, workdir=str(tmp_path), progress=False, log=lambda *_: None)
@@ -101,7 +101,7 @@ def test_several_seeds_report_mean_sd_and_wins(tmp_path, capsys):
 
 
 def test_cli_registration_and_argument_errors():
-    from fastfuse.data import FUSIONS
+    from fastfuse.batches.dataset import FUSIONS
 
     args = build_parser().parse_args(["demo", "--size", "tiny", "--lm-weight", "0.3"])
     assert args.func.__module__ == "fastfuse.cli.demos" and demo_cli.demo_overrides(args) == {"lm_weight": 0.3}

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 
 from fastfuse.cli import main as cli_main  # noqa: E402
 from fastfuse.corpus import iter_corpus  # noqa: E402
-from fastfuse.data import FusionCollator  # noqa: E402
+from fastfuse.batches.dataset import FusionCollator  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- 8: text that is not text
@@ -27,7 +27,7 @@ def test_lone_surrogate_and_non_utf8_name_where(tmp_path, real_tokenizer):
     latin.write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(ValueError, match="latin.txt: not UTF-8 text"):
         list(iter_corpus([latin]))
-    from fastfuse.align import align_texts
+    from fastfuse.align.spans import align_texts
     tok = real_tokenizer("gpt-2")
     with pytest.raises(ValueError, match=r"texts\[0\]: not valid Unicode"):
         align_texts(tok, tok, ["\ud800"])
@@ -129,7 +129,7 @@ def test_trainer_checks_its_arguments_up_front(tmp_path, kw, err, says):
 
 def test_shard_meta_written_by_json_is_read_back(tmp_path):
     # the JSON the writer produces passes the reader's shape checks (no false alarms)
-    from fastfuse.shards import ShardReader, ShardWriter
+    from fastfuse.teachers.shards import ShardReader, ShardWriter
 
     w = ShardWriter(tmp_path, {"source_name": "s", "model": "m", "tokenizer_fingerprint": "f", "tokenizer_size": 5,
                                "vocab_size": 5, "k": 2, "block_size": 4, "token_budget": 4, "shard_size": 1,

@@ -24,7 +24,7 @@ WORKER = textwrap.dedent(r'''
     import torch
     from hypothesis import HealthCheck, given, settings, strategies as st
     import fastfuse
-    from fastfuse.reference import random_inputs
+    from fastfuse.testing import random_inputs
 
     BAD = st.one_of(
         st.sampled_from([None, True, -1, 0, 2**31, 2**40, 2**64, -2**63, float("nan"), float("inf"), -0.5, 1.5,
@@ -179,7 +179,7 @@ def served_setup(real_tokenizer, corpus):
 
 
 def served_run(url, tok, texts, out, **kw):
-    from fastfuse.served import extract_served
+    from fastfuse.teachers.served import extract_served
 
     return extract_served(url, "stub", tok, texts, out, **kw)
 
@@ -191,7 +191,7 @@ def test_served_deadline_bounds_the_whole_request(tmp_path, real_tokenizer, corp
     import time
 
     from _hostile_server import HostileServer
-    from fastfuse.served import ServerError
+    from fastfuse.teachers.served import ServerError
 
     tok, texts, kw = served_setup(real_tokenizer, corpus)
     t0 = time.monotonic()
@@ -231,7 +231,7 @@ def test_served_impossible_values_are_refused(tmp_path, real_tokenizer, corpus, 
 @pytest.mark.parametrize("modes", [["status_500"], ["status_500", "status_502", "status_599"], ["status_503"]])
 def test_served_5xx_on_the_first_request_is_retried(tmp_path, real_tokenizer, corpus, modes):
     from _hostile_server import HostileServer
-    from fastfuse.shards import ShardReader
+    from fastfuse.teachers.shards import ShardReader
 
     tok, texts, kw = served_setup(real_tokenizer, corpus)
     with HostileServer(len(tok), modes) as s:
@@ -309,9 +309,9 @@ def test_served_extraction_splits_by_rank(tmp_path, real_tokenizer, corpus, monk
 
     from _hostile_server import HostileServer
     from fastfuse.cli import main as cli_main
-    from fastfuse.extract import rank_partition
-    from fastfuse.shard_parts import PartsReader, open_shards, part_name
-    from fastfuse.shards import ShardReader
+    from fastfuse.teachers.local_extract import rank_partition
+    from fastfuse.teachers.rank_parts import PartsReader, open_shards, part_name
+    from fastfuse.teachers.shards import ShardReader
 
     tok = real_tokenizer("llama-spm")
     data = tmp_path / "in.jsonl"
@@ -360,8 +360,8 @@ def test_rank_parts_from_other_corpora_are_refused(tmp_path, real_tokenizer, cor
 
     from _hostile_server import HostileServer
     from fastfuse.cli import main as cli_main
-    from fastfuse.corpus_align import align_corpus
-    from fastfuse.shard_parts import open_shards, part_name
+    from fastfuse.batches.corpus_align import align_corpus
+    from fastfuse.teachers.rank_parts import open_shards, part_name
 
     tok, tgt = real_tokenizer("llama-spm"), real_tokenizer("gpt-2")
     a = [corpus[i][:120] for i in range(6)]
@@ -419,8 +419,8 @@ def test_vllm_outputs_bad_values(tmp_path, real_tokenizer, corpus, kind):
     a numpy array of prompt ids is read like a list."""
     import copy
 
-    from fastfuse.shards import ShardReader
-    from fastfuse.vllm_outputs import vllm_prompts, write_vllm_outputs
+    from fastfuse.teachers.shards import ShardReader
+    from fastfuse.teachers.vllm_outputs import vllm_prompts, write_vllm_outputs
 
     tok = real_tokenizer("llama-spm")
     texts = [corpus[i][:150] for i in range(3)]
@@ -464,7 +464,7 @@ def test_served_extraction_under_torchrun(tmp_path, real_tokenizer, corpus):
     import json
 
     from _hostile_server import HostileServer
-    from fastfuse.shard_parts import open_shards
+    from fastfuse.teachers.rank_parts import open_shards
 
     tok = real_tokenizer("llama-spm")
     data = tmp_path / "in.jsonl"
@@ -486,7 +486,7 @@ def test_served_extraction_under_torchrun(tmp_path, real_tokenizer, corpus):
 
 def test_completion_client_never_shows_a_credential():
     """Every spelling of every credential (a token as the user name too) is redacted; the recorded URL has none."""
-    from fastfuse.completion_client import CompletionClient
+    from fastfuse.teachers.completion_client import CompletionClient
 
     for url, key, creds in (("http://TOKEN-abc@127.0.0.1:9", None, ["TOKEN-abc"]),
                             ("https://u:p%40ss-x@example.com/proxy/v1/", "sk-1", ["p@ss-x", "p%40ss-x", "sk-1"])):

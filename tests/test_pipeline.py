@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from fastfuse.align import TokenizerOffsets
-from fastfuse.chunking import split_corpus
-from fastfuse.corpus_align import AlignedStore, align_corpus
-from fastfuse.data import FusionDataset
+from fastfuse.align.spans import TokenizerOffsets
+from fastfuse.align.chunking import split_corpus
+from fastfuse.batches.corpus_align import AlignedStore, align_corpus
+from fastfuse.batches.dataset import FusionDataset
 from fastfuse.corpus import source_sequences
-from fastfuse.extract import extract_topk
-from fastfuse.loss import fused_loss
-from fastfuse.surface import token_surfaces
+from fastfuse.teachers.local_extract import extract_topk
+from fastfuse.loss.logits_loss import fused_loss
+from fastfuse.align.surface import token_surfaces
 
 K = 5
 TARGET, SOURCES = "llama-spm", ("gpt-2", "llama-bpe")

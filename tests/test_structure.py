@@ -1,9 +1,11 @@
-"""The package's shape, read from its source: no import cycles, Hugging Face code only where it
-belongs, no private names across modules, small files. Imports inside functions count as edges
-too: a cycle held together by a lazy import is still a cycle."""
+"""The package's shape, read from its source: layers whose imports point down, no import cycles,
+Hugging Face code only where it belongs, no private names across modules, small files. Imports
+inside functions count as edges too: a cycle held together by a lazy import is still a cycle."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,20 @@ def module_files() -> dict[str, Path]:
 
 MODULES = module_files()
 COMPILED = {"fastfuse._C"}     # the C++ core: a module without a .py file
+# The layers, bottom first (docs/DESIGN.md "Layers"): a module imports only its own layer or a lower one.
+LAYERS = (
+    ("fastfuse", "fastfuse._C", "fastfuse.extras", "fastfuse.storage", "fastfuse.corpus", "fastfuse.batch",
+     "fastfuse.tokenizer_files", "fastfuse.kernels"),
+    ("fastfuse.align",),
+    ("fastfuse.teachers",),
+    ("fastfuse.batches",),
+    ("fastfuse.loss",),
+    ("fastfuse.testing",),
+    ("fastfuse.integrations",),
+    ("fastfuse.demo",),
+    ("fastfuse.cli", "fastfuse.__main__"),
+)
+MAX_TOP_LEVEL = 12
 
 
 def is_package(name: str) -> bool:
@@ -86,6 +102,74 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         if n not in state and (c := visit(n)):
             return c
     return None
+
+
+def layer_of(module: str) -> int:
+    """The layer of ``module``: the one whose longest prefix matches it."""
+    best = (-1, -1)
+    for i, prefixes in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > best[1]:
+                best = (i, len(p))
+    assert best[0] >= 0, f"{module} is in no layer: add it to LAYERS"
+    return best[0]
+
+
+def test_imports_point_down():
+    up = [f"{m} (layer {layer_of(m)}) imports {e} (layer {layer_of(e)})"
+          for m in sorted(MODULES) for e in sorted(edges(m)) if layer_of(e) > layer_of(m)]
+    assert not up, "\n".join(up)
+
+
+def test_layer_finder():
+    assert layer_of("fastfuse.loss.parallel.stages") == layer_of("fastfuse.loss") > layer_of("fastfuse.batches")
+    assert layer_of("fastfuse.batch") == 0 < layer_of("fastfuse.batches.dataset")
+
+
+def test_top_level_is_small():
+    top = [m for m in MODULES if m.count(".") == 1 and not is_package(m)]
+    assert len(top) <= MAX_TOP_LEVEL, sorted(top)
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("fastfuse.align")))
+def test_alignment_is_torch_free(module):
+    tree = ast.parse(MODULES[module].read_text())
+    for node in module_level_nodes(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        assert not any(n.split(".")[0] == "torch" for n in names), \
+            f"{module} imports torch at module level (line {node.lineno})"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("fastfuse.kernels")))
+def test_kernels_import_only_triton_torch_and_themselves(module):
+    allowed = ("triton", "torch", "math", "fastfuse.kernels", "__future__", "typing", "contextlib",
+               "contextvars", "functools", "json", "os")
+    for src, _, _, node in imports(module):
+        assert src == module or src.startswith(allowed), f"{module}:{node.lineno} imports {src}"
+
+
+BATCH_WITHOUT_LOSS = """
+import sys
+import numpy as np
+from fastfuse import FusionCollator
+rng = np.random.default_rng(0)
+maps = [rng.integers(-1, 20, n).astype(np.int32) for n in (30, 40)]
+ex = {"input_ids": rng.integers(0, 20, 6), "ce": np.ones(2, np.float32),
+      "topk_ids": [rng.integers(0, n, (5, 3)).astype(np.int32) for n in (30, 40)],
+      "topk_logprobs": [np.full((5, 3), -1.5, np.float16) for _ in range(2)],
+      "pos": [rng.integers(-1, 5, 6).astype(np.int32) for _ in range(2)]}
+batch = FusionCollator(maps, 0, pin_memory=False)([ex, ex])
+assert batch["source_topk"].ids.shape[:2] == (2, 2), batch["source_topk"].ids.shape
+print(sorted(m for m in sys.modules if m.startswith("fastfuse.")))
+"""
+
+
+def test_building_a_batch_loads_no_loss_module():
+    out = subprocess.run([sys.executable, "-c", BATCH_WITHOUT_LOSS], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded = out.stdout.strip()
+    assert "fastfuse.batches.dataset" in loaded and "fastfuse.loss" not in loaded, loaded
 
 
 def test_no_import_cycle():
@@ -180,3 +264,11 @@ def test_compiled_core_stub_matches_the_module():
         got = [p.split(":")[0].strip() for p in sig[sig.index("(") + 1: sig.rindex(")")].split(", ") if p]
         assert got == params, (name, got, params)
         assert inspect.isbuiltin(getattr(_C, name))
+
+
+def test_loss_options_are_make_specs_parameters():
+    import inspect
+
+    from fastfuse.loss.spec import LOSS_OPTIONS, make_spec
+
+    assert LOSS_OPTIONS == tuple(inspect.signature(make_spec).parameters)

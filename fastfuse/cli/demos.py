@@ -6,10 +6,10 @@ import json
 import os
 from pathlib import Path
 
-from fastfuse.divergences import DIVERGENCES, TAILS      # torch-free: --help stays fast
+from fastfuse.loss.spec import DIVERGENCES, TAILS      # torch-free: --help stays fast
 from fastfuse.extras import require
 
-FUSIONS = ("min_ce", "avg_ce", "min_ce_norm", "avg_ce_norm", "equal", "token")   # fastfuse.data.FUSIONS (torch)
+FUSIONS = ("min_ce", "avg_ce", "min_ce_norm", "avg_ce_norm", "equal", "token")   # fastfuse.batches.dataset.FUSIONS (torch)
 
 PRESET_NAMES = ("tiny", "small", "large")     # fastfuse.demo.PRESETS (not imported: --help stays torch-free)
 OVERRIDES = ("src_steps", "tgt_steps", "lm_weight", "temperature")

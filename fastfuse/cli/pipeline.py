@@ -7,12 +7,12 @@ from pathlib import Path
 
 from fastfuse.cli.errors import CommandError
 from fastfuse.cli.ranks import add_rank_flags, rank_and_world, rank_device
-from fastfuse.extract import DEFAULT_BLOCK_SIZE, DEFAULT_K, DEFAULT_SHARD_SIZE, DEFAULT_TOKEN_BUDGET
+from fastfuse.teachers.local_extract import DEFAULT_BLOCK_SIZE, DEFAULT_K, DEFAULT_SHARD_SIZE, DEFAULT_TOKEN_BUDGET
 
 
 def load_tokenizer_flag(flag: str, value: str):
     """``load_any_tokenizer(value)`` with its error stated in terms of ``flag``."""
-    from fastfuse.vocabfiles import load_any_tokenizer
+    from fastfuse.tokenizer_files import load_any_tokenizer
 
     try:
         return load_any_tokenizer(value)
@@ -46,8 +46,8 @@ def output_dir(value: str) -> Path:
 
 
 def _chunk(args: argparse.Namespace) -> dict:
-    from fastfuse.align import TokenizerOffsets
-    from fastfuse.chunking import split_document
+    from fastfuse.align.spans import TokenizerOffsets
+    from fastfuse.align.chunking import split_document
     from fastfuse.corpus import iter_corpus
     from fastfuse.storage import atomic_write
 
@@ -73,7 +73,7 @@ def _extract(args: argparse.Namespace) -> dict:
         return _extract_served(args)
     from transformers import AutoModelForCausalLM
 
-    from fastfuse.extract import extract_topk
+    from fastfuse.teachers.local_extract import extract_topk
 
     if args.model is None:
         raise CommandError("--model: required (or --server URL with --served-model NAME)")
@@ -105,7 +105,7 @@ _SERVED_FLAGS = {"server_url": "--server", "served_model": "--served-model", "ap
 def _extract_served(args: argparse.Namespace) -> dict:
     import os
 
-    from fastfuse.served import extract_served
+    from fastfuse.teachers.served import extract_served
 
     if args.model is not None:
         raise CommandError("--model: not used with --server (the server holds the model)")
@@ -118,7 +118,7 @@ def _extract_served(args: argparse.Namespace) -> dict:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise CommandError(f"--api-key-env: the environment variable {args.api_key_env!r} is not set or empty")
-    from fastfuse.completion_client import check_timeout
+    from fastfuse.teachers.completion_client import check_timeout
 
     try:
         check_timeout(args.timeout)
@@ -136,7 +136,7 @@ def _extract_served(args: argparse.Namespace) -> dict:
                                max_retries=args.max_retries,
                                prompt_format=args.prompt_format, source_name=args.source_name,
                                progress=not args.quiet, text_field=args.text_field, rank=rank, world_size=world)
-    except (ValueError, ConnectionError) as e:  # ConnectionError: fastfuse.served.ServerError
+    except (ValueError, ConnectionError) as e:  # ConnectionError: fastfuse.teachers.served.ServerError
         name, _, rest = str(e).partition(": ")
         if name in _SERVED_FLAGS:
             raise CommandError(f"{_SERVED_FLAGS[name]}: {rest}") from e
@@ -160,7 +160,7 @@ def parse_source(spec: str) -> tuple[str, str, str]:
 
 
 def _align(args: argparse.Namespace) -> dict:
-    from fastfuse.corpus_align import align_corpus, check_source_name
+    from fastfuse.batches.corpus_align import align_corpus, check_source_name
 
     output_dir(args.out)
     if args.workers < 1:
@@ -209,7 +209,7 @@ def add_extract(subparsers) -> None:
                                           "(resumes an interrupted run in the same --out directory).")
     p.add_argument("--model", default=None, help="local Hugging Face model directory (not with --server)")
     p.add_argument("--tokenizer", default=None,
-                   help="fastfuse.vocabfiles name or local tokenizer path (default: the model directory)")
+                   help="fastfuse.tokenizer_files name or local tokenizer path (default: the model directory)")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE",
                    help="corpus files: .jsonl (one JSON object with a text field per line) or text (one document each)")
     p.add_argument("--out", required=True, help="output directory (one per source)")

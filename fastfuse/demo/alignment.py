@@ -14,10 +14,10 @@ def measure_alignment(target: str = DEFAULT_TARGET, sources=DEFAULT_SOURCES, mod
     (1-to-1 aligned positions, aligned and vocabulary-mapped, vocabulary map rates, seconds)."""
     from tqdm import tqdm
 
-    from fastfuse.align import TokenizerOffsets, align_offsets_batch
+    from fastfuse.align.spans import TokenizerOffsets, align_offsets_batch
     from fastfuse.corpus import python_docs
-    from fastfuse.vocab import VocabMap
-    from fastfuse.vocabfiles import load_tokenizer
+    from fastfuse.align.vocab_map import VocabMap
+    from fastfuse.tokenizer_files import load_tokenizer
 
     texts = python_docs(max_docs)
     t0 = time.perf_counter()

@@ -67,8 +67,8 @@ def load_or_pretrain(model, ckpt: Path, key: str, device, pretrain) -> list[floa
 def check_settings(settings: dict, what: str) -> dict:
     """``settings`` (a fused target's: ``fusion``, ``lm_weight``, ``temperature`` and ``fused_loss``'s
     divergence options) validated, with the defaults of :data:`DEFAULT_FUSED` filled in."""
-    from fastfuse.data import FUSIONS
-    from fastfuse.divergences import make_spec
+    from fastfuse.batches.dataset import FUSIONS
+    from fastfuse.loss.spec import make_spec
 
     merged = {**DEFAULT_FUSED, **settings}
     train, loss = split_settings(merged)
@@ -93,11 +93,11 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
     reported as ``variant <name>``."""
     import torch
 
-    from fastfuse.chunking import split_corpus
-    from fastfuse.corpus_align import align_corpus
-    from fastfuse.data import FusionDataset
-    from fastfuse.extract import extract_topk
-    from fastfuse.vocabfiles import load_tokenizer
+    from fastfuse.align.chunking import split_corpus
+    from fastfuse.batches.corpus_align import align_corpus
+    from fastfuse.batches.dataset import FusionDataset
+    from fastfuse.teachers.local_extract import extract_topk
+    from fastfuse.tokenizer_files import load_tokenizer
 
     if size not in PRESETS:
         raise ValueError(f"size: expected one of {sorted(PRESETS)}, got {size!r}")

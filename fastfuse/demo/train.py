@@ -121,7 +121,8 @@ def train_target(model, vocab: ModelVocab, dataset, collate_for, steps: int, pre
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    from fastfuse.loss import AlignMap, SourceTopK, fused_loss
+    from fastfuse.batch import AlignMap, SourceTopK
+    from fastfuse.loss.logits_loss import fused_loss
 
     train, loss_options = split_settings(mode or {})
     fused = bool(mode) and "label_smoothing" not in train
@@ -207,7 +208,7 @@ def weight_shares(dataset, collate, domains: list[str], temperature: float, batc
     (what the uniform tail spreads; it sets the label-smoothing control's strength)."""
     import torch
 
-    from fastfuse.reference import teacher_tail_mass
+    from fastfuse.loss.reference import teacher_tail_mass
 
     names = dataset.sources
     tot = {d: torch.zeros(len(names), dtype=torch.float64) for d in set(domains)}

@@ -17,9 +17,9 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import torch
 from torch import Tensor
 
-from fastfuse.linear_loss import fused_linear_loss
-from fastfuse.loss import AlignMap, SourceTopK
-from fastfuse.vocab_shards import is_dtensor
+from fastfuse.loss.linear_loss import fused_linear_loss
+from fastfuse.batch import AlignMap, SourceTopK
+from fastfuse.loss.parallel.layout import is_dtensor
 
 __all__ = ["causal_lm_fusion_loss", "backbone_and_head", "final_hidden_states", "unwrap_model", "logit_transform"]
 

@@ -1,6 +1,6 @@
 """Hugging Face model runners for ProFuser's inference mode: generate each source's responses
 (:func:`generate_responses`) and score them with a reward model (:class:`RewardScorer`); the scores
-become source weights through :func:`fastfuse.fusion.reward_weights`.
+become source weights through :func:`fastfuse.batches.fusion_weights.reward_weights`.
 """
 from __future__ import annotations
 

@@ -16,9 +16,9 @@ import torch
 from transformers import Trainer
 
 from fastfuse.integrations.hf import backbone_and_head, causal_lm_fusion_loss, logit_transform, unwrap_model
-from fastfuse.linear_loss import fused_linear_loss
-from fastfuse.loss import fused_loss
-from fastfuse.online_policy import OnPolicy
+from fastfuse.integrations.on_policy import OnPolicy
+from fastfuse.loss.linear_loss import fused_linear_loss
+from fastfuse.loss.logits_loss import fused_loss
 
 _LOSSES = ("linear", "logits")
 # the fields of a fastfuse.FusionDataset item that FusionCollator reads; Trainer's default
@@ -75,10 +75,10 @@ class FusionTrainer(Trainer):
             need only ``input_ids`` / ``attention_mask``; ones that already carry teacher fields are
             used as they are).
         on_policy: GKD's ``lambda``, the share of training batches that are on-policy
-            (:mod:`fastfuse.online_policy`): the student continues the batch's prompts, the teachers
+            (:mod:`fastfuse.integrations.on_policy`): the student continues the batch's prompts, the teachers
             score its tokens, the loss is the divergence alone (``lm_weight`` 0) on those tokens.
         on_policy_kwargs: ``prompt_tokens``, ``max_new_tokens``, ``temperature``, ``eos_token_id``
-            (:class:`fastfuse.online_policy.OnPolicy`).
+            (:class:`fastfuse.integrations.on_policy.OnPolicy`).
 
     ``compute_loss(..., return_outputs=True)`` (what ``Trainer.evaluate`` / ``predict`` call) takes
     the ``"logits"`` path whatever ``loss`` is, so the returned outputs are the model's own, with
