@@ -30,4 +30,4 @@ def test_readme_online_section_runs(vocab_dir):
     (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
-    assert math.isfinite(float(scope["loss"])) and isinstance(scope["teachers"].sources, list)
+    assert math.isfinite(scope["loss"].item()) and isinstance(scope["teachers"].sources, list)
