@@ -130,7 +130,8 @@ def topk_forward(model, seqs: list[np.ndarray], k: int, n_real: int, device, pad
     logits = forward_logits(model, ids_t, mask_t)
     r = topk_from_logits(logits, seqs, k, n_real, chunk_elems)
     del logits
-    return tuple(t.cpu().numpy() for t in r)  # type: ignore[return-value]
+    top_ids, top_logprobs, gold = (t.cpu().numpy() for t in r)
+    return top_ids, top_logprobs, gold
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +278,7 @@ def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: in
         (a NaN anywhere stops the run before its shard is written)."""
         seqs = [s.input_ids for s in buf]
         lens = np.array([len(s) for s in seqs], np.int64)
-        rows = [None] * len(buf)
+        rows: list[TopKRows | None] = [None] * len(buf)
         for batch in plan_batches(lens, token_budget):
             bi, bl, bg = topk_forward(model, [seqs[j] for j in batch], k, n_real, device, pad_id)
             check_finite(bl, bg, lens[batch], [buf[j].seq_index for j in batch], "model")
@@ -287,6 +288,7 @@ def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: in
                 rows[j] = TopKRows(bi[pos:pos + n], bl[pos:pos + n], bg[pos:pos + n])
                 pos += n
         for s, r in zip(buf, rows):
+            assert r is not None        # plan_batches covers every sequence
             run.add(s, r)
 
     buf: list[SourceSequence] = []
