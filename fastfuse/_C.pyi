@@ -1,5 +1,6 @@
 """Typed stub of ``fastfuse._C``, the compiled C++ core (csrc/; pybind11, numpy in and out, GIL released
-in the heavy loops). The Python modules ``align``, ``dtw`` and ``vocab`` are its public face."""
+in the heavy loops). ``fastfuse.align`` (``spans``, ``dtw``, ``vocab_map``) is its public face; ``_testing`` holds
+the hooks only the tests use."""
 from collections.abc import Sequence
 from typing import type_check_only
 
