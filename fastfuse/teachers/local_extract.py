@@ -130,14 +130,15 @@ def topk_forward(model, seqs: list[np.ndarray], k: int, n_real: int, device, pad
     logits = forward_logits(model, ids_t, mask_t)
     r = topk_from_logits(logits, seqs, k, n_real, chunk_elems)
     del logits
-    return tuple(t.cpu().numpy() for t in r)  # type: ignore[return-value]
+    top_ids, top_logprobs, gold = (t.cpu().numpy() for t in r)
+    return top_ids, top_logprobs, gold
 
 
 def topk_rows(model, seqs: list[np.ndarray], k: int, n_real: int, device, pad_id: int, token_budget: int,
               seq_index: list[int] | None = None, what: str = "model") -> list[TopKRows]:
     """:class:`TopKRows` of every sequence of ``seqs``, in the batches of :func:`plan_batches`
     (``token_budget``) through :func:`topk_forward`; ``ValueError`` (:func:`check_finite`) on a NaN.
-    The one top-k step of offline extraction and of online teachers (:mod:`fastfuse.online`): the
+    The one top-k step of offline extraction and of online teachers (:mod:`fastfuse.teachers.online_teachers`): the
     same sequences give the same batches, so the same bits. Call it under ``torch.inference_mode()``."""
     lens = np.array([len(s) for s in seqs], np.int64)
     seq_index = list(range(len(seqs))) if seq_index is None else seq_index
@@ -299,6 +300,7 @@ def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: in
         rows = topk_rows(model, [s.input_ids for s in buf], k, n_real, device, pad_id, token_budget,
                          [s.seq_index for s in buf])
         for s, r in zip(buf, rows):
+            assert r is not None        # plan_batches covers every sequence
             run.add(s, r)
 
     buf: list[SourceSequence] = []
