@@ -149,19 +149,19 @@ class OnlineTeachers:
         texts, tgt_ends = zip(*(self.target(ids) for ids in tgt)) if tgt else ((), ())
         secs = {"text": time.perf_counter() - t0, "tokenize": 0.0, "teacher": 0.0, "align": 0.0}
         B, S = len(tgt), len(self.sources)
-        out = [{"input_ids": ids, "topk_ids": [None] * S, "topk_logprobs": [None] * S, "pos": [None] * S,
+        out: list[dict[str, Any]] = [{"input_ids": ids, "topk_ids": [None] * S, "topk_logprobs": [None] * S, "pos": [None] * S,
                 "ce": np.full(S, np.nan, np.float32)} for ids in tgt]
         stats = {}
         for s, (name, teacher, offs) in enumerate(zip(self.sources, self.teachers, self.source_offsets)):
             t1 = time.perf_counter()
             src = self.tokenize(teacher.tokenizer, offs, list(texts))
             t2 = time.perf_counter()
-            have = [b for b in range(B) if src[b] is not None]
-            rows = teacher.score([src[b][0] for b in have], [texts[b] for b in have])
+            have = {b: enc for b, enc in enumerate(src) if enc is not None}
+            rows = teacher.score([enc[0] for enc in have.values()], [texts[b] for b in have])
             t3 = time.perf_counter()
             scored = [b for b, r in zip(have, rows) if r is not None]
             by_seq = dict(zip(have, rows))
-            aligned = align_offsets_batch([tgt_ends[b] for b in scored], [src[b][1] for b in scored],
+            aligned = align_offsets_batch([tgt_ends[b] for b in scored], [have[b][1] for b in scored],
                                           self.num_threads)
             pos = dict(zip(scored, (a.pos for a in aligned)))
             k = getattr(teacher, "k", 1)

@@ -120,8 +120,8 @@ class OnPolicy:
         if not callable(teachers) or not hasattr(teachers, "collator"):
             raise TypeError(f"teachers: expected a fastfuse.OnlineTeachers, got {type(teachers).__name__}")
         self.teachers, self.fraction, self.rng = teachers, float(fraction), random.Random(seed)
-        self.options = dict(prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, temperature=temperature,
-                            eos_token_id=eos_token_id)
+        self.prompt_tokens, self.max_new_tokens = prompt_tokens, max_new_tokens
+        self.temperature, self.eos_token_id = temperature, eos_token_id
         self.counts = {"on_policy": 0, "off_policy": 0}
 
     def prepare(self, model, inputs: dict[str, Any], training: bool = True) -> tuple[dict[str, Any], bool]:
@@ -132,7 +132,9 @@ class OnPolicy:
         if draw:
             self.counts["on_policy"] += 1
             return on_policy_batch(model, self.teachers, inputs["input_ids"], inputs.get("attention_mask"),
-                                   given_prompts=inputs.get("prompt_lengths"), **self.options), True
+                                   prompt_tokens=self.prompt_tokens, given_prompts=inputs.get("prompt_lengths"),
+                                   max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                   eos_token_id=self.eos_token_id), True
         self.counts["off_policy"] += 1
         if "source_topk" in inputs:
             return inputs, False

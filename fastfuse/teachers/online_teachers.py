@@ -32,11 +32,17 @@ __all__ = ["LocalTeacher", "ServedTeacher", "as_teacher"]
 PROMPT_FORMATS = ("auto", "ids", "text")
 
 
-def _positive(name: str, v: Any, none_ok: bool = False) -> int | None:
-    if v is None and none_ok:
+def _positive(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    return int(v)
+
+
+def _positive_or_none(name: str, v: Any) -> int | None:
+    if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"{name}: expected a positive int{' or None' if none_ok else ''}, got {v!r}")
+        raise ValueError(f"{name}: expected a positive int or None, got {v!r}")
     return int(v)
 
 
@@ -65,7 +71,7 @@ class LocalTeacher:
             raise ValueError(f"k: {k} exceeds the tokenizer's {self.n_real} tokens")
         cfg = getattr(model, "config", None)
         limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-        self.max_length = _positive("max_length", max_length, none_ok=True) or (limit if isinstance(limit, int) else None)
+        self.max_length = _positive_or_none("max_length", max_length) or (limit if isinstance(limit, int) else None)
         self.pad_id = pad_token_id(tokenizer)
         self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
 
@@ -101,7 +107,7 @@ class ServedTeacher:
         if not isinstance(served_model, str) or not served_model:
             raise ValueError(f"served_model: expected the served model's name, got {served_model!r}")
         self.k = _positive("k", k)
-        self.max_length = _positive("max_length", max_length, none_ok=True)
+        self.max_length = _positive_or_none("max_length", max_length)
         self.concurrency = _positive("concurrency", concurrency)
         self.client = CompletionClient(server_url, api_key, timeout, max_retries)
         self.served_model, self.tokenizer, self.format = served_model, tokenizer, prompt_format
