@@ -19,7 +19,7 @@ def call(d, **over):
                 source_weights=d["source_weights"])
     kw = {k: over.pop(k) for k in list(over) if k not in args}
     args.update(over)
-    kw.setdefault("impl", "reference")
+    kw.setdefault("impl", "torch")
     return fused_loss(args["target_logits"], SourceTopK(args["ids"], args["logprobs"]),
                       AlignMap(args["pos"], args["vocab"]), args["labels"], args["source_weights"],
                       **kw)
