@@ -99,7 +99,7 @@ def test_many_sources_and_fallbacks(small_chunks):
 
 
 def test_tail_teacher_kernel_matches_torch():
-    """The sparse-teacher kernel's tail mass and merged probabilities against ``reference.teacher_rows``."""
+    """The sparse-teacher kernel's tail mass and merged probabilities against ``torch_path.teacher_rows``."""
     from fastfuse.kernels.sparse_teacher import sparse_teacher
     d, topk, amap = inputs(73, S=4, K=16)
     S, B, T = amap.pos.shape
