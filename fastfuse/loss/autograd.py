@@ -37,7 +37,7 @@ def consume(logits: Tensor) -> None:
     instead of back-propagating gradient values as logits. A leaf that requires grad, or a view of
     one, is refused: its ``.grad`` would be its own overwritten buffer."""
     base = logits if logits._base is None else logits._base
-    if base.is_leaf and base.requires_grad:
+    if (logits.is_leaf and logits.requires_grad) or (base.is_leaf and base.requires_grad):
         raise ValueError("inplace_grad=True: target_logits is a leaf tensor that requires grad (or a view of one); "
                          "its gradient would overwrite it. Pass a computed buffer (e.g. the lm_head's output) or "
                          "inplace_grad=False")

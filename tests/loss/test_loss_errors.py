@@ -135,12 +135,13 @@ def test_bad_containers(d):
                    AlignMap(*d["align_map"]), d["labels"])
 
 
-@pytest.mark.parametrize("view", [False, True])
-def test_inplace_grad_refuses_a_leaf(d, view):
+@pytest.mark.parametrize("kind", ["leaf", "view of a leaf", "leaf view of a buffer"])
+def test_inplace_grad_refuses_a_leaf(d, kind):
     """The gradient would overwrite the leaf's own data (its .grad aliasing it): refused, naming inplace_grad."""
-    leaf = d["target_logits"].clone().requires_grad_(True)
+    full = d["target_logits"].clone()
+    leaf = full.requires_grad_(True) if kind != "leaf view of a buffer" else full[:, :].requires_grad_(True)
     with pytest.raises(ValueError, match="inplace_grad=True: target_logits is a leaf"):
-        call(d, target_logits=leaf[:, :] if view else leaf, inplace_grad=True)
+        call(d, target_logits=leaf[:, :] if kind == "view of a leaf" else leaf, inplace_grad=True)
     assert torch.equal(leaf.detach(), d["target_logits"])       # untouched
 
 
