@@ -301,3 +301,39 @@ def test_loss_options_are_make_specs_parameters():
     from fastfuse.loss.spec import LOSS_OPTIONS, make_spec
 
     assert LOSS_OPTIONS == tuple(inspect.signature(make_spec).parameters)
+
+
+# Public module-level functions whose name two modules define on purpose (empty: none today).
+SAME_NAME_ALLOWED: dict[str, set[str]] = {}
+
+
+def test_no_function_name_defined_in_two_modules():
+    """A public function name means one thing: no two modules of fastfuse (kernels included) define a
+    module-level ``def`` of it (re-exports, as ``__init__`` modules do, are imports, not defs)."""
+    where: dict[str, set[str]] = {}
+    for module, path in MODULES.items():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not private(node.name):
+                where.setdefault(node.name, set()).add(module)
+    twice = {name: sorted(mods) for name, mods in where.items()
+             if len(mods) > 1 and mods != SAME_NAME_ALLOWED.get(name)}
+    assert not twice, f"function names defined in several modules: {twice}"
+
+
+def autograd_functions() -> list[str]:
+    """``module.Class`` of every class under fastfuse/ deriving from ``torch.autograd.Function``
+    (written as ``torch.autograd.Function``, ``autograd.Function`` or an imported ``Function``)."""
+    out = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                bases = [ast.unparse(b) for b in node.bases]
+                if any(b in ("torch.autograd.Function", "autograd.Function", "Function") for b in bases):
+                    out.append(f"{module}.{node.name}")
+    return sorted(out)
+
+
+def test_two_autograd_functions():
+    """One autograd Function for the loss from logits, one for the loss from hidden states and the
+    lm_head; local and vocabulary-parallel rows are two runners under the same pair."""
+    assert len(autograd_functions()) == 2, autograd_functions()

@@ -51,7 +51,7 @@ def fused_loss_launches(V: int, dtype, compute_grad: bool = True, inplace_grad: 
     :func:`fastfuse.testing.random_inputs`, fp16 log-probs as extraction stores them)."""
     import torch
 
-    from fastfuse.loss.reference import normalize_weights
+    from fastfuse.loss.torch_path import normalize_weights
     from fastfuse.testing import random_inputs
 
     from fastfuse.kernels.fused_ce import fused_ce_kernel, fused_loss_rows
@@ -74,7 +74,7 @@ def divergence_launches(V: int, dtype, spec, compute_grad: bool = True, *, S: in
     :class:`~fastfuse.loss.spec.DivergenceSpec`, recorded on CPU tensors."""
     import torch
 
-    from fastfuse.loss.reference import normalize_weights
+    from fastfuse.loss.torch_path import normalize_weights
     from fastfuse.testing import random_inputs
     from fastfuse.loss.row_runner import GENERIC_LAUNCH
 
