@@ -41,6 +41,13 @@ class Divergence(NamedTuple):
     mix_default: float = 0.0
     closed_form: Optional[str] = None
 
+    def options(self, mix: Optional[float] = None) -> dict:
+        """The :func:`make_spec` keywords that select this divergence, its mixing argument (if it
+        has one) at ``mix`` (None: its default)."""
+        if self.mix is None:
+            return {"divergence": self.name}
+        return {"divergence": self.name, self.mix: self.mix_default if mix is None else mix}
+
 
 # every divergence, once; the kernel codes are explicit (not positions)
 REGISTRY = (
