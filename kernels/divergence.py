@@ -73,7 +73,7 @@ def _logaddexp(a, b):
 
 @triton.jit
 def _terms(p, logp, q, mix, log_a, log_b, DIV: tl.constexpr):
-    """Elementwise ``F(p, q)`` and ``G = p dF/dp`` (``divergence_rows.terms``)."""
+    """Elementwise ``F(p, q)`` and ``G = p dF/dp`` (``fastfuse.loss.torch_rows.terms``)."""
     qpos = q > 0.0
     ppos = p > 0.0
     logq = tl.log(q)

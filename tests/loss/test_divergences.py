@@ -256,6 +256,6 @@ def test_the_registry_agrees_with_make_spec():
         assert d.closed_form in (None, "cross_entropy", "reverse_kl")
         assert [make_spec(d.name, t).needs_tail_pass for t in TAILS] == [t == "uniform" and d.closed_form is None
                                                                          for t in TAILS]
-    assert set(TRANSFORM_OPTIONS) < set(LOSS_OPTIONS)
+    assert len(DIVERGENCES) == len(REGISTRY) and set(TRANSFORM_OPTIONS) < set(LOSS_OPTIONS)
     with pytest.raises(ValueError, match="divergence must be one of"):
         lookup("kl")
