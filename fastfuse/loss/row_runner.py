@@ -120,6 +120,7 @@ def run_rows(use_triton: bool, spec, lm_weight: float, logits: Tensor, target: R
         return loss, grad
     if spec.is_default:
         return torch_path.loss_and_grad_rows(logits, target.tids, target.coefs, ignored, scale, compute_grad, inplace)
+    assert target.tail is not None      # build_target gives every non-default spec its tail mass (zeros: none)
     return torch_divergence_rows(logits, target.tids, target.coefs, target.tail, labels, ignored, spec, lm_weight,
                                  scale, compute_grad, inplace)
 

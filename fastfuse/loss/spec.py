@@ -127,9 +127,7 @@ class DivergenceSpec(NamedTuple):
 DEFAULT_SPEC = DivergenceSpec()
 
 
-def _positive(name: str, value, allow_none: bool = False) -> Optional[float]:
-    if value is None and allow_none:
-        return None
+def _positive(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
@@ -166,5 +164,5 @@ def make_spec(divergence: str = "ce", tail: str = "renormalize", alpha: Optional
     if not isinstance(hinton_scale, bool):
         raise TypeError(f"hinton_scale must be a bool, got {type(hinton_scale).__name__}")
     return DivergenceSpec(divergence, tail, mix, _positive("logit_scale", logit_scale),
-                          _positive("softcap", softcap, allow_none=True) or 0.0,
+                          0.0 if softcap is None else _positive("softcap", softcap),
                           _positive("student_temperature", student_temperature), hinton_scale)

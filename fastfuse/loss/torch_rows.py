@@ -85,7 +85,7 @@ _UNIFORM_STAT = {"cross_entropy": "sum_u", "reverse_kl": "sum_pu"}
 
 
 def _stat_columns(spec) -> Tuple[str, ...]:
-    cols = ("lse_g", "lse_d")
+    cols: Tuple[str, ...] = ("lse_g", "lse_d")
     if spec.tail == "uniform" and spec.entry.closed_form is not None:
         cols += (_UNIFORM_STAT[spec.entry.closed_form],)
     if spec.tail == "bucket":
@@ -235,6 +235,7 @@ def finish_terms(spec, rt: Dict[str, Tensor], sums: Optional[Tensor]) -> Dict[st
     the off-``A`` sums are the row sums minus the ``A`` entries evaluated with ``u_R``."""
     if not needs_tail_pass(spec):
         return rt
+    assert sums is not None, "a tail-pass divergence needs its tail_sums"
     uR = rt["u_R"][:, None].expand_as(rt["p"])
     F_u, G_u = terms(spec, rt["p"], rt["logp"], uR)
     F_off = sums[:, 0] - torch.where(rt["inA"], F_u, torch.zeros_like(F_u)).sum(1)
