@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastfuse import AlignMap, SourceTopK, fused_loss  # noqa: E402
-from fastfuse.loss.reference import normalize_weights, sparse_teacher  # noqa: E402
+from fastfuse.loss.torch_path import normalize_weights, torch_sparse_teacher  # noqa: E402
 
 from _common import CsvRows, cuda_ms_per_call, cuda_timed, device_name, free_cuda, median_run  # noqa: E402
 
@@ -68,7 +68,7 @@ def make_inputs(N: int, V: int, device=None, dtype=torch.bfloat16, seed: int = 0
     w = torch.rand(S, B, device=device, generator=g)
     topk, amap = SourceTopK(ids, lp), AlignMap(pos, vocab)
     wn = normalize_weights(w, S, B, T, torch.device(device)).reshape(S, N)
-    tids, coefs = sparse_teacher(topk, amap, labels, wn, LM_WEIGHT, 1.0, -100)
+    tids, coefs = torch_sparse_teacher(topk, amap, labels, wn, LM_WEIGHT, 1.0, -100)
     return dict(z=z, topk=topk, amap=amap, labels=labels, w=w, tids=tids, coefs=coefs)
 
 

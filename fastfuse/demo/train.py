@@ -209,7 +209,7 @@ def weight_shares(dataset, collate, domains: list[str], temperature: float, batc
     (what the uniform tail spreads; it sets the label-smoothing control's strength)."""
     import torch
 
-    from fastfuse.loss.reference import teacher_tail_mass
+    from fastfuse.loss.torch_path import teacher_tail_mass
 
     names = dataset.sources
     tot = {d: torch.zeros(len(names), dtype=torch.float64) for d in set(domains)}

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 from fastfuse.loss.linear_loss import fused_linear_loss
+from fastfuse.loss.spec import make_spec
+from fastfuse.loss.torch_path import student_logits
 from fastfuse.batch import AlignMap, SourceTopK
 from fastfuse.loss.parallel.layout import is_dtensor
 
@@ -229,19 +231,13 @@ def causal_lm_fusion_loss(model, batch: Mapping[str, Any], source_topk: Optional
     if transform:
         # the model applied its logit transform to our loss: check it did exactly that, then take
         # the loss itself, the wrapper's output kept in the graph with a zero weight
-        expected = _apply_transform(head_loss.detach(), transform)
+        expected = student_logits(head_loss.detach(), make_spec(**transform))   # the loss's own transform
         if not torch.allclose(loss.detach(), expected, rtol=1e-4, atol=1e-5):
             raise NotImplementedError(f"model: {type(inner).__name__} transforms the output of its lm_head beyond "
                                       f"its config's {transform}; use fastfuse.fused_loss on model(...).logits")
         # (0 * (out - out.detach()) alone would be NaN for an infinite loss; where() keeps it 0)
         loss = head_loss + 0.0 * torch.where(torch.isfinite(loss), loss - loss.detach(), torch.zeros_like(loss))
     return (loss, head_hidden.detach()) if return_hidden else loss
-
-
-def _apply_transform(x: Tensor, transform: dict) -> Tensor:
-    x = x * transform.get("logit_scale", 1.0)
-    cap = transform.get("softcap")
-    return cap * torch.tanh(x / cap) if cap else x
 
 
 class _FusionHead(torch.nn.Module):

@@ -63,7 +63,7 @@ def plan_batches(lengths: np.ndarray | list[int], token_budget: int) -> list[np.
     return batches
 
 
-def pad_batch(seqs: list[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def pad_token_ids(seqs: list[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded ``input_ids`` and ``attention_mask``, int64 [B, max length]."""
     lens = np.array([len(s) for s in seqs])
     ids = np.full((len(seqs), int(lens.max())), pad_id, np.int64)
@@ -124,7 +124,7 @@ def topk_forward(model, seqs: list[np.ndarray], k: int, n_real: int, device, pad
     :func:`topk_from_logits`)."""
     import torch
 
-    ids, mask = pad_batch(seqs, pad_id)
+    ids, mask = pad_token_ids(seqs, pad_id)
     ids_t = torch.from_numpy(ids).to(device, non_blocking=True)
     mask_t = torch.from_numpy(mask).to(device, non_blocking=True)
     logits = forward_logits(model, ids_t, mask_t)
