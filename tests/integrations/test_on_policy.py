@@ -13,6 +13,7 @@ import torch
 
 from _llama_server import MODEL_ALIAS, llama_server, tiny_llama, write_gguf
 from fastfuse.batches.online import OnlineTeachers
+from fastfuse.loss.spec import DIVERGENCES
 from fastfuse.integrations.on_policy import OnPolicy, on_policy_batch
 from fastfuse.teachers.online_teachers import LocalTeacher, ServedTeacher
 
@@ -110,7 +111,7 @@ def test_on_policy_batch_masks_the_prompt(teachers, real_tokenizer, corpus):
         OnPolicy(teachers, fraction=1.5)
 
 
-@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)       # every divergence of the family, at its default mix
 def test_on_policy_training_step(teachers, real_tokenizer, corpus, tmp_path, divergence):
     from transformers import TrainingArguments
 
@@ -124,7 +125,7 @@ def test_on_policy_training_step(teachers, real_tokenizer, corpus, tmp_path, div
     trainer = FusionTrainer(model=student, args=args, train_dataset=Texts(tok, [corpus[i][:200] for i in range(4)]),
                             data_collator=pad, teachers=teachers, on_policy=1.0,
                             on_policy_kwargs=dict(prompt_tokens=PROMPT, max_new_tokens=NEW, temperature=1.0),
-                            loss_kwargs={"divergence": divergence, **({"beta": 0.5} if divergence == "jsd" else {})})
+                            loss_kwargs={"divergence": divergence})
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     loss = trainer.compute_loss(student, inputs)
     assert trainer.online.counts == {"on_policy": 1, "off_policy": 0}
@@ -134,6 +135,8 @@ def test_on_policy_training_step(teachers, real_tokenizer, corpus, tmp_path, div
     assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
     for m in teacher_models(teachers):
         assert not m.training and all(p.grad is None and not p.requires_grad for p in m.parameters())
+    if divergence != "reverse_kl":          # the end-to-end run once (GKD's usual choice)
+        return
     before = [p.detach().clone() for m in teacher_models(teachers) for p in m.parameters()]
     student.zero_grad()
     result = trainer.train()                                    # two on-policy optimizer steps, end to end
