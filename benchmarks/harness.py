@@ -43,8 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ------------------------------------------------------------------ command line
 def parser(doc: str, cuda: bool = True) -> argparse.ArgumentParser:
-    """The benchmarks' shared options; a script adds its own. ``cuda=False``: a CPU-only benchmark
-    (``--device`` accepts only ``cpu``)."""
+    """The benchmarks' shared options; a script adds its own. ``cuda=False``: a CPU-only benchmark."""
     ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
@@ -52,8 +51,9 @@ def parser(doc: str, cuda: bool = True) -> argparse.ArgumentParser:
                     help="the smallest shapes, one iteration: proves it runs on CPU (timings meaningless)")
     ap.add_argument("--csv", metavar="PATH", default=None,
                     help=f"write the measurements here, row by row (columns: {', '.join(COLUMNS)})")
-    ap.add_argument("--device", default=None, choices=None if cuda else ["cpu"],
-                    help="cpu or cuda (default: cuda when available)" if cuda else "cpu only")
+    ap.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                    help="default: cuda when available" if cuda else "this benchmark runs on the CPU "
+                    "whatever is given (run.py passes one --device to all)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed runs before the timed ones")
     ap.add_argument("--iters", type=int, default=None, help="timed runs (the median is reported)")
     return ap
