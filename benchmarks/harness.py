@@ -25,7 +25,6 @@ import argparse
 import csv
 import gc
 import json
-import math
 import os
 import shutil
 import statistics
@@ -194,7 +193,7 @@ class Results:
             raise TypeError(f"value must be a number, got {value!r}")
         row = dict(kernel=kernel, provider=provider, metric=metric, unit=unit,
                    x_name=SEP.join(_cell(k) for k in x), x_value=SEP.join(_cell(v) for v in x.values()),
-                   value=repr(round(float(value), 6)) if math.isfinite(value) else str(value),
+                   value=f"{float(value):.7g}",
                    extra=json.dumps(extra, sort_keys=True) if extra else "")
         self.rows.append(row)
         if self._f:
