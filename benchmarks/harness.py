@@ -67,11 +67,11 @@ def iterations(args, full: tuple[int, int] = (2, 5), quick: tuple[int, int] = (1
 
 def device(args) -> str:
     """``--device``, else ``cuda`` when torch sees one, else ``cpu``."""
-    if args.device:
-        return args.device
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device (leave --device out, or --device cpu)")
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def need_cuda(args, name: str) -> None:

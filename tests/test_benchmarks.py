@@ -117,6 +117,11 @@ def test_shared_options():
     assert harness.iterations(ap.parse_args(["--iters", "9"])) == (2, 9)
     a = ap.parse_args(["--csv", "x.csv", "--device", "cpu"])
     assert a.csv == "x.csv" and harness.device(a) == "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--device cuda: torch sees no CUDA device"):
+            harness.device(ap.parse_args(["--device", "cuda"]))
 
 
 def test_gpu_benchmark_without_cuda_is_skipped_not_failed():
