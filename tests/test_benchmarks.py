@@ -124,6 +124,7 @@ def test_shared_options():
             harness.device(ap.parse_args(["--device", "cuda"]))
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_without_cuda_is_skipped_not_failed():
     """(``_run`` hides any CUDA device.)"""
     r = _run("--only", "loss", timeout=120)
