@@ -114,8 +114,8 @@ def main(argv=None) -> int:
                 d, data_key = None, (N, V)
                 harness.free_memory()
                 d = make_inputs(N, V, dev)
-            # the warm-up's first call compiles (without --warm-jobs) or loads the launch
-            t = harness.measure(step_fn(kernel, config, case, d), dev, max(warmup, 1), iters)
+            # the warm-up compiles (without --warm-jobs) or loads the launch (--tiny, the interpreter: none)
+            t = harness.measure(step_fn(kernel, config, case, d), dev, warmup, iters)
             floor = 2 * N * V * 2 / bw * 1e3
             cur = config == current(kernel, V)
             res.time(label, config, dict(N=N, V=V), t, floor_ms=round(floor, 6), current=cur)

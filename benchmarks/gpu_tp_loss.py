@@ -102,15 +102,15 @@ def check(d, a, n, divergence) -> bool:
     return max(errs) <= LINEAR_REL_TOL[torch.bfloat16], errs
 
 
-def timed(kind, d, a, n, divergence, iters) -> harness.Timing:
-    """The slowest rank's milliseconds per iteration (the first warms up): median and spread."""
+def timed(kind, d, a, n, divergence, warmup, iters) -> harness.Timing:
+    """The slowest rank's milliseconds per iteration after ``warmup`` untimed ones: median and spread."""
     out = []
-    for i in range(iters + 1):
+    for i in range(warmup + iters):
         dist.barrier()
         ms, _ = harness.clock(lambda: run(kind, d, a, n, divergence), d["labels"].device)
         t = torch.tensor([ms], device=d["labels"].device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        if i:       # the first call warms up
+        if i >= warmup:
             out.append(t.item())
     return harness.timing_of([(ms, 0) for ms in out])
 
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     N, H, V = (4096, 4096, 128256) if a.quick else (8192, 4096, 128256)
     if a.tiny:
         N, H, V = 8, 16, 2000
-    _, iters = harness.iterations(a)
+    warmup, iters = harness.iterations(a, full=(1, 5), quick=(1, 3))     # --tiny: (0, 1), nothing compiles
     start, n = shard_range(V, rank, world)
     say = print if rank == 0 else (lambda *x: None)
     res = harness.Results(a.csv if rank == 0 else None, echo=say)
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
                 f"({'ok' if good else 'FAILED'})")
             kernel = f"{'fused_linear_loss' if op == 'linear' else 'fused_loss'} {dname}"
             for kind in ("single", "single-torch", "tp"):
-                res.time(kernel, kind, dict(N=N, V=V), timed(kind, d, start, n, div, iters), world=world)
+                res.time(kernel, kind, dict(N=N, V=V), timed(kind, d, start, n, div, warmup, iters), world=world)
             sent, rounds = sent_bytes(N, H, d["labels"].shape[1], -(-V // world), dname == "jsd-uniform",
                                       op == "linear")
             say(f"  tp: each rank sends {sent / 2**20:.1f} MiB per call ({rounds} collective rounds of row "
