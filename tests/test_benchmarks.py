@@ -151,3 +151,26 @@ def test_tiny_run_writes_the_schema(name, tmp_path):
         assert len(r["x_name"].split(harness.SEP)) == len(r["x_value"].split(harness.SEP)), r
         assert r["extra"] == "" or isinstance(json.loads(r["extra"]), dict), r
     assert any(dict(zip(harness.COLUMNS, row))["metric"] == "time" for row in rows)
+
+
+def test_sweep_times_every_provider_on_every_shape_and_goes_on_after_an_error(tmp_path, capsys):
+    def provider_fn(name):
+        if name == "absent":
+            return None
+        if name == "broken":
+            def broken(data):
+                raise RuntimeError("boom")
+            return broken
+        return lambda data: time.sleep(0.001 * data)
+
+    errors: list = []
+    with harness.Results(str(tmp_path / "s.csv"), echo=None) as res:
+        harness.sweep(res, "k", [dict(N=1), dict(N=2)], ["fast", "absent", "broken"], inputs=lambda N: N,
+                      provider_fn=provider_fn, time_one=lambda fn, d: harness.measure(lambda: fn(d), "cpu", 0, 2),
+                      floor_ms=lambda N: 0.5 * N, errors=errors)
+    rows = harness.pivot(harness.read(str(tmp_path / "s.csv")))
+    assert [(r["provider"], r["N"], r["floor_ms"]) for r in rows] == [("fast", 1, 0.5), ("fast", 2, 1.0)]
+    assert rows[1]["time"] >= 2.0 and rows[1]["iters"] == 2
+    assert [(e[1], e[2]) for e in errors] == [("broken", dict(N=1)), ("broken", dict(N=2))]
+    out = capsys.readouterr().out
+    assert "absent" in out and "n/a (not installed)" in out and "error: RuntimeError: boom" in out
