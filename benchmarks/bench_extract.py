@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import harness
-from fastfuse.teachers.local_extract import (extract_topk, forward_logits, pad_batch, plan_batches,
+from fastfuse.teachers.local_extract import (extract_topk, forward_logits, pad_token_ids, plan_batches,
                                              source_sequences, topk_forward)
 from fastfuse.teachers.shards import ShardReader
 
@@ -72,7 +72,7 @@ def run(tokenizer_name="llama-spm", hidden=64, layers=2, docs=24, block_size=512
     def bare():
         with torch.inference_mode():
             for b in batches:
-                ids, mask = pad_batch(b)
+                ids, mask = pad_token_ids(b)
                 logits = forward_logits(model, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
                 del logits
         _sync(device)

@@ -37,7 +37,7 @@ harness.use_source_tree()
 import torch  # noqa: E402
 
 from fastfuse import AlignMap, SourceTopK, fused_loss  # noqa: E402
-from fastfuse.loss.reference import normalize_weights, sparse_teacher  # noqa: E402
+from fastfuse.loss.torch_path import normalize_weights, torch_sparse_teacher  # noqa: E402
 
 LM_WEIGHT = 0.9
 SHAPES = [(8192, 32000), (8192, 128256), (16384, 32000), (16384, 128256)]
@@ -65,7 +65,7 @@ def make_inputs(N: int, V: int, device=None, dtype=torch.bfloat16, seed: int = 0
     w = torch.rand(S, B, device=device, generator=g)
     topk, amap = SourceTopK(ids, lp), AlignMap(pos, vocab)
     wn = normalize_weights(w, S, B, T, torch.device(device)).reshape(S, N)
-    tids, coefs = sparse_teacher(topk, amap, labels, wn, LM_WEIGHT, 1.0, -100)
+    tids, coefs = torch_sparse_teacher(topk, amap, labels, wn, LM_WEIGHT, 1.0, -100)
     return dict(z=z, topk=topk, amap=amap, labels=labels, w=w, tids=tids, coefs=coefs)
 
 

@@ -8,7 +8,7 @@ Rows (median ms over ranks' maxima; ``fused_linear_loss`` at N = 8192, H = 4096,
 ``fused_loss`` on ``[N, V]`` logits):
 
 * ``single``       -- the one-GPU loss on the whole vocabulary (Triton row kernels);
-* ``single-torch`` -- the same with ``impl="reference"`` (the torch row path);
+* ``single-torch`` -- the same with ``impl="torch"`` (the torch row path);
 * ``tp``           -- ``process_group=WORLD`` with this rank's ``V / W`` shard: the staged torch rows,
   the agreement exchange and the collectives (real NCCL calls, also for one rank).
 
@@ -42,7 +42,6 @@ from bench_linear_loss import make_inputs  # noqa: E402  (the same inputs as the
 from fastfuse.loss.linear_loss import default_chunk_tokens, fused_linear_loss  # noqa: E402
 from fastfuse.loss.logits_loss import fused_loss  # noqa: E402
 from fastfuse.testing import LINEAR_REL_TOL  # noqa: E402
-from fastfuse.loss.parallel.losses import ROUND_BYTES  # noqa: E402
 
 S, K, LM_WEIGHT = 2, 10, 0.9
 
@@ -78,7 +77,7 @@ def run(kind, d, a, n, divergence):
     if tp:
         kw["process_group"] = dist.group.WORLD
     else:
-        kw["impl"] = "reference" if kind == "single-torch" else "auto"
+        kw["impl"] = "torch" if kind == "single-torch" else "auto"
     if "logits" in d:
         z = (d["logits"][..., a:a + n] if tp else d["logits"]).clone().requires_grad_()
         loss = fused_loss(z, d["topk"], d["amap"], d["labels"], **kw)
@@ -122,8 +121,7 @@ def sent_bytes(N, H, T, V_r, tail_pass, linear):
     if linear:
         rounds = -(-N // default_chunk_tokens(N, V_r, 2))
     else:
-        rows = max(1, ROUND_BYTES // (V_r * 2))
-        rounds = (N // T) * -(-T // rows)
+        rounds = (N // T) * -(-T // default_chunk_tokens(N, V_r, 2))
     per_row = (2 + S * K + 2) * 4 + (2 * 4 if tail_pass else 0)
     return N * per_row + (N * H * 2 if linear else 0), rounds
 

@@ -77,7 +77,7 @@ def report(f: dict) -> str:
     lines.append(f"fused: {settings_name(f['fused_settings'])}; label smoothing eps {f['label_smoothing']:.4f} "
                  "= (1 - lm_weight) x the fused teacher's mean missing top-k mass")
     singles = {m: v for m, v in bpb.items() if m.startswith("single ")}
-    best = min(singles, key=singles.get)
+    best = min(singles, key=lambda m: singles[m])
     for ctrl in ("clm_only", "label_smoothing", best):
         d = bpb["fused"] - bpb[ctrl]
         lines.append(f"fused - {mode_name(ctrl)}: {d:+.4f} bits/byte ({'fused is better' if d < 0 else 'fused is NOT better'})")

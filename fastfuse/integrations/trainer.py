@@ -114,7 +114,9 @@ class FusionTrainer(Trainer):
         # The columns Trainer keeps when remove_unused_columns=True (its default), for a datasets.Dataset
         # and a torch Dataset alike: the model's forward arguments plus the teacher fields.
         super()._set_signature_columns_if_needed()
-        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *EXAMPLE_FIELDS]))
+        # (transformers' Trainer declares the attribute as None: its type does not say it is a list once set)
+        columns: list[str] = self._signature_columns or []
+        self._signature_columns = list(dict.fromkeys([*columns, *EXAMPLE_FIELDS]))  # type: ignore[assignment]
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         # Trainer rebuilds tuples from a generator, which NamedTuples do not accept.
@@ -125,7 +127,7 @@ class FusionTrainer(Trainer):
         if missing:
             raise ValueError(f"inputs: missing {missing}; use fastfuse.FusionCollator to build the batches")
         lm_weight = self.current_lm_weight()
-        log_terms = self.model.training and self._should_log_terms()
+        log_terms = self.model is not None and self.model.training and self._should_log_terms()
         if self.loss == "linear" and not return_outputs:
             loss, hidden = causal_lm_fusion_loss(model, inputs, labels_shifted=True, return_hidden=True,
                                                  lm_weight=lm_weight, temperature=self.temperature,
@@ -136,7 +138,7 @@ class FusionTrainer(Trainer):
                 weight = head.weight.detach().to(hidden.dtype)
                 bias = None if bias is None else bias.detach().to(hidden.dtype)
                 transform = logit_transform(unwrap_model(model))
-                self._log_terms(lambda *a, **k: fused_linear_loss(hidden, weight, *a, bias=bias, **transform, **k),
+                self._log_terms(lambda *a, **k: fused_linear_loss(hidden, weight, *a, **{"bias": bias, **transform, **k}),
                                 inputs, self.loss_kwargs)
             return loss
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))

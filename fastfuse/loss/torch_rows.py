@@ -3,7 +3,7 @@
 The row math that ``kernels/divergence.py`` runs in one program per row, written as stages over
 a *slice* of the vocabulary so that the vocabulary-parallel loss can run it on each rank's shard
 and combine the stages' small per-row outputs with collectives (one process: one slice, nothing to
-combine). For a row with raw logits ``z``, transformed ``z'`` (:func:`fastfuse.loss.reference.student_logits`),
+combine). For a row with raw logits ``z``, transformed ``z'`` (:func:`fastfuse.loss.torch_path.student_logits`),
 ``u = z' / tau``, ``p = softmax(u)``, the teacher's unique sparse entries ``(tid_e, q_e)`` (its
 set ``A`` is where ``q_e > 0``) and missing mass ``R``:
 
@@ -28,10 +28,10 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastfuse.loss.reference import row_chunks, row_outputs, student_logits
+from fastfuse.loss.torch_path import row_chunks, row_outputs, student_logits
 
 __all__ = ["terms", "needs_tail_pass", "teacher_ids", "local_stats", "combine_stats", "gather_sparse", "row_terms",
-           "tail_sums", "finish_terms", "grad_slice", "divergence_rows"]
+           "tail_sums", "finish_terms", "grad_slice", "torch_divergence_rows"]
 
 _NEG_INF = float("-inf")
 
@@ -303,9 +303,9 @@ def grad_slice(z: Tensor, spec, lm_weight: float, st, rt, tids: Tensor, labels: 
     return g
 
 
-def divergence_rows(logits: Tensor, tids: Tensor, q: Tensor, R: Tensor, labels: Tensor, ignored: Tensor, spec,
-                    lm_weight: float, grad_scale: Optional[Tensor], compute_grad: bool, inplace_grad: bool = False,
-                    chunk_elems: int = 1 << 22) -> Tuple[Tensor, Optional[Tensor]]:
+def torch_divergence_rows(logits: Tensor, tids: Tensor, q: Tensor, R: Tensor, labels: Tensor, ignored: Tensor,
+                          spec, lm_weight: float, grad_scale: Optional[Tensor], compute_grad: bool,
+                          inplace_grad: bool = False, chunk_elems: int = 1 << 22) -> Tuple[Tensor, Optional[Tensor]]:
     """Per-row loss ``[N]`` (float32; float64 for float64 logits) and gradient ``[B, T, V]`` (logits dtype; ``grad_scale *
     dL/dz``, rounded once) of ``logits [B, T, V]`` in chunks of rows: the one-slice run of the
     stages above (the torch path of ``fused_loss`` for every non-default spec)."""

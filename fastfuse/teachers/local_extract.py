@@ -63,7 +63,7 @@ def plan_batches(lengths: np.ndarray | list[int], token_budget: int) -> list[np.
     return batches
 
 
-def pad_batch(seqs: list[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def pad_token_ids(seqs: list[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded ``input_ids`` and ``attention_mask``, int64 [B, max length]."""
     lens = np.array([len(s) for s in seqs])
     ids = np.full((len(seqs), int(lens.max())), pad_id, np.int64)
@@ -124,13 +124,14 @@ def topk_forward(model, seqs: list[np.ndarray], k: int, n_real: int, device, pad
     :func:`topk_from_logits`)."""
     import torch
 
-    ids, mask = pad_batch(seqs, pad_id)
+    ids, mask = pad_token_ids(seqs, pad_id)
     ids_t = torch.from_numpy(ids).to(device, non_blocking=True)
     mask_t = torch.from_numpy(mask).to(device, non_blocking=True)
     logits = forward_logits(model, ids_t, mask_t)
     r = topk_from_logits(logits, seqs, k, n_real, chunk_elems)
     del logits
-    return tuple(t.cpu().numpy() for t in r)  # type: ignore[return-value]
+    top_ids, top_logprobs, gold = (t.cpu().numpy() for t in r)
+    return top_ids, top_logprobs, gold
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +278,7 @@ def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: in
         (a NaN anywhere stops the run before its shard is written)."""
         seqs = [s.input_ids for s in buf]
         lens = np.array([len(s) for s in seqs], np.int64)
-        rows = [None] * len(buf)
+        rows: list[TopKRows | None] = [None] * len(buf)
         for batch in plan_batches(lens, token_budget):
             bi, bl, bg = topk_forward(model, [seqs[j] for j in batch], k, n_real, device, pad_id)
             check_finite(bl, bg, lens[batch], [buf[j].seq_index for j in batch], "model")
@@ -287,6 +288,7 @@ def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: in
                 rows[j] = TopKRows(bi[pos:pos + n], bl[pos:pos + n], bg[pos:pos + n])
                 pos += n
         for s, r in zip(buf, rows):
+            assert r is not None        # plan_batches covers every sequence
             run.add(s, r)
 
     buf: list[SourceSequence] = []

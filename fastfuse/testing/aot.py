@@ -51,7 +51,7 @@ def fused_loss_launches(V: int, dtype, compute_grad: bool = True, inplace_grad: 
     :func:`fastfuse.testing.random_inputs`, fp16 log-probs as extraction stores them)."""
     import torch
 
-    from fastfuse.loss.reference import normalize_weights
+    from fastfuse.loss.torch_path import normalize_weights
     from fastfuse.testing import random_inputs
 
     from fastfuse.kernels.fused_ce import fused_ce_kernel, fused_loss_rows
@@ -60,7 +60,7 @@ def fused_loss_launches(V: int, dtype, compute_grad: bool = True, inplace_grad: 
     d = random_inputs(B=B, T=T, V=V, S=S, K=K, Ts=T, Vs=Vs, dtype=dtype,
                       generator=torch.Generator().manual_seed(seed))
     (ids, logprobs), (pos, vocab) = d["source_topk"], d["align_map"]
-    weights = normalize_weights(d["source_weights"], S, B, T, "cpu").reshape(S, B * T)
+    weights = normalize_weights(d["source_weights"], S, B, T, torch.device("cpu")).reshape(S, B * T)
     with record_launches(fused_ce_kernel, sparse_teacher_kernel) as launches:
         fused_loss_rows(d["target_logits"], ids, logprobs.half(), pos, vocab, d["labels"], weights, 0.9, 1.0, -100,
                         torch.tensor(1.0), compute_grad, inplace_grad)
@@ -74,7 +74,7 @@ def divergence_launches(V: int, dtype, spec, compute_grad: bool = True, *, S: in
     :class:`~fastfuse.loss.spec.DivergenceSpec`, recorded on CPU tensors."""
     import torch
 
-    from fastfuse.loss.reference import normalize_weights
+    from fastfuse.loss.torch_path import normalize_weights
     from fastfuse.testing import random_inputs
     from fastfuse.loss.row_runner import GENERIC_LAUNCH
 
@@ -84,7 +84,7 @@ def divergence_launches(V: int, dtype, spec, compute_grad: bool = True, *, S: in
     d = random_inputs(B=B, T=T, V=V, S=S, K=K, Ts=T, Vs=Vs, dtype=dtype,
                       generator=torch.Generator().manual_seed(seed))
     (ids, logprobs), (pos, vocab) = d["source_topk"], d["align_map"]
-    weights = normalize_weights(d["source_weights"], S, B, T, "cpu").reshape(S, B * T)
+    weights = normalize_weights(d["source_weights"], S, B, T, torch.device("cpu")).reshape(S, B * T)
     N, E = B * T, S * K + 1
     with record_launches(divergence_kernel, sparse_teacher_kernel) as launches:
         tail = torch.zeros(N)
@@ -155,6 +155,8 @@ def ptxas_resources(compiled, arch: str = "sm_90a") -> dict:
                 log = out.stderr
                 regs = re.search(r"Used (\d+) registers", log)
                 spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+                if regs is None or spills is None:
+                    raise RuntimeError(f"ptxas -v printed no register or spill counts:\n{log}")
                 return {"registers": int(regs.group(1)), "spill_stores": int(spills.group(1)),
                         "spill_loads": int(spills.group(2))}
     raise RuntimeError(f"no ptxas in {bin_dir} accepted this PTX")

@@ -17,6 +17,7 @@ triton = pytest.importorskip("triton")
 from fastfuse import AlignMap, SourceTopK, fused_linear_loss, fused_loss  # noqa: E402
 from fastfuse.loss import row_runner as rows  # noqa: E402
 from fastfuse.loss import reference as ref  # noqa: E402
+from fastfuse.loss import torch_path as tp  # noqa: E402
 from fastfuse.loss.spec import DIVERGENCES, TAILS  # noqa: E402
 from fastfuse.testing import random_inputs, tolerance  # noqa: E402
 
@@ -98,17 +99,17 @@ def test_many_sources_and_fallbacks(small_chunks):
 
 
 def test_tail_teacher_kernel_matches_torch():
-    """The sparse-teacher kernel's tail mass and merged probabilities against ``reference.teacher_rows``."""
+    """The sparse-teacher kernel's tail mass and merged probabilities against ``torch_path.teacher_rows``."""
     from fastfuse.kernels.sparse_teacher import sparse_teacher
     d, topk, amap = inputs(73, S=4, K=16)
     S, B, T = amap.pos.shape
     V = d["target_logits"].shape[-1]
-    w = ref.normalize_weights(d["source_weights"], S, B, T, DEVICE).reshape(S, B * T)
+    w = tp.normalize_weights(d["source_weights"], S, B, T, DEVICE).reshape(S, B * T)
     for temperature in (1.0, 0.6):
         R = torch.zeros(B * T, device=DEVICE)
         tids, q = sparse_teacher(topk.ids, topk.logprobs, amap.pos, amap.vocab, d["labels"], w, 0.0, temperature,
                                  -100, V, tail=R)
-        t_ref, q_ref, R_ref = ref.teacher_rows(topk, amap, d["labels"], w, temperature, -100, V, True)
+        t_ref, q_ref, R_ref = tp.teacher_rows(topk, amap, d["labels"], w, temperature, -100, V, True)
         dense = torch.zeros(B * T, V + 1, device=DEVICE)
         dense_ref = torch.zeros_like(dense)
         dense.scatter_add_(1, torch.where(tids >= 0, tids.long(), V), q)

@@ -21,8 +21,8 @@ _OLD_INTERPRET = request_interpreter(DEVICE)     # before triton is imported (te
 triton = pytest.importorskip("triton")
 
 from fastfuse import AlignMap, SourceTopK, fused_loss  # noqa: E402
-from fastfuse.loss.reference import (dense_teacher, fused_loss_reference, normalize_weights,  # noqa: E402
-                                     sparse_teacher)
+from fastfuse.loss.reference import dense_teacher, fused_loss_reference  # noqa: E402
+from fastfuse.loss.torch_path import normalize_weights, torch_sparse_teacher  # noqa: E402
 from fastfuse.testing import random_inputs, tolerance  # noqa: E402
 
 _IN_PROCESS = runs_in_process(DEVICE)
@@ -181,7 +181,7 @@ def test_sparse_teacher_kernel_matches_torch():
         labels = d["labels"]
         w = normalize_weights(d["source_weights"], 3, 2, 6, labels.device).reshape(3, 12)
         t1, c1 = sparse_teacher_triton(ids, lp, pos, vocab, labels, w, 0.7, 2.0, -100)
-        t2, c2 = sparse_teacher(SourceTopK(ids, lp), AlignMap(pos, vocab), labels, w, 0.7, 2.0, -100)
+        t2, c2 = torch_sparse_teacher(SourceTopK(ids, lp), AlignMap(pos, vocab), labels, w, 0.7, 2.0, -100)
         # kernel output has unique ids per row
         for row in t1.tolist():
             kept = [v for v in row if v >= 0]

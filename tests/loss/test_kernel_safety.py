@@ -30,7 +30,7 @@ from fastfuse import AlignMap, SourceTopK, fused_loss  # noqa: E402
 from fastfuse.testing import random_inputs  # noqa: E402
 
 _IN_PROCESS = runs_in_process(DEVICE)
-IMPLS = ["triton", "reference"]
+IMPLS = ["triton", "torch"]
 
 
 _interpret, _skip_if_subprocess = interpreter_fixtures(DEVICE, _OLD, _IN_PROCESS, "test_in_subprocess")
@@ -149,7 +149,7 @@ def _exact_ce_grad(z, labels, go):
 
 # smallest shapes where the old code (scale folded into the fp16 gradient before grad_output) fails:
 # scale * softmax ~ 1 / (N * V) ~ 5e-7 is subnormal in fp16 (steps of 6e-8) and often flushed to 0
-@pytest.mark.parametrize("impl,config", [("triton", None), ("triton", (1024, 4)), ("reference", None)])
+@pytest.mark.parametrize("impl,config", [("triton", None), ("triton", (1024, 4)), ("torch", None)])
 def test_fp16_loss_scale_matches_torch_cross_entropy(impl, config, monkeypatch):
     import fastfuse.kernels.fused_ce as fc
     monkeypatch.setattr(fc, "FORCE_CONFIG", config)
@@ -297,7 +297,7 @@ def _targets_in(d, lo, hi):
 
 
 @pytest.mark.parametrize("impl,config", [("triton", None), ("triton", (128, 2)), ("triton", (128, 2, 3, True)),
-                                         ("reference", None)])
+                                         ("torch", None)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_minus_inf_blocks_give_no_nan(impl, config, dtype, monkeypatch):
     import fastfuse.kernels.fused_ce as fc
