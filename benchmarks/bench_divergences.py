@@ -29,17 +29,15 @@ harness.use_source_tree()
 import torch  # noqa: E402
 
 from fastfuse import AlignMap, SourceTopK, fused_loss  # noqa: E402
-from fastfuse.loss.spec import DIVERGENCES, TAILS  # noqa: E402
+from fastfuse.loss.spec import DIVERGENCES, TAILS, lookup  # noqa: E402
 from fastfuse.testing import random_inputs  # noqa: E402
-
-MIX = {"jsd": dict(beta=0.5), "skew_kl": dict(alpha=0.1), "skew_reverse_kl": dict(alpha=0.1)}
 
 
 def cases():
     yield "ce", {}
     for divergence, tail in itertools.product(DIVERGENCES, TAILS):
         if (divergence, tail) != ("ce", "renormalize"):
-            yield f"{divergence}/{tail}", dict(divergence=divergence, tail=tail, **MIX.get(divergence, {}))
+            yield f"{divergence}/{tail}", dict(tail=tail, **lookup(divergence).options())
     yield "jsd/bucket+softcap+T", dict(divergence="jsd", tail="bucket", softcap=30.0, student_temperature=2.0)
 
 

@@ -303,8 +303,11 @@ def test_loss_options_are_make_specs_parameters():
     assert LOSS_OPTIONS == tuple(inspect.signature(make_spec).parameters)
 
 
-# Public module-level functions whose name two modules define on purpose (empty: none today).
-SAME_NAME_ALLOWED: dict[str, set[str]] = {}
+# Public module-level functions whose name several modules define on purpose, for the same role:
+# each kernel module's own choice of launch (forced, a GPU run's winner, else its table).
+SAME_NAME_ALLOWED: dict[str, set[str]] = {
+    "launch_config": {"fastfuse.kernels.divergence", "fastfuse.kernels.fused_ce"},
+}
 
 
 def test_no_function_name_defined_in_two_modules():
@@ -337,3 +340,33 @@ def test_two_autograd_functions():
     """One autograd Function for the loss from logits, one for the loss from hidden states and the
     lm_head; local and vocabulary-parallel rows are two runners under the same pair."""
     assert len(autograd_functions()) == 2, autograd_functions()
+
+
+def divergence_lists(source: str, names) -> list[int]:
+    """Lines of ``source`` holding a literal tuple, list, set or dict (its keys) of two or more of ``names``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        elts = node.keys if isinstance(node, ast.Dict) else \
+            node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else []
+        if sum(isinstance(e, ast.Constant) and e.value in names for e in elts) >= 2:
+            found.append(node.lineno)
+    return found
+
+
+def test_divergence_list_finder():
+    names = {"kl_a", "kl_b", "kl_c"}
+    planted = 'A = ("kl_a", "x")\nB = ["kl_b", 1, "kl_c"]\nC = {"kl_a": 1, "kl_c": 2}\nD = {"kl_a", f(x)}\nE = ("kl_c",)\n'
+    assert divergence_lists(planted, names) == [2, 3]
+    assert divergence_lists("def f(x=('kl_a', 'kl_b')): return {'kl_c', 'kl_a'}\n", names) == [1, 1]
+
+
+def test_no_literal_list_of_divergences_outside_the_registry():
+    """Every list of divergences reads fastfuse.loss.spec (DIVERGENCES, REGISTRY, lookup)."""
+    from fastfuse.loss.spec import DIVERGENCES
+
+    registry = ROOT / "fastfuse" / "loss" / "spec.py"
+    files = [f for d in ("fastfuse", "kernels", "tests", "benchmarks") for f in sorted((ROOT / d).rglob("*.py"))]
+    assert len(files) > 100
+    bad = [f"{f.relative_to(ROOT)}:{line}" for f in files if f != registry
+           for line in divergence_lists(f.read_text(), set(DIVERGENCES))]
+    assert not bad, bad

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fastfuse.loss.spec import LOSS_OPTIONS
+
 
 def save_plot(curves: dict, path: str, log=print) -> str | None:
     """PNG of both targets' training CE and held-out loss; ``None`` (and a message) without matplotlib."""
@@ -36,8 +38,8 @@ def save_plot(curves: dict, path: str, log=print) -> str | None:
 def settings_name(s: dict) -> str:
     """A fused target's settings in a few words: weighting, divergence/tail, lm_weight, temperature."""
     loss = s["divergence"] + ("" if s.get("tail", "renormalize") == "renormalize" else f"/{s['tail']} tail")
-    for k in ("alpha", "beta", "student_temperature"):
-        if s.get(k) is not None:
+    for k in LOSS_OPTIONS:
+        if k not in ("divergence", "tail") and s.get(k) is not None:
             loss += f" {k} {s[k]}"
     return f"{s['fusion']}, {loss}, lm_weight {s['lm_weight']}, T {s['temperature']}"
 

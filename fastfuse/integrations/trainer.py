@@ -18,15 +18,17 @@ from transformers import Trainer
 from fastfuse.integrations.hf import backbone_and_head, causal_lm_fusion_loss, logit_transform, unwrap_model
 from fastfuse.loss.linear_loss import fused_linear_loss
 from fastfuse.loss.logits_loss import fused_loss
+from fastfuse.loss.spec import LOSS_OPTIONS, TRANSFORM_OPTIONS
 
 _LOSSES = ("linear", "logits")
 # the fields of a fastfuse.FusionDataset item that FusionCollator reads; Trainer's default
 # remove_unused_columns=True would keep only the model's forward arguments and drop the teachers
 EXAMPLE_FIELDS = ("input_ids", "topk_ids", "topk_logprobs", "pos", "ce")
-# what loss_kwargs may hold: the loss functions' keyword options the trainer does not set itself
-_DIVERGENCE = {"divergence", "tail", "alpha", "beta", "student_temperature", "hinton_scale"}
-_OPTIONS = {"linear": {"ignore_index", "impl", "validate", "chunk_tokens", "inplace_grad"} | _DIVERGENCE,
-            "logits": {"ignore_index", "impl", "validate", "inplace_grad", "logit_scale", "softcap"} | _DIVERGENCE}
+# what loss_kwargs may hold: the loss functions' keyword options the trainer does not set itself (the
+# "linear" loss takes the student transform from the model's config)
+_OPTIONS = {"linear": {"ignore_index", "impl", "validate", "chunk_tokens", "inplace_grad"}
+            | (set(LOSS_OPTIONS) - set(TRANSFORM_OPTIONS)),
+            "logits": {"ignore_index", "impl", "validate", "inplace_grad"} | set(LOSS_OPTIONS)}
 
 
 def check_lm_weight(lm_weight: Any, max_steps: int) -> None:

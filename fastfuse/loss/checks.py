@@ -339,6 +339,7 @@ def check_loss_args(lead, V, dev, args: LossArgs, owner: str = "target_logits", 
             checks.append(("target_logits", "", dead.any()))
         for (name, msg, _), bad in zip(checks, torch.stack([c[2] for c in checks]).tolist()):
             if bad and name == "target_logits":
+                assert logits is not None and dead is not None     # the check above ran
                 _refuse_dead_rows(logits, dead)
             elif bad:
                 raise ValueError(f"{name} {msg}")

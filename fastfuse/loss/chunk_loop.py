@@ -71,6 +71,6 @@ def chunk_loop(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: in
                     d_weight.addmm_(z.t(), h)
             if d_bias is not None:
                 d_bias += z.sum(0, dtype=acc)
-    if d_bias is not None:
+    if d_bias is not None and bias is not None:
         d_bias = d_bias.to(bias.dtype)
     return loss, (d_hidden, d_weight, d_bias)

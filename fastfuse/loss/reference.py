@@ -89,7 +89,9 @@ def divergence_dense(logp: Tensor, q: Tensor, R: Tensor, spec) -> Tensor:
         return _xlogy_ratio(q, mix * q + (1 - mix) * p)
     if name == "skew_reverse_kl":
         return _xlogy_ratio(p, mix * p + (1 - mix) * q)
-    return 0.5 * (p - q).abs().sum(-1)                                  # tvd
+    if name == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    raise NotImplementedError(f"divergence_dense: no formula for {name!r} (docs/DESIGN.md \"Adding a divergence\")")
 
 
 def fused_loss_reference(target_logits: Tensor, source_topk, align_map, labels: Tensor,

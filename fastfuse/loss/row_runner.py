@@ -27,13 +27,7 @@ from fastfuse.loss.checks import LossArgs, Teacher
 from fastfuse.loss import torch_path
 from fastfuse.loss.torch_rows import torch_divergence_rows
 
-__all__ = ["RowTarget", "RowData", "build_target", "prepare_rows", "run_rows", "RowRunner", "LocalRows",
-           "GENERIC_LAUNCH"]
-
-# the generic row kernel's launch, like fused_ce's "2pass_l2": one 32-warp CTA per SM (few rows in
-# flight, so the second read can hit L2), 4 values per thread per chunk -- <= 48 registers and no
-# spills on sm_80/sm_90 in every combination (16 warps spilled under "uniform"). Untuned on hardware.
-GENERIC_LAUNCH = dict(block_v=4096, num_warps=32, num_stages=1)
+__all__ = ["RowTarget", "RowData", "build_target", "prepare_rows", "run_rows", "RowRunner", "LocalRows"]
 
 
 class RowTarget(NamedTuple):
@@ -122,10 +116,11 @@ def run_rows(use_triton: bool, spec, lm_weight: float, logits: Tensor, target: R
         else:
             from fastfuse.kernels.divergence import divergence_rows
             loss = divergence_rows(logits, grad, target.tids, target.coefs, target.tail, labels, ignore_index, scale,
-                                   compute_grad, spec, lm_weight, **GENERIC_LAUNCH)
+                                   compute_grad, spec, lm_weight)
         return loss, grad
     if spec.is_default:
         return torch_path.loss_and_grad_rows(logits, target.tids, target.coefs, ignored, scale, compute_grad, inplace)
+    assert target.tail is not None      # build_target gives every non-default spec its tail mass (zeros: none)
     return torch_divergence_rows(logits, target.tids, target.coefs, target.tail, labels, ignored, spec, lm_weight,
                                  scale, compute_grad, inplace)
 

@@ -69,14 +69,13 @@ def fused_loss_launches(V: int, dtype, compute_grad: bool = True, inplace_grad: 
 
 def divergence_launches(V: int, dtype, spec, compute_grad: bool = True, *, S: int = 2, B: int = 1, T: int = 4,
                         K: int = 10, Vs: int = 500, seed: int = 0):
-    """The launches (tail-mass sparse teacher, then the generic row kernel with the library's
-    launch, ``fastfuse.loss.row_runner.GENERIC_LAUNCH``) that ``fused_loss`` makes for a non-default
+    """The launches (tail-mass sparse teacher, then the generic row kernel with its own launch,
+    ``fastfuse.kernels.divergence.launch_config``) that ``fused_loss`` makes for a non-default
     :class:`~fastfuse.loss.spec.DivergenceSpec`, recorded on CPU tensors."""
     import torch
 
     from fastfuse.loss.torch_path import normalize_weights
     from fastfuse.testing import random_inputs
-    from fastfuse.loss.row_runner import GENERIC_LAUNCH
 
     from fastfuse.kernels.divergence import divergence_kernel, divergence_rows
     from fastfuse.kernels.sparse_teacher import sparse_teacher, sparse_teacher_kernel
@@ -92,7 +91,7 @@ def divergence_launches(V: int, dtype, spec, compute_grad: bool = True, *, S: in
                        tail=tail if spec.uses_tail_mass else None)
         z = d["target_logits"]
         divergence_rows(z, torch.empty_like(z), torch.zeros(N, E, dtype=torch.int32), torch.zeros(N, E), tail,
-                        d["labels"].reshape(-1), -100, torch.ones(1), compute_grad, spec, 0.9, **GENERIC_LAUNCH)
+                        d["labels"].reshape(-1), -100, torch.ones(1), compute_grad, spec, 0.9)
     return launches
 
 

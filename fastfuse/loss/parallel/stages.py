@@ -75,6 +75,7 @@ class VocabParallelRows(RowRunner):
         ``SLICE_ELEMS`` logits."""
         spec, layout, lm_weight = self.spec, self.layout, self.lm_weight
         tids, q, R = target
+        assert R is not None                # build_target gives every non-default spec its tail mass
         n, Vr = z.shape
         step = max(1, SLICE_ELEMS // max(Vr, 1))
         parts = [(a, min(n, a + step)) for a in range(0, n, step)]
