@@ -21,16 +21,12 @@ Rows (median of ``--iters`` after one warm-up):
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-from _common import write_csv  # noqa: E402
+import harness
 
 
 def models(hidden: int, layers: int, sizes: dict):
@@ -107,7 +103,7 @@ def served_teachers(k: int, target_tok, stack):
     """A tiny Llama served by llama-cpp-python on loopback, as the only online teacher."""
     import tempfile
 
-    sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+    sys.path.insert(0, os.path.join(harness.ROOT, "tests"))
     from _llama_server import MODEL_ALIAS, llama_server, tiny_llama, write_gguf
 
     import fastfuse
@@ -199,28 +195,32 @@ def run(batch=4, length=256, hidden=256, layers=2, k=10, iters=5, threads=2, new
     return rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--length", type=int, default=256)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--overlap", action="store_true", help="sequential vs prefetched steps instead")
-    p.add_argument("--served", action="store_true", help="with --overlap: also a served teacher")
-    p.add_argument("--csv")
-    a = p.parse_args()
-    rows = run(a.batch, a.length, a.hidden, a.layers, a.k, a.iters, a.threads, a.new_tokens, a.overlap, a.served)
-    print("| what | ms | tokens/s | share |\n|---|---:|---:|---:|")
-    for r in rows:
-        tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] != "" else ""
-        print(f"| {r['what']} | {r['ms']:.1f} | {tps} | {r['share']} |")
-    if a.csv:
-        write_csv(a.csv, rows)
+def main(argv=None) -> int:
+    ap = harness.parser(__doc__, cuda=False)
+    ap.add_argument("--batch", type=int, default=None, help="sequences per step (default 4, --tiny 2)")
+    ap.add_argument("--length", type=int, default=None, help="student tokens per sequence (default 256, --tiny 32)")
+    ap.add_argument("--hidden", type=int, default=None, help="every model's width (default 256, --tiny 32)")
+    ap.add_argument("--layers", type=int, default=None, help="every model's depth (default 2, --tiny 1)")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=None, help="on-policy tokens (default 32, --tiny 4)")
+    ap.add_argument("--overlap", action="store_true", help="sequential vs prefetched steps instead")
+    ap.add_argument("--served", action="store_true", help="with --overlap: also a served teacher")
+    a = ap.parse_args(argv)
+    _, iters = harness.iterations(a, full=(1, 5), quick=(1, 3))
+    tiny = a.tiny
+    shape = dict(B=a.batch or (2 if tiny else 4), T=a.length or (32 if tiny else 256),
+                 hidden=a.hidden or (32 if tiny else 256), layers=a.layers or (1 if tiny else 2))
+    rows = run(shape["B"], shape["T"], shape["hidden"], shape["layers"], a.k, iters, a.threads,
+               a.new_tokens or (4 if tiny else 32), a.overlap, a.served)
+    with harness.Results(a.csv) as res:
+        for r in rows:
+            note = {"share": r["share"]} if r["share"] else {}
+            res.add("online teachers", r["what"].strip(), "time", "ms", shape, r["ms"], **note)
+            if r["tokens_per_s"] != "":
+                res.add("online teachers", r["what"].strip(), "throughput", "tok/s", shape, r["tokens_per_s"])
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
