@@ -1,15 +1,19 @@
 """Exact alignment from byte offsets: C++ linear merge vs the same merge in pure Python.
 
-Target: >= 5 M target tokens/s on one core. Run `python benchmarks/bench_align.py` for a table,
-or `pytest benchmarks/bench_align.py --benchmark-enable` for pytest-benchmark statistics.
+Target: >= 5 M target tokens/s on one core.
+
+    python benchmarks/bench_align.py [--quick | --tiny] [--csv out.csv]
+
+The pydoc corpus x4 under llama-bpe and llama-spm (``--quick``: x1; ``--tiny``: 4 documents); the
+Python merge runs on the first eighth and is extrapolated, after checking it gives C++'s matches.
 """
 from __future__ import annotations
 
-import time
+import sys
 
 import numpy as np
-import pytest
 
+import harness
 from fastfuse import _C
 
 
@@ -39,54 +43,43 @@ def python_merge(te, se):
     return match
 
 
-def corpus_ends(target="llama-bpe", source="llama-spm", repeat=4):
-    """Byte end offsets of the whole pydoc corpus as one long text, under two real tokenizers."""
+def corpus_ends(target="llama-bpe", source="llama-spm", repeat=4, docs=None):
+    """Byte end offsets of the pydoc corpus (its first ``docs`` documents) as one long text, under two
+    real tokenizers."""
     from fastfuse.align.spans import TokenizerOffsets
     from fastfuse.corpus import python_docs
     from fastfuse.tokenizer_files import load_tokenizer
 
-    text = "\n\n".join(python_docs()) * repeat
+    text = "\n\n".join(python_docs(docs) if docs else python_docs()) * repeat
     (_, te), = TokenizerOffsets(load_tokenizer(target)).encode([text], add_special_tokens=False)
     (_, se), = TokenizerOffsets(load_tokenizer(source)).encode([text], add_special_tokens=False)
     return te, se
 
 
-def _median_seconds(fn, reps=7):
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
-@pytest.fixture(scope="module")
-def ends():
-    try:
-        return corpus_ends(repeat=1)
-    except Exception as e:  # no network for the vocab files on first use
-        pytest.skip(f"real tokenizers unavailable: {e}")
-
-
-def test_align_spans_cpp(benchmark, ends):
-    te, se = ends
-    match, pos, n = benchmark(_C.align_spans, te, se)
-    assert n > 0.5 * len(te)
-    assert match.tolist() == python_merge(te, se)  # fast path = reference
-
-
-def main():
-    te, se = corpus_ends()
-    t_cpp = _median_seconds(lambda: _C.align_spans(te, se))
+def main(argv=None) -> int:
+    a = harness.parser(__doc__, cuda=False).parse_args(argv)
+    warmup, iters = harness.iterations(a, full=(1, 7), quick=(1, 3))
+    te, se = corpus_ends(repeat=1, docs=4) if a.tiny else corpus_ends(repeat=1 if a.quick else 4)
     sub = slice(0, len(te) // 8)
-    t_py = _median_seconds(lambda: python_merge(te[sub], se[: np.searchsorted(se, te[sub][-1]) + 1]), reps=3) * 8
-    n = len(te)
-    print(f"offsets alignment, {n} target vs {len(se)} source tokens (pydoc corpus x4, llama-bpe vs llama-spm), one core")
-    print(f"{'impl':<22}{'ms':>10}{'M tok/s':>10}{'speed-up':>10}")
-    print(f"{'python merge (ref)':<22}{t_py * 1e3:>10.1f}{n / t_py / 1e6:>10.2f}{1.0:>10.1f}")
-    print(f"{'fastfuse C++':<22}{t_cpp * 1e3:>10.2f}{n / t_cpp / 1e6:>10.1f}{t_py / t_cpp:>10.0f}")
-    print(f"target >= 5 M tok/s: {'met' if n / t_cpp >= 5e6 else 'MISSED'}")
+    te_sub, se_sub = te[sub], se[: np.searchsorted(se, te[sub][-1]) + 1]
+    if _C.align_spans(te_sub, se_sub)[0].tolist() != python_merge(te_sub, se_sub):
+        raise SystemExit("bench_align: the C++ merge and the Python reference disagree")
+    t_cpp = harness.measure(lambda: _C.align_spans(te, se), "cpu", warmup, iters)
+    t_py = harness.measure(lambda: python_merge(te_sub, se_sub), "cpu", min(warmup, 1), min(iters, 3))
+    n, scale = len(te), len(te) / len(te_sub)
+    x = dict(target_tokens=n, source_tokens=len(se))
+    print(f"offsets alignment, {n} target vs {len(se)} source tokens (pydoc corpus, llama-bpe vs llama-spm), one core")
+    with harness.Results(a.csv) as res:
+        ms_py = t_py.ms * scale
+        res.add("align_spans", "python merge (reference)", "time", "ms", x, ms_py, **t_py.extra(),
+                note=f"timed on the first {len(te_sub)} target tokens, x {scale:.1f}")
+        res.add("align_spans", "python merge (reference)", "throughput", "M tok/s", x, n / ms_py / 1e3)
+        res.time("align_spans", "fastfuse C++", x, t_cpp)
+        res.add("align_spans", "fastfuse C++", "throughput", "M tok/s", x, n / t_cpp.ms / 1e3,
+                speedup=round(ms_py / t_cpp.ms, 1), target="5 M tok/s")
+    print(f"target >= 5 M tok/s: {'met' if n / t_cpp.seconds >= 5e6 else 'MISSED'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

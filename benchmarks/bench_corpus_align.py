@@ -1,22 +1,25 @@
 """Corpus-scale alignment throughput on the machine's cores: tokenisation with byte offsets
 (Rust tokenizers + numpy) and the C++ batch alignment, over the pydoc corpus.
 
-`python benchmarks/bench_corpus_align.py` prints a table; the pytest-benchmark test is cheap.
+    python benchmarks/bench_corpus_align.py [--quick | --tiny] [--csv out.csv]
+
+The pydoc corpus x4 (``--quick``: x1; ``--tiny``: 4 documents against one source).
 """
 from __future__ import annotations
 
 import os
+import sys
 import time
 
-import pytest
+import harness
 
 TARGET, SOURCES = "llama-bpe", ["llama-spm", "gpt-2", "mpt", "qwen2"]
 
 
-def corpus(repeat: int = 1) -> list[str]:
+def corpus(repeat: int = 1, docs: int | None = None) -> list[str]:
     from fastfuse.corpus import python_docs
 
-    return python_docs() * repeat
+    return (python_docs(docs) if docs else python_docs()) * repeat
 
 
 _OFFSETS = {}
@@ -52,33 +55,24 @@ def run(texts, target=TARGET, sources=SOURCES, threads=0):
     return {"target_tokens": n_tgt, "source_tokens": n_src, "seconds_tokenize": t_tok, "seconds_align": t_align}
 
 
-@pytest.fixture(scope="module")
-def texts():
-    try:
-        from fastfuse.tokenizer_files import load_tokenizer
-
-        load_tokenizer(TARGET)
-    except Exception as e:
-        pytest.skip(f"real tokenizers unavailable: {e}")
-    return corpus()
-
-
-def test_corpus_alignment(benchmark, texts):
-    r = benchmark(run, texts, TARGET, SOURCES[:1])
-    assert r["target_tokens"] > 50_000
-
-
-def main():
-    texts = corpus(repeat=4)
-    run(texts[:2])  # warm the tokenizer caches
-    r = run(texts)
-    pairs = len(SOURCES) * r["target_tokens"]
-    print(f"corpus alignment: pydoc x4 ({len(texts)} documents, {r['target_tokens']} {TARGET} tokens) "
-          f"against {len(SOURCES)} sources, {os.cpu_count()} cores")
-    print(f"{'stage':<42}{'s':>8}{'M target tok/s':>16}")
-    print(f"{'tokenise + byte offsets (5 tokenizers)':<42}{r['seconds_tokenize']:>8.2f}{pairs / r['seconds_tokenize'] / 1e6:>16.2f}")
-    print(f"{'C++ alignment (4 sources, batch)':<42}{r['seconds_align']:>8.3f}{pairs / r['seconds_align'] / 1e6:>16.1f}")
+def main(argv=None) -> int:
+    a = harness.parser(__doc__, cuda=False).parse_args(argv)
+    texts = corpus(docs=4) if a.tiny else corpus(repeat=1 if a.quick else 4)
+    sources = SOURCES[:1] if a.tiny else SOURCES
+    run(texts[:2], sources=sources)  # warm the tokenizer caches
+    r = run(texts, sources=sources)
+    pairs = len(sources) * r["target_tokens"]
+    print(f"corpus alignment: pydoc ({len(texts)} documents, {r['target_tokens']} {TARGET} tokens) "
+          f"against {len(sources)} sources, {os.cpu_count()} cores")
+    x = dict(documents=len(texts), target_tokens=r["target_tokens"], sources=len(sources))
+    with harness.Results(a.csv) as res:
+        for stage, provider, secs in (("tokenize", f"tokenizers + byte offsets ({len(sources) + 1} tokenizers)",
+                                       r["seconds_tokenize"]),
+                                      ("align_offsets_batch", "fastfuse C++ (batch)", r["seconds_align"])):
+            res.add(f"corpus {stage}", provider, "time", "s", x, secs)
+            res.add(f"corpus {stage}", provider, "throughput", "M target tok/s", x, pairs / secs / 1e6)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,23 +1,22 @@
 """Benchmark: MinED / DTW alignment of a 2048-token target against a 2250-token source.
 
-    pytest benchmarks/bench_dtw.py --benchmark-enable     # pytest-benchmark tables
-    python benchmarks/bench_dtw.py                        # a small table, with the Python reference
+    python benchmarks/bench_dtw.py [--quick | --tiny] [--csv out.csv]   # with the Python reference
     python benchmarks/bench_dtw.py --full-reference       # ... timing the reference on the full pair
 
 The token strings come from two small tokenizers of different kinds (byte-level BPE for the
 target, Unigram with metaspace for the source) trained on the Python docs that ship with Python
 (`pydoc_data.topics`). The pure-Python FuseLLM reference is timed on a smaller pair and
-extrapolated by cell count (it is quadratic with a constant cost per cell); it runs only with
-`--benchmark-enable`, from `python benchmarks/bench_dtw.py`, or with FASTFUSE_BENCH_REFERENCE=1.
+extrapolated by cell count (it is quadratic with a constant cost per cell). ``--tiny``: a 256 x 281
+pair, the reference timed on 64 x 70.
 """
 from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 
-import pytest
-
+import harness
 from fastfuse.align.dtw import dtw_align, dtw_align_batch
 
 N_TGT, N_SRC = 2048, 2250
@@ -59,9 +58,7 @@ def make_pair(n_src: int = N_SRC, n_tgt: int = N_TGT, start: int = 0) -> tuple[l
 
 
 def _reference():
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    sys.path.insert(0, os.path.join(harness.ROOT, "tests", "align"))
     from test_dtw import reference_dtw
 
     return reference_dtw
@@ -74,37 +71,6 @@ def reference_seconds_per_cell(n: int = 256, repeat: int = 3) -> float:
     return _best_of(lambda: reference(src, tgt), repeat) / (len(src) * len(tgt))
 
 
-def _want_reference(benchmark) -> bool:
-    return not getattr(benchmark, "disabled", True) or os.environ.get("FASTFUSE_BENCH_REFERENCE") == "1"
-
-
-@pytest.mark.parametrize("num_threads", [1, 0])
-def test_bench_dtw_2048(benchmark, num_threads):
-    src, tgt = make_pair()
-    benchmark.group = "dtw 2048 tgt x 2250 src"
-    out = benchmark(dtw_align, src, tgt, num_threads)
-    assert out.indptr.shape == (N_TGT + 1,) and out.indices[-1] == N_SRC - 1
-
-
-def test_bench_dtw_batch8(benchmark):
-    pairs = [make_pair(start=k * 7000) for k in range(8)]
-    benchmark.group = "dtw batch of 8 (2048 x 2250)"
-    out = benchmark(dtw_align_batch, [p[0] for p in pairs], [p[1] for p in pairs], 0)
-    assert len(out) == 8
-
-
-def test_bench_reference_extrapolated(benchmark):
-    if not _want_reference(benchmark):
-        pytest.skip("slow Python reference: run with --benchmark-enable or FASTFUSE_BENCH_REFERENCE=1")
-    src, tgt = make_pair(281, 256, start=5000)
-    reference = _reference()
-    benchmark.group = "FuseLLM Python reference, 256 tgt x 281 src (extrapolated in extra_info)"
-    t0 = time.perf_counter()
-    benchmark.pedantic(reference, args=(src, tgt), rounds=1, iterations=1)
-    per_cell = (time.perf_counter() - t0) / (len(src) * len(tgt))
-    benchmark.extra_info["extrapolated_s_2048x2250"] = per_cell * N_SRC * N_TGT
-
-
 def _best_of(fn, repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
@@ -114,36 +80,39 @@ def _best_of(fn, repeat: int) -> float:
     return best
 
 
-def main(full_reference: bool = False) -> None:
-    src, tgt = make_pair()
-    n_unique = (len(set(src)), len(set(tgt)))
-    pairs = [make_pair(start=k * 7000) for k in range(8)]
-    rows = []
-    for threads in (1, 0):
-        t = _best_of(lambda: dtw_align(src, tgt, num_threads=threads), 30)
-        rows.append((f"fastfuse dtw_align (threads={threads or os.cpu_count()})", t))
-    t = _best_of(lambda: dtw_align_batch([p[0] for p in pairs], [p[1] for p in pairs]), 5) / len(pairs)
-    rows.append(("fastfuse dtw_align_batch, per pair (8 pairs)", t))
-    if full_reference:
-        t0 = time.perf_counter()
-        ref_map2 = _reference()(src, tgt)[3]
-        ref = time.perf_counter() - t0
-        assert dtw_align(src, tgt).to_lists() == ref_map2, "fastfuse and the reference disagree"
-        rows.append(("FuseLLM Python reference (full pair, once; same mapping)", ref))
-    else:
-        per_cell = reference_seconds_per_cell()
-        ref = per_cell * len(src) * len(tgt)
-        rows.append(("FuseLLM Python reference (extrapolated from 256 x 281)", ref))
-    print(f"DTW of {len(tgt)} target x {len(src)} source tokens (unique: {n_unique[1]} x {n_unique[0]})")
-    print(f"{'implementation':<58} {'time':>12}")
-    for name, t in rows:
-        print(f"{name:<58} {t * 1e3:>9.2f} ms")
-    print(f"speed-up of dtw_align (all threads) over the reference: {ref / rows[1][1]:,.0f}x")
+def main(argv=None) -> int:
+    ap = harness.parser(__doc__, cuda=False)
+    ap.add_argument("--full-reference", action="store_true", help="time the Python reference on the full pair (seconds)")
+    a = ap.parse_args(argv)
+    warmup, iters = harness.iterations(a, full=(2, 30), quick=(1, 10))
+    n_tgt, n_src, n_batch, n_ref = (256, 281, 2, 64) if a.tiny else (N_TGT, N_SRC, 8, 256)
+    src, tgt = make_pair(n_src, n_tgt)
+    pairs = [make_pair(n_src, n_tgt, start=k * 7000) for k in range(n_batch)]
+    x = dict(target=len(tgt), source=len(src))
+    print(f"DTW of {len(tgt)} target x {len(src)} source tokens (unique: {len(set(tgt))} x {len(set(src))})")
+    with harness.Results(a.csv) as res:
+        fast = {}
+        for threads in (1, 0):
+            fast[threads] = harness.measure(lambda: dtw_align(src, tgt, num_threads=threads), "cpu", warmup, iters)
+            res.time("dtw_align", f"fastfuse (threads={threads or os.cpu_count()})", x, fast[threads])
+        t = harness.measure(lambda: dtw_align_batch([p[0] for p in pairs], [p[1] for p in pairs]), "cpu",
+                            min(warmup, 1), max(1, iters // 6))
+        res.add("dtw_align", f"fastfuse dtw_align_batch, per pair ({n_batch} pairs)", "time", "ms", x,
+                t.ms / n_batch, **t.extra())
+        if a.full_reference:
+            t0 = time.perf_counter()
+            ref_map2 = _reference()(src, tgt)[3]
+            ref_s = time.perf_counter() - t0
+            if dtw_align(src, tgt).to_lists() != ref_map2:
+                raise SystemExit("bench_dtw: fastfuse and the reference disagree")
+            note = "full pair, once; same mapping"
+        else:
+            ref_s = reference_seconds_per_cell(n_ref) * len(src) * len(tgt)
+            note = f"extrapolated from {n_ref} x {int(n_ref * 1.1)}"
+        res.add("dtw_align", "FuseLLM Python reference", "time", "ms", x, ref_s * 1e3, note=note,
+                speedup_over_all_threads=round(ref_s * 1e3 / fast[0].ms))
+    return 0
 
 
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full-reference", action="store_true", help="time the Python reference on the full pair (seconds)")
-    main(parser.parse_args().full_reference)
+    sys.exit(main())

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_extract.py [--tokenizer llama-spm] [--hidden 64] [--layers 2] [--docs 24]
                                        [--block-size 512] [--token-budget 4096] [--device cpu]
-                                       [--dtype float32] [--repeats 2] [--csv out.csv]
+                                       [--dtype float32] [--iters 2] [--quick | --tiny] [--csv out.csv]
 
 A random-initialised Llama of the given size (vocabulary of a real tokenizer) reads the first
 ``--docs`` pydoc topics. One row per provider, all on the same token-budget batches:
@@ -13,26 +13,21 @@ A random-initialised Llama of the given size (vocabulary of a real tokenizer) re
 * ``extract_topk``: the whole pipeline (tokenise, split, batch, top-k, write shards + meta.json).
 
 Goal on a GPU with a real source model: extraction <= 5 % over the bare forward. On a CPU with a
-tiny model the logits dominate and the overhead is much larger; the table says what it is. Under
-pytest (``pytest benchmarks/bench_extract.py --benchmark-enable``) a small configuration runs
-through pytest-benchmark.
+tiny model the logits dominate and the overhead is much larger; the rows say what it is.
+``--tiny``: 2 documents of 2000 characters, hidden 16, 1 layer, blocks of 128 tokens, one timed run.
 """
 from __future__ import annotations
 
-import argparse
+import sys
 import tempfile
-import time
 
 import numpy as np
-import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from fastfuse.teachers.local_extract import (extract_topk, forward_logits, pad_batch, plan_batches,  # noqa: E402
-                              source_sequences, topk_forward)
-from fastfuse.teachers.shards import ShardReader  # noqa: E402
-
-from _common import write_csv  # noqa: E402
+import harness
+from fastfuse.teachers.local_extract import (extract_topk, forward_logits, pad_token_ids, plan_batches,
+                                             source_sequences, topk_forward)
+from fastfuse.teachers.shards import ShardReader
 
 
 def make_model(vocab: int, hidden: int, layers: int, seed: int = 0):
@@ -46,10 +41,11 @@ def make_model(vocab: int, hidden: int, layers: int, seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
-def corpus(n_docs: int) -> list[str]:
+def corpus(n_docs: int, chars: int | None = None) -> list[str]:
+    """The first ``n_docs`` pydoc topics, each cut to ``chars`` characters if given."""
     from fastfuse.corpus import python_docs
 
-    return python_docs(n_docs)
+    return [t[:chars] for t in python_docs(n_docs)] if chars else python_docs(n_docs)
 
 
 def _sync(device):
@@ -58,7 +54,7 @@ def _sync(device):
 
 
 def run(tokenizer_name="llama-spm", hidden=64, layers=2, docs=24, block_size=512, token_budget=4096, k=10,
-        device=None, dtype=None, repeats=2) -> list[dict]:
+        device=None, dtype=None, warmup=1, iters=2, res: harness.Results | None = None, chars=None) -> None:
     from fastfuse.tokenizer_files import load_tokenizer
 
     tok = load_tokenizer(tokenizer_name)
@@ -66,7 +62,7 @@ def run(tokenizer_name="llama-spm", hidden=64, layers=2, docs=24, block_size=512
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else (
         dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
     model = make_model(len(tok), hidden, layers).to(device=device, dtype=dtype)
-    texts = corpus(docs)
+    texts = corpus(docs, chars)
     seqs = [s.input_ids for s, _ in source_sequences(tok, texts, block_size)]
     lens = np.array([len(s) for s in seqs])
     batches = [[seqs[j] for j in b] for b in plan_batches(lens, token_budget)]
@@ -76,7 +72,7 @@ def run(tokenizer_name="llama-spm", hidden=64, layers=2, docs=24, block_size=512
     def bare():
         with torch.inference_mode():
             for b in batches:
-                ids, mask = pad_batch(b)
+                ids, mask = pad_token_ids(b)
                 logits = forward_logits(model, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
                 del logits
         _sync(device)
@@ -94,72 +90,40 @@ def run(tokenizer_name="llama-spm", hidden=64, layers=2, docs=24, block_size=512
             full.bpt = ShardReader(d).bytes_per_token()
             assert st["total_tokens"] == n_tok
 
-    rows = []
+    res = res or harness.Results()
     base = None
+    x = dict(tokens=n_tok)
+    desc = dict(device=str(device), dtype=str(dtype).replace("torch.", ""), model=f"llama h={hidden} L={layers} "
+                f"V={len(tok)}", padding=f"{n_pad / n_tok - 1:.1%}")
     for name, fn in (("forward", bare), ("forward+topk", with_topk), ("extract_topk", full)):
-        fn()  # warm-up
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-        base = base or best
-        rows.append(dict(provider=name, device=str(device), dtype=str(dtype).replace("torch.", ""),
-                         model=f"llama h={hidden} L={layers} V={len(tok)}", tokens=n_tok,
-                         padding=f"{n_pad / n_tok - 1:.1%}", time_s=best, tokens_per_s=n_tok / best,
-                         overhead=best / base - 1, bytes_per_token=getattr(full, "bpt", None) if name == "extract_topk"
-                         else None))
-    return rows
+        t = harness.measure(fn, str(device), warmup, iters)
+        base = base or t.ms
+        res.time("extract_topk", name, x, t, unit="s", **desc)
+        res.add("extract_topk", name, "throughput", "tok/s", x, n_tok / t.seconds)
+        res.add("extract_topk", name, "overhead", "%", x, 100 * (t.ms / base - 1))
+        if name == "extract_topk":
+            res.add("extract_topk", name, "bytes_per_token", "B", x, full.bpt)
 
 
-def print_table(rows: list[dict]) -> None:
-    r0 = rows[0]
-    print(f"\n{r0['model']}, {r0['device']} {r0['dtype']}, {r0['tokens']} tokens, padding waste {r0['padding']}\n")
-    print(f"{'provider':<14}{'time (s)':>10}{'tok/s':>11}{'overhead':>10}{'bytes/tok':>11}")
-    for r in rows:
-        bpt = f"{r['bytes_per_token']:.2f}" if r["bytes_per_token"] else "-"
-        print(f"{r['provider']:<14}{r['time_s']:>10.3f}{r['tokens_per_s']:>11.0f}{r['overhead']:>10.1%}{bpt:>11}")
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = harness.parser(__doc__)
     ap.add_argument("--tokenizer", default="llama-spm")
-    ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--docs", type=int, default=24)
-    ap.add_argument("--block-size", type=int, default=512)
+    ap.add_argument("--hidden", type=int, default=None, help="default 64 (--tiny: 16)")
+    ap.add_argument("--layers", type=int, default=None, help="default 2 (--tiny: 1)")
+    ap.add_argument("--docs", type=int, default=None, help="default 24 (--quick: 8, --tiny: 2)")
+    ap.add_argument("--block-size", type=int, default=None, help="default 512 (--tiny: 128)")
     ap.add_argument("--token-budget", type=int, default=4096)
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--csv", help="also write the rows to this CSV file")
     a = ap.parse_args(argv)
-    rows = run(a.tokenizer, a.hidden, a.layers, a.docs, a.block_size, a.token_budget, a.k, a.device, a.dtype,
-               a.repeats)
-    print_table(rows)
-    if a.csv:
-        write_csv(a.csv, rows)
-
-
-# ------------------------------------------------------------------ pytest-benchmark
-def test_bench_extract(benchmark, tmp_path):
-    pytest.importorskip("transformers")
-    from fastfuse.tokenizer_files import load_tokenizer
-
-    tok = load_tokenizer("llama-spm")
-    model = make_model(len(tok), 32, 1)
-    texts = corpus(4)
-
-    def once():
-        d = tempfile.mkdtemp(dir=tmp_path)
-        return extract_topk(model, tok, texts, d, k=10, block_size=256, token_budget=1024, shard_size=8,
-                            progress=False)
-
-    st = benchmark.pedantic(once, rounds=1, iterations=1)
-    benchmark.extra_info.update(tokens=st["total_tokens"], bytes_per_token=st["bytes_per_token"])
-    assert st["bytes_per_token"] <= 64
+    warmup, iters = harness.iterations(a, full=(1, 2), quick=(1, 1))
+    tiny = a.tiny
+    with harness.Results(a.csv) as res:
+        run(a.tokenizer, a.hidden or (16 if tiny else 64), a.layers or (1 if tiny else 2),
+            a.docs or (2 if tiny else 8 if a.quick else 24), a.block_size or (128 if tiny else 512), a.token_budget,
+            a.k, a.device, a.dtype, warmup, iters, res, chars=2000 if tiny else None)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,24 +13,20 @@ provider returns). Liger and CCE compute the hard-label CE only (no teacher), so
 the teacher costs. Targets (H100, V = 128256): <= 42 ms forward + backward, <= 1 GiB extra.
 ``benchmarks/gpu_linear_loss.py`` runs the GPU correctness checks, a chunk-size sweep, then this table.
 
-    pytest benchmarks/bench_linear_loss.py --benchmark-enable     # needs CUDA
-    python benchmarks/bench_linear_loss.py [--csv out.csv]
+    python benchmarks/bench_linear_loss.py [--tiny] [--csv out.csv]    # needs CUDA (--tiny: CPU)
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
-import pytest
-import torch
+import harness
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+harness.use_source_tree()
+
+import torch  # noqa: E402
 
 from fastfuse.loss.linear_loss import fused_linear_loss  # noqa: E402
 from fastfuse import AlignMap, SourceTopK, fused_loss  # noqa: E402
-
-from _common import CsvRows, cuda_ms_per_call, cuda_timed, device_name, free_cuda, median_run  # noqa: E402
 
 N, H = 8192, 4096
 SHAPES = [(N, H, 128256), (N, H, 32000)]          # the target shape first
@@ -79,80 +75,50 @@ def provider_fn(name):
     raise ValueError(name)
 
 
-def run_once(fn, d):
+def run_once(fn, d, dev="cuda"):
+    """Fresh input copies (untimed), then fwd+bwd timed; (ms, peak bytes beyond the inputs' gradients,
+    which every provider must produce)."""
     h = d["hidden"].clone().requires_grad_()
     W = d["weight"].clone().requires_grad_()
-    ms, peak = cuda_timed(lambda: fn(h, W, d).backward())
-    # extra memory beyond inputs and their gradients (which every provider must produce)
+    ms, peak = harness.clock(lambda: fn(h, W, d).backward(), dev)
     return ms, peak - h.numel() * 2 - W.numel() * 2
 
 
-def matmul_rate(n=8192) -> float:
-    if not torch.cuda.is_available():       # dry run: a small host matmul
-        a = torch.randn(512, 512, dtype=torch.bfloat16)
-        return 2 * 512 ** 3 / (cuda_ms_per_call(lambda: a @ a) / 1e3)
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    return 2 * n ** 3 / (cuda_ms_per_call(lambda: a @ a) / 1e3)
+def measure(fn, d, warmup=2, iters=5, dev="cuda") -> harness.Timing:
+    return harness.measure(None, dev, warmup, iters, once=lambda _: run_once(fn, d, dev))
 
 
-def table(csv=None, out=print, warmup=2, iters=5, shapes=SHAPES, errors=None):
-    """Time, extra memory, floor and fraction of it per (shape, provider); CSV rows as they come,
-    a provider that raises reported and appended to ``errors`` (if given)."""
-    rate = matmul_rate()
-    out(f"device: {device_name()}  bf16 matmul: {rate / 1e12:.0f} TFLOP/s  (S={S}, K={K}, fwd+bwd)")
-    head = f"{'N':>6} {'H':>5} {'V':>7} {'provider':<16} {'ms':>9} {'extra MiB':>10} {'floor ms':>9} {'of floor':>8}"
-    out(head)
-    out("-" * len(head))
-    rows = []
-    sink = CsvRows(csv, ["operation", "provider", "N", "H", "V", "ms", "extra_mib", "floor_ms"])
-    for n, h, V in shapes:
-        d = make_inputs(n, h, V)
-        floor = 6 * n * h * V / rate * 1e3
-        for p in PROVIDERS:
-            fn = provider_fn(p)
-            if fn is None:
-                out(f"{n:>6} {h:>5} {V:>7} {p:<16} n/a (not installed)")
-                continue
-            try:
-                ms, extra = median_run(lambda: run_once(fn, d), warmup, iters)
-            except torch.cuda.OutOfMemoryError:
-                out(f"{n:>6} {h:>5} {V:>7} {p:<16} OOM")
-                free_cuda()
-                continue
-            except Exception as e:  # keep the table going
-                out(f"{n:>6} {h:>5} {V:>7} {p:<16} error: {type(e).__name__}: {str(e)[:80]}")
-                if errors is not None:
-                    errors.append((n, h, V, p, repr(e)))
-                continue
-            extra /= 2**20
-            rows.append((n, h, V, p, ms, extra, floor))
-            sink.add(dict(operation="fused_linear_loss", provider=p, N=n, H=h, V=V, ms=f"{ms:.3f}",
-                          extra_mib=f"{extra:.1f}", floor_ms=f"{floor:.3f}"))
-            out(f"{n:>6} {h:>5} {V:>7} {p:<16} {ms:>9.2f} {extra:>10.0f} {floor:>9.2f} {floor / ms:>8.1%}")
-        del d
-        free_cuda()
-    return rows
+def matmul_rate(dev="cuda", n=8192) -> float:
+    """bf16 matmul FLOP/s (on CPU a small host matmul)."""
+    n = 512 if dev == "cpu" else n
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    return 2 * n ** 3 / (harness.ms_per_call(lambda: a @ a, dev) / 1e3)
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def table(csv=None, warmup=2, iters=5, shapes=SHAPES, errors=None, dev="cuda") -> list[dict]:
+    """Time, extra memory and the matmul floor per (shape, provider), harness CSV rows as they come;
+    a provider that raises is reported and appended to ``errors`` (if given)."""
+    rate = matmul_rate(dev)
+    print(f"device: {harness.device_name(dev)}  bf16 matmul: {rate / 1e12:.1f} TFLOP/s  (S={S}, K={K}, fwd+bwd, "
+          f"median of {iters})")
+    with harness.Results(csv) as res:
+        harness.sweep(res, "fused_linear_loss", [dict(N=n, H=h, V=V) for n, h, V in shapes], PROVIDERS,
+                      inputs=lambda N, H, V: make_inputs(N, H, V, dev), provider_fn=provider_fn,
+                      time_one=lambda fn, d: measure(fn, d, warmup, iters, dev),
+                      floor_ms=lambda N, H, V: 6 * N * H * V / rate * 1e3, errors=errors)
+    return res.rows
 
 
-@cuda
-@pytest.mark.gpu
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("n,h,V", SHAPES)
-def test_bench_fused_linear_loss(benchmark, provider, n, h, V):
-    fn = provider_fn(provider)
-    if fn is None:
-        pytest.skip(f"{provider} not installed")
-    d = make_inputs(n, h, V)
-    benchmark.pedantic(lambda: run_once(fn, d), rounds=3, warmup_rounds=1)
+def main(argv=None) -> int:
+    ap = harness.parser(__doc__)
+    a = ap.parse_args(argv)
+    harness.need_cuda(a, "bench_linear_loss.py")
+    dev = harness.device(a)
+    warmup, iters = harness.iterations(a)
+    errors: list = []
+    table(a.csv, warmup, iters, TINY if a.tiny else SHAPES[:1] if a.quick else SHAPES, errors, dev)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--csv", default=None)
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_linear_loss.py needs CUDA")
-    table(csv=args.csv)
+    sys.exit(main())

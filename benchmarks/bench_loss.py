@@ -19,28 +19,25 @@ Providers, all computing ``lm_weight * CE(z, y) + (1 - lm_weight) * CE(z, q)`` f
 Every provider gets the same (precomputed) sparse teacher where it needs one, so the table
 compares the loss itself; fastfuse's time includes its own teacher kernel from the raw top-k.
 
-    pytest benchmarks/bench_loss.py --benchmark-enable      # pytest-benchmark (needs CUDA)
-    python benchmarks/bench_loss.py [--quick] [--no-compile] [--csv out.csv]
+    python benchmarks/bench_loss.py [--quick | --tiny] [--no-compile] [--csv out.csv]   # needs CUDA (--tiny: CPU)
 
-The ``__main__`` table also prints the memory-bound floor: one read of the logits and one write
+Each row also carries the memory-bound floor: one read of the logits and one write
 of the gradient (``2 * N * V * 2`` bytes) at the measured device-to-device copy bandwidth, and
-each provider's fraction of it (floor / time).
+each provider's fraction of it is floor / time. ``--tiny``: the dry run's shapes on CPU (under
+``TRITON_INTERPRET=1`` the kernels run in the interpreter; ``gpu_check.py --dry-run``).
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
-import pytest
-import torch
+import harness
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+harness.use_source_tree()
+
+import torch  # noqa: E402
 
 from fastfuse import AlignMap, SourceTopK, fused_loss  # noqa: E402
-from fastfuse.loss.reference import normalize_weights, sparse_teacher  # noqa: E402
-
-from _common import CsvRows, cuda_ms_per_call, cuda_timed, device_name, free_cuda, median_run  # noqa: E402
+from fastfuse.loss.torch_path import normalize_weights, torch_sparse_teacher  # noqa: E402
 
 LM_WEIGHT = 0.9
 SHAPES = [(8192, 32000), (8192, 128256), (16384, 32000), (16384, 128256)]
@@ -68,7 +65,7 @@ def make_inputs(N: int, V: int, device=None, dtype=torch.bfloat16, seed: int = 0
     w = torch.rand(S, B, device=device, generator=g)
     topk, amap = SourceTopK(ids, lp), AlignMap(pos, vocab)
     wn = normalize_weights(w, S, B, T, torch.device(device)).reshape(S, N)
-    tids, coefs = sparse_teacher(topk, amap, labels, wn, LM_WEIGHT, 1.0, -100)
+    tids, coefs = torch_sparse_teacher(topk, amap, labels, wn, LM_WEIGHT, 1.0, -100)
     return dict(z=z, topk=topk, amap=amap, labels=labels, w=w, tids=tids, coefs=coefs)
 
 
@@ -151,103 +148,56 @@ class _Produced(torch.autograd.Function):
         return None
 
 
-def run_once(fn, d):
-    """Fresh logits copy (untimed), then fwd+bwd between CUDA events; (ms, peak extra bytes)."""
+def run_once(fn, d, dev="cuda"):
+    """Fresh logits copy (untimed), then fwd+bwd timed; (ms, peak extra bytes)."""
     x = d["z"].clone().requires_grad_()
     if getattr(fn, "inplace", False):
         x = _Produced.apply(x)
-    return cuda_timed(lambda: fn(x, d).backward())
+    return harness.clock(lambda: fn(x, d).backward(), dev)
 
 
-def measure(fn, d, warmup=2, iters=5):
-    return median_run(lambda: run_once(fn, d), warmup, iters)
+def measure(fn, d, warmup=2, iters=5, dev="cuda") -> harness.Timing:
+    return harness.measure(None, dev, warmup, iters, once=lambda _: run_once(fn, d, dev))
 
 
-def copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
-    if not torch.cuda.is_available():       # dry run: a host copy, small
+def copy_bandwidth(dev="cuda", nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted); on CPU a small host copy."""
+    if dev == "cpu":
         nbytes = 1 << 24
-    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda" if torch.cuda.is_available() else "cpu")
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    ms = cuda_ms_per_call(lambda: dst.copy_(src))
+    ms = harness.ms_per_call(lambda: dst.copy_(src), dev)
     return 2 * nbytes / (ms / 1e3)
 
 
-def table(shapes=SHAPES, providers=PROVIDERS, csv=None, warmup=2, iters=5, out=print, errors=None):
-    """Print one table: time, peak extra memory, floor and fraction of it per (shape, provider).
-    A provider that raises is reported and appended to ``errors`` (if given); the table goes on."""
-    bw = copy_bandwidth()
-    out(f"device: {device_name()}  copy bandwidth: {bw / 1e12:.2f} TB/s  "
-        f"(S={S}, K={K}, bf16, fwd+bwd)")
-    head = f"{'N':>6} {'V':>7} {'provider':<17} {'ms':>9} {'extra MiB':>10} {'floor ms':>9} {'of floor':>8}"
-    out(head)
-    out("-" * len(head))
-    rows = []
-    sink = CsvRows(csv, ["operation", "provider", "N", "V", "ms", "extra_mib", "floor_ms"])
-    for N, V in shapes:
-        d = make_inputs(N, V)
-        floor_ms = 2 * N * V * 2 / bw * 1e3
-        for p in providers:
-            fn = provider_fn(p)
-            if fn is None:
-                out(f"{N:>6} {V:>7} {p:<17} {'n/a (not installed)':>30}")
-                continue
-            try:
-                ms, peak = measure(fn, d, warmup, iters)
-            except torch.cuda.OutOfMemoryError:
-                out(f"{N:>6} {V:>7} {p:<17} {'OOM':>9}")
-                free_cuda()
-                continue
-            except Exception as e:  # keep the table going
-                out(f"{N:>6} {V:>7} {p:<17} error: {type(e).__name__}: {str(e)[:80]}")
-                if errors is not None:
-                    errors.append((N, V, p, repr(e)))
-                continue
-            rows.append((N, V, p, ms, peak / 2**20, floor_ms))
-            sink.add(dict(operation="fused_loss", provider=p, N=N, V=V, ms=f"{ms:.4f}",
-                          extra_mib=f"{peak / 2**20:.1f}", floor_ms=f"{floor_ms:.4f}"))
-            out(f"{N:>6} {V:>7} {p:<17} {ms:>9.3f} {peak / 2**20:>10.0f} {floor_ms:>9.3f} "
-                f"{floor_ms / ms:>8.1%}")
-        del d
-        free_cuda()
-    return rows
+def table(shapes=SHAPES, providers=PROVIDERS, csv=None, warmup=2, iters=5, errors=None, dev="cuda") -> list[dict]:
+    """Every provider on every ``(N, V)``: time (median, spread), peak extra memory, the copy floor;
+    the rows (harness CSV) as they are measured. A provider that raises is reported and appended to
+    ``errors`` (if given); the table goes on."""
+    bw = copy_bandwidth(dev)
+    print(f"device: {harness.device_name(dev)}  copy bandwidth: {bw / 1e12:.2f} TB/s  "
+          f"(S={S}, K={K}, bf16, fwd+bwd, median of {iters})")
+    with harness.Results(csv) as res:
+        harness.sweep(res, "fused_loss", [dict(N=N, V=V) for N, V in shapes], providers,
+                      inputs=lambda N, V: make_inputs(N, V, dev), provider_fn=provider_fn,
+                      time_one=lambda fn, d: measure(fn, d, warmup, iters, dev),
+                      floor_ms=lambda N, V: 2 * N * V * 2 / bw * 1e3, errors=errors)
+    return res.rows
 
 
-# ------------------------------------------------------------------ pytest-benchmark
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@cuda
-@pytest.mark.gpu
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("N,V", SHAPES)
-def test_bench_fused_loss(benchmark, provider, N, V):
-    fn = provider_fn(provider)
-    if fn is None:
-        pytest.skip(f"{provider} not installed")
-    d = make_inputs(N, V)
-    ms, peak = measure(fn, d, warmup=2, iters=1)
-    benchmark.extra_info.update(peak_extra_mib=peak / 2**20, N=N, V=V)
-
-    def setup():
-        x = d["z"].clone().requires_grad_()
-        return (_Produced.apply(x) if getattr(fn, "inplace", False) else x,), {}
-
-    def step(x):
-        fn(x, d).backward()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(step, setup=setup, rounds=5, warmup_rounds=1)
+def main(argv=None) -> int:
+    ap = harness.parser(__doc__)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    a = ap.parse_args(argv)
+    harness.need_cuda(a, "bench_loss.py")
+    dev = harness.device(a)
+    warmup, iters = harness.iterations(a, full=(2, 5), quick=(2, 3))
+    shapes = TINY if a.tiny else QUICK if a.quick else SHAPES
+    provs = [p for p in PROVIDERS if not ((a.no_compile or a.tiny) and p == "torch_compile")]
+    errors: list = []
+    table(shapes, provs, a.csv, warmup, iters, errors, dev)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="only N=16384 shapes (the target first), fewer iterations")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    ap.add_argument("--csv", default=None)
-    a = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("needs a CUDA device")
-    shapes = QUICK if a.quick else SHAPES
-    provs = [p for p in PROVIDERS if not (a.no_compile and p == "torch_compile")]
-    table(shapes, provs, a.csv, iters=3 if a.quick else 5)
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """Served extraction beside local extraction of the same tiny model on CPU: tokens/s and bytes/token.
 
     python benchmarks/bench_served.py [--docs 16] [--chars 1000] [--block-size 512] [--k 10]
-                                      [--concurrency 1 2 4] [--threads 2] [--csv out.csv]
+                                      [--concurrency 1 2 4] [--threads 2] [--quick | --tiny] [--csv out.csv]
 
 A random Llama (hidden 32, 2 layers, the llama-spm vocabulary; tests/_llama_server.py) is written
 as GGUF and served by llama-cpp-python's OpenAI-compatible server on loopback (``--logits_all``).
@@ -12,22 +12,23 @@ in this process. Rows: tokens/s, seconds, bytes per token of the shards. llama-c
 sorts the whole vocabulary in Python at every prompt position and runs one request at a time, so
 its rows measure that server; the client's own cost is the last row's (a loopback endpoint that
 answers each prompt at once from replies computed beforehand, vLLM's shape with token ids).
+``--tiny``: 2 documents of 300 characters at concurrency 1 (``--quick``: 8 documents, 1 and 4).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+import harness
 
-from _common import write_csv  # noqa: E402
+sys.path.insert(0, os.path.join(harness.ROOT, "tests"))
 
 
 def run(docs=16, chars=1000, block_size=512, k=10, concurrency=(1, 2, 4), threads=2) -> list[dict]:
+    """One dict per provider and concurrency: provider, concurrency, tokens, seconds, tokens_per_s,
+    bytes_per_token, rows_without_teacher."""
     import torch
 
     from _llama_server import MODEL_ALIAS, llama_server, tiny_llama, write_gguf
@@ -121,24 +122,25 @@ def stub_row(tok, model, texts, d, block_size, k) -> dict:
             "bytes_per_token": st["bytes_per_token"], "rows_without_teacher": st["rows_without_teacher"]}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--docs", type=int, default=16)
-    p.add_argument("--chars", type=int, default=1000)
-    p.add_argument("--block-size", type=int, default=512)
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--csv", default=None)
-    a = p.parse_args()
-    rows = run(a.docs, a.chars, a.block_size, a.k, a.concurrency, a.threads)
-    print("| provider | concurrency | tokens | seconds | tokens/s | bytes/token | rows without teacher |\n"
-          "|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['provider']} | {r['concurrency']} | {r['tokens']} | {r['seconds']:.2f} | "
-              f"{r['tokens_per_s']:.0f} | {r['bytes_per_token']:.2f} | {r['rows_without_teacher']} |")
-    if a.csv:
-        write_csv(a.csv, rows)
+def main(argv=None) -> int:
+    ap = harness.parser(__doc__, cuda=False)
+    ap.add_argument("--docs", type=int, default=None, help="default 16 (--quick: 8, --tiny: 2)")
+    ap.add_argument("--chars", type=int, default=None, help="default 1000 (--tiny: 300)")
+    ap.add_argument("--block-size", type=int, default=512)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=None, help="default 1 2 4")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    conc = a.concurrency or ([1] if a.tiny else [1, 4] if a.quick else [1, 2, 4])
+    rows = run(a.docs or (2 if a.tiny else 8 if a.quick else 16), a.chars or (300 if a.tiny else 1000), a.block_size,
+               a.k, conc, a.threads)
+    with harness.Results(a.csv) as res:
+        for r in rows:
+            x = dict(concurrency=r["concurrency"], tokens=r["tokens"])
+            res.add("extract_served", r["provider"], "time", "s", x, r["seconds"],
+                    rows_without_teacher=r["rows_without_teacher"])
+            res.add("extract_served", r["provider"], "throughput", "tok/s", x, r["tokens_per_s"])
+            res.add("extract_served", r["provider"], "bytes_per_token", "B", x, r["bytes_per_token"])
     return 0
 
 

@@ -14,13 +14,11 @@ import itertools
 import json
 
 from fastfuse.demo import run_demo
-from fastfuse.loss.spec import DIVERGENCES, TAILS
-
-MIX = {"jsd": dict(beta=0.5), "skew_kl": dict(alpha=0.1), "skew_reverse_kl": dict(alpha=0.1)}
+from fastfuse.loss.spec import DIVERGENCES, TAILS, lookup
 
 
 def variants() -> dict:
-    return {f"{d}/{t}": dict(divergence=d, tail=t, **MIX.get(d, {})) for d, t in itertools.product(DIVERGENCES, TAILS)}
+    return {f"{d}/{t}": dict(tail=t, **lookup(d).options()) for d, t in itertools.product(DIVERGENCES, TAILS)}
 
 
 def table(f: dict) -> str:
@@ -29,7 +27,8 @@ def table(f: dict) -> str:
     lines = ["| divergence | " + " | ".join(TAILS) + " |", "|---|" + "---|" * len(TAILS)]
     for d in DIVERGENCES:
         cells = [f"{bpb[f'{d}/{t}']:.4f} ({bpb[f'{d}/{t}'] - clm:+.4f})" for t in TAILS]
-        lines.append(f"| {d}{' (' + ', '.join(f'{k} {v}' for k, v in MIX[d].items()) + ')' if d in MIX else ''} | "
+        mix = lookup(d).mix
+        lines.append(f"| {d}{f' ({mix} {lookup(d).mix_default})' if mix else ''} | "
                      + " | ".join(cells) + " |")
     lines.append(f"\nCLM-only: {clm:.4f} bits/byte, label smoothing {f['bpb']['label_smoothing']:.4f} (seed {f['seed']}, "
                  f"{f['size']} preset, {f['fused_settings']['fusion']}, lm_weight {f['fused_settings']['lm_weight']}, "

@@ -8,12 +8,16 @@ Steps, each a child process in its own process group (session), one after anothe
 2. ``gpu_tests``         ``pytest -m gpu tests/kernels/test_gpu.py -v`` with ``-n auto`` (pytest-xdist) and a
                          per-test timeout (pytest-timeout) where installed, junit XML;
 3. ``loss_table``        ``fused_loss`` at N = 16384, V = 128256 first (then 32000), against the copy floor,
-                         Liger and the torch providers (``gpu_loss.py --quick``);
+                         Liger and the torch providers (``bench_loss.py --quick``);
 4. ``candidates``        every candidate launch configuration of the row kernels, timed per shape, the
                          winners written as ``launch_tuned.json`` (``gpu_candidates.py``);
-5. ``divergence_table``  each divergence x tail against ``ce`` at N = 16384, V = 128256;
-6. ``linear_table``      ``fused_linear_loss`` against its matmul floor at N = 8192, H = 4096, V = 128256;
-7. ``tp_loss``           the vocabulary-parallel loss on a one-rank group.
+5. ``divergence_table``  each divergence x tail against ``ce`` at N = 16384, V = 128256 (``bench_divergences.py``);
+6. ``linear_table``      ``fused_linear_loss`` against its matmul floor at N = 8192, H = 4096, V = 128256
+                         (``bench_linear_loss.py``);
+7. ``tp_loss``           the vocabulary-parallel loss on a one-rank group (``gpu_tp_loss.py``).
+
+The tables are the benchmarks ``run.py`` runs, by the same names (``bench_*.py``), plus the two GPU-only
+scripts; all write the harness's CSV (``harness.COLUMNS``), which :mod:`gpu_summary` reads.
 
 **One deadline** (``--deadline`` seconds from the start, default 480) bounds the whole run: a step gets
 ``min(its cap, time left)``; when that runs out its whole process group gets SIGTERM, then SIGKILL,
@@ -42,7 +46,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,6 +53,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import gpu_summary  # noqa: E402
+import harness  # noqa: E402
 
 VERSIONS = ("import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, "
             "torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')")
@@ -73,13 +77,12 @@ def steps(out: str, dry: bool, py: str) -> list[tuple[str, list[str]]]:
     return [
         ("versions", [py, "-c", VERSIONS]),
         ("gpu_tests", tests),
-        ("loss_table", [py, f"{HERE}/gpu_loss.py", "--no-check", "--quick", "--csv", f"{out}/bench_loss.csv"] + tiny),
+        ("loss_table", [py, f"{HERE}/bench_loss.py", "--quick", "--csv", f"{out}/bench_loss.csv"] + tiny),
         ("candidates", [py, f"{HERE}/gpu_candidates.py", "--csv", f"{out}/candidates.csv",
                         "--table", f"{out}/launch_tuned.json"] + tiny),
         ("divergence_table", [py, f"{HERE}/bench_divergences.py", "--csv", f"{out}/bench_divergences.csv",
                               "--warm-jobs", "8"] + tiny),
-        ("linear_table", [py, f"{HERE}/gpu_linear_loss.py", "--no-check", "--no-sweep", "--csv",
-                          f"{out}/bench_linear_loss.csv"] + tiny),
+        ("linear_table", [py, f"{HERE}/bench_linear_loss.py", "--csv", f"{out}/bench_linear_loss.csv"] + tiny),
         ("tp_loss", [py, f"{HERE}/gpu_tp_loss.py", "--quick", "--csv", f"{out}/gpu_tp_loss.csv"] + tiny),
     ]
 
@@ -195,18 +198,11 @@ class Run:
 
 
 def source_env(py: str, env: dict) -> tuple[dict, str | None]:
-    """Where fastfuse is not importable as installed (a fresh GPU machine: no C++ core built), a
-    scratch folder holding ``fastfuse/`` (links to the source files) and ``kernels/`` as
-    ``fastfuse.kernels`` -- what the wheel maps -- goes first on PYTHONPATH."""
-    ok = subprocess.run([py, "-c", "import fastfuse.loss.logits_loss, fastfuse.kernels.fused_ce"], cwd=os.path.join(ROOT, "tests"),
-                        env=env, capture_output=True).returncode == 0
-    if ok:
+    """Where fastfuse is not importable as installed (a fresh GPU machine: no C++ core built), the
+    source tree linked as a package (:func:`harness.source_tree_package`) goes first on PYTHONPATH."""
+    shim = harness.source_tree_package(py, env)
+    if shim is None:
         return env, None
-    shim = tempfile.mkdtemp(prefix="fastfuse-src-")
-    os.mkdir(os.path.join(shim, "fastfuse"))
-    for name in os.listdir(os.path.join(ROOT, "fastfuse")):
-        os.symlink(os.path.join(ROOT, "fastfuse", name), os.path.join(shim, "fastfuse", name))
-    os.symlink(os.path.join(ROOT, "kernels"), os.path.join(shim, "fastfuse", "kernels"))
     return dict(env, PYTHONPATH=os.pathsep.join([shim] + [p for p in [env.get("PYTHONPATH")] if p])), shim
 
 

@@ -6,12 +6,13 @@ a chunk-size sweep and the table of ``bench_linear_loss.py``. A single call on a
 
     python benchmarks/gpu_linear_loss.py [--no-check] [--no-sweep] [--no-bench] [--csv out.csv]
 
+(the sweep's rows go to ``out_chunks.csv`` beside ``--csv``, the table's to ``--csv``)
+
 Works from a source checkout without the built C++ core (see ``gpu_loss.py``). Exit status 1 if
 any correctness check fails.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -19,15 +20,17 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import harness  # noqa: E402
 from gpu_loss import run_gpu_tests  # noqa: E402  (importing gpu_loss sets fastfuse up)
 
 import torch  # noqa: E402
 
 from fastfuse.loss.linear_loss import fused_linear_loss  # noqa: E402
 
-def chunk_sweep(N=8192, H=4096, V=128256, iters=5):
-    from _common import median_run
-    from bench_linear_loss import LM_WEIGHT, make_inputs, run_once
+
+def chunk_sweep(results, N=8192, H=4096, V=128256, iters=5):
+    """``fused_linear_loss`` at each ``chunk_tokens`` (provider ``chunk <n>``) into ``results``."""
+    from bench_linear_loss import LM_WEIGHT, make_inputs, measure
 
     print(f"\nchunk-size sweep N={N} H={H} V={V} bf16 (fwd+bwd, median of {iters})")
     d = make_inputs(N, H, V)
@@ -35,44 +38,38 @@ def chunk_sweep(N=8192, H=4096, V=128256, iters=5):
         fn = lambda h, W, dd, c=chunk: fused_linear_loss(h, W, dd["topk"], dd["amap"], dd["labels"],  # noqa: E731
                                                           source_weights=dd["w"], lm_weight=LM_WEIGHT,
                                                           validate=False, chunk_tokens=c)
-        ms, extra = median_run(lambda: run_once(fn, d), warmup=1, iters=iters)
-        print(f"  chunk {chunk:>5}: {ms:8.2f} ms  extra {extra / 2**20:8.0f} MiB")
+        results.time("fused_linear_loss", f"chunk {chunk}", dict(N=N, H=H, V=V), measure(fn, d, 1, iters))
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> int:
+    ap = harness.parser(__doc__)
     ap.add_argument("--no-check", action="store_true", help="skip the gpu tests (gpu_check.sh runs them once)")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-bench", action="store_true")
-    ap.add_argument("--csv", default=None)
-    ap.add_argument("--tiny", action="store_true", help="CPU dry run (TRITON_INTERPRET=1): tiny shapes, no checks")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.tiny:
         a.no_check, a.no_sweep = True, True
-    elif not torch.cuda.is_available():
-        sys.exit("gpu_linear_loss.py needs CUDA")
+    harness.need_cuda(a, "gpu_linear_loss.py")
     import triton
-    from _common import device_name
 
-    print(f"device: {device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    print(f"device: {harness.device_name(harness.device(a))}  torch {torch.__version__}  triton {triton.__version__}")
     t0 = time.time()
     ok = True
     if not a.no_check:
         ok = run_gpu_tests("linear", os.environ.get("OUT"))
         print(f"\ncorrectness: {'all ok' if ok else 'FAILURES'} ({time.time() - t0:.0f} s)")
     if not a.no_sweep:
-        chunk_sweep()
+        with harness.Results(a.csv and os.path.splitext(a.csv)[0] + "_chunks.csv") as res:
+            chunk_sweep(res)
     if not a.no_bench:
-        from bench_linear_loss import SHAPES, TINY, table
+        import bench_linear_loss
 
         print()
-        errors = []
-        table(csv=a.csv, shapes=TINY if a.tiny else SHAPES, errors=errors, warmup=1 if a.tiny else 2,
-              iters=1 if a.tiny else 5)
-        ok &= not errors
+        argv = [f for f, on in (("--quick", a.quick), ("--tiny", a.tiny)) if on] + (["--csv", a.csv] if a.csv else [])
+        ok &= bench_linear_loss.main(argv) == 0
     print(f"total {time.time() - t0:.0f} s")
-    sys.exit(0 if ok else 1)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,5 @@
-"""What ``gpu_check.py`` returns: every target with its measured ratio, read from the steps' CSVs.
+"""What ``gpu_check.py`` returns: every target with its measured ratio, read from the steps' CSVs
+(the harness's schema, one dict per kernel, provider and shape: :func:`harness.pivot`).
 
 :func:`write_all` writes ``summary.md`` / ``summary.json`` into the results folder and ``RESULTS.md``
 there: a copy of ``benchmarks/RESULTS.md`` whose "GPU" section (between the ``gpu_check`` markers)
@@ -7,10 +8,11 @@ written; a missing CSV (a step cut or failed) reads "not measured". Files are re
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import xml.etree.ElementTree as ET
+
+import harness
 
 BEGIN, END = "<!-- gpu_check:begin -->", "<!-- gpu_check:end -->"
 TARGET_LOSS = (16384, 128256)           # N, V of fused_loss's targets (bf16, fwd+bwd)
@@ -19,11 +21,10 @@ TAIL_PASS = {"jsd/uniform", "skew_kl/uniform", "skew_reverse_kl/uniform", "tvd/u
 
 
 def read_csv(out: str, name: str) -> list[dict]:
+    """A step's CSV as dicts: the shape's fields (N, V, ...), the extras, each metric by name (time:
+    ms, extra_memory: MiB); [] when the step wrote none."""
     path = os.path.join(out, name)
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    return harness.pivot(harness.read(path)) if os.path.exists(path) else []
 
 
 def _f(x) -> float | None:
@@ -47,44 +48,45 @@ def targets(out: str, shapes: dict) -> list[dict]:
     loss = read_csv(out, "bench_loss.csv")
     ff, lig = _pick(loss, provider="fastfuse", N=N, V=V), _pick(loss, provider="liger_ce", N=N, V=V)
     if ff:
-        frac = _f(ff["floor_ms"]) / _f(ff["ms"])
+        frac = _f(ff["floor_ms"]) / _f(ff["time"])
         res.append(dict(target=f"fused_loss N={N} V={V}: fastfuse of the copy floor", want=">= 85 %",
-                        measured=f"{_f(ff['ms']):.3f} ms, floor {_f(ff['floor_ms']):.3f} ms",
+                        measured=f"{_f(ff['time']):.3f} ms, floor {_f(ff['floor_ms']):.3f} ms",
                         ratio=f"{frac:.1%}", met=frac >= 0.85))
     else:
         res.append(dict(target=f"fused_loss N={N} V={V}: fastfuse of the copy floor", want=">= 85 %",
                         measured="not measured", ratio="-", met=None))
     if ff and lig:
-        r = _f(ff["ms"]) / _f(lig["ms"])
+        r = _f(ff["time"]) / _f(lig["time"])
         res.append(dict(target=f"fused_loss N={N} V={V}: fastfuse / Liger hard-label CE", want="<= 1.00x",
-                        measured=f"{_f(ff['ms']):.3f} / {_f(lig['ms']):.3f} ms", ratio=f"{r:.2f}x", met=r <= 1.0))
+                        measured=f"{_f(ff['time']):.3f} / {_f(lig['time']):.3f} ms", ratio=f"{r:.2f}x", met=r <= 1.0))
     else:
         res.append(dict(target=f"fused_loss N={N} V={V}: fastfuse / Liger hard-label CE", want="<= 1.00x",
                         measured="not measured" + ("" if ff else "") + (" (Liger not installed?)" if ff else ""),
                         ratio="-", met=None))
     for r in read_csv(out, "bench_divergences.csv"):
-        if r["case"] == "ce":
+        if r["provider"] == "ce":
             continue
         x = _f(r["x_ce"])
-        tail = r["case"] in TAIL_PASS
-        res.append(dict(target=f"divergence {r['case']} / ce", want="stated (tail pass: 3 reads)" if tail else "<= 1.15x",
-                        measured=f"{_f(r['ms']):.3f} ms", ratio=f"{x:.2f}x", met=None if tail else x <= 1.15))
+        tail = r["provider"] in TAIL_PASS
+        res.append(dict(target=f"divergence {r['provider']} / ce", want="stated (tail pass: 3 reads)" if tail else "<= 1.15x",
+                        measured=f"{_f(r['time']):.3f} ms", ratio=f"{x:.2f}x", met=None if tail else x <= 1.15))
     n, h, v = shapes["linear"]
     lin = _pick(read_csv(out, "bench_linear_loss.csv"), provider="fastfuse_linear", N=n, H=h, V=v)
     if lin:
-        ms, extra, floor = _f(lin["ms"]), _f(lin["extra_mib"]), _f(lin["floor_ms"])
+        ms, extra, floor = _f(lin["time"]), _f(lin.get("extra_memory")), _f(lin["floor_ms"])
         res.append(dict(target=f"fused_linear_loss N={n} H={h} V={v}: time / matmul floor", want="<= 42 ms (H100)",
                         measured=f"{ms:.2f} ms, floor {floor:.2f} ms", ratio=f"{ms / floor:.2f}x", met=ms <= 42.0))
         res.append(dict(target=f"fused_linear_loss N={n} H={h} V={v}: extra memory", want="<= 1024 MiB",
-                        measured=f"{extra:.0f} MiB", ratio=f"{extra / 1024:.2f}x", met=extra <= 1024))
+                        measured="not measured (no CUDA)" if extra is None else f"{extra:.0f} MiB",
+                        ratio="-" if extra is None else f"{extra / 1024:.2f}x", met=None if extra is None else extra <= 1024))
     else:
         res.append(dict(target=f"fused_linear_loss N={n} H={h} V={v}: time / matmul floor", want="<= 42 ms (H100)",
                         measured="not measured", ratio="-", met=None))
     for w in read_csv(out, "candidates_winners.csv"):
-        res.append(dict(target=f"launch candidates {w['kernel']} {w['shape']}: winner {w['winner']}",
-                        want="stated", measured=f"{_f(w['ms']):.3f} ms (today's {w['current']}: "
+        res.append(dict(target=f"launch candidates {w['kernel']} {w['N']} x {w['V']}: winner {w['provider']}",
+                        want="stated", measured=f"{_f(w['time']):.3f} ms (today's {w['current']}: "
                                                 f"{_f(w['current_ms']):.3f} ms)",
-                        ratio=f"{_f(w['ms']) / _f(w['current_ms']):.2f}x", met=None))
+                        ratio=f"{_f(w['time']) / _f(w['current_ms']):.2f}x", met=None))
     return res
 
 
@@ -107,8 +109,16 @@ def _table(rows, head, cols) -> list[str]:
 
 
 def _pct(r):
-    ms, fl = _f(r.get("ms")), _f(r.get("floor_ms"))
+    ms, fl = _f(r.get("time")), _f(r.get("floor_ms"))
     return f"{fl / ms:.1%}" if ms and fl else "-"
+
+
+def _ms(r):
+    return f"{r['time']:.3f}"
+
+
+def _mib(r):
+    return f"{r['extra_memory']:.0f}" if "extra_memory" in r else "-"
 
 
 def gpu_section(out: str, info: dict) -> str:
@@ -129,34 +139,32 @@ def gpu_section(out: str, info: dict) -> str:
     if loss:
         lines += ["fused_loss, bf16, fwd+bwd, S = 2, K = 10:", ""]
         lines += _table(loss, ["N x V", "provider", "ms", "% of floor", "extra MiB"],
-                        [lambda r: f"{r['N']} x {r['V']}", lambda r: r["provider"], lambda r: r["ms"], _pct,
-                         lambda r: r["extra_mib"]]) + [""]
+                        [lambda r: f"{r['N']} x {r['V']}", lambda r: r["provider"], _ms, _pct, _mib]) + [""]
     lin = read_csv(out, "bench_linear_loss.csv")
     if lin:
         lines += ["fused_linear_loss, bf16, fwd+bwd (floor: the three matmuls at the measured rate):", ""]
         lines += _table(lin, ["N x H x V", "provider", "ms", "% of floor", "extra MiB"],
-                        [lambda r: f"{r['N']} x {r['H']} x {r['V']}", lambda r: r["provider"], lambda r: r["ms"],
-                         _pct, lambda r: r["extra_mib"]]) + [""]
+                        [lambda r: f"{r['N']} x {r['H']} x {r['V']}", lambda r: r["provider"], _ms, _pct,
+                         _mib]) + [""]
     div = read_csv(out, "bench_divergences.csv")
     if div:
         lines += ["Divergence x tail, fused_loss fwd+bwd (x ce; of the one-read + one-write copy floor):", ""]
         lines += _table(div, ["case", "N x V", "ms", "x ce", "% of floor", "extra MiB"],
-                        [lambda r: r["case"], lambda r: f"{r.get('N', '?')} x {r.get('V', '?')}", lambda r: r["ms"],
-                         lambda r: r["x_ce"],
-                         lambda r: f"{_f(r['of_floor']):.1%}" if _f(r.get("of_floor")) else "-",
-                         lambda r: r.get("extra_mib", "-")]) + [""]
+                        [lambda r: r["provider"], lambda r: f"{r['N']} x {r['V']}", _ms,
+                         lambda r: f"{r['x_ce']:.2f}",
+                         lambda r: f"{_f(r['of_floor']):.1%}" if _f(r.get("of_floor")) else "-", _mib]) + [""]
     cand = read_csv(out, "candidates.csv")
     if cand:
         lines += ["Launch candidates (the winners are `launch_tuned.json`):", ""]
         lines += _table(cand, ["kernel", "shape", "config", "ms", "% of floor"],
-                        [lambda r: r["kernel"], lambda r: r["shape"], lambda r: r["config"], lambda r: r["ms"],
+                        [lambda r: r["kernel"], lambda r: f"{r['N']} x {r['V']}", lambda r: r["provider"], _ms,
                          _pct]) + [""]
     tp = read_csv(out, "gpu_tp_loss.csv")
     if tp:
         lines += ["Vocabulary-parallel loss (one-rank group):", ""]
-        lines += _table(tp, ["op", "divergence", "kind", "N x V", "ms"],
-                        [lambda r: r["op"], lambda r: r["divergence"], lambda r: r["kind"],
-                         lambda r: f"{r['N']} x {r['V']}", lambda r: r["ms"]]) + [""]
+        lines += _table(tp, ["loss divergence", "kind", "N x V", "ms"],
+                        [lambda r: r["kernel"], lambda r: r["provider"], lambda r: f"{r['N']} x {r['V']}",
+                         _ms]) + [""]
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ Rows (median ms over ranks' maxima; ``fused_linear_loss`` at N = 8192, H = 4096,
 ``fused_loss`` on ``[N, V]`` logits):
 
 * ``single``       -- the one-GPU loss on the whole vocabulary (Triton row kernels);
-* ``single-torch`` -- the same with ``impl="reference"`` (the torch row path);
+* ``single-torch`` -- the same with ``impl="torch"`` (the torch row path);
 * ``tp``           -- ``process_group=WORLD`` with this rank's ``V / W`` shard: the staged torch rows,
   the agreement exchange and the collectives (real NCCL calls, also for one rank).
 
@@ -23,25 +23,25 @@ one-GPU ones (bf16 tolerance); exit status 1 when they differ.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import sys
 
-import torch
-import torch.distributed as dist
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import gpu_loss  # noqa: E402,F401  (sets fastfuse up: installed, or the source tree linked as a package)
-from _common import CsvRows, cuda_timed, device_name, free_cuda  # noqa: E402
+import harness  # noqa: E402
+
+harness.use_source_tree()      # fastfuse installed, or the source tree linked as a package
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
 from bench_linear_loss import make_inputs  # noqa: E402  (the same inputs as the one-GPU table)
 
 from fastfuse.loss.linear_loss import default_chunk_tokens, fused_linear_loss  # noqa: E402
 from fastfuse.loss.logits_loss import fused_loss  # noqa: E402
 from fastfuse.testing import LINEAR_REL_TOL  # noqa: E402
-from fastfuse.loss.parallel.losses import ROUND_BYTES  # noqa: E402
 
 S, K, LM_WEIGHT = 2, 10, 0.9
 
@@ -77,7 +77,7 @@ def run(kind, d, a, n, divergence):
     if tp:
         kw["process_group"] = dist.group.WORLD
     else:
-        kw["impl"] = "reference" if kind == "single-torch" else "auto"
+        kw["impl"] = "torch" if kind == "single-torch" else "auto"
     if "logits" in d:
         z = (d["logits"][..., a:a + n] if tp else d["logits"]).clone().requires_grad_()
         loss = fused_loss(z, d["topk"], d["amap"], d["labels"], **kw)
@@ -101,17 +101,17 @@ def check(d, a, n, divergence) -> bool:
     return max(errs) <= LINEAR_REL_TOL[torch.bfloat16], errs
 
 
-def timed(kind, d, a, n, divergence, iters):
-    """Median over iterations of the slowest rank's milliseconds."""
+def timed(kind, d, a, n, divergence, warmup, iters) -> harness.Timing:
+    """The slowest rank's milliseconds per iteration after ``warmup`` untimed ones: median and spread."""
     out = []
-    for i in range(iters + 1):
+    for i in range(warmup + iters):
         dist.barrier()
-        ms, _ = cuda_timed(lambda: run(kind, d, a, n, divergence))
+        ms, _ = harness.clock(lambda: run(kind, d, a, n, divergence), d["labels"].device)
         t = torch.tensor([ms], device=d["labels"].device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        if i:       # the first call warms up
+        if i >= warmup:
             out.append(t.item())
-    return sorted(out)[len(out) // 2]
+    return harness.timing_of([(ms, 0) for ms in out])
 
 
 def sent_bytes(N, H, T, V_r, tail_pass, linear):
@@ -121,30 +121,26 @@ def sent_bytes(N, H, T, V_r, tail_pass, linear):
     if linear:
         rounds = -(-N // default_chunk_tokens(N, V_r, 2))
     else:
-        rows = max(1, ROUND_BYTES // (V_r * 2))
-        rounds = (N // T) * -(-T // rows)
+        rounds = (N // T) * -(-T // default_chunk_tokens(N, V_r, 2))
     per_row = (2 + S * K + 2) * 4 + (2 * 4 if tail_pass else 0)
     return N * per_row + (N * H * 2 if linear else 0), rounds
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="N = 4096, 3 iterations")
-    ap.add_argument("--csv", default=None, help="rows written as they are measured (rank 0)")
-    ap.add_argument("--tiny", action="store_true", help="dry run: CPU, gloo, TRITON_INTERPRET=1, tiny shapes")
-    a = ap.parse_args()
-    if not (a.tiny or torch.cuda.is_available()):
-        sys.exit("gpu_tp_loss.py needs CUDA")
+def main(argv=None) -> int:
+    ap = harness.parser(__doc__)
+    a = ap.parse_args(argv)
+    harness.need_cuda(a, "gpu_tp_loss.py")
     rank, world, device = init(cpu=a.tiny)
-    N, H, V, iters = (4096, 4096, 128256, 3) if a.quick else (8192, 4096, 128256, 5)
+    N, H, V = (4096, 4096, 128256) if a.quick else (8192, 4096, 128256)
     if a.tiny:
-        N, H, V, iters = 8, 16, 2000, 1
+        N, H, V = 8, 16, 2000
+    warmup, iters = harness.iterations(a, full=(1, 5), quick=(1, 3))     # --tiny: (0, 1), nothing compiles
     start, n = shard_range(V, rank, world)
     say = print if rank == 0 else (lambda *x: None)
-    sink = CsvRows(a.csv if rank == 0 else None, ["op", "divergence", "kind", "world", "N", "V", "ms"])
-    say(f"device: {device_name()}  world {world}  N={N} H={H} V={V} (V_r={n} on rank {rank}) bf16, "
+    res = harness.Results(a.csv if rank == 0 else None, echo=say)
+    say(f"device: {harness.device_name(str(device))}  world {world}  N={N} H={H} V={V} (V_r={n} on rank {rank}) bf16, "
         f"S={S} K={K}, fwd+bwd")
-    ok, rows = True, []
+    ok = True
     divergences = {"ce": {}, "jsd-uniform": dict(divergence="jsd", tail="uniform")}
     for op in ("linear", "logits"):
         d = make_inputs(N, H, V, device)
@@ -155,19 +151,18 @@ def main():
             ok &= good
             say(f"\n{op} {dname}: TP vs one GPU relative errors {', '.join(f'{e:.1e}' for e in errs)} "
                 f"({'ok' if good else 'FAILED'})")
+            kernel = f"{'fused_linear_loss' if op == 'linear' else 'fused_loss'} {dname}"
             for kind in ("single", "single-torch", "tp"):
-                ms = timed(kind, d, start, n, div, iters)
-                rows.append(dict(op=op, divergence=dname, kind=kind, world=world, N=N, V=V, ms=round(ms, 3)))
-                sink.add(rows[-1])
-                say(f"  {kind:<13} {ms:9.2f} ms")
+                res.time(kernel, kind, dict(N=N, V=V), timed(kind, d, start, n, div, warmup, iters), world=world)
             sent, rounds = sent_bytes(N, H, d["labels"].shape[1], -(-V // world), dname == "jsd-uniform",
                                       op == "linear")
             say(f"  tp: each rank sends {sent / 2**20:.1f} MiB per call ({rounds} collective rounds of row "
                 f"statistics{' x 2' if dname == 'jsd-uniform' else ''}{', then the d_hidden all-reduce' if op == 'linear' else ''})")
-            free_cuda()
+            harness.free_memory()
+    res.close()
     dist.destroy_process_group()
-    sys.exit(0 if ok else 1)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

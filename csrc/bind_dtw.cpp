@@ -121,8 +121,6 @@ void bind_dtw(py::module_& m) {
     m.def("dtw_align_batch", &py_dtw_align_batch, py::arg("src_batch"), py::arg("tgt_batch"),
           py::arg("num_threads") = 0, py::arg("max_cells") = kDefaultMaxCells,
           "Batched dtw_align over many sequence pairs, multithreaded, GIL released.");
-    m.def("_dtw_set_paths", &dtw_set_paths, py::arg("simd") = true, py::arg("force_wide") = false,
-          "Testing hook: pick the DTW DP path (AVX2 row on/off, int64 forced); all give the same result.");
 }
 
 }  // namespace fastfuse

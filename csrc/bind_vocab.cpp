@@ -69,13 +69,6 @@ py::tuple py_map_vocab(const py::buffer& src_buf, py::handle src_offsets, py::ha
     return py::make_tuple(ids, distance);
 }
 
-std::string_view as_view(const py::bytes& b) {
-    char* p = nullptr;
-    Py_ssize_t n = 0;
-    if (PyBytes_AsStringAndSize(b.ptr(), &p, &n) != 0) throw py::error_already_set();
-    return {p, static_cast<size_t>(n)};
-}
-
 }  // namespace
 
 void bind_vocab(py::module_& m) {
@@ -84,13 +77,6 @@ void bind_vocab(py::module_& m) {
           py::arg("num_threads") = 0,
           "Map source token ids to target ids by normalised bytes -> (ids int32[S], distance int32[S]).\n"
           "Token k of a side is buf[offsets[k]:offsets[k+1]]; special is None or bool[n].");
-    m.def(
-        "vocab_levenshtein", [](const py::bytes& a, const py::bytes& b) { return levenshtein(as_view(a), as_view(b)); },
-        py::arg("a"), py::arg("b"), "Byte-level Levenshtein distance (bit-parallel when the shorter is <= 64 bytes).");
-    m.def(
-        "vocab_levenshtein_dp",
-        [](const py::bytes& a, const py::bytes& b) { return levenshtein_dp(as_view(a), as_view(b)); }, py::arg("a"),
-        py::arg("b"), "Byte-level Levenshtein distance by plain dynamic programming (reference for tests).");
 }
 
 }  // namespace fastfuse

@@ -15,7 +15,8 @@
 
 namespace fastfuse {
 
-// The most threads one call starts; fastfuse/threads.py caps num_threads at the same value.
+// The most threads one call starts; exported as _C.MAX_THREADS, where fastfuse/align/native_threads.py
+// reads it to cap every num_threads argument.
 constexpr int kMaxThreads = 1024;
 
 // Resolve a user thread count: <= 0 means "all hardware threads"; at most kMaxThreads.

@@ -1,232 +1,24 @@
-// MinED / DTW alignment of two token sequences (see dtw.hpp for the contract).
+// MinED / DTW alignment of two token sequences (see dtw.hpp for the contract): the DP over the
+// cost rows of dtw_costs.cpp, its backtrack, the size checks and the entry point.
 #include "dtw.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 
-#include "common.hpp"
-#include "myers.hpp"
-
-#include <cstring>
-#include <type_traits>
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FASTFUSE_DTW_AVX2 1
-#include <immintrin.h>
-#else
-#define FASTFUSE_DTW_AVX2 0
-#endif
+#include "dtw_internal.hpp"
 
 namespace fastfuse {
-
-int64_t levenshtein(const uint32_t* a, int64_t la, const uint32_t* b, int64_t lb) {
-    if (la < lb) { std::swap(a, b); std::swap(la, lb); }
-    if (lb == 0) return la;
-    std::vector<int64_t> row(lb + 1);
-    for (int64_t j = 0; j <= lb; ++j) row[j] = j;
-    for (int64_t i = 1; i <= la; ++i) {
-        int64_t diag = row[0];
-        row[0] = i;
-        for (int64_t j = 1; j <= lb; ++j) {
-            int64_t up = row[j];
-            int64_t v = diag + (a[i - 1] != b[j - 1]);
-            v = std::min(v, up + 1);
-            v = std::min(v, row[j - 1] + 1);
-            row[j] = v;
-            diag = up;
-        }
-    }
-    return row[lb];
-}
-
 namespace {
 
-// Unique strings of one side, decoded to dense alphabet ids, concatenated.
-struct Interned {
-    std::vector<int32_t> uid;     // [n] token -> unique id
-    std::vector<int64_t> offset;  // [U + 1] into chars
-    std::vector<uint32_t> chars;  // dense alphabet ids
-    int64_t size() const { return static_cast<int64_t>(offset.size()) - 1; }
-    int64_t len(int64_t u) const { return offset[u + 1] - offset[u]; }
-    const uint32_t* str(int64_t u) const { return chars.data() + offset[u]; }
-};
-
-Interned intern(const std::vector<std::string_view>& tokens, std::unordered_map<uint32_t, uint32_t>& alphabet,
-                const char* name) {
-    Interned out;
-    out.uid.resize(tokens.size());
-    out.offset.push_back(0);
-    std::unordered_map<std::string_view, int32_t> ids;
-    ids.reserve(tokens.size() * 2);
-    std::vector<uint32_t> cps;
-    for (size_t k = 0; k < tokens.size(); ++k) {
-        auto it = ids.find(tokens[k]);
-        if (it != ids.end()) { out.uid[k] = it->second; continue; }
-        int32_t id = static_cast<int32_t>(ids.size());
-        ids.emplace(tokens[k], id);
-        out.uid[k] = id;
-        try {
-            utf8_to_codepoints(tokens[k], cps);
-        } catch (const std::invalid_argument& e) {
-            throw std::invalid_argument(std::string(name) + "[" + std::to_string(k) + "]: " + e.what());
-        }
-        for (uint32_t cp : cps) {
-            auto a = alphabet.emplace(cp, static_cast<uint32_t>(alphabet.size())).first;
-            out.chars.push_back(a->second);
-        }
-        out.offset.push_back(static_cast<int64_t>(out.chars.size()));
-    }
-    return out;
-}
-
-#if FASTFUSE_DTW_AVX2
-bool cpu_has_avx2() {
-    static const bool has = __builtin_cpu_supports("avx2");
-    return has;
-}
-#endif
+using dtw_detail::Interned;
 
 std::atomic<bool> g_use_simd{true};
 std::atomic<bool> g_force_wide{false};
-
-// Four texts of one length against one pattern, their symbols interleaved (ids[4 * k + q] is
-// symbol k of text q): four independent dependency chains, and the texts are visited sorted by
-// length so the trip count repeats and the branch predictor learns it.
-inline void myers64_x4(const uint64_t* peq, int m, const uint32_t* ids, int64_t lt, int32_t* out) {
-    uint64_t pv[4], mv[4];
-    int64_t score[4];
-    const uint64_t hb = uint64_t(1) << (m - 1);
-    for (int q = 0; q < 4; ++q) { pv[q] = ~uint64_t(0); mv[q] = 0; score[q] = m; }
-    for (int64_t k = 0; k < lt; ++k) {
-        for (int q = 0; q < 4; ++q) {
-            const uint64_t eq = peq[ids[4 * k + q]];
-            const uint64_t xv = eq | mv[q];
-            const uint64_t xh = (((eq & pv[q]) + pv[q]) ^ pv[q]) | eq;
-            uint64_t ph = mv[q] | ~(xh | pv[q]);
-            uint64_t mh = pv[q] & xh;
-            score[q] += static_cast<int64_t>((ph & hb) != 0) - static_cast<int64_t>((mh & hb) != 0);
-            ph = (ph << 1) | 1;
-            mh <<= 1;
-            pv[q] = mh | ~(xv | ph);
-            mv[q] = ph & xv;
-        }
-    }
-    for (int q = 0; q < 4; ++q) out[q] = static_cast<int32_t>(score[q]);
-}
-
-#if FASTFUSE_DTW_AVX2
-// The same four chains in the four 64-bit lanes of an AVX2 register.
-__attribute__((target("avx2"))) void myers64_x4_avx2(const uint64_t* peq, int m, const uint32_t* ids, int64_t lt,
-                                                     int32_t* out) {
-    const __m256i ones = _mm256_set1_epi64x(-1), one = _mm256_set1_epi64x(1);
-    const __m128i shift = _mm_cvtsi32_si128(m - 1);
-    __m256i pv = ones, mv = _mm256_setzero_si256(), score = _mm256_set1_epi64x(m);
-    const long long* table = reinterpret_cast<const long long*>(peq);
-    for (int64_t k = 0; k < lt; ++k) {
-        const __m128i idx = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ids + 4 * k));
-        const __m256i eq = _mm256_i32gather_epi64(table, idx, 8);
-        const __m256i xv = _mm256_or_si256(eq, mv);
-        const __m256i xh =
-            _mm256_or_si256(_mm256_xor_si256(_mm256_add_epi64(_mm256_and_si256(eq, pv), pv), pv), eq);
-        __m256i ph = _mm256_or_si256(mv, _mm256_andnot_si256(_mm256_or_si256(xh, pv), ones));
-        __m256i mh = _mm256_and_si256(pv, xh);
-        score = _mm256_add_epi64(score, _mm256_and_si256(_mm256_srl_epi64(ph, shift), one));
-        score = _mm256_sub_epi64(score, _mm256_and_si256(_mm256_srl_epi64(mh, shift), one));
-        ph = _mm256_or_si256(_mm256_slli_epi64(ph, 1), one);
-        mh = _mm256_slli_epi64(mh, 1);
-        pv = _mm256_or_si256(mh, _mm256_andnot_si256(_mm256_or_si256(xv, ph), ones));
-        mv = _mm256_and_si256(ph, xv);
-    }
-    alignas(32) int64_t sc[4];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(sc), score);
-    for (int q = 0; q < 4; ++q) out[q] = static_cast<int32_t>(sc[q]);
-}
-#endif
-
-// The cost rows: cost[us * n2 + j] = editdistance(src unique token us, tgt token j), for every
-// unique src token and every target position (C = uint8_t when every token has <= 255 code
-// points, which bounds the distance, else int32_t). The edit distance is computed once per
-// unique (src, tgt) pair, one src token as the pattern per task, then spread over positions.
-template <class C>
-void cost_rows(const Interned& s, const Interned& t, size_t alphabet_size, int num_threads, std::vector<C>& cost) {
-    const int64_t Us = s.size(), Ut = t.size();
-    const int64_t n2 = static_cast<int64_t>(t.uid.size());
-    cost.resize(static_cast<size_t>(Us * n2));
-    // Threads only pay off on larger tables.
-    if (Us * (Ut + n2 / 8) < 32768) num_threads = 1;
-    // Target tokens sorted by length; runs of equal length go in quads with interleaved symbols,
-    // the rest (and empty tokens) one by one.
-    std::vector<int32_t> by_len(Ut);
-    for (int64_t v = 0; v < Ut; ++v) by_len[v] = static_cast<int32_t>(v);
-    std::stable_sort(by_len.begin(), by_len.end(), [&](int32_t x, int32_t y) { return t.len(x) < t.len(y); });
-    struct Quad {
-        int32_t v[4];
-        int64_t len, off;
-    };
-    std::vector<Quad> quads;
-    std::vector<uint32_t> quad_ids;
-    std::vector<int32_t> singles;
-    for (int64_t r = 0; r < Ut;) {
-        int64_t e = r;
-        const int64_t len = t.len(by_len[r]);
-        while (e < Ut && t.len(by_len[e]) == len) ++e;
-        for (; len > 0 && r + 4 <= e; r += 4) {
-            Quad qd{{by_len[r], by_len[r + 1], by_len[r + 2], by_len[r + 3]}, len,
-                    static_cast<int64_t>(quad_ids.size())};
-            for (int64_t k = 0; k < len; ++k)
-                for (int q = 0; q < 4; ++q) quad_ids.push_back(t.str(qd.v[q])[k]);
-            quads.push_back(qd);
-        }
-        for (; r < e; ++r) singles.push_back(by_len[r]);
-    }
-#if FASTFUSE_DTW_AVX2
-    const bool simd = g_use_simd.load(std::memory_order_relaxed) && cpu_has_avx2();
-#endif
-    const int32_t* tu = t.uid.data();
-    // Each thread keeps a zeroed match-mask scratch (bits are set for the pattern and cleared
-    // again after it) and a row of distances over the unique target tokens.
-    const int64_t chunk = 4;
-    parallel_for((Us + chunk - 1) / chunk, num_threads, [&](int64_t c) {
-        thread_local std::vector<uint64_t> peq_scratch;
-        thread_local std::vector<int32_t> row_scratch;
-        if (peq_scratch.size() < alphabet_size) peq_scratch.assign(alphabet_size, 0);
-        row_scratch.resize(Ut);
-        // Plain locals: C may be a char type that aliases everything, and thread_locals are slow.
-        uint64_t* const peq = peq_scratch.data();
-        int32_t* const row = row_scratch.data();
-        const int32_t* const tu_local = tu;
-        const int64_t n2_local = n2;
-        for (int64_t u = c * chunk, stop = std::min(Us, (c + 1) * chunk); u < stop; ++u) {
-            const int64_t m = s.len(u);
-            const uint32_t* p = s.str(u);
-            if (m == 0) {
-                for (int64_t v = 0; v < Ut; ++v) row[v] = static_cast<int32_t>(t.len(v));
-            } else if (m <= 64) {
-                for (int64_t k = 0; k < m; ++k) peq[p[k]] |= uint64_t(1) << k;
-                const int mi = static_cast<int>(m);
-                for (const Quad& qd : quads) {
-                    int32_t o[4];
-#if FASTFUSE_DTW_AVX2
-                    if (simd) myers64_x4_avx2(peq, mi, quad_ids.data() + qd.off, qd.len, o);
-                    else
-#endif
-                        myers64_x4(peq, mi, quad_ids.data() + qd.off, qd.len, o);
-                    for (int q = 0; q < 4; ++q) row[qd.v[q]] = o[q];
-                }
-                for (int32_t v : singles) row[v] = myers64(peq, mi, t.str(v), t.len(v));
-                for (int64_t k = 0; k < m; ++k) peq[p[k]] = 0;
-            } else {
-                for (int64_t v = 0; v < Ut; ++v)
-                    row[v] = static_cast<int32_t>(levenshtein(p, m, t.str(v), t.len(v)));
-            }
-            C* const out = cost.data() + u * n2_local;
-            for (int64_t j = 0; j < n2_local; ++j) out[j] = static_cast<C>(row[tu_local[j]]);
-        }
-    });
-}
 
 // Backtrack directions as two bit planes, W bytes per DP row: bit j of `up` says the up
 // predecessor is strictly below the diagonal one; bit j of `left` says the left one is strictly
@@ -349,8 +141,7 @@ int64_t forward_backtrack(const std::vector<int32_t>& src_uid, int64_t n2, const
         }
     }
 #if FASTFUSE_DTW_AVX2
-    const bool simd = std::is_same<T, int32_t>::value && n2 >= 16 && g_use_simd.load(std::memory_order_relaxed) &&
-                      cpu_has_avx2();
+    const bool simd = std::is_same<T, int32_t>::value && n2 >= 16 && dtw_detail::simd_enabled();
 #endif
     for (int64_t i = 1; i < n1; ++i) {
         const C* crow = cost.data() + static_cast<int64_t>(src_uid[i]) * n2;
@@ -456,8 +247,8 @@ DTWResult dtw_align(const std::vector<std::string_view>& src, const std::vector<
         tgt.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max()))
         throw std::invalid_argument("src_tokens/tgt_tokens: too many tokens");
     std::unordered_map<uint32_t, uint32_t> alphabet;
-    Interned s = intern(src, alphabet, "src_tokens");
-    Interned t = intern(tgt, alphabet, "tgt_tokens");
+    Interned s = dtw_detail::intern(src, alphabet, "src_tokens");
+    Interned t = dtw_detail::intern(tgt, alphabet, "tgt_tokens");
     const int64_t n1 = static_cast<int64_t>(src.size()), n2 = static_cast<int64_t>(tgt.size());
     // Levenshtein distance <= the longer token's length: that bounds every cost.
     int64_t max_len = 0;
@@ -470,7 +261,7 @@ DTWResult dtw_align(const std::vector<std::string_view>& src, const std::vector<
     const bool narrow = max_len * (n1 + n2) < (int64_t(1) << 29) && !g_force_wide.load(std::memory_order_relaxed);
     thread_local Workspace ws;
     auto run = [&](auto& cost) {
-        cost_rows(s, t, alphabet.size(), num_threads, cost);
+        dtw_detail::cost_rows(s, t, alphabet.size(), num_threads, cost);
         out.cost = narrow ? forward_backtrack<int32_t>(s.uid, n2, cost, ws.dir, out)
                           : forward_backtrack<int64_t>(s.uid, n2, cost, ws.dir, out);
     };
@@ -490,4 +281,16 @@ void dtw_set_paths(bool simd, bool force_wide) {
     g_force_wide.store(force_wide);
 }
 
+namespace dtw_detail {
+
+bool simd_enabled() {
+#if FASTFUSE_DTW_AVX2
+    static const bool has = __builtin_cpu_supports("avx2");
+    return has && g_use_simd.load(std::memory_order_relaxed);
+#else
+    return false;
+#endif
+}
+
+}  // namespace dtw_detail
 }  // namespace fastfuse

@@ -1,12 +1,18 @@
 """Typed stub of ``fastfuse._C``, the compiled C++ core (csrc/; pybind11, numpy in and out, GIL released
-in the heavy loops). The Python modules ``align``, ``dtw`` and ``vocab`` are its public face."""
-from collections.abc import Buffer, Sequence
+in the heavy loops). ``fastfuse.align`` (``spans``, ``dtw``, ``vocab_map``) is its public face; ``_testing`` holds
+the hooks only the tests use."""
+from collections.abc import Sequence
+from typing import type_check_only
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import Buffer
 
 Int32Array = npt.NDArray[np.int32]
 Int64Array = npt.NDArray[np.int64]
+
+MAX_THREADS: int
+"""The most threads one call starts (every ``num_threads`` is capped at it; 0 means all cores, up to it)."""
 
 DTW_DEFAULT_MAX_CELLS: int
 """Default bound on the DTW table (target x source tokens) and the edit-distance work it implies."""
@@ -32,11 +38,25 @@ def map_vocab(src_buf: Buffer, src_offsets: npt.ArrayLike, src_special: npt.Arra
     """Source id -> target id by normalised bytes (then minimum edit distance when ``mined``)
     -> (ids int32[S], distance int32[S])."""
 
-def vocab_levenshtein(a: bytes, b: bytes) -> int:
-    """Byte-level Levenshtein distance (bit-parallel when the shorter is <= 64 bytes)."""
+# A stub cannot declare a submodule of an extension module without turning ``_C`` into a stub package
+# (a ``_C/`` directory that would also import, empty, where the build is missing); so ``_testing`` is
+# typed by a stub-only class that lists its functions (not a ModuleType subclass: ModuleType's
+# ``__getattr__`` would let any misspelt name through).
+@type_check_only
+class _TestingModule:
+    """``_C._testing``: test-only hooks (reference implementations, path switches); nothing in fastfuse/ calls them."""
 
-def vocab_levenshtein_dp(a: bytes, b: bytes) -> int:
-    """Byte-level Levenshtein distance by plain dynamic programming (the tests' reference)."""
+    @staticmethod
+    def dtw_set_paths(simd: bool = True, force_wide: bool = False) -> None:
+        """Pick the DTW DP path, process-wide (AVX2 row on/off, int64 forced); all give the same result."""
 
-def _dtw_set_paths(simd: bool = True, force_wide: bool = False) -> None:
-    """Testing hook: pick the DTW DP path (AVX2 row on/off, int64 forced); all give the same result."""
+    @staticmethod
+    def vocab_levenshtein(a: bytes, b: bytes) -> int:
+        """Byte-level Levenshtein distance as ``map_vocab`` computes it (bit-parallel when the shorter has
+        <= 64 bytes)."""
+
+    @staticmethod
+    def vocab_levenshtein_dp(a: bytes, b: bytes) -> int:
+        """Byte-level Levenshtein distance by plain dynamic programming (the reference)."""
+
+_testing: _TestingModule

@@ -24,6 +24,12 @@ The whole public API, by stage (data flows top to bottom; DESIGN.md §3):
 
     FusionTrainer(model, args, train_dataset, data_collator, lm_weight=0.9, loss="linear")   HF Trainer
 
+    # online and on-policy fusion: teachers in the loop, no shards
+    OnlineTeachers({name: LocalTeacher(model, tok) | ServedTeacher(url, name, tok)}, target_tok)
+        teachers(input_ids, attention_mask) -> the FusionCollator batch of that text
+    on_policy_batch(student, teachers, input_ids, attention_mask, prompt_tokens, max_new_tokens)
+    FusionTrainer(..., teachers=online_teachers, on_policy=lambda_)   GKD-style on-policy share
+
     # the loss (Triton on GPU, torch on CPU)
     SourceTopK(ids, logprobs), AlignMap(pos, vocab)
     fused_loss(target_logits, source_topk, align_map, labels, source_weights=None, lm_weight=0.9, ...)
@@ -59,6 +65,8 @@ _EXPORTS = {
     "align_corpus": "batches.corpus_align", "AlignedStore": "batches.corpus_align",
     "FusionCollator": "batches.dataset", "FusionDataset": "batches.dataset",
     "FusionTrainer": "integrations.trainer",
+    "OnlineTeachers": "batches.online", "LocalTeacher": "teachers.online_teachers",
+    "ServedTeacher": "teachers.online_teachers", "on_policy_batch": "integrations.on_policy",
 }
 __all__ = sorted(_EXPORTS)
 

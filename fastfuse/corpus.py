@@ -51,7 +51,9 @@ def cut_text(text: str, doc_chars: int, code: bool = False) -> list[str]:
     (a paragraph), and for ``code`` only one that starts at column 0 (a top-level statement), so
     definitions stay whole where the text allows."""
     lines = text.splitlines(keepends=True)
-    out, piece, n = [], [], 0
+    out: list[str] = []
+    piece: list[str] = []
+    n = 0
     for i, line in enumerate(lines):
         if n >= doc_chars and line.strip() and i and not lines[i - 1].strip() and not (code and line[0].isspace()):
             out.append("".join(piece))
@@ -236,9 +238,10 @@ def source_sequences(tokenizer, texts: Any, block_size: int, text_field: str = "
             doc_index += 1
 
 
-def chain_fingerprint(h: bytes, s: SourceSequence, text: str) -> bytes:
-    """One link of the corpus fingerprint: sha256(previous || doc, start, end || chunk text)."""
+def chain_fingerprint(h: bytes, doc_index: int, char_start: int, char_end: int, text: str) -> bytes:
+    """One link of the corpus fingerprint: sha256(previous || doc, start, end || chunk text), for the
+    sequence ``text[char_start:char_end]`` of document ``doc_index``."""
     m = hashlib.sha256(h)
-    m.update(struct.pack("<qqq", s.doc_index, s.char_start, s.char_end))
-    m.update(text[s.char_start:s.char_end].encode("utf-8", "surrogatepass"))
+    m.update(struct.pack("<qqq", doc_index, char_start, char_end))
+    m.update(text[char_start:char_end].encode("utf-8", "surrogatepass"))
     return m.digest()

@@ -24,8 +24,8 @@ def install_hint(extra: str) -> str:
 def missing_extra(error: BaseException) -> str | None:
     """For a ``ModuleNotFoundError`` of an optional dependency, the module and the extra that installs
     it (to follow "... needs "); ``None`` for anything else (a real bug must keep its traceback)."""
-    name = getattr(error, "name", None) if isinstance(error, ModuleNotFoundError) else None
-    extra = EXTRA_OF_MODULE.get((name or "").split(".")[0])
+    name = (getattr(error, "name", None) or "") if isinstance(error, ModuleNotFoundError) else ""
+    extra = EXTRA_OF_MODULE.get(name.split(".")[0])
     if extra is None:
         return None
     return f"'{name.split('.')[0]}', which is not installed (the '{extra}' extra): {install_hint(extra)}"

@@ -18,7 +18,7 @@ import numpy as np
 
 __all__ = ["atomic_write", "sha256_file", "json_bytes", "serialize_safetensors", "read_safetensors"]
 
-_ST_DTYPE = {np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.float32): "F32",
+_ST_DTYPE: dict[np.dtype[Any], str] = {np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.float32): "F32",
              np.dtype(np.float16): "F16", np.dtype(np.uint8): "U8"}
 _NP_DTYPE = {v: k for k, v in _ST_DTYPE.items()}
 
@@ -105,14 +105,14 @@ def read_safetensors(path: Path, sha256: str | None = None,
         out = {}
         end = 0
         for name, info in header.items():
-            b, e = info["data_offsets"]
+            lo, hi = info["data_offsets"]
             dt = _NP_DTYPE[info["dtype"]]
             shape = tuple(info["shape"])
-            if not (0 <= b <= e <= len(data)) or e - b != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
-                raise ValueError(f"tensor {name!r} has data offsets [{b}, {e}) inconsistent with its shape "
+            if not (0 <= lo <= hi <= len(data)) or hi - lo != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
+                raise ValueError(f"tensor {name!r} has data offsets [{lo}, {hi}) inconsistent with its shape "
                                  f"{list(shape)} or the file size (truncated?)")
-            out[name] = np.frombuffer(data[b:e], dtype=dt.newbyteorder("<")).astype(dt, copy=False).reshape(shape)
-            end = max(end, e)
+            out[name] = np.frombuffer(data[lo:hi], dtype=dt.newbyteorder("<")).astype(dt, copy=False).reshape(shape)
+            end = max(end, hi)
         if end != len(data):
             raise ValueError(f"{len(data) - end} trailing bytes after the last tensor")
     except ValueError as e:

@@ -134,9 +134,9 @@ def ensure_vocab_files() -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".extract-"))
     with tarfile.open(sdist, "r:gz") as tar:
         for m in tar.getmembers():
-            if m.isfile() and m.name.startswith(_MEMBER_PREFIX + "ggml-vocab-"):
-                data = tar.extractfile(m).read()
-                (tmp / m.name[len(_MEMBER_PREFIX):]).write_bytes(data)
+            f = tar.extractfile(m) if m.isfile() and m.name.startswith(_MEMBER_PREFIX + "ggml-vocab-") else None
+            if f is not None:
+                (tmp / m.name[len(_MEMBER_PREFIX):]).write_bytes(f.read())
     (tmp / ".complete").write_text(SDIST_SHA256)
     try:
         os.replace(tmp, out)
@@ -202,7 +202,7 @@ def _fix_llama3_ignore_merges(tok, path: Path) -> None:
 
 def load_tokenizer(name: str):
     """A Hugging Face fast tokenizer for one of :data:`TOKENIZERS`, offline after the first call."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
     path = gguf_path(name)
     converted = cache_dir() / "tokenizers" / name
@@ -213,7 +213,7 @@ def load_tokenizer(name: str):
     logging.getLogger("transformers").setLevel(logging.ERROR)
     if name in _BUILT_FROM_FIELDS:
         backend, specials = _build_byte_level_bpe_from_fields(path)
-        tok = PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+        tok: PreTrainedTokenizerBase = PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
     else:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         _fix_sentencepiece_dummy_prefix(tok)

@@ -29,18 +29,39 @@ import triton.language as tl
 
 from .launch import forced_config, tuned
 
-# spec.div_code / spec.tail_code
-CE, FKL, RKL, JSD, SKL, SRKL, TVD = range(7)
-RENORMALIZE, UNIFORM, BUCKET = range(3)
+# the DIV codes of fastfuse.loss.spec.REGISTRY, each named after its divergence (name.upper()), and the
+# TAIL codes (positions in spec.TAILS); tests/kernels/test_divergence_kernel.py checks both
+CE, FORWARD_KL, REVERSE_KL, JSD, SKEW_KL, SKEW_REVERSE_KL, TVD = (tl.constexpr(c) for c in range(7))
+RENORMALIZE, UNIFORM, BUCKET = (tl.constexpr(c) for c in range(3))
 
-# launches by name: "generic" is fastfuse.loss.row_runner.GENERIC_LAUNCH (today's); the others are candidates a
-# GPU compares (benchmarks/gpu_candidates.py): the chunk loops (pass 1, tail pass, gradient)
-# software-pipelined 3-5 deep. A forced name (launch.forced("divergence", ...)) or a GPU run's
-# winner (launch_tuned.json, CUDA only) replaces the launch divergence_rows is given.
-LAUNCHES = {"generic": dict(block_v=4096, num_warps=32, num_stages=1),
-            "generic_s3": dict(block_v=4096, num_warps=32, num_stages=3),
-            "generic_s4": dict(block_v=4096, num_warps=32, num_stages=4),
-            "generic_s5": dict(block_v=4096, num_warps=32, num_stages=5)}
+# Named launches (elements per chunk, warps, software-pipelining depth of the chunk loops).
+LAUNCHES = {
+    # like fused_ce's "2pass_l2": one 32-warp CTA per SM (few rows in flight, so the second read can hit
+    # L2), 4 values per thread per chunk -- <= 48 registers and no spills on sm_80/sm_90 in every
+    # combination (16 warps spilled under "uniform"; tests/kernels/test_kernels_compile.py checks)
+    "generic": dict(block_v=4096, num_warps=32, num_stages=1),
+    # candidates a GPU compares (benchmarks/gpu_candidates.py): the chunk loops (pass 1, tail pass,
+    # gradient) software-pipelined 3-5 deep
+    "generic_s3": dict(block_v=4096, num_warps=32, num_stages=3),
+    "generic_s4": dict(block_v=4096, num_warps=32, num_stages=4),
+    "generic_s5": dict(block_v=4096, num_warps=32, num_stages=5),
+}
+# architecture major -> launch name, reason beside it; what divergence_rows runs unless a launch is
+# given, forced (launch.forced("divergence", name or dict)) or a GPU run's winner (launch_tuned.json,
+# CUDA only). No GPU (the interpreter): the sm_90 entry. Untuned on hardware.
+LAUNCH_TABLE = {
+    9: "generic",   # H100/H200: 132 SMs x one 1024-thread CTA ~ 132 rows in flight, no spills
+    8: "generic",   # A100: same register budget (64K per SM), 108 rows in flight, no spills
+}
+
+
+def launch_config(arch=None) -> dict:
+    """The launch (``block_v``, ``num_warps``, ``num_stages``) of rows on compute capability major
+    ``arch`` (9: Hopper and later, anything older: the sm_80 entry; None: no GPU): the forced one,
+    else a GPU run's winner, else :data:`LAUNCH_TABLE`."""
+    cfg = forced_config("divergence") or (tuned("divergence", str(arch)) if arch is not None else None) or \
+        LAUNCH_TABLE[9 if arch is None or arch >= 9 else 8]
+    return dict(LAUNCHES[cfg] if isinstance(cfg, str) else cfg)
 
 
 @triton.jit
@@ -52,32 +73,32 @@ def _logaddexp(a, b):
 
 @triton.jit
 def _terms(p, logp, q, mix, log_a, log_b, DIV: tl.constexpr):
-    """Elementwise ``F(p, q)`` and ``G = p dF/dp`` (``divergence_rows.terms``)."""
+    """Elementwise ``F(p, q)`` and ``G = p dF/dp`` (``fastfuse.loss.torch_rows.terms``)."""
     qpos = q > 0.0
     ppos = p > 0.0
     logq = tl.log(q)
-    if DIV == 0 or DIV == 1:
+    if DIV == CE or DIV == FORWARD_KL:
         F = tl.where(qpos, -q * logp, 0.0)
-        if DIV == 1:
+        if DIV == FORWARD_KL:
             F += tl.where(qpos, q * logq, 0.0)
         G = -q + 0.0 * p
-    elif DIV == 2:
+    elif DIV == REVERSE_KL:
         F = tl.where(ppos, p * (logp - logq), 0.0)
         G = tl.where(ppos, F + p, 0.0)
-    elif DIV == 3:
+    elif DIV == JSD:
         logm = _logaddexp(log_a + logq, log_b + logp)
         kp = tl.where(ppos, p * (logp - logm), 0.0)
         F = mix * tl.where(qpos, q * (logq - logm), 0.0) + (1.0 - mix) * kp
         G = (1.0 - mix) * kp
-    elif DIV == 4:
+    elif DIV == SKEW_KL:
         logm = _logaddexp(log_a + logq, log_b + logp)
         F = tl.where(qpos, q * (logq - logm), 0.0)
         G = tl.where(qpos & ppos, -(1.0 - mix) * q * tl.exp(logp - logm), 0.0)
-    elif DIV == 5:
+    elif DIV == SKEW_REVERSE_KL:
         logm = _logaddexp(log_a + logp, log_b + logq)
         F = tl.where(ppos, p * (logp - logm), 0.0)
         G = F + tl.where(qpos & ppos, (1.0 - mix) * q * tl.exp(logp - logm), 0.0)
-    else:
+    else:                   # TVD
         d = p - q
         F = 0.5 * tl.abs(d)
         G = 0.5 * p * tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
@@ -163,18 +184,18 @@ def divergence_kernel(
             zt = tl.where(msk, _transform(x, logit_scale, softcap, TRANSFORM), NEG)
             mg, sg, _, _ = _online(mg, sg, zt)
             u = zt * inv_tau
-            if TEMPERED or (TAIL == 1 and DIV == 2):
+            if TEMPERED or (TAIL == UNIFORM and DIV == REVERSE_KL):
                 md, sd, wo, wx = _online(md, sd, u)
-                if TAIL == 1 and DIV == 2:      # running sum of e^(u - m) u, rescaled with sd
+                if TAIL == UNIFORM and DIV == REVERSE_KL:      # running sum of e^(u - m) u, rescaled with sd
                     su = su * wo + tl.where(wx > 0.0, wx * u, 0.0)
-            if TAIL == 1 and (DIV == 0 or DIV == 1):
+            if TAIL == UNIFORM and (DIV == CE or DIV == FORWARD_KL):
                 su += tl.where(msk, u, 0.0)
         lse_g, _ = _lane_lse(mg, sg)
         lse_d = lse_g
         sum_pu = tl.sum(su, axis=0)             # sum u ("uniform" CE / forward KL)
-        if TEMPERED or (TAIL == 1 and DIV == 2):
+        if TEMPERED or (TAIL == UNIFORM and DIV == REVERSE_KL):
             lse_d, wl = _lane_lse(md, sd)
-            if TAIL == 1 and DIV == 2:
+            if TAIL == UNIFORM and DIV == REVERSE_KL:
                 sum_pu = tl.sum(su * wl, axis=0) / tl.sum(sd * wl, axis=0)
         # 2. the sparse entries and the row's scalars (no store to the row yet)
         eoffs = tl.arange(0, BLOCK_E)
@@ -194,7 +215,7 @@ def divergence_kernel(
         n_off = (V - tl.sum(inA.to(tl.int32), axis=0)).to(tl.float32)
         R = tl.load(tail_ptr + n)
         u_R = R * 0.0
-        if TAIL == 1:
+        if TAIL == UNIFORM:
             R = tl.where(n_off > 0.0, R, 0.0)
             u_R = tl.where(n_off > 0.0, R / tl.maximum(n_off, 1.0), 0.0)
         F_a, G_a = _terms(p, logp, qa, mix, log_a, log_b, DIV)
@@ -202,7 +223,7 @@ def divergence_kernel(
         G_a = tl.where(inA, G_a, 0.0)
         P_o = tl.maximum(1.0 - tl.sum(p, axis=0), 0.0)
         logP_o = tl.log(P_o)
-        if TAIL == 2:
+        if TAIL == BUCKET:
             if P_o < 1e-2:
                 # a confident student: 1 - sum_A p cancels (to 0 under ~1e-7). Every off-A
                 # probability is below P_o + 1e-4 (the estimate's error is far smaller), so sum in
@@ -241,8 +262,8 @@ def divergence_kernel(
         restrict = False
         D_r = 0.0
         lt = logp
-        if DIV == 2:
-            restrict = (TAIL == 0) | (R == 0.0)
+        if DIV == REVERSE_KL:
+            restrict = (TAIL == RENORMALIZE) | (R == 0.0)
             mA = tl.max(tl.where(inA, u_e, NEG), axis=0)
             mA_ref = tl.where(mA == NEG, 0.0, mA)
             lse_A = mA + tl.log(tl.sum(tl.where(inA, tl.exp(u_e - mA_ref), 0.0), axis=0))
@@ -264,8 +285,8 @@ def divergence_kernel(
             F_u, G_u = _terms(p, logp, u_R + 0.0 * p, mix, log_a, log_b, DIV)
             F_off = tl.sum(sf, axis=0) - tl.sum(tl.where(inA, F_u, 0.0), axis=0)
             G_off = tl.sum(sgv, axis=0) - tl.sum(tl.where(inA, G_u, 0.0), axis=0)
-        elif TAIL == 1:
-            if DIV == 2:
+        elif TAIL == UNIFORM:
+            if DIV == REVERSE_KL:
                 plogp_off = (sum_pu - lse_d) - tl.sum(tl.where(inA & (p > 0.0), p * logp, 0.0), axis=0)
                 F_off = tl.where(u_R > 0.0, plogp_off - tl.log(u_R) * P_o, 0.0)
                 G_off = tl.where(u_R > 0.0, F_off + P_o, 0.0)
@@ -273,13 +294,13 @@ def divergence_kernel(
                 # (a -inf logit in A makes the loss +inf through F_A; keep it out of this difference)
                 sum_off_u = sum_pu - tl.sum(tl.where(inA & (u_e > NEG), u_e, 0.0), axis=0)
                 F_off = tl.where(u_R > 0.0, -u_R * (sum_off_u - n_off * lse_d), 0.0)
-                if DIV == 1:
+                if DIV == FORWARD_KL:
                     F_off += tl.where(u_R > 0.0, R * tl.log(u_R), 0.0)
                 G_off = -u_R * n_off
         else:
             F_off, G_off = _terms(P_o, logP_o, R, mix, log_a, log_b, DIV)
             gamma = tl.where(P_o > 0.0, G_off / tl.where(P_o > 0.0, P_o, 1.0), 0.0)
-            if TAIL == 2 and DIV <= 1:
+            if TAIL == BUCKET and (DIV == CE or DIV == FORWARD_KL):
                 gamma = 0.0         # -R p_v / P_o = -R exp(lpd - logP_o): below, in log space
         has_off = (R > 0.0) & (logP_o > NEG)     # the bucket's log-space term (CE / forward KL) applies
         D = tl.sum(F_a, axis=0) + F_off
@@ -297,16 +318,16 @@ def divergence_kernel(
                 zt = _transform(x, logit_scale, softcap, TRANSFORM)
                 pg = tl.exp(zt - lse_g)
                 lpd = zt * inv_tau - lse_d
-                if TEMPERED or (TAIL == 1 and DIV == 2):
+                if TEMPERED or (TAIL == UNIFORM and DIV == REVERSE_KL):
                     pd = tl.exp(lpd)
                 else:
                     pd = pg                 # lse_d is lse_g: one exp per element
-                if TAIL == 1:
+                if TAIL == UNIFORM:
                     _, Gv = _terms(pd, lpd, u_R + 0.0 * pd, mix, log_a, log_b, DIV)
                     dg = Gv - pd * c
                 else:
                     dg = pd * (gamma - c)
-                    if TAIL == 2 and DIV <= 1:
+                    if TAIL == BUCKET and (DIV == CE or DIV == FORWARD_KL):
                         dg -= tl.where(has_off, R * tl.exp(tl.minimum(lpd - logP_o, 0.0)), 0.0)
                 dg = tl.where(restrict, 0.0, dg)
                 g = (lm_weight * pg + wd * dg) * _chain(zt, logit_scale, softcap, TRANSFORM) * scale
@@ -314,7 +335,7 @@ def divergence_kernel(
             tl.debug_barrier()      # the sparse stores overwrite dense ones of the same addresses
             # teacher ids in A (and the label among them): exact values
             dg_e = G_a - p * c
-            if DIV == 2:
+            if DIV == REVERSE_KL:
                 pt = tl.exp(lt)
                 dg_e = tl.where(restrict, tl.where(inA & (pt > 0.0), pt * (lt - tl.log(q) - D_r), 0.0), dg_e)
             is_lab = tid == label
@@ -325,12 +346,12 @@ def divergence_kernel(
             lab_alone = lab_ok & (tl.sum((inA & is_lab).to(tl.int32), axis=0) == 0)
             lpy = zt_y * inv_tau - lse_d
             py = tl.exp(lpy)
-            if TAIL == 1:
+            if TAIL == UNIFORM:
                 _, Gy = _terms(py, lpy, u_R, mix, log_a, log_b, DIV)
                 dgy = Gy - py * c
             else:
                 dgy = py * (gamma - c)
-                if TAIL == 2 and DIV <= 1:
+                if TAIL == BUCKET and (DIV == CE or DIV == FORWARD_KL):
                     dgy -= tl.where(has_off, R * tl.exp(tl.minimum(lpy - logP_o, 0.0)), 0.0)
             dgy = tl.where(restrict, 0.0, dgy)
             gy = (lm_weight * (tl.exp(zt_y - lse_g) - 1.0) + wd * dgy) * _chain(zt_y, logit_scale, softcap,
@@ -339,10 +360,11 @@ def divergence_kernel(
 
 
 def divergence_rows(logits, grad, tids, q, R, labels, ignore_index: int, scale, compute_grad: bool, spec,
-                    lm_weight: float, block_v: int = 8192, num_warps: int = 16, num_stages: int = 1):
+                    lm_weight: float, launch=None):
     """Run :func:`divergence_kernel` on ``logits [B, T, V]`` (unit last stride) with the teacher's
     unique entries ``tids/q [B*T, E]``, missing mass ``R [B*T]`` and ``labels [B*T]``; the
-    gradient times ``scale`` goes to ``grad`` (may be ``logits``). Per-row loss float32 ``[B*T]``."""
+    gradient times ``scale`` goes to ``grad`` (may be ``logits``). Per-row loss float32 ``[B*T]``.
+    ``launch``: a name in :data:`LAUNCHES` or a dict like its entries (None: :func:`launch_config`)."""
     import math
 
     import torch
@@ -353,11 +375,11 @@ def divergence_rows(logits, grad, tids, q, R, labels, ignore_index: int, scale, 
     if grad is None:
         grad = logits
     scale = scale.to(torch.float32).reshape(-1).contiguous()
-    name = forced_config("divergence") or (
-        tuned("divergence", str(torch.cuda.get_device_capability(logits.device)[0])) if logits.is_cuda else None)
-    if name is not None:
-        launch = LAUNCHES[name] if isinstance(name, str) else name
-        block_v, num_warps, num_stages = launch["block_v"], launch["num_warps"], launch["num_stages"]
+    if launch is None:
+        launch = launch_config(torch.cuda.get_device_capability(logits.device)[0] if logits.is_cuda else None)
+    elif isinstance(launch, str):
+        launch = LAUNCHES[launch]
+    block_v, num_warps, num_stages = launch["block_v"], launch["num_warps"], launch["num_stages"]
     mix = spec.mix if spec.mix > 0 else 0.5
     tau = spec.student_temperature
     transform = 2 if spec.softcap else (1 if spec.logit_scale != 1.0 else 0)

@@ -29,7 +29,7 @@ only ~one row per SM (~34 MB of bf16 rows at V = 128256 on 132 SMs) is in flight
 pipelined (``tl.range(..., num_stages)``), the gradient is stored ``evict_first``, and pass 1 keeps
 a running max and sum *per lane* (``LANE_STATS``), reduced across the CTA once per row instead of
 once per chunk. ``"2pass_v1"`` (4096-element chunks, 16 warps, 3 CTAs/SM, ~100 MB in flight, a
-CTA-wide reduction per chunk) stays reachable through ``FORCE_CONFIG`` for comparison.
+CTA-wide reduction per chunk) stays reachable through ``launch.forced("fused_ce", "2pass_v1")``.
 Rows with ``V <= SINGLE_BLOCK_MAX_V`` (32000-token vocabularies) take the ``SINGLE_BLOCK`` path:
 the row is one block held in registers, read once -- 128 registers, one CTA per SM.
 
@@ -68,7 +68,7 @@ class RowConfig(NamedTuple):
     persistent: bool = False
 
 
-# Named configurations; LAUNCH_TABLE picks among them, FORCE_CONFIG may name one.
+# Named configurations; LAUNCH_TABLE picks among them, launch.forced("fused_ce", ...) may name one.
 CONFIGS = {
     # the whole row in registers, read once (V <= SINGLE_BLOCK_MAX_V); 128 registers at 16 warps,
     # so ONE CTA per SM: a GPU run must compare it with "2pass_l2" at V = 32000 (gpu_loss.py's
@@ -111,10 +111,6 @@ LAUNCH_TABLE = {
     ("two_pass", "fp32", 8): "2pass_l2_fp32",   # ~54 MB in flight, above L2; 64 KiB of 164 KiB smem
 }
 
-# None, a name in CONFIGS, a RowConfig, or (BLOCK_V, num_warps) for the v1 loop: overrides
-# launch_config. Prefer ``launch.forced("fused_ce", ...)`` (a context manager, nothing left set).
-FORCE_CONFIG = None
-
 # Rows up to this length are held on chip: one block covers the row, read once from HBM.
 SINGLE_BLOCK_MAX_V = 32768
 
@@ -129,11 +125,12 @@ _DTYPE_KEY = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32"
 def launch_config(V: int, dtype=None, arch: int = 9) -> RowConfig:
     """The :class:`RowConfig` for rows of ``V`` logits of ``dtype`` (a torch dtype; None: bf16) on
     compute capability major ``arch`` (9: Hopper and later, anything older: the sm_80 entries),
-    from a GPU run's ``launch_tuned.json`` or ``LAUNCH_TABLE`` unless one is forced (``launch.forced``,
-    ``FORCE_CONFIG``). Single-block rows get ``BLOCK_V = next_power_of_2(V)`` and fewer warps when
-    short (64 values per thread at 32768). fp32 rows keep at most 2 pipeline stages on the lane-stats
-    path (twice the bytes per stage: 3 spill on sm_80 under Triton 3.6)."""
-    cfg = forced_config("fused_ce") or FORCE_CONFIG
+    from a GPU run's ``launch_tuned.json`` or ``LAUNCH_TABLE`` unless one is forced
+    (``launch.forced("fused_ce", ...)``: a name in ``CONFIGS``, a ``RowConfig`` or ``(BLOCK_V,
+    num_warps)``). Single-block rows get ``BLOCK_V = next_power_of_2(V)`` and fewer warps when short
+    (64 values per thread at 32768). fp32 rows keep at most 2 pipeline stages on the lane-stats path
+    (twice the bytes per stage: 3 spill on sm_80 under Triton 3.6)."""
+    cfg = forced_config("fused_ce")
     dkey = _DTYPE_KEY.get(str(dtype), "bf16")
     if cfg is None:
         key = ("one_block" if V <= SINGLE_BLOCK_MAX_V else "two_pass", dkey, 9 if arch >= 9 else 8)

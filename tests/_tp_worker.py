@@ -161,15 +161,15 @@ def run_dtensor(pg, rank, world, spec, reduction, seed):
 @contextlib.contextmanager
 def small_pieces():
     """Several collective rounds per fused_loss call and several stage slices per round, at these sizes."""
-    import fastfuse.loss.parallel.losses as vp
+    import fastfuse.loss.chunk_loop as cl
     import fastfuse.loss.parallel.stages as vpr
 
-    old = vp.ROUND_BYTES, vpr.SLICE_ELEMS
-    vp.ROUND_BYTES, vpr.SLICE_ELEMS = 3 * 19 * 8, 40        # 3-4 rows per round, 2-3 rows per slice
+    old = cl.CHUNK_BYTES, vpr.SLICE_ELEMS
+    cl.CHUNK_BYTES, vpr.SLICE_ELEMS = 3 * 19 * 8, 40        # 3-4 rows per round or chunk, 2-3 rows per slice
     try:
         yield
     finally:
-        vp.ROUND_BYTES, vpr.SLICE_ELEMS = old
+        cl.CHUNK_BYTES, vpr.SLICE_ELEMS = old
 
 
 def in_small_pieces(fn, *args, **kw):

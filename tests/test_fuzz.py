@@ -81,7 +81,7 @@ WORKER = textwrap.dedent(r'''
         topk, amap = fastfuse.SourceTopK(*d["source_topk"]), fastfuse.AlignMap(*d["align_map"])
         teacher = {"source_topk": topk, "align_map": amap, "labels": d["labels"],
                    "source_weights": d["source_weights"], "lm_weight": 0.5, "temperature": 1.0,
-                   "ignore_index": -100, "reduction": "mean", "impl": "reference", "validate": True}
+                   "ignore_index": -100, "reduction": "mean", "impl": "torch", "validate": True}
         run("fused_loss", fastfuse.fused_loss, {"target_logits": d["target_logits"], **teacher},
             aliases={"source_topk": ("source_topk",), "align_map": ("align_map",)})
         run("fused_linear_loss", fastfuse.fused_linear_loss,

@@ -230,10 +230,18 @@ def test_no_private_names_across_modules(module):
                 f"{module}:{node.lineno} reads the private name {node.attr} of {aliases[node.value.id]}"
 
 
-@pytest.mark.parametrize("module", sorted(MODULES))
-def test_small_files(module):
-    n = len(MODULES[module].read_text().splitlines())
-    assert n <= MAX_LINES, f"{MODULES[module].relative_to(ROOT)} has {n} lines (at most {MAX_LINES})"
+CPP_FILES = sorted(p for ext in ("cpp", "h", "hpp") for p in (ROOT / "csrc").glob(f"*.{ext}"))
+
+
+@pytest.mark.parametrize("path", [MODULES[m] for m in sorted(MODULES)] + CPP_FILES,
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_small_files(path):
+    n = len(path.read_text().splitlines())
+    assert n <= MAX_LINES, f"{path.relative_to(ROOT)} has {n} lines (at most {MAX_LINES})"
+
+
+def test_small_files_sees_the_cpp_core():
+    assert {"module.cpp", "bind_spans.cpp", "spans.cpp", "dtw.cpp"} <= {p.name for p in CPP_FILES}
 
 
 def test_library_modules_do_not_parse_command_lines():
@@ -246,24 +254,45 @@ def test_library_modules_do_not_parse_command_lines():
                 f"{module}:{node.lineno} imports {src}"
 
 
-def test_compiled_core_stub_matches_the_module():
-    """fastfuse/_C.pyi declares exactly what the compiled module exports, with the same parameters."""
+def stub_names(body: list[ast.stmt]) -> dict[str, list[str] | None]:
+    """Names a stub body declares: functions (and static methods) with their parameters, variables as None."""
+    declared: dict[str, list[str] | None] = {
+        n.name: [a.arg for a in n.args.args] for n in body if isinstance(n, ast.FunctionDef)}
+    declared |= {n.target.id: None for n in body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    return declared
+
+
+def check_stub(declared: dict[str, list[str] | None], module) -> None:
+    """``declared`` is exactly what the compiled ``module`` exports, functions with the same parameters."""
     import inspect
+
+    exported = {n for n in dir(module) if not n.startswith("__")}
+    assert set(declared) == exported, (module.__name__, set(declared) ^ exported)
+    for name, params in declared.items():
+        if params is None:
+            continue
+        sig = getattr(module, name).__doc__.splitlines()[0]          # pybind11: "name(a: T, b: T = 0) -> R"
+        got = [p.split(":")[0].strip() for p in sig[sig.index("(") + 1: sig.rindex(")")].split(", ") if p]
+        assert got == params, (module.__name__, name, got, params)
+        assert inspect.isbuiltin(getattr(module, name))
+
+
+def test_compiled_core_stub_matches_the_module():
+    """fastfuse/_C.pyi declares exactly what the compiled module exports, with the same parameters, and its
+    ``_testing`` submodule (typed by a stub-only class of static methods) exactly what that exports."""
+    import types
 
     from fastfuse import _C
 
     stub = ast.parse((ROOT / "fastfuse" / "_C.pyi").read_text())
-    declared = {n.name: [a.arg for a in n.args.args] for n in stub.body if isinstance(n, ast.FunctionDef)}
-    declared |= {n.target.id: None for n in stub.body if isinstance(n, ast.AnnAssign)}
-    exported = {n for n in dir(_C) if not n.startswith("__")}
-    assert set(declared) == exported
-    for name, params in declared.items():
-        if params is None:
-            continue
-        sig = getattr(_C, name).__doc__.splitlines()[0]              # pybind11: "name(a: T, b: T = 0) -> R"
-        got = [p.split(":")[0].strip() for p in sig[sig.index("(") + 1: sig.rindex(")")].split(", ") if p]
-        assert got == params, (name, got, params)
-        assert inspect.isbuiltin(getattr(_C, name))
+    check_stub(stub_names(stub.body), _C)
+    assert isinstance(_C._testing, types.ModuleType)
+    (testing,) = [n.annotation for n in stub.body if isinstance(n, ast.AnnAssign) and n.target.id == "_testing"]
+    (cls,) = [n for n in stub.body if isinstance(n, ast.ClassDef) and n.name == ast.unparse(testing)]
+    assert all([ast.unparse(d) for d in n.decorator_list] == ["staticmethod"]
+               for n in cls.body if isinstance(n, ast.FunctionDef))
+    check_stub(stub_names(cls.body), _C._testing)
+    assert _C.MAX_THREADS == 1024
 
 
 def test_loss_options_are_make_specs_parameters():
@@ -272,3 +301,72 @@ def test_loss_options_are_make_specs_parameters():
     from fastfuse.loss.spec import LOSS_OPTIONS, make_spec
 
     assert LOSS_OPTIONS == tuple(inspect.signature(make_spec).parameters)
+
+
+# Public module-level functions whose name several modules define on purpose, for the same role:
+# each kernel module's own choice of launch (forced, a GPU run's winner, else its table).
+SAME_NAME_ALLOWED: dict[str, set[str]] = {
+    "launch_config": {"fastfuse.kernels.divergence", "fastfuse.kernels.fused_ce"},
+}
+
+
+def test_no_function_name_defined_in_two_modules():
+    """A public function name means one thing: no two modules of fastfuse (kernels included) define a
+    module-level ``def`` of it (re-exports, as ``__init__`` modules do, are imports, not defs)."""
+    where: dict[str, set[str]] = {}
+    for module, path in MODULES.items():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not private(node.name):
+                where.setdefault(node.name, set()).add(module)
+    twice = {name: sorted(mods) for name, mods in where.items()
+             if len(mods) > 1 and mods != SAME_NAME_ALLOWED.get(name)}
+    assert not twice, f"function names defined in several modules: {twice}"
+
+
+def autograd_functions() -> list[str]:
+    """``module.Class`` of every class under fastfuse/ deriving from ``torch.autograd.Function``
+    (written as ``torch.autograd.Function``, ``autograd.Function`` or an imported ``Function``)."""
+    out = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                bases = [ast.unparse(b) for b in node.bases]
+                if any(b in ("torch.autograd.Function", "autograd.Function", "Function") for b in bases):
+                    out.append(f"{module}.{node.name}")
+    return sorted(out)
+
+
+def test_two_autograd_functions():
+    """One autograd Function for the loss from logits, one for the loss from hidden states and the
+    lm_head; local and vocabulary-parallel rows are two runners under the same pair."""
+    assert len(autograd_functions()) == 2, autograd_functions()
+
+
+def divergence_lists(source: str, names) -> list[int]:
+    """Lines of ``source`` holding a literal tuple, list, set or dict (its keys) of two or more of ``names``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        elts = node.keys if isinstance(node, ast.Dict) else \
+            node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else []
+        if sum(isinstance(e, ast.Constant) and e.value in names for e in elts) >= 2:
+            found.append(node.lineno)
+    return found
+
+
+def test_divergence_list_finder():
+    names = {"kl_a", "kl_b", "kl_c"}
+    planted = 'A = ("kl_a", "x")\nB = ["kl_b", 1, "kl_c"]\nC = {"kl_a": 1, "kl_c": 2}\nD = {"kl_a", f(x)}\nE = ("kl_c",)\n'
+    assert divergence_lists(planted, names) == [2, 3]
+    assert divergence_lists("def f(x=('kl_a', 'kl_b')): return {'kl_c', 'kl_a'}\n", names) == [1, 1]
+
+
+def test_no_literal_list_of_divergences_outside_the_registry():
+    """Every list of divergences reads fastfuse.loss.spec (DIVERGENCES, REGISTRY, lookup)."""
+    from fastfuse.loss.spec import DIVERGENCES
+
+    registry = ROOT / "fastfuse" / "loss" / "spec.py"
+    files = [f for d in ("fastfuse", "kernels", "tests", "benchmarks") for f in sorted((ROOT / d).rglob("*.py"))]
+    assert len(files) > 100
+    bad = [f"{f.relative_to(ROOT)}:{line}" for f in files if f != registry
+           for line in divergence_lists(f.read_text(), set(DIVERGENCES))]
+    assert not bad, bad

@@ -9,11 +9,13 @@ from __future__ import annotations
 import operator
 from typing import Any
 
+from fastfuse import _C
+
 __all__ = ["MAX_THREADS", "check_num_threads"]
 
-# More threads than this only costs stacks and start-up time (the work is CPU-bound); the C++
-# core clamps to the same value (kMaxThreads in csrc/common.hpp).
-MAX_THREADS = 1024
+# More threads than this only costs stacks and start-up time (the work is CPU-bound): the C++
+# core's own cap (kMaxThreads in csrc/common.hpp), so the two cannot drift apart.
+MAX_THREADS: int = _C.MAX_THREADS
 
 
 def check_num_threads(value: Any, name: str = "num_threads") -> int:

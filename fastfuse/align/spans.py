@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from fastfuse import _C
 from fastfuse.corpus import check_text
@@ -93,7 +94,7 @@ def _char_to_byte(text: str) -> np.ndarray:
     return cum
 
 
-def byte_ends(ids: Sequence[int], offsets: Sequence[tuple[int, int]], text: str, surfaces: TokenSurfaces,
+def byte_ends(ids: npt.ArrayLike, offsets: npt.ArrayLike, text: str, surfaces: TokenSurfaces,
               lengths: np.ndarray | None = None) -> np.ndarray:
     """Byte end offsets of each token of ``text`` (special tokens get an empty span).
 

@@ -47,7 +47,8 @@ class TokenSurfaces:
 
     bytes: list[bytes]
     special: np.ndarray  # bool [V]
-    missing: np.ndarray | None = None  # bool [V]; None: no gaps
+    # bool [V]; None (no gaps) may be given and becomes all False, so readers always see an array
+    missing: np.ndarray = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.missing is None:
@@ -76,7 +77,7 @@ class SurfaceRule:
         kinds = {s.get("type") for s in self.steps}
         unknown = kinds - {"ByteLevel", "Replace", "ByteFallback", "Fuse", "Strip", "Metaspace", "WordPiece", None}
         if unknown:
-            raise ValueError(f"tokenizer: unsupported decoder step(s) {sorted(unknown)} for token surface forms")
+            raise ValueError(f"tokenizer: unsupported decoder step(s) {sorted(map(str, unknown))} for token surface forms")
         self.byte_level = "ByteLevel" in kinds
 
     @classmethod

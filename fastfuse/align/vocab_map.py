@@ -201,7 +201,7 @@ class VocabMap:
                 ids, distance, special = (f.get_tensor(k) for k in ("ids", "distance", "src_special"))
             if special.dtype != np.uint8:
                 raise ValueError(f"src_special has dtype {special.dtype}, expected uint8")
-            vm = cls(ids, distance, meta.get("mode"), int(meta["tgt_size"]), special.astype(bool))
+            vm = cls(ids, distance, _check_mode(meta.get("mode")), int(meta["tgt_size"]), special.astype(bool))
             if vm.src_size != int(meta["src_size"]):
                 raise ValueError(f"src_size metadata {meta['src_size']} != {vm.src_size} ids")
             return vm

@@ -26,7 +26,6 @@ import os
 import re
 import struct
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Mapping
 
 import numpy as np
@@ -82,8 +81,7 @@ def _check_against_shards(name: str, seqs, reader: ShardReader | PartsReader, do
                 f"sources['{name}']: sequence {i} has {len(rec['topk_ids'])} positions from document "
                 f"{rec['doc_index']} in the shards, but {n} tokens from document {doc} here: the corpus "
                 "was split differently (split it once with fastfuse.align.chunking.split_corpus for all tokenizers)")
-        span = SimpleNamespace(doc_index=doc, char_start=int(rec["char_start"]), char_end=int(rec["char_end"]))
-        h = chain_fingerprint(h, span, docs[doc])
+        h = chain_fingerprint(h, doc, int(rec["char_start"]), int(rec["char_end"]), docs[doc])
         want, where = recorded.get(i + 1, (None, None))
         if want is not None and want != h.hex():
             raise ValueError(f"sources['{name}']: {Path(reader.out_dir) / where} was extracted from another corpus "
@@ -191,7 +189,7 @@ def align_corpus(texts: Any, target_tokenizer, sources: Mapping[str, tuple[Any, 
     if not any(d.strip() for d in docs):
         raise ValueError("texts: the corpus is empty")
     tgt_fp = tokenizer_fingerprint(target_tokenizer)
-    identity = {"format_version": ALIGN_FORMAT_VERSION, "target_tokenizer_fingerprint": tgt_fp,
+    identity: dict[str, Any] = {"format_version": ALIGN_FORMAT_VERSION, "target_tokenizer_fingerprint": tgt_fp,
                 "corpus_fingerprint": corpus_fingerprint(docs), "vocab_mode": vocab_mode, "seq_mode": seq_mode,
                 "sources": {}}
     for name, (tok, shard_dir) in sources.items():

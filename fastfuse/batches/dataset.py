@@ -114,7 +114,7 @@ class FusionCollator:
         missing = [k for k in ("input_ids", "topk_ids", "topk_logprobs", "pos") if k not in ex]
         if missing:
             raise ValueError(f"examples[{b}]: missing fields {missing}")
-        out = {"input_ids": np.asarray(ex["input_ids"])}
+        out: dict[str, Any] = {"input_ids": np.asarray(ex["input_ids"])}
         if out["input_ids"].ndim != 1 or not np.issubdtype(out["input_ids"].dtype, np.integer):
             raise ValueError(f"examples[{b}]['input_ids']: expected a 1-D integer array, got shape "
                              f"{out['input_ids'].shape} of {out['input_ids'].dtype}")
@@ -183,7 +183,7 @@ class FusionCollator:
                 logprobs[s, b, : len(tl), : tl.shape[1]] = torch.from_numpy(tl.astype(np.float32))
                 pos[s, b, :n] = torch.from_numpy(p.astype(np.int32))
         weights = self.source_weights(ids, logprobs, pos, labels, ce)
-        batch = {
+        batch: dict[str, Any] = {
             "input_ids": input_ids, "attention_mask": attention, "labels": labels,
             "source_topk": SourceTopK(ids, logprobs), "align_map": AlignMap(pos, self.vocab),
             "source_weights": weights, "source_ce": ce,

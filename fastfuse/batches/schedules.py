@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,7 +37,7 @@ def _check_real(value: object, name: str, lo: float | None = None, hi: float | N
     return v
 
 
-def _check_int(value: object, name: str, minimum: int) -> int:
+def _check_int(value: Any, name: str, minimum: int) -> int:
     """``value`` as an int >= ``minimum`` (bools rejected); TypeError/ValueError naming ``name``."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an integer, got bool")

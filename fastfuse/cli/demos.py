@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from fastfuse.loss.spec import DIVERGENCES, TAILS      # torch-free: --help stays fast
+from fastfuse.loss.spec import DIVERGENCES, LOSS_OPTIONS, REGISTRY, TAILS      # torch-free: --help stays fast
 from fastfuse.extras import require
 
 FUSIONS = ("min_ce", "avg_ce", "min_ce_norm", "avg_ce_norm", "equal", "token")   # fastfuse.batches.dataset.FUSIONS (torch)
@@ -23,8 +23,7 @@ def demo_overrides(args: argparse.Namespace) -> dict:
 
 def fused_settings(args: argparse.Namespace) -> dict:
     """The fused target's settings the command line sets (the rest: ``fastfuse.demo.DEFAULT_FUSED``)."""
-    return {k: getattr(args, k) for k in ("fusion", "divergence", "tail", "alpha", "beta", "student_temperature")
-            if getattr(args, k) is not None}
+    return {k: getattr(args, k) for k in ("fusion", *LOSS_OPTIONS) if getattr(args, k, None) is not None}
 
 
 def _demo(args: argparse.Namespace) -> dict:
@@ -78,8 +77,9 @@ def add_demo(subparsers) -> None:
                    help="how the fused target weights the sources (default: fastfuse.demo.DEFAULT_FUSED's)")
     p.add_argument("--divergence", default=None, choices=DIVERGENCES, help="the fused target's divergence")
     p.add_argument("--tail", default=None, choices=TAILS, help="what the teacher's missing top-k mass means")
-    p.add_argument("--alpha", type=float, default=None, help="skew_kl / skew_reverse_kl mixing weight in (0, 1)")
-    p.add_argument("--beta", type=float, default=None, help="jsd mixing weight in (0, 1)")
+    for mix in ("alpha", "beta"):
+        users = " / ".join(d.name for d in REGISTRY if d.mix == mix)
+        p.add_argument(f"--{mix}", type=float, default=None, help=f"{users} mixing weight in (0, 1)")
     p.add_argument("--student-temperature", type=float, default=None, help="the student's temperature in the "
                                                                             "divergence term")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -106,8 +106,8 @@ def pad_batch(inputs: list[list[int]], pad_id: int):
     ids = torch.full((len(inputs), T), pad_id, dtype=torch.long)
     att = torch.zeros((len(inputs), T), dtype=torch.long)
     labels = torch.full((len(inputs), T), -100, dtype=torch.long)
-    for i, x in enumerate(inputs):
-        x = torch.as_tensor(x)
+    for i, seq in enumerate(inputs):
+        x = torch.as_tensor(seq)
         ids[i, : len(x)] = x
         att[i, : len(x)] = 1
         labels[i, : len(x) - 1] = x[1:]

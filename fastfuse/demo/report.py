@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fastfuse.loss.spec import LOSS_OPTIONS
+
 
 def save_plot(curves: dict, path: str, log=print) -> str | None:
     """PNG of both targets' training CE and held-out loss; ``None`` (and a message) without matplotlib."""
@@ -36,8 +38,8 @@ def save_plot(curves: dict, path: str, log=print) -> str | None:
 def settings_name(s: dict) -> str:
     """A fused target's settings in a few words: weighting, divergence/tail, lm_weight, temperature."""
     loss = s["divergence"] + ("" if s.get("tail", "renormalize") == "renormalize" else f"/{s['tail']} tail")
-    for k in ("alpha", "beta", "student_temperature"):
-        if s.get(k) is not None:
+    for k in LOSS_OPTIONS:
+        if k not in ("divergence", "tail") and s.get(k) is not None:
             loss += f" {k} {s[k]}"
     return f"{s['fusion']}, {loss}, lm_weight {s['lm_weight']}, T {s['temperature']}"
 
@@ -77,7 +79,7 @@ def report(f: dict) -> str:
     lines.append(f"fused: {settings_name(f['fused_settings'])}; label smoothing eps {f['label_smoothing']:.4f} "
                  "= (1 - lm_weight) x the fused teacher's mean missing top-k mass")
     singles = {m: v for m, v in bpb.items() if m.startswith("single ")}
-    best = min(singles, key=singles.get)
+    best = min(singles, key=lambda m: singles[m])
     for ctrl in ("clm_only", "label_smoothing", best):
         d = bpb["fused"] - bpb[ctrl]
         lines.append(f"fused - {mode_name(ctrl)}: {d:+.4f} bits/byte ({'fused is better' if d < 0 else 'fused is NOT better'})")

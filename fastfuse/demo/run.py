@@ -8,6 +8,7 @@ import json
 import os
 import tempfile
 import time
+from typing import Any
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from functools import lru_cache, partial
@@ -27,7 +28,7 @@ from fastfuse.demo.train import (evaluate_domains, pretrain_source, teacher_stat
 class StageTimer:
     """Seconds per named stage: ``with timer("eval"): ...`` adds to ``timer.seconds["eval"]``."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
     @contextmanager
@@ -134,7 +135,8 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
         f"sources {', '.join(f'{n} {len(v)} docs ({chars(v)} chars)' for n, v in corpus.sources.items())}; "
         f"model rows {', '.join(f'{n}: {v.num_rows}' for n, v in vocabs.items())}; workdir {work}")
 
-    sources, src_keys, figures = {}, {}, {"sources": {}}
+    sources, src_keys = {}, {}
+    figures: dict[str, Any] = {"sources": {}}
     for i, (name, tok) in enumerate(toks.items()):
         with stage(f"pretrain {name}"):
             inputs, _ = windows(tok, corpus.sources[name], preset.block_size)
@@ -177,7 +179,7 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
     fused_modes = {"fused": fused, **{f"variant {n}": v for n, v in variants.items()}}
     with stage("teachers"):
         teachers = teacher_stats(dataset, collate_for("equal"))
-        weights = {s["fusion"]: None for s in fused_modes.values()}
+        weights: dict[str, Any] = {s["fusion"]: None for s in fused_modes.values()}
         for fusion in weights:
             weights[fusion] = weight_shares(dataset, collate_for(fusion), seq_domains, fused["temperature"])
     eps = (1 - fused["lm_weight"]) * weights[fused["fusion"]]["tail_mass"]

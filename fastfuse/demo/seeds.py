@@ -5,6 +5,7 @@ picture (each seed's margin as a dot)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 from pathlib import Path
 
 from fastfuse.demo.report import mode_name, settings_name
@@ -33,7 +34,7 @@ def summarize(per_seed: list[dict]) -> dict:
     over seeds), the seeds it wins, and the margin relative to the spread (mean / s.d.)."""
     modes = list(per_seed[0]["bpb"])
     domains = list(per_seed[0]["heldout"])
-    out = {"seeds": [f["seed"] for f in per_seed], "bpb": {}, "bpb_by_domain": {}, "margins": {},
+    out: dict[str, Any] = {"seeds": [f["seed"] for f in per_seed], "bpb": {}, "bpb_by_domain": {}, "margins": {},
            "per_seed_vs_clm": {m: [f["bpb"][m] - f["bpb"]["clm_only"] for f in per_seed] for m in modes}}
     for m in modes:
         out["bpb"][m] = mean_sd([f["bpb"][m] for f in per_seed])

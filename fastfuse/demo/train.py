@@ -4,6 +4,7 @@ aligned teachers are."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from fastfuse.corpus import pad_token_id
 from fastfuse.demo.data import pad_batch, windows
@@ -133,7 +134,7 @@ def train_target(model, vocab: ModelVocab, dataset, collate_for, steps: int, pre
     opt, sched = make_optimizer(model, preset.tgt_lr, steps)
     model.to(device).train()
     every = max(1, steps // max(1, preset.eval_points))
-    curve = {"step": [], "train_ce": [], "eval_step": [], "eval_loss": [], "final": None}
+    curve: dict[str, Any] = {"step": [], "train_ce": [], "eval_step": [], "eval_loss": [], "final": None}
     for step in tqdm(range(1, steps + 1), desc="train target " + desc, disable=not progress, dynamic_ncols=True):
         pick = torch.randint(len(dataset), (preset.tgt_batch,), generator=g).tolist()
         b = collate([dataset[i] for i in pick])
@@ -208,7 +209,7 @@ def weight_shares(dataset, collate, domains: list[str], temperature: float, batc
     (what the uniform tail spreads; it sets the label-smoothing control's strength)."""
     import torch
 
-    from fastfuse.loss.reference import teacher_tail_mass
+    from fastfuse.loss.torch_path import teacher_tail_mass
 
     names = dataset.sources
     tot = {d: torch.zeros(len(names), dtype=torch.float64) for d in set(domains)}

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 from fastfuse.loss.linear_loss import fused_linear_loss
+from fastfuse.loss.spec import make_spec
+from fastfuse.loss.torch_path import student_logits
 from fastfuse.batch import AlignMap, SourceTopK
 from fastfuse.loss.parallel.layout import is_dtensor
 
@@ -25,7 +27,7 @@ __all__ = ["causal_lm_fusion_loss", "backbone_and_head", "final_hidden_states", 
 
 # config attributes of models that transform the logits after the lm_head, and the student transform
 # of the fusion loss that reproduces each (None: not supported, the model raises)
-_LOGIT_TRANSFORMS = {
+_LOGIT_TRANSFORMS: dict[str, Callable[[Any], dict[str, float]] | None] = {
     "final_logit_softcapping": lambda v: {"softcap": float(v)},     # Gemma 2/3: c * tanh(z / c)
     "logit_scale": lambda v: {"logit_scale": float(v)},              # Cohere: z * s
     "logits_scaling": lambda v: {"logit_scale": 1.0 / float(v)},     # Granite: z / s
@@ -45,7 +47,11 @@ def logit_transform(model) -> dict:
     scaling), read from its config; ``{}`` for a model that uses its logits as they are."""
     out: dict = {}
     for attr, value in _transform_values(model).items():
-        out.update(_LOGIT_TRANSFORMS[attr](value))
+        make = _LOGIT_TRANSFORMS[attr]
+        if make is None:
+            raise NotImplementedError(f"model: {type(model).__name__} transforms its logits after the lm_head "
+                                      f"(config.{attr}={value}); use fastfuse.fused_loss on model(...).logits")
+        out.update(make(value))
     return out
 
 
@@ -174,6 +180,7 @@ def causal_lm_fusion_loss(model, batch: Mapping[str, Any], source_topk: Optional
                               ("source_topk", source_topk), ("align_map", align_map)) if v is None]
     if missing:
         raise ValueError(f"batch: missing {missing} (pass source_topk/align_map as arguments or batch entries)")
+    assert source_topk is not None and align_map is not None      # (missing says so)
     inner = _check_wrappers(model)
     _, head = backbone_and_head(inner)
     transform = logit_transform(inner)
@@ -214,27 +221,23 @@ def causal_lm_fusion_loss(model, batch: Mapping[str, Any], source_topk: Optional
     if fusion_head.calls != 1:
         raise NotImplementedError(f"model: {type(inner).__name__}'s forward called its lm_head "
                                   f"(get_output_embeddings()) {fusion_head.calls} times, expected once")
+    head_loss, head_hidden = fusion_head.loss, fusion_head.hidden
+    assert head_loss is not None and head_hidden is not None      # (set by its one call)
     # the loss as the wrapper returned it, so that DDP's output hooks stay in the graph
     loss = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-    if not isinstance(loss, Tensor) or loss.shape != fusion_head.loss.shape or loss.dtype != torch.float32:
+    if not isinstance(loss, Tensor) or loss.shape != head_loss.shape or loss.dtype != torch.float32:
         raise NotImplementedError(f"model: {type(inner).__name__} transforms the output of its lm_head; use "
                                   f"fastfuse.fused_loss on model(...).logits")
     if transform:
         # the model applied its logit transform to our loss: check it did exactly that, then take
         # the loss itself, the wrapper's output kept in the graph with a zero weight
-        expected = _apply_transform(fusion_head.loss.detach(), transform)
+        expected = student_logits(head_loss.detach(), make_spec(**transform))   # the loss's own transform
         if not torch.allclose(loss.detach(), expected, rtol=1e-4, atol=1e-5):
             raise NotImplementedError(f"model: {type(inner).__name__} transforms the output of its lm_head beyond "
                                       f"its config's {transform}; use fastfuse.fused_loss on model(...).logits")
         # (0 * (out - out.detach()) alone would be NaN for an infinite loss; where() keeps it 0)
-        loss = fusion_head.loss + 0.0 * torch.where(torch.isfinite(loss), loss - loss.detach(), torch.zeros_like(loss))
-    return (loss, fusion_head.hidden.detach()) if return_hidden else loss
-
-
-def _apply_transform(x: Tensor, transform: dict) -> Tensor:
-    x = x * transform.get("logit_scale", 1.0)
-    cap = transform.get("softcap")
-    return cap * torch.tanh(x / cap) if cap else x
+        loss = head_loss + 0.0 * torch.where(torch.isfinite(loss), loss - loss.detach(), torch.zeros_like(loss))
+    return (loss, head_hidden.detach()) if return_hidden else loss
 
 
 class _FusionHead(torch.nn.Module):

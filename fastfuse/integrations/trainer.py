@@ -16,17 +16,20 @@ import torch
 from transformers import Trainer
 
 from fastfuse.integrations.hf import backbone_and_head, causal_lm_fusion_loss, logit_transform, unwrap_model
+from fastfuse.integrations.on_policy import OnPolicy
 from fastfuse.loss.linear_loss import fused_linear_loss
 from fastfuse.loss.logits_loss import fused_loss
+from fastfuse.loss.spec import LOSS_OPTIONS, TRANSFORM_OPTIONS
 
 _LOSSES = ("linear", "logits")
 # the fields of a fastfuse.FusionDataset item that FusionCollator reads; Trainer's default
 # remove_unused_columns=True would keep only the model's forward arguments and drop the teachers
-EXAMPLE_FIELDS = ("input_ids", "topk_ids", "topk_logprobs", "pos", "ce")
-# what loss_kwargs may hold: the loss functions' keyword options the trainer does not set itself
-_DIVERGENCE = {"divergence", "tail", "alpha", "beta", "student_temperature", "hinton_scale"}
-_OPTIONS = {"linear": {"ignore_index", "impl", "validate", "chunk_tokens", "inplace_grad"} | _DIVERGENCE,
-            "logits": {"ignore_index", "impl", "validate", "inplace_grad", "logit_scale", "softcap"} | _DIVERGENCE}
+EXAMPLE_FIELDS = ("input_ids", "topk_ids", "topk_logprobs", "pos", "ce", "prompt_lengths")
+# what loss_kwargs may hold: the loss functions' keyword options the trainer does not set itself (the
+# "linear" loss takes the student transform from the model's config)
+_OPTIONS = {"linear": {"ignore_index", "impl", "validate", "chunk_tokens", "inplace_grad"}
+            | (set(LOSS_OPTIONS) - set(TRANSFORM_OPTIONS)),
+            "logits": {"ignore_index", "impl", "validate", "inplace_grad"} | set(LOSS_OPTIONS)}
 
 
 def check_lm_weight(lm_weight: Any, max_steps: int) -> None:
@@ -70,6 +73,14 @@ class FusionTrainer(Trainer):
             ``student_temperature``, ``hinton_scale``; for ``"linear"`` also ``chunk_tokens``; for
             ``"logits"`` also ``inplace_grad``, ``logit_scale``, ``softcap`` -- the ``"linear"``
             loss takes the model's own logit transform from its config).
+        teachers: a :class:`fastfuse.OnlineTeachers`: the teachers score each batch online (batches then
+            need only ``input_ids`` / ``attention_mask``; ones that already carry teacher fields are
+            used as they are).
+        on_policy: GKD's ``lambda``, the share of training batches that are on-policy
+            (:mod:`fastfuse.integrations.on_policy`): the student continues the batch's prompts, the teachers
+            score its tokens, the loss is the divergence alone (``lm_weight`` 0) on those tokens.
+        on_policy_kwargs: ``prompt_tokens``, ``max_new_tokens``, ``temperature``, ``eos_token_id``
+            (:class:`fastfuse.integrations.on_policy.OnPolicy`).
 
     ``compute_loss(..., return_outputs=True)`` (what ``Trainer.evaluate`` / ``predict`` call) takes
     the ``"logits"`` path whatever ``loss`` is, so the returned outputs are the model's own, with
@@ -79,7 +90,8 @@ class FusionTrainer(Trainer):
     """
 
     def __init__(self, *args, lm_weight: float | Callable[[int], float] = 0.9, temperature: float = 1.0,
-                 loss: str = "linear", loss_kwargs: dict | None = None, **kwargs):
+                 loss: str = "linear", loss_kwargs: dict | None = None, teachers=None, on_policy: float = 0.0,
+                 on_policy_kwargs: dict | None = None, **kwargs):
         if loss not in _LOSSES:
             raise ValueError(f"loss: expected one of {_LOSSES}, got {loss!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
@@ -91,7 +103,11 @@ class FusionTrainer(Trainer):
         if unknown:
             raise ValueError(f"loss_kwargs: unknown options {unknown} for loss={loss!r} "
                              f"(allowed: {sorted(_OPTIONS[loss])})")
+        if teachers is None and (on_policy or on_policy_kwargs):
+            raise ValueError("on_policy: needs teachers= (a fastfuse.OnlineTeachers) to score the student's tokens")
         super().__init__(*args, **kwargs)
+        self.online = None if teachers is None else OnPolicy(teachers, on_policy, seed=self.args.seed,
+                                                             **(on_policy_kwargs or {}))
         check_lm_weight(lm_weight, int(getattr(self.args, "max_steps", 0) or 0))
         self.lm_weight = lm_weight
         self.temperature = temperature
@@ -114,18 +130,25 @@ class FusionTrainer(Trainer):
         # The columns Trainer keeps when remove_unused_columns=True (its default), for a datasets.Dataset
         # and a torch Dataset alike: the model's forward arguments plus the teacher fields.
         super()._set_signature_columns_if_needed()
-        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *EXAMPLE_FIELDS]))
+        # (transformers' Trainer declares the attribute as None: its type does not say it is a list once set)
+        columns: list[str] = self._signature_columns or []
+        self._signature_columns = list(dict.fromkeys([*columns, *EXAMPLE_FIELDS]))  # type: ignore[assignment]
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         # Trainer rebuilds tuples from a generator, which NamedTuples do not accept.
         return _to_device(inputs, self.args.device)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        on_policy = False
+        if self.online is not None:     # teachers in the loop: this batch's teacher fields, or an on-policy batch
+            training = self.model is not None and self.model.training and not return_outputs
+            inputs, on_policy = self.online.prepare(unwrap_model(model), inputs, training)
+            inputs = _to_device(inputs, self.args.device)
         missing = [k for k in ("input_ids", "labels", "source_topk", "align_map") if k not in inputs]
         if missing:
             raise ValueError(f"inputs: missing {missing}; use fastfuse.FusionCollator to build the batches")
-        lm_weight = self.current_lm_weight()
-        log_terms = self.model.training and self._should_log_terms()
+        lm_weight = 0.0 if on_policy else self.current_lm_weight()
+        log_terms = self.model is not None and self.model.training and self._should_log_terms()
         if self.loss == "linear" and not return_outputs:
             loss, hidden = causal_lm_fusion_loss(model, inputs, labels_shifted=True, return_hidden=True,
                                                  lm_weight=lm_weight, temperature=self.temperature,
@@ -136,7 +159,7 @@ class FusionTrainer(Trainer):
                 weight = head.weight.detach().to(hidden.dtype)
                 bias = None if bias is None else bias.detach().to(hidden.dtype)
                 transform = logit_transform(unwrap_model(model))
-                self._log_terms(lambda *a, **k: fused_linear_loss(hidden, weight, *a, bias=bias, **transform, **k),
+                self._log_terms(lambda *a, **k: fused_linear_loss(hidden, weight, *a, **{"bias": bias, **transform, **k}),
                                 inputs, self.loss_kwargs)
             return loss
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))

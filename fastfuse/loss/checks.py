@@ -1,24 +1,34 @@
-"""What both loss entry points share: dtype sets, tensor checks, the teacher-argument checks and
-the one rule that picks an implementation.
+"""What both loss entry points share: dtype sets, tensor checks, the loss-argument checks and the
+one rule that picks an implementation.
 
-``fused_loss`` and ``fused_linear_loss`` call :func:`check_teacher_args` and :func:`choose_impl`
-so that they can never disagree on what they accept or on which backend runs (a second copy of
-the backend rule once drifted: one entry point raised where the other silently fell back).
+``fused_loss`` and ``fused_linear_loss`` (one process or vocabulary-parallel) call
+:func:`check_loss_args` and :func:`choose_impl` so that they can never disagree on what they accept
+or on which backend runs (a second copy of the backend rule once drifted: one entry point raised
+where the other silently fell back), and :func:`check_logits` / :func:`check_lm_head` for the
+tensors the loss differentiates.
 """
 from __future__ import annotations
 
 import os
+import warnings
+from typing import Any, Mapping, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["FLOATS", "ALL_FLOATS", "float64_path", "accumulator_dtype", "check_lm_head", "INTS", "IMPLS", "SECOND_BACKWARD", "check_tensor", "check_teacher_args", "choose_impl"]
+from fastfuse.loss.spec import LOSS_OPTIONS, DivergenceSpec, make_spec
+
+__all__ = ["FLOATS", "ALL_FLOATS", "INTS", "IMPLS", "SECOND_BACKWARD", "LossArgs", "Teacher", "loss_options",
+           "resolve_impl", "choose_impl", "float64_path", "accumulator_dtype", "check_tensor", "check_logits",
+           "check_lm_head", "check_loss_args"]
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 # float64 runs only on the torch path (exact comparisons, gradcheck); the kernels take FLOATS
 ALL_FLOATS = FLOATS + (torch.float64,)
 INTS = (torch.int32, torch.int64)
-IMPLS = ("auto", "triton", "reference")
+IMPLS = ("auto", "triton", "torch")
+# the old name of impl="torch" (it named the sparse torch path, not the dense reference): one more release
+DEPRECATED_IMPLS = {"reference": "torch"}
 
 # Both losses hand their gradient over (or overwrite it in place) in the first backward, so a second
 # backward through the same graph (retain_graph=True) cannot be answered: one message for both.
@@ -27,6 +37,51 @@ SECOND_BACKWARD = ("{}: backward through the same loss twice; its gradient is co
 
 _NEEDS_INTERPRETER = ("impl='triton' on CPU tensors needs TRITON_INTERPRET=1, set before triton and "
                       "fastfuse.kernels are first imported")
+
+
+class LossArgs(NamedTuple):
+    """The arguments of a loss call besides the tensors it differentiates, as the caller passed them
+    (``options``: the :data:`~fastfuse.loss.spec.LOSS_OPTIONS` keywords; ``impl`` already resolved
+    by :func:`resolve_impl`). What the vocabulary-parallel entry points take instead of a dozen
+    positional parameters."""
+    source_topk: Any
+    align_map: Any
+    labels: Any
+    source_weights: Any
+    lm_weight: Any
+    temperature: Any
+    ignore_index: Any
+    reduction: Any
+    options: Mapping[str, Any]
+    impl: str
+    validate: bool
+
+
+class Teacher(NamedTuple):
+    """The validated teacher-side tensors in the 3-d layout (:func:`check_loss_args`)."""
+    ids: Tensor
+    logprobs: Tensor
+    pos: Tensor
+    vocab: Tensor
+    labels: Tensor
+    source_weights: Optional[Tensor]
+
+
+def loss_options(values: Mapping[str, Any]) -> dict:
+    """The :data:`~fastfuse.loss.spec.LOSS_OPTIONS` entries of ``values`` (an entry point's ``locals()``)."""
+    return {name: values[name] for name in LOSS_OPTIONS}
+
+
+def resolve_impl(impl):
+    """``impl`` with the deprecated ``"reference"`` replaced by ``"torch"`` (and a
+    ``DeprecationWarning`` pointing at the caller of the entry point that called this)."""
+    if isinstance(impl, str) and impl in DEPRECATED_IMPLS:
+        new = DEPRECATED_IMPLS[impl]
+        warnings.warn(f"impl={impl!r} is deprecated and will be removed in the next release: use impl={new!r} "
+                      "(it names the sparse torch path; the dense reference is fastfuse.loss.reference, for tests)",
+                      DeprecationWarning, stacklevel=3)
+        return new
+    return impl
 
 
 def _interpreter_requested() -> bool:
@@ -48,23 +103,23 @@ def _kernels_interpreted() -> bool:
 
 
 def choose_impl(impl: str, device: torch.device) -> str:
-    """``"triton"`` or ``"reference"`` for a call with ``impl`` on tensors on ``device``.
+    """``"triton"`` or ``"torch"`` for a call with ``impl`` on tensors on ``device``.
 
     ``"auto"``: Triton on CUDA; on CPU Triton only when the kernels run under the interpreter
     (``TRITON_INTERPRET=1`` set before they were imported), else the torch path -- ``"auto"``
     never fails for the backend's sake. ``"triton"`` raises ``ValueError`` where it cannot run;
-    ``"reference"`` always runs the torch path.
+    ``"torch"`` always runs the torch path.
     """
-    if impl == "reference":
-        return "reference"
+    if impl == "torch":
+        return "torch"
     if impl == "auto":
         if not _triton_importable():
-            return "reference"
+            return "torch"
         if device.type == "cuda":
             return "triton"
         if device.type == "cpu" and _interpreter_requested() and _kernels_interpreted():
             return "triton"
-        return "reference"
+        return "torch"
     if impl == "triton":
         if not _triton_importable():
             raise ValueError("impl='triton' needs the triton package")
@@ -91,7 +146,7 @@ def float64_path(impl: str, dtype: torch.dtype, device: torch.device, owner: str
         return choose_impl(impl, device) == "triton"
     if impl == "triton":
         raise ValueError(f"impl='triton' takes float32/bfloat16/float16 {owner}; float64 runs on the torch path "
-                         "(impl='auto' or 'reference')")
+                         "(impl='auto' or 'torch')")
     choose_impl(impl, device)           # still refuses an unknown impl
     return False
 
@@ -135,6 +190,22 @@ def check_tensor(name: str, x, dtypes=None, what: str = ""):
     if dtypes is not None and x.dtype not in dtypes:
         raise TypeError(f"{name} must be {what}, got {x.dtype}")
 
+
+def check_logits(logits, shard: bool = False) -> None:
+    """The checks ``fused_loss`` makes of ``target_logits`` itself (with ``shard``: this rank's
+    vocabulary shard): ``TypeError`` / ``ValueError`` naming the argument."""
+    check_tensor("target_logits", logits, ALL_FLOATS, "float32, bfloat16 or float16 (float64 on the torch path)")
+    v = "V_r" if shard else "V"
+    if logits.dim() not in (2, 3):
+        what = " (this rank's vocabulary shard)" if shard else ""
+        raise ValueError(f"target_logits must be [B, T, {v}] or [N, {v}]{what}, got shape {tuple(logits.shape)}")
+    if logits.numel() == 0:
+        where = " on every rank" if shard else ""
+        raise ValueError(f"target_logits must be non-empty{where}, got shape {tuple(logits.shape)}")
+    if logits.stride(-1) != 1:
+        raise ValueError("target_logits must be contiguous in its last (vocabulary) dimension")
+
+
 def _number(name: str, value) -> float:
     """A real number (a 1-element tensor too), else ``TypeError`` naming the argument."""
     if isinstance(value, bool) or not (isinstance(value, (int, float)) or
@@ -153,21 +224,28 @@ def _refuse_dead_rows(logits: Tensor, candidates: Tensor) -> None:
                              "would be NaN); mask it with ignore_index")
 
 
-def check_teacher_args(lead, V, dev, source_topk, align_map, labels, source_weights, lm_weight, temperature,
-                       ignore_index, reduction, impl, validate, owner: str = "target_logits", tail_mass: bool = False,
-                       logits: Tensor | None = None):
-    """Every check of the loss inputs but those of the logits tensor itself, for logits of shape
-    ``lead + (V,)`` on ``dev``; ``owner`` names that tensor in the messages. Shared by
-    :func:`fused_loss` and :func:`fastfuse.fused_linear_loss`. ``lead`` of length 1 (``[N, V]``) is
-    read as ``B = 1``. With ``tail_mass`` (a ``"uniform"``/``"bucket"`` tail) the logprobs must be
-    log-probabilities: a source row whose kept probabilities sum past 1 (beyond fp16 rounding) is
-    refused. With ``logits`` (the logits tensor itself), ``validate`` also refuses a kept row whose
-    logits are all -inf (read where the label's logit is -inf: no pass over the logits).
-    Returns the 3-d layout (ids, logprobs, pos, vocab, labels, source_weights)."""
+def check_loss_args(lead, V, dev, args: LossArgs, owner: str = "target_logits", logits: Optional[Tensor] = None,
+                    validate: Optional[bool] = None) -> tuple[DivergenceSpec, Teacher]:
+    """Every check of the loss arguments but those of the tensors the loss differentiates, for
+    logits of shape ``lead + (V,)`` on ``dev``; ``owner`` names that tensor in the messages. Shared
+    by every entry point. ``lead`` of length 1 (``[N, V]``) is read as ``B = 1``. With a
+    ``"uniform"``/``"bucket"`` tail the logprobs must be log-probabilities: a source row whose kept
+    probabilities sum past 1 (beyond fp16 rounding) is refused. With ``logits`` (the logits tensor
+    itself), ``validate`` also refuses a kept row whose logits are all -inf (read where the label's
+    logit is -inf: no pass over the logits). ``validate`` (default ``args.validate``): the
+    data-dependent checks, one host sync. Returns the validated spec (:func:`make_spec` of
+    ``args.options``) and the :class:`Teacher` tensors in the 3-d layout."""
+    source_topk, align_map, labels, source_weights = args.source_topk, args.align_map, args.labels, args.source_weights
+    lm_weight, temperature, ignore_index, reduction, impl = (args.lm_weight, args.temperature, args.ignore_index,
+                                                             args.reduction, args.impl)
+    validate = args.validate if validate is None else validate
+    check_tensor("labels", labels, INTS, "int64 (or int32)")
+    spec = make_spec(**args.options)
+    tail_mass = spec.uses_tail_mass
     if not isinstance(reduction, str) or reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not isinstance(impl, str) or impl not in IMPLS:
-        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
     if not (hasattr(source_topk, "ids") and hasattr(source_topk, "logprobs")):
         raise TypeError("source_topk must be a fastfuse.SourceTopK(ids, logprobs)")
     if not (hasattr(align_map, "pos") and hasattr(align_map, "vocab")):
@@ -261,7 +339,8 @@ def check_teacher_args(lead, V, dev, source_topk, align_map, labels, source_weig
             checks.append(("target_logits", "", dead.any()))
         for (name, msg, _), bad in zip(checks, torch.stack([c[2] for c in checks]).tolist()):
             if bad and name == "target_logits":
+                assert logits is not None and dead is not None     # the check above ran
                 _refuse_dead_rows(logits, dead)
             elif bad:
                 raise ValueError(f"{name} {msg}")
-    return ids, logprobs, pos, vocab, labels, source_weights
+    return spec, Teacher(ids, logprobs, pos, vocab, labels, source_weights)

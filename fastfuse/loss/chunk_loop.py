@@ -1,4 +1,6 @@
-"""The chunk loop of ``fused_linear_loss``, one process or vocabulary-parallel: per chunk of ``n``
+"""Chunks of tokens: how many (:func:`default_chunk_tokens`, a budget of :data:`CHUNK_BYTES` of logits, for
+the linear loss's chunks and the vocabulary-parallel loss's collective rounds), and the chunk loop of
+``fused_linear_loss``, one process or vocabulary-parallel: per chunk of ``n``
 tokens the logits ``h_c @ W.T (+ b)`` into one reused ``[n, V]`` buffer (``torch.mm``/``addmm``, in
 the input dtype), a row pass that overwrites them with ``scale * dL/dlogits``, then
 ``d_hidden_c = dlogits_c @ W`` (into ``d_hidden``'s rows), ``d_weight (+)= dlogits_c.T @ h_c`` (the
@@ -6,6 +8,7 @@ first chunk writes it, the others ``addmm_``) and ``d_bias += dlogits_c.sum(0)``
 accumulator). The algorithm and its precision choices: ``fastfuse/loss/linear_loss.py``'s docstring."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -13,7 +16,20 @@ from torch import Tensor
 
 from fastfuse.loss.checks import accumulator_dtype
 
-__all__ = ["chunk_loop"]
+__all__ = ["CHUNK_BYTES", "default_chunk_tokens", "chunk_loop"]
+
+CHUNK_BYTES = 512 << 20     # logits per chunk (fused_linear_loss) or per collective round (vocabulary-parallel)
+
+
+def default_chunk_tokens(N: int, V: int, element_size: int, budget: Optional[int] = None) -> int:
+    """Tokens per chunk: the most that keep ``n * V`` logits under ``budget`` bytes (default
+    :data:`CHUNK_BYTES`; multiples of 128 when that is >= 128), then balanced so that all chunks
+    have about the same size."""
+    cap = max(1, (CHUNK_BYTES if budget is None else budget) // max(V * element_size, 1))
+    if cap >= 128:
+        cap = cap // 128 * 128
+    chunks = math.ceil(N / cap)
+    return min(N, math.ceil(N / chunks))
 
 
 def chunk_loop(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int, need,
@@ -55,6 +71,6 @@ def chunk_loop(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: in
                     d_weight.addmm_(z.t(), h)
             if d_bias is not None:
                 d_bias += z.sum(0, dtype=acc)
-    if d_bias is not None:
+    if d_bias is not None and bias is not None:
         d_bias = d_bias.to(bias.dtype)
     return loss, (d_hidden, d_weight, d_bias)

@@ -2,11 +2,11 @@
 holding the full ``[N, V]`` logits.
 
 Exactly ``fused_loss(hidden @ weight.T + bias, ...)``: same teacher semantics, same reference
-(``fastfuse.loss.reference``), same kernels. The algorithm (DESIGN.md §4):
+(``fastfuse.loss.reference``), same row code, same kernels. The algorithm (DESIGN.md §4):
 
 0. the sparse target of every token (gold label + fused teacher, ``<= S*K + 1`` (id, coef) pairs
    per row) is built once for all ``N = B*T`` tokens by the same code as ``fused_loss`` (the
-   Triton ``sparse_teacher`` kernel, or ``reference.sparse_teacher`` on the torch path);
+   Triton ``sparse_teacher`` kernel, or ``torch_path.torch_sparse_teacher`` on the torch path);
 1. per chunk of ``n`` consecutive tokens (flattened ``[N, H]`` rows, so chunks are contiguous
    whatever ``B`` and ``T``): ``logits_c = hidden_c @ weight.T (+ bias)`` into one reused
    ``[n, V]`` buffer, in the input dtype (tensor cores for bf16/fp16, fp32 accumulation inside
@@ -79,104 +79,20 @@ Compared with the two published fused linear cross-entropies (hard labels only):
 """
 from __future__ import annotations
 
-import math
-from typing import Optional, Tuple
+from typing import Optional
 
-import torch
 from torch import Tensor
 
-from fastfuse.loss import reference as _ref
-from fastfuse.loss.checks import (INTS, SECOND_BACKWARD, accumulator_dtype, check_lm_head, check_teacher_args, check_tensor,
-                                float64_path)
-from fastfuse.loss.spec import make_spec
-from fastfuse.loss.chunk_loop import chunk_loop
 from fastfuse.batch import AlignMap, SourceTopK
-from fastfuse.loss.row_runner import RowTarget, build_target, run_rows
+from fastfuse.loss.autograd import FusedLinearLoss
+from fastfuse.loss.checks import (LossArgs, accumulator_dtype, check_lm_head, check_loss_args, float64_path, loss_options,
+                                  resolve_impl)
+from fastfuse.loss.chunk_loop import default_chunk_tokens
+from fastfuse.loss.row_runner import LocalRows, prepare_rows
 from fastfuse.loss.parallel.losses import vocab_parallel_linear_loss
 from fastfuse.loss.parallel.layout import is_dtensor
 
-__all__ = ["fused_linear_loss"]
-
-CHUNK_BYTES = 512 << 20     # default budget for one chunk of logits
-
-
-def default_chunk_tokens(N: int, V: int, element_size: int, budget: int = CHUNK_BYTES) -> int:
-    """Tokens per chunk: the most that keep ``n * V`` logits under ``budget`` bytes (multiples
-    of 128 when that is >= 128), then balanced so that all chunks have about the same size."""
-    cap = max(1, budget // max(V * element_size, 1))
-    if cap >= 128:
-        cap = cap // 128 * 128
-    chunks = math.ceil(N / cap)
-    return min(N, math.ceil(N / chunks))
-
-
-class _FusedLinearLoss(torch.autograd.Function):
-    """Inputs already validated: hidden ``[N, H]`` contiguous, tids/coefs ``[N, E]``,
-    labels/ignored ``[N]``, scale a 1-element float32 tensor."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, tids, coefs, tail, labels, ignored, scale, ignore_index, reduction, chunk,
-                use_triton, spec, lm_weight):
-        need = ctx.needs_input_grad[:3]
-        # "none" needs the per-token grad_output before the d_weight matmul; float16 must apply
-        # scale * grad_output before the rounding of the chunk gradient (else it underflows): both
-        # compute the loss here and the gradients in the backward (one more matmul)
-        grad_now = reduction != "none" and hidden.dtype != torch.float16 and any(need)
-        rows = (use_triton, spec, lm_weight, RowTarget(tids, coefs, tail))
-        loss_rows, grads = _chunks(hidden, weight, bias, rows, labels, ignored, scale, ignore_index, chunk,
-                                   need if grad_now else (False, False, False))
-        ctx.reduction, ctx.grad_now, ctx.done, ctx.use_triton = reduction, grad_now, False, use_triton
-        if grad_now:
-            ctx.grads = grads
-        else:
-            ctx.save_for_backward(hidden, weight, bias, tids, coefs, tail, labels, ignored, scale)
-            ctx.opts = (ignore_index, chunk, use_triton, spec, lm_weight)
-        if reduction == "none":
-            return loss_rows
-        return loss_rows.sum() * scale.reshape(())
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        if ctx.done:
-            raise RuntimeError(SECOND_BACKWARD.format("fused_linear_loss"))
-        ctx.done = True
-        # stays on the device: no host sync
-        go = grad_output.to(accumulator_dtype(grad_output.dtype)).reshape(-1)
-        if ctx.grad_now:
-            grads, ctx.grads = ctx.grads, None
-            return tuple(None if g is None else _rescale(g, go, ctx.use_triton) for g in grads) + (None,) * 12
-        hidden, weight, bias, tids, coefs, tail, labels, ignored, scale = ctx.saved_tensors
-        ignore_index, chunk, use_triton, spec, lm_weight = ctx.opts
-        rows = (use_triton, spec, lm_weight, RowTarget(tids, coefs, tail))
-        _, grads = _chunks(hidden, weight, bias, rows, labels, ignored, scale * go, ignore_index, chunk,
-                           ctx.needs_input_grad[:3])
-        return grads + (None,) * 12
-
-
-def _rescale(g: Tensor, factor: Tensor, use_triton: bool) -> Tensor:
-    """``g *= factor`` (one float32 element) without a host sync; a device-side no-op when it is 1
-    on the Triton path, one pass over ``g`` otherwise (tiny next to the matmuls)."""
-    if use_triton and g.stride(-1) == 1:
-        from fastfuse.kernels.fused_ce import rescale_rows_
-        return rescale_rows_(g if g.dim() == 2 else g.reshape(1, -1), factor)
-    return g.mul_(factor.reshape(()))
-
-
-def _chunks(hidden, weight, bias, rows, labels, ignored, scale, ignore_index, chunk, need
-            ) -> Tuple[Tensor, Tuple[Optional[Tensor], ...]]:
-    """The chunk loop (:func:`fastfuse.loss.chunk_loop.chunk_loop`) with this module's row pass: per-row
-    losses ``[N]`` float32 and (d_hidden, d_weight, d_bias) for the gradients flagged in ``need``,
-    times ``scale`` (float32: one element, or one per row ``[N]``), applied to each row's gradient in
-    fp32 before its rounding to the chunk dtype. ``rows`` is ``(use_triton, spec, lm_weight,
-    RowTarget)`` for :func:`fastfuse.loss.row_runner.run_rows`."""
-    use_triton, spec, lm_weight, target = rows
-    per_row = scale.numel() > 1
-
-    def row_pass(z, r0, r1, compute_grad):
-        return run_rows(use_triton, spec, lm_weight, z.unsqueeze(0), target.rows(r0, r1), labels[r0:r1],
-                        ignored[r0:r1], ignore_index, scale[r0:r1] if per_row else scale, compute_grad,
-                        inplace=True)[0]
-    return chunk_loop(hidden, weight, bias, chunk, need, row_pass)
+__all__ = ["fused_linear_loss", "default_chunk_tokens"]
 
 
 def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, align_map: AlignMap, labels: Tensor,
@@ -203,8 +119,8 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, a
         inplace_grad: accepted for signature compatibility with ``fused_loss``; the chunk logits
             are internal buffers and always overwritten by their gradient.
         impl: ``"auto"`` (Triton row kernel on CUDA, or on CPU with ``TRITON_INTERPRET=1``; the
-            torch row path otherwise), ``"triton"`` or ``"reference"`` (torch row path). The
-            matmuls are always ``torch.mm``/``addmm`` (cuBLAS on CUDA).
+            torch row path otherwise), ``"triton"`` or ``"torch"`` (torch row path; ``"reference"``
+            is its deprecated old name). The matmuls are always ``torch.mm``/``addmm`` (cuBLAS on CUDA).
         chunk_tokens: tokens per chunk (default: chunks of logits under 512 MiB, see
             :func:`default_chunk_tokens`).
         process_group, vocab_start, sequence_parallel: tensor parallelism (README "Tensor
@@ -225,43 +141,23 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, source_topk: SourceTopK, a
     sync in the forward with ``validate=False``. See the module docstring for the algorithm,
     precision choices and comparison with Liger-Kernel and Cut Cross-Entropy.
     """
+    args = LossArgs(source_topk, align_map, labels, source_weights, lm_weight, temperature, ignore_index, reduction,
+                    loss_options(locals()), resolve_impl(impl), validate)
     if (process_group is not None or vocab_start is not None or sequence_parallel is not False or is_dtensor(weight)
             or is_dtensor(hidden)):
-        return vocab_parallel_linear_loss(
-            hidden, weight, source_topk, align_map, labels, bias, source_weights, lm_weight, temperature, ignore_index,
-            reduction, dict(divergence=divergence, tail=tail, alpha=alpha, beta=beta, logit_scale=logit_scale,
-                            softcap=softcap, student_temperature=student_temperature, hinton_scale=hinton_scale),
-            impl, validate, chunk_tokens, process_group, vocab_start, sequence_parallel, default_chunk_tokens)
+        return vocab_parallel_linear_loss(hidden, weight, bias, args, chunk_tokens, process_group, vocab_start,
+                                          sequence_parallel)
     check_lm_head(hidden, weight, bias, chunk_tokens)
     H, V, dev = hidden.shape[-1], weight.shape[0], hidden.device
-    check_tensor("labels", labels, INTS, "int64 (or int32)")
-    squeeze = hidden.dim() == 2
-    spec = make_spec(divergence, tail, alpha, beta, logit_scale, softcap, student_temperature, hinton_scale)
-    ids, logprobs, pos, vocab, labels, source_weights = check_teacher_args(
-        hidden.shape[:-1], V, dev, source_topk, align_map, labels, source_weights, lm_weight, temperature,
-        ignore_index, reduction, impl, validate, owner="hidden", tail_mass=spec.uses_tail_mass)
-    B, T = labels.shape
+    spec, teacher = check_loss_args(hidden.shape[:-1], V, dev, args, owner="hidden")
+    B, T = teacher.labels.shape
     N = B * T
-    S = ids.shape[0]
-
-    use_triton = float64_path(impl, hidden.dtype, dev, "hidden")
-
+    use_triton = float64_path(args.impl, hidden.dtype, dev, "hidden")
     # the sparse targets of all N rows, once (the same code fused_loss runs)
-    acc = accumulator_dtype(hidden.dtype)
-    weights = _ref.normalize_weights(source_weights, S, B, T, dev, acc).reshape(S, N)
-    lm_weight, temperature = float(lm_weight), float(temperature)
-    target = build_target(use_triton, spec, ids, logprobs, pos, vocab, labels, weights, lm_weight, temperature,
-                          ignore_index, V, acc)
-    flat_labels = labels.reshape(N).contiguous()
-    ignored = flat_labels == ignore_index
-    if reduction == "mean":
-        scale = (1.0 / ignored.logical_not().sum().clamp_min(1).to(acc)).reshape(1)
-    else:
-        scale = torch.ones(1, dtype=acc, device=dev)
+    data = prepare_rows(use_triton, spec, teacher, args, V, accumulator_dtype(hidden.dtype))
     chunk = chunk_tokens if chunk_tokens is not None else default_chunk_tokens(N, V, hidden.element_size())
-    loss = _FusedLinearLoss.apply(hidden.reshape(N, H).contiguous(), weight, bias, target.tids, target.coefs,
-                                  target.tail, flat_labels, ignored, scale, int(ignore_index), reduction, min(chunk, N),
-                                  use_triton, spec, lm_weight)
+    runner = LocalRows(data, use_triton, spec, float(lm_weight), ignore_index, min(chunk, N))
+    loss = FusedLinearLoss.apply(hidden.reshape(N, H).contiguous(), weight, bias, runner, reduction)
     if reduction == "none":
-        loss = loss.reshape(N) if squeeze else loss.reshape(B, T)
+        loss = loss.reshape(N) if hidden.dim() == 2 else loss.reshape(B, T)
     return loss

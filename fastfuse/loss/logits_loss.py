@@ -1,7 +1,9 @@
-"""Public entry point of the fused knowledge-fusion loss: validation, dispatch, autograd.
+"""Public entry point of the fused knowledge-fusion loss from logits: validation and dispatch.
 
-The math lives in ``fastfuse.loss.reference`` (pure torch) and ``fastfuse.kernels`` (Triton); this
-module only checks inputs, picks an implementation and wraps it in an ``autograd.Function``.
+The math lives in ``fastfuse.loss.torch_path`` / ``fastfuse.loss.torch_rows`` (pure torch) and
+``fastfuse.kernels`` (Triton); this module only checks inputs, prepares the rows
+(``fastfuse.loss.row_runner``) and hands them to the autograd Function (``fastfuse.loss.autograd``),
+or to the vocabulary-parallel path (``fastfuse.loss.parallel``).
 """
 from __future__ import annotations
 
@@ -9,68 +11,16 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from fastfuse.batch import AlignMap, SourceTopK
-from fastfuse.loss import reference as _ref
-from fastfuse.loss.checks import (ALL_FLOATS, INTS, SECOND_BACKWARD, accumulator_dtype, check_teacher_args, check_tensor,
-                                float64_path)
-from fastfuse.loss.spec import make_spec
-from fastfuse.loss.row_runner import Consume, RowTarget, build_target, run_rows
+from fastfuse.loss.autograd import FusedLogitsLoss
+from fastfuse.loss.checks import (LossArgs, accumulator_dtype, check_logits, check_loss_args, float64_path, loss_options,
+                                  resolve_impl)
+from fastfuse.loss.row_runner import LocalRows, prepare_rows
 from fastfuse.loss.parallel.losses import vocab_parallel_loss
 from fastfuse.loss.parallel.layout import is_dtensor
 
 __all__ = ["fused_loss"]
-
-
-class _FusedLoss(torch.autograd.Function):
-    """float32/bfloat16: the forward computes per-row loss *and* gradient (``scale`` folded in) and
-    the backward multiplies it by ``grad_output`` on the device (free when that is 1). float16: the
-    forward computes the loss only and the backward the gradient with ``scale * grad_output``
-    applied in fp32 before the one rounding -- folding ``1/#tokens`` into an fp16 gradient first
-    would flush ``scale * softmax`` (~1e-10 at V = 128k) to 0 before a GradScaler's 2**16 arrives."""
-
-    @staticmethod
-    def forward(ctx, logits, tids, coefs, tail, labels, ignored, scale, ignore_index, reduction, inplace, use_triton,
-                spec, lm_weight):
-        B, T, V = logits.shape
-        need = ctx.needs_input_grad[0]
-        ctx.defer = need and logits.dtype == torch.float16
-        grad_now = need and not ctx.defer
-        ctx.row_args = (use_triton, spec, lm_weight)
-        loss_rows, grad = run_rows(*ctx.row_args, logits, RowTarget(tids, coefs, tail), labels, ignored,
-                                   ignore_index, scale, grad_now, inplace)
-        ctx.reduction, ctx.shape, ctx.inplace = reduction, (B, T), inplace
-        ctx.ignore_index, ctx.done = ignore_index, False
-        if grad_now:
-            ctx.save_for_backward(grad)
-        elif ctx.defer:
-            ctx.save_for_backward(logits, tids, coefs, tail, labels, ignored, scale)
-        if reduction == "none":
-            return loss_rows.view(B, T)
-        total = loss_rows.sum()
-        return total * scale.reshape(()) if reduction == "mean" else total
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        if ctx.done:
-            raise RuntimeError(SECOND_BACKWARD.format("fused_loss"))
-        ctx.done = True
-        # grad_output stays on the device: no bool(grad_output == 1) host sync
-        go = grad_output.to(accumulator_dtype(grad_output.dtype)).reshape(-1)
-        if ctx.defer:
-            logits, tids, coefs, tail, labels, ignored, scale = ctx.saved_tensors
-            _, grad = run_rows(*ctx.row_args, logits, RowTarget(tids, coefs, tail), labels, ignored,
-                               ctx.ignore_index, scale * go, True, ctx.inplace)
-        else:
-            (grad,) = ctx.saved_tensors
-            if ctx.row_args[0]:
-                from fastfuse.kernels.fused_ce import rescale_rows_
-                rescale_rows_(grad, go)
-            else:       # torch path: one pass (the kernel skips it when grad_output is 1)
-                grad.mul_(go.reshape(*ctx.shape, 1) if go.numel() > 1 else go.reshape(()))
-        return (grad,) + (None,) * 12
 
 
 def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignMap,
@@ -133,11 +83,14 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
         hinton_scale: multiply the divergence term by ``student_temperature ** 2``.
         inplace_grad: write the gradient into ``target_logits``'s buffer (during the forward;
             for float16 during the backward) -- saves ``N * V`` elements of memory. The logits are
-            *consumed* and marked dirty: autograd raises its version-counter error if a node saved
-            them (e.g. ``torch.tanh`` producing them) or if they are a leaf; do not read them
-            after the call. Only when ``target_logits`` requires grad.
+            *consumed* and autograd is told of the write: its version-counter error is raised if a
+            node saved them (e.g. ``torch.tanh`` producing them); a leaf (or a view of one) is
+            refused (``ValueError``); do not read them after the call. Only when
+            ``target_logits`` requires grad.
         impl: ``"auto"`` (Triton on CUDA, or on CPU when ``TRITON_INTERPRET=1``; otherwise the
-            chunked torch path), ``"triton"`` or ``"reference"`` (chunked sparse torch path).
+            chunked torch path), ``"triton"`` or ``"torch"`` (the chunked sparse torch path,
+            ``fastfuse.loss.torch_path``; ``"reference"``, its old name, is accepted for one more
+            release with a ``DeprecationWarning``).
         validate: run the data-dependent checks (id ranges, negative weights, NaN logprobs,
             label range). They cost a few reductions over the small index tensors
             (``O(S*B*Ts*K + S*Vs + S*B*T)``, plus ``min``/``max`` of the labels) and **one**
@@ -175,56 +128,22 @@ def fused_loss(target_logits: Tensor, source_topk: SourceTopK, align_map: AlignM
     4M logits at a time (float32 softmax of the chunk), so memory stays ``O(N * V)`` only for
     the gradient itself.
     """
+    args = LossArgs(source_topk, align_map, labels, source_weights, lm_weight, temperature, ignore_index, reduction,
+                    loss_options(locals()), resolve_impl(impl), validate)
     if process_group is not None or vocab_start is not None or is_dtensor(target_logits):
-        return vocab_parallel_loss(target_logits, source_topk, align_map, labels, source_weights, lm_weight,
-                                   temperature, ignore_index, reduction,
-                                   dict(divergence=divergence, tail=tail, alpha=alpha, beta=beta, logit_scale=logit_scale,
-                                        softcap=softcap, student_temperature=student_temperature,
-                                        hinton_scale=hinton_scale), inplace_grad, impl, validate, process_group,
-                                   vocab_start)
-    if not isinstance(target_logits, Tensor):
-        raise TypeError(f"target_logits must be a torch.Tensor, got {type(target_logits).__name__}")
-    if target_logits.dtype not in ALL_FLOATS:
-        raise TypeError(f"target_logits must be float32, bfloat16 or float16 (float64 on the torch path), "
-                        f"got {target_logits.dtype}")
-    if target_logits.dim() not in (2, 3):
-        raise ValueError(f"target_logits must be [B, T, V] or [N, V], got shape {tuple(target_logits.shape)}")
-    V = target_logits.shape[-1]
-    if V == 0 or target_logits.numel() == 0:
-        raise ValueError(f"target_logits must be non-empty, got shape {tuple(target_logits.shape)}")
-    if target_logits.stride(-1) != 1:
-        raise ValueError("target_logits must be contiguous in its last (vocabulary) dimension")
-    check_tensor("labels", labels, INTS, "int64 (or int32)")
-    dev = target_logits.device
+        return vocab_parallel_loss(target_logits, args, inplace_grad, process_group, vocab_start)
+    check_logits(target_logits)
+    V, dev = target_logits.shape[-1], target_logits.device
+    spec, teacher = check_loss_args(target_logits.shape[:-1], V, dev, args, logits=target_logits)
     squeeze = target_logits.dim() == 2
-    spec = make_spec(divergence, tail, alpha, beta, logit_scale, softcap, student_temperature, hinton_scale)
-    ids, logprobs, pos, vocab, labels, source_weights = check_teacher_args(
-        target_logits.shape[:-1], V, dev, source_topk, align_map, labels, source_weights, lm_weight, temperature,
-        ignore_index, reduction, impl, validate, tail_mass=spec.uses_tail_mass, logits=target_logits)
-    lm_weight, temperature = float(lm_weight), float(temperature)
     if squeeze:
         target_logits = target_logits.unsqueeze(0)
-    B, T, _ = target_logits.shape
-    S = ids.shape[0]
-
-    use_triton = float64_path(impl, target_logits.dtype, dev, "target_logits")
-    N = B * T
+    use_triton = float64_path(args.impl, target_logits.dtype, dev, "target_logits")
     acc = accumulator_dtype(target_logits.dtype)
-    weights = _ref.normalize_weights(source_weights, S, B, T, dev, acc).reshape(S, N)
-    target = build_target(use_triton, spec, ids, logprobs, pos, vocab, labels, weights, lm_weight, temperature,
-                          ignore_index, V, acc)
-    ignored = (labels == ignore_index).reshape(N)
-    if reduction == "mean":         # a device scalar: no host sync
-        scale = (1.0 / ignored.logical_not().sum().clamp_min(1).to(acc)).reshape(1)
-    else:
-        scale = torch.ones(1, dtype=acc, device=dev)
+    runner = LocalRows(prepare_rows(use_triton, spec, teacher, args, V, acc), use_triton, spec, float(lm_weight),
+                       ignore_index)
     inplace = bool(inplace_grad) and target_logits.requires_grad and torch.is_grad_enabled()
-    if inplace:
-        target_logits = Consume.apply(target_logits)
-    loss = _FusedLoss.apply(target_logits, target.tids, target.coefs, target.tail, labels.reshape(N), ignored, scale,
-                            int(ignore_index), reduction, inplace, use_triton, spec, lm_weight)
+    loss = FusedLogitsLoss.apply(target_logits, runner, reduction, inplace)
     if squeeze and reduction == "none":
         loss = loss.squeeze(0)
     return loss
-
-

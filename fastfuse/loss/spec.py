@@ -19,15 +19,61 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Optional
 
-__all__ = ["DIVERGENCES", "TAILS", "LOSS_OPTIONS", "DivergenceSpec", "make_spec", "DEFAULT_SPEC"]
+__all__ = ["Divergence", "REGISTRY", "DIVERGENCES", "TAILS", "LOSS_OPTIONS", "TRANSFORM_OPTIONS", "lookup",
+           "DivergenceSpec", "make_spec", "DEFAULT_SPEC"]
 
-# kernel codes are the positions in these tuples
-DIVERGENCES = ("ce", "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+
+class Divergence(NamedTuple):
+    """What the code around a divergence's formulas needs to know about it, in one record (the
+    formulas themselves -- ``torch_rows.terms``, the kernel's ``DIV`` branches,
+    ``reference.divergence_dense`` -- are listed in docs/DESIGN.md "Adding a divergence").
+
+    ``code``: the divergence kernel's ``DIV`` (``kernels/divergence.py`` names it ``name.upper()``;
+    tests/kernels/test_divergence_kernel.py checks). ``mix``: the :func:`make_spec` argument that
+    mixes it (``"alpha"``/``"beta"``) and ``mix_default`` its default; None: no parameter.
+    ``closed_form``: the closed form its off-teacher terms have, which decides how the ``"uniform"``
+    tail is summed -- ``"cross_entropy"`` (``F = -q log p + f(q)``, ``G = -q``: from ``sum u``; the
+    ``"bucket"`` term in log space), ``"reverse_kl"`` (``F = p log(p / q)``: from ``sum p u``), or
+    None: one more pass over the row (:attr:`DivergenceSpec.needs_tail_pass`)."""
+    name: str
+    code: int
+    mix: Optional[str] = None
+    mix_default: float = 0.0
+    closed_form: Optional[str] = None
+
+    def options(self, mix: Optional[float] = None) -> dict:
+        """The :func:`make_spec` keywords that select this divergence, its mixing argument (if it
+        has one) at ``mix`` (None: its default)."""
+        if self.mix is None:
+            return {"divergence": self.name}
+        return {"divergence": self.name, self.mix: self.mix_default if mix is None else mix}
+
+
+# every divergence, once; the kernel codes are explicit (not positions)
+REGISTRY = (
+    Divergence("ce", 0, closed_form="cross_entropy"),
+    Divergence("forward_kl", 1, closed_form="cross_entropy"),
+    Divergence("reverse_kl", 2, closed_form="reverse_kl"),
+    Divergence("jsd", 3, "beta", 0.5),                  # TRL's default beta
+    Divergence("skew_kl", 4, "alpha", 0.1),             # DSKD's default alpha
+    Divergence("skew_reverse_kl", 5, "alpha", 0.1),
+    Divergence("tvd", 6),
+)
+_BY_NAME = {d.name: d for d in REGISTRY}
+DIVERGENCES = tuple(_BY_NAME)
+# kernel codes are the positions in this tuple (kernels/divergence.py names them name.upper())
 TAILS = ("renormalize", "uniform", "bucket")
 # the loss keywords every entry point takes (make_spec's parameters; tests/test_structure.py checks)
 LOSS_OPTIONS = ("divergence", "tail", "alpha", "beta", "logit_scale", "softcap", "student_temperature", "hinton_scale")
-# divergences with a mixing parameter: which one, and the name of the argument
-_MIX = {"jsd": "beta", "skew_kl": "alpha", "skew_reverse_kl": "alpha"}
+# the loss options that transform the student's logits (a model's config may fix them: integrations.hf)
+TRANSFORM_OPTIONS = ("logit_scale", "softcap")
+
+
+def lookup(divergence: str) -> Divergence:
+    """The registry's record of ``divergence``; ``ValueError`` naming the argument otherwise."""
+    if not isinstance(divergence, str) or divergence not in _BY_NAME:
+        raise ValueError(f"divergence must be one of {', '.join(map(repr, DIVERGENCES))}, got {divergence!r}")
+    return _BY_NAME[divergence]
 
 
 class DivergenceSpec(NamedTuple):
@@ -47,8 +93,13 @@ class DivergenceSpec(NamedTuple):
         return self == DEFAULT_SPEC
 
     @property
+    def entry(self) -> Divergence:
+        """The divergence's :data:`REGISTRY` record."""
+        return _BY_NAME[self.divergence]
+
+    @property
     def div_code(self) -> int:
-        return DIVERGENCES.index(self.divergence)
+        return self.entry.code
 
     @property
     def tail_code(self) -> int:
@@ -61,9 +112,10 @@ class DivergenceSpec(NamedTuple):
 
     @property
     def needs_tail_pass(self) -> bool:
-        """The ``"uniform"`` tail of a divergence whose off-``A`` terms are not linear in ``p`` or
-        ``log p``: its row sums need ``lse`` first, so one more pass over the row."""
-        return self.tail == "uniform" and self.divergence in ("jsd", "skew_kl", "skew_reverse_kl", "tvd")
+        """The ``"uniform"`` tail of a divergence without a closed form off ``A`` (its
+        :attr:`Divergence.closed_form` is None): its row sums need ``lse`` first, so one more pass
+        over the row."""
+        return self.tail == "uniform" and self.entry.closed_form is None
 
     @property
     def uses_tail_mass(self) -> bool:
@@ -75,9 +127,7 @@ class DivergenceSpec(NamedTuple):
 DEFAULT_SPEC = DivergenceSpec()
 
 
-def _positive(name: str, value, allow_none: bool = False) -> Optional[float]:
-    if value is None and allow_none:
-        return None
+def _positive(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
@@ -91,12 +141,11 @@ def make_spec(divergence: str = "ce", tail: str = "renormalize", alpha: Optional
               student_temperature: float = 1.0, hinton_scale: bool = False) -> DivergenceSpec:
     """Validate the loss keywords of ``fused_loss`` / ``fused_linear_loss`` into a spec;
     ``ValueError`` / ``TypeError`` naming the argument otherwise."""
-    if not isinstance(divergence, str) or divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {', '.join(map(repr, DIVERGENCES))}, got {divergence!r}")
+    entry = lookup(divergence)
     if not isinstance(tail, str) or tail not in TAILS:
         raise ValueError(f"tail must be one of {', '.join(map(repr, TAILS))}, got {tail!r}")
     mix = 0.0
-    wanted = _MIX.get(divergence)
+    wanted = entry.mix
     for name, value in (("alpha", alpha), ("beta", beta)):
         if value is None:
             continue
@@ -111,9 +160,9 @@ def make_spec(divergence: str = "ce", tail: str = "renormalize", alpha: Optional
             raise ValueError(f"{name} must be in (0, 1), got {value}{hint}")
         mix = float(value)
     if wanted and mix == 0.0:
-        mix = 0.5 if wanted == "beta" else 0.1      # TRL's default beta; DSKD's default alpha
+        mix = entry.mix_default
     if not isinstance(hinton_scale, bool):
         raise TypeError(f"hinton_scale must be a bool, got {type(hinton_scale).__name__}")
     return DivergenceSpec(divergence, tail, mix, _positive("logit_scale", logit_scale),
-                          _positive("softcap", softcap, allow_none=True) or 0.0,
+                          0.0 if softcap is None else _positive("softcap", softcap),
                           _positive("student_temperature", student_temperature), hinton_scale)

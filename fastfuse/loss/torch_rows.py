@@ -3,7 +3,7 @@
 The row math that ``kernels/divergence.py`` runs in one program per row, written as stages over
 a *slice* of the vocabulary so that the vocabulary-parallel loss can run it on each rank's shard
 and combine the stages' small per-row outputs with collectives (one process: one slice, nothing to
-combine). For a row with raw logits ``z``, transformed ``z'`` (:func:`fastfuse.loss.reference.student_logits`),
+combine). For a row with raw logits ``z``, transformed ``z'`` (:func:`fastfuse.loss.torch_path.student_logits`),
 ``u = z' / tau``, ``p = softmax(u)``, the teacher's unique sparse entries ``(tid_e, q_e)`` (its
 set ``A`` is where ``q_e > 0``) and missing mass ``R``:
 
@@ -28,10 +28,10 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastfuse.loss.reference import row_chunks, row_outputs, student_logits
+from fastfuse.loss.torch_path import row_chunks, row_outputs, student_logits
 
 __all__ = ["terms", "needs_tail_pass", "teacher_ids", "local_stats", "combine_stats", "gather_sparse", "row_terms",
-           "tail_sums", "finish_terms", "grad_slice", "divergence_rows"]
+           "tail_sums", "finish_terms", "grad_slice", "torch_divergence_rows"]
 
 _NEG_INF = float("-inf")
 
@@ -49,7 +49,7 @@ def terms(spec, p: Tensor, logp: Tensor, q: Tensor) -> Tuple[Tensor, Tensor]:
     qpos, ppos = q > 0, p > 0
     logq = _log(q)
     div, mix = spec.divergence, spec.mix
-    if div in ("ce", "forward_kl"):
+    if spec.entry.closed_form == "cross_entropy":            # ce, forward_kl
         F = torch.where(qpos, -q * logp, zero)
         if div == "forward_kl":
             F = F + torch.where(qpos, q * logq, zero)
@@ -68,10 +68,11 @@ def terms(spec, p: Tensor, logp: Tensor, q: Tensor) -> Tuple[Tensor, Tensor]:
         logm = torch.logaddexp(a + logq, b + logp)
         F = torch.where(qpos, q * (logq - logm), zero)
         return F, torch.where(qpos & ppos, -(1 - mix) * q * torch.exp(logp - logm), zero)
-    # skew_reverse_kl: KL(p || alpha p + (1 - alpha) q)
-    logm = torch.logaddexp(a + logp, b + logq)
-    F = torch.where(ppos, p * (logp - logm), zero)
-    return F, F + torch.where(qpos & ppos, (1 - mix) * q * torch.exp(logp - logm), zero)
+    if div == "skew_reverse_kl":    # KL(p || alpha p + (1 - alpha) q)
+        logm = torch.logaddexp(a + logp, b + logq)
+        F = torch.where(ppos, p * (logp - logm), zero)
+        return F, F + torch.where(qpos & ppos, (1 - mix) * q * torch.exp(logp - logm), zero)
+    raise NotImplementedError(f"terms: no formula for divergence {div!r} (docs/DESIGN.md \"Adding a divergence\")")
 
 
 def needs_tail_pass(spec) -> bool:
@@ -79,12 +80,14 @@ def needs_tail_pass(spec) -> bool:
     return spec.needs_tail_pass
 
 
+# the row statistic a "uniform" tail's closed form needs (spec.Divergence.closed_form)
+_UNIFORM_STAT = {"cross_entropy": "sum_u", "reverse_kl": "sum_pu"}
+
+
 def _stat_columns(spec) -> Tuple[str, ...]:
-    cols = ("lse_g", "lse_d")
-    if spec.tail == "uniform" and spec.divergence in ("ce", "forward_kl"):
-        cols += ("sum_u",)
-    if spec.tail == "uniform" and spec.divergence == "reverse_kl":
-        cols += ("sum_pu",)
+    cols: Tuple[str, ...] = ("lse_g", "lse_d")
+    if spec.tail == "uniform" and spec.entry.closed_form is not None:
+        cols += (_UNIFORM_STAT[spec.entry.closed_form],)
     if spec.tail == "bucket":
         cols += ("lse_off",)
     return cols
@@ -192,7 +195,7 @@ def row_terms(spec, st: Dict[str, Tensor], zs: Tensor, tids: Tensor, q: Tensor, 
         return out
     gamma = torch.zeros_like(R)
     if spec.tail == "uniform":
-        if spec.divergence in ("ce", "forward_kl"):
+        if spec.entry.closed_form == "cross_entropy":
             # (a -inf logit in A makes the loss +inf through F_A; keep it out of this difference)
             sum_off_u = st["sum_u"] - torch.where(inA & torch.isfinite(u_e), u_e, torch.zeros_like(u_e)).sum(1)
             F_off = torch.where(u_R > 0, -u_R * (sum_off_u - n_off * st["lse_d"]), torch.zeros_like(R))
@@ -207,7 +210,7 @@ def row_terms(spec, st: Dict[str, Tensor], zs: Tensor, tids: Tensor, q: Tensor, 
         F_o, G_o = terms(spec, P_o, log_P_o, R)
         F_off, G_off = F_o, G_o
         gamma = torch.where(P_o > 0, G_o / torch.where(P_o > 0, P_o, torch.ones_like(P_o)), torch.zeros_like(P_o))
-        if "lse_off" in st and spec.divergence in ("ce", "forward_kl"):
+        if "lse_off" in st and spec.entry.closed_form == "cross_entropy":
             # p_v * gamma = -R p_v / P_o = -R exp(u_v - lse_off): grad_slice takes it in log space
             gamma = torch.zeros_like(gamma)
             # (R = 0, or no student mass off A -- an infinite loss -- carry +inf: no term, as gamma = 0 did)
@@ -232,6 +235,7 @@ def finish_terms(spec, rt: Dict[str, Tensor], sums: Optional[Tensor]) -> Dict[st
     the off-``A`` sums are the row sums minus the ``A`` entries evaluated with ``u_R``."""
     if not needs_tail_pass(spec):
         return rt
+    assert sums is not None, "a tail-pass divergence needs its tail_sums"
     uR = rt["u_R"][:, None].expand_as(rt["p"])
     F_u, G_u = terms(spec, rt["p"], rt["logp"], uR)
     F_off = sums[:, 0] - torch.where(rt["inA"], F_u, torch.zeros_like(F_u)).sum(1)
@@ -267,9 +271,9 @@ def grad_slice(z: Tensor, spec, lm_weight: float, st, rt, tids: Tensor, labels: 
             g = g - wd * R * torch.exp((u - rt["bucket_lse_off"][:, None]).clamp_max(0.0))
     else:
         u_R = rt["u_R"][:, None]
-        if spec.divergence in ("ce", "forward_kl"):         # G = -q
+        if spec.entry.closed_form == "cross_entropy":       # G = -q
             dg = -u_R - pd * c
-        elif spec.divergence == "reverse_kl":               # G = p (log p + 1 - log q)
+        elif spec.entry.closed_form == "reverse_kl":        # G = p (log p + 1 - log q)
             log_q = torch.where(u_R > 0, _log(u_R), torch.zeros_like(u_R))
             dg = torch.where(pd > 0, pd * ((u - st["lse_d"][:, None]) + (1.0 - log_q - c)), torch.zeros_like(pd))
         else:                                               # per-element terms
@@ -303,9 +307,9 @@ def grad_slice(z: Tensor, spec, lm_weight: float, st, rt, tids: Tensor, labels: 
     return g
 
 
-def divergence_rows(logits: Tensor, tids: Tensor, q: Tensor, R: Tensor, labels: Tensor, ignored: Tensor, spec,
-                    lm_weight: float, grad_scale: Optional[Tensor], compute_grad: bool, inplace_grad: bool = False,
-                    chunk_elems: int = 1 << 22) -> Tuple[Tensor, Optional[Tensor]]:
+def torch_divergence_rows(logits: Tensor, tids: Tensor, q: Tensor, R: Tensor, labels: Tensor, ignored: Tensor,
+                          spec, lm_weight: float, grad_scale: Optional[Tensor], compute_grad: bool,
+                          inplace_grad: bool = False, chunk_elems: int = 1 << 22) -> Tuple[Tensor, Optional[Tensor]]:
     """Per-row loss ``[N]`` (float32; float64 for float64 logits) and gradient ``[B, T, V]`` (logits dtype; ``grad_scale *
     dL/dz``, rounded once) of ``logits [B, T, V]`` in chunks of rows: the one-slice run of the
     stages above (the torch path of ``fused_loss`` for every non-default spec)."""

@@ -103,11 +103,12 @@ class CompletionClient:
             raise ValueError(f"server_url: expected an http:// or https:// URL, got {shown!r}")
         parts = urlsplit(server_url)
         try:
-            self.host, self.port = parts.hostname, parts.port
+            host, self.port = parts.hostname, parts.port
         except ValueError:
             raise ValueError(f"server_url: {public_url(server_url)!r} has an invalid port") from None
-        if not self.host:
+        if not host:
             raise ValueError(f"server_url: {public_url(server_url)!r} names no host")
+        self.host: str = host
         self.https = parts.scheme == "https"
         self.prefix = parts.path.rstrip("/").removesuffix("/v1")
         self.base = public_url(server_url).rstrip("/").removesuffix("/v1")

@@ -63,7 +63,7 @@ def plan_batches(lengths: np.ndarray | list[int], token_budget: int) -> list[np.
     return batches
 
 
-def pad_batch(seqs: list[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def pad_token_ids(seqs: list[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded ``input_ids`` and ``attention_mask``, int64 [B, max length]."""
     lens = np.array([len(s) for s in seqs])
     ids = np.full((len(seqs), int(lens.max())), pad_id, np.int64)
@@ -124,20 +124,42 @@ def topk_forward(model, seqs: list[np.ndarray], k: int, n_real: int, device, pad
     :func:`topk_from_logits`)."""
     import torch
 
-    ids, mask = pad_batch(seqs, pad_id)
+    ids, mask = pad_token_ids(seqs, pad_id)
     ids_t = torch.from_numpy(ids).to(device, non_blocking=True)
     mask_t = torch.from_numpy(mask).to(device, non_blocking=True)
     logits = forward_logits(model, ids_t, mask_t)
     r = topk_from_logits(logits, seqs, k, n_real, chunk_elems)
     del logits
-    return tuple(t.cpu().numpy() for t in r)  # type: ignore[return-value]
+    top_ids, top_logprobs, gold = (t.cpu().numpy() for t in r)
+    return top_ids, top_logprobs, gold
+
+
+def topk_rows(model, seqs: list[np.ndarray], k: int, n_real: int, device, pad_id: int, token_budget: int,
+              seq_index: list[int] | None = None, what: str = "model") -> list[TopKRows]:
+    """:class:`TopKRows` of every sequence of ``seqs``, in the batches of :func:`plan_batches`
+    (``token_budget``) through :func:`topk_forward`; ``ValueError`` (:func:`check_finite`) on a NaN.
+    The one top-k step of offline extraction and of online teachers (:mod:`fastfuse.teachers.online_teachers`): the
+    same sequences give the same batches, so the same bits. Call it under ``torch.inference_mode()``."""
+    lens = np.array([len(s) for s in seqs], np.int64)
+    seq_index = list(range(len(seqs))) if seq_index is None else seq_index
+    rows: list = [None] * len(seqs)
+    for batch in plan_batches(lens, token_budget):
+        bi, bl, bg = topk_forward(model, [seqs[j] for j in batch], k, n_real, device, pad_id)
+        check_finite(bl, bg, lens[batch], [seq_index[j] for j in batch], what)
+        pos = 0
+        for j in batch:
+            n = lens[j]
+            rows[j] = TopKRows(bi[pos:pos + n], bl[pos:pos + n], bg[pos:pos + n])
+            pos += n
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
 # the driver
 
 
-def _resolve_device_dtype(device, dtype):
+def resolve_device_dtype(device, dtype):
+    """``(torch.device, torch.dtype)``: default CUDA if available, else CPU; bf16 on GPU, fp32 on CPU."""
     import torch
 
     try:
@@ -238,7 +260,7 @@ def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: in
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
     if token_budget < block_size:
         raise ValueError(f"token_budget: {token_budget} is smaller than block_size {block_size}")
-    device, dtype = _resolve_device_dtype(device, dtype)
+    device, dtype = resolve_device_dtype(device, dtype)
     n_real = len(tokenizer)
     vocab_size = model_vocab_size(model)
     if vocab_size < n_real:
@@ -273,20 +295,12 @@ def extract_topk(model, tokenizer, texts: Any, out_dir: str | os.PathLike, k: in
     pad_id = pad_token_id(tokenizer)
 
     def run_shard(buf: list[SourceSequence]) -> None:
-        """The top-k rows of one shard's sequences, in token-budget batches; then handed over in order
-        (a NaN anywhere stops the run before its shard is written)."""
-        seqs = [s.input_ids for s in buf]
-        lens = np.array([len(s) for s in seqs], np.int64)
-        rows = [None] * len(buf)
-        for batch in plan_batches(lens, token_budget):
-            bi, bl, bg = topk_forward(model, [seqs[j] for j in batch], k, n_real, device, pad_id)
-            check_finite(bl, bg, lens[batch], [buf[j].seq_index for j in batch], "model")
-            pos = 0
-            for j in batch:
-                n = lens[j]
-                rows[j] = TopKRows(bi[pos:pos + n], bl[pos:pos + n], bg[pos:pos + n])
-                pos += n
+        """The top-k rows of one shard's sequences, then handed over in order (a NaN anywhere stops
+        the run before its shard is written)."""
+        rows = topk_rows(model, [s.input_ids for s in buf], k, n_real, device, pad_id, token_budget,
+                         [s.seq_index for s in buf])
         for s, r in zip(buf, rows):
+            assert r is not None        # plan_batches covers every sequence
             run.add(s, r)
 
     buf: list[SourceSequence] = []

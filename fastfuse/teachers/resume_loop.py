@@ -114,7 +114,7 @@ class ShardRun:
         self.buf: list[tuple[SourceSequence, TopKRows]] = []
         self.fp: dict[int, str] = {}
         self.n_seen = 0
-        self.stats = {"sequences": int(self.writer.meta["num_sequences"]), "tokens_done_before": int(self.writer.meta["num_tokens"]),
+        self.stats: dict[str, Any] = {"sequences": int(self.writer.meta["num_sequences"]), "tokens_done_before": int(self.writer.meta["num_tokens"]),
                       "tokens": 0, "shards_written": 0, "rows_without_teacher": 0}
         self.bar = tqdm(desc=desc, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
         self.t0 = time.perf_counter()
@@ -126,7 +126,7 @@ class ShardRun:
         for s, text in source_sequences(self.tokenizer, self.texts, self.block_size, self.text_field):
             if self.seq_end is not None and s.seq_index >= self.seq_end:
                 break                   # the rest belongs to later ranks
-            h = chain_fingerprint(h, s, text)
+            h = chain_fingerprint(h, s.doc_index, s.char_start, s.char_end, text)
             self.n_seen += 1
             if s.seq_index < self.done_seq:
                 want = checkpoints.get(s.seq_index + 1)

@@ -100,16 +100,17 @@ def rows_from_choice(choice: dict, seq: np.ndarray, k: int, strings: TokenString
         raise ValueError(f"{where}: logprobs.tokens, token_logprobs and top_logprobs differ in length")
     n, L = len(seq), len(tokens)
     candidates = [(0, (n, n + 1))] + ([(1, (n - 1, n))] if hidden_ok else [])
-    best = None
+    found = None                  # the shift of the reading that matches
+    closest = (0, -1)             # else (shift, tokens matched) of the one that comes closest
     for shift, lengths in candidates:
         m = _match(tokens, seq, shift, strings)
         if L in lengths and m == n - shift:
-            best = (shift, None)
+            found = shift
             break
-        if best is None or m >= best[1]:  # a tie: the hidden-BOS reading names the text token that differs
-            best = (shift, m)
-    shift, m = best
-    if m is not None:
+        if m >= closest[1]:  # a tie: the hidden-BOS reading names the text token that differs
+            closest = (shift, m)
+    if found is None:
+        shift, m = closest
         p = shift + m
         if p < n and m < L:
             got = f"it has {tokens[m]!r} where we have id {int(seq[p])} ({strings.surfaces[int(seq[p])]!r})"
@@ -117,6 +118,7 @@ def rows_from_choice(choice: dict, seq: np.ndarray, k: int, strings: TokenString
             got = f"it echoed {L} tokens for our {n - shift} (plus at most one generated)"
         raise ValueError(f"{where}: the server tokenised it differently: first difference at position {p}: {got}; "
                          "tokenizer (--tokenizer) must be the served model's")
+    shift = found
     rows = TopKRows.empty(n, k)
     for r in range(n):
         e = r + 1 - shift  # the echo entry that predicts token r + 1 (the generated one for r = n - 1)

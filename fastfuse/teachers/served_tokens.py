@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,7 @@ BYTES_PREFIX = "bytes:"
 class TokenStrings:
     """Maps a server's token strings to ids of ``tokenizer`` (module docstring); built once per run."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: Any) -> None:
         surf = token_surfaces(tokenizer)
         self.size = len(tokenizer)
         self.surfaces = surf.bytes

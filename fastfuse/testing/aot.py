@@ -51,7 +51,7 @@ def fused_loss_launches(V: int, dtype, compute_grad: bool = True, inplace_grad: 
     :func:`fastfuse.testing.random_inputs`, fp16 log-probs as extraction stores them)."""
     import torch
 
-    from fastfuse.loss.reference import normalize_weights
+    from fastfuse.loss.torch_path import normalize_weights
     from fastfuse.testing import random_inputs
 
     from fastfuse.kernels.fused_ce import fused_ce_kernel, fused_loss_rows
@@ -60,7 +60,7 @@ def fused_loss_launches(V: int, dtype, compute_grad: bool = True, inplace_grad: 
     d = random_inputs(B=B, T=T, V=V, S=S, K=K, Ts=T, Vs=Vs, dtype=dtype,
                       generator=torch.Generator().manual_seed(seed))
     (ids, logprobs), (pos, vocab) = d["source_topk"], d["align_map"]
-    weights = normalize_weights(d["source_weights"], S, B, T, "cpu").reshape(S, B * T)
+    weights = normalize_weights(d["source_weights"], S, B, T, torch.device("cpu")).reshape(S, B * T)
     with record_launches(fused_ce_kernel, sparse_teacher_kernel) as launches:
         fused_loss_rows(d["target_logits"], ids, logprobs.half(), pos, vocab, d["labels"], weights, 0.9, 1.0, -100,
                         torch.tensor(1.0), compute_grad, inplace_grad)
@@ -69,14 +69,13 @@ def fused_loss_launches(V: int, dtype, compute_grad: bool = True, inplace_grad: 
 
 def divergence_launches(V: int, dtype, spec, compute_grad: bool = True, *, S: int = 2, B: int = 1, T: int = 4,
                         K: int = 10, Vs: int = 500, seed: int = 0):
-    """The launches (tail-mass sparse teacher, then the generic row kernel with the library's
-    launch, ``fastfuse.loss.row_runner.GENERIC_LAUNCH``) that ``fused_loss`` makes for a non-default
+    """The launches (tail-mass sparse teacher, then the generic row kernel with its own launch,
+    ``fastfuse.kernels.divergence.launch_config``) that ``fused_loss`` makes for a non-default
     :class:`~fastfuse.loss.spec.DivergenceSpec`, recorded on CPU tensors."""
     import torch
 
-    from fastfuse.loss.reference import normalize_weights
+    from fastfuse.loss.torch_path import normalize_weights
     from fastfuse.testing import random_inputs
-    from fastfuse.loss.row_runner import GENERIC_LAUNCH
 
     from fastfuse.kernels.divergence import divergence_kernel, divergence_rows
     from fastfuse.kernels.sparse_teacher import sparse_teacher, sparse_teacher_kernel
@@ -84,7 +83,7 @@ def divergence_launches(V: int, dtype, spec, compute_grad: bool = True, *, S: in
     d = random_inputs(B=B, T=T, V=V, S=S, K=K, Ts=T, Vs=Vs, dtype=dtype,
                       generator=torch.Generator().manual_seed(seed))
     (ids, logprobs), (pos, vocab) = d["source_topk"], d["align_map"]
-    weights = normalize_weights(d["source_weights"], S, B, T, "cpu").reshape(S, B * T)
+    weights = normalize_weights(d["source_weights"], S, B, T, torch.device("cpu")).reshape(S, B * T)
     N, E = B * T, S * K + 1
     with record_launches(divergence_kernel, sparse_teacher_kernel) as launches:
         tail = torch.zeros(N)
@@ -92,7 +91,7 @@ def divergence_launches(V: int, dtype, spec, compute_grad: bool = True, *, S: in
                        tail=tail if spec.uses_tail_mass else None)
         z = d["target_logits"]
         divergence_rows(z, torch.empty_like(z), torch.zeros(N, E, dtype=torch.int32), torch.zeros(N, E), tail,
-                        d["labels"].reshape(-1), -100, torch.ones(1), compute_grad, spec, 0.9, **GENERIC_LAUNCH)
+                        d["labels"].reshape(-1), -100, torch.ones(1), compute_grad, spec, 0.9)
     return launches
 
 
@@ -155,6 +154,8 @@ def ptxas_resources(compiled, arch: str = "sm_90a") -> dict:
                 log = out.stderr
                 regs = re.search(r"Used (\d+) registers", log)
                 spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+                if regs is None or spills is None:
+                    raise RuntimeError(f"ptxas -v printed no register or spill counts:\n{log}")
                 return {"registers": int(regs.group(1)), "spill_stores": int(spills.group(1)),
                         "spill_loads": int(spills.group(2))}
     raise RuntimeError(f"no ptxas in {bin_dir} accepted this PTX")

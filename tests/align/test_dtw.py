@@ -99,7 +99,7 @@ def test_levenshtein_in_groups(simd):
     from fastfuse import _C
 
     rng = random.Random(1)
-    _C._dtw_set_paths(simd=simd)
+    _C._testing.dtw_set_paths(simd=simd)
     try:
         for _ in range(150):
             alphabet = "abc\u4e2d"[: rng.randint(1, 4)]
@@ -111,7 +111,7 @@ def test_levenshtein_in_groups(simd):
             assert got.cost == sum(editdistance.eval(a, b) for b in tgt)
             assert got.indices.tolist() == [0] * len(tgt)
     finally:
-        _C._dtw_set_paths(simd=True)
+        _C._testing.dtw_set_paths(simd=True)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -248,9 +248,9 @@ def test_realistic_long_pair_and_batch(tokenizers_pair):
 def dp_path(request):
     from fastfuse import _C
 
-    _C._dtw_set_paths(simd=request.param != "scalar", force_wide=request.param == "wide")
+    _C._testing.dtw_set_paths(simd=request.param != "scalar", force_wide=request.param == "wide")
     yield request.param
-    _C._dtw_set_paths(simd=True, force_wide=False)
+    _C._testing.dtw_set_paths(simd=True, force_wide=False)
 
 
 def test_other_dp_paths_agree(dp_path, tokenizers_pair):
@@ -271,7 +271,7 @@ def test_other_dp_paths_agree(dp_path, tokenizers_pair):
         )
     cases.append((["x" * 300, "y", "x" * 256], ["x" * 299] * 20 + ["y"]))  # int32 cost rows
     got = [dtw_align(s, t) for s, t in cases]
-    _C._dtw_set_paths(simd=True, force_wide=False)
+    _C._testing.dtw_set_paths(simd=True, force_wide=False)
     for (s, t), g in zip(cases, got):
         d = dtw_align(s, t)
         assert np.array_equal(g.indptr, d.indptr) and np.array_equal(g.indices, d.indices) and g.cost == d.cost

@@ -110,9 +110,10 @@ def test_num_threads_checked_alike_everywhere(entry):
 def test_check_num_threads():
     import numpy as np
 
+    from fastfuse import _C
     from fastfuse.align.native_threads import MAX_THREADS, check_num_threads
 
     assert check_num_threads(0) == 0 and check_num_threads(np.uint8(7)) == 7
-    assert check_num_threads(10**30) == MAX_THREADS == 1024
+    assert check_num_threads(10**30) == MAX_THREADS == _C.MAX_THREADS == 1024    # the C++ core's one cap
     with pytest.raises(TypeError, match="workers: expected an int"):
         check_num_threads(np.bool_(True), name="workers")

@@ -42,13 +42,13 @@ def test_batched_loss_equals_sum_of_single_sequences(setup, fusion):
     B, T = batch["input_ids"].shape
     logits = torch.randn(B, T, V, dtype=torch.float32)
     total = fused_loss(logits, batch["source_topk"], batch["align_map"], batch["labels"],
-                       source_weights=batch["source_weights"], reduction="sum", impl="reference")
+                       source_weights=batch["source_weights"], reduction="sum", impl="torch")
     parts = 0.0
     for b, ex in enumerate(exs):
         one = col([ex])
         n = len(ex["input_ids"])
         parts += fused_loss(logits[b:b + 1, :n], one["source_topk"], one["align_map"], one["labels"],
-                            source_weights=one["source_weights"], reduction="sum", impl="reference")
+                            source_weights=one["source_weights"], reduction="sum", impl="torch")
         # labels are the next tokens, the last position and padding ignored
         assert batch["labels"][b, : n - 1].tolist() == list(ex["input_ids"][1:])
         assert (batch["labels"][b, n - 1:] == -100).all()

@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 from fastfuse.batches.dataset import FusionCollator  # noqa: E402
 from fastfuse.integrations.hf import causal_lm_fusion_loss  # noqa: E402
 from fastfuse.loss.logits_loss import fused_loss  # noqa: E402
+from fastfuse.loss.spec import DEFAULT_SPEC  # noqa: E402
 
 from _wrappers import Wrapper  # noqa: E402  (tests/ is on sys.path under pytest)
 
@@ -149,7 +150,7 @@ def make_transforming_model(name):
 
 
 @pytest.mark.parametrize("name", ["gemma2", "cohere", "granite"])
-@pytest.mark.parametrize("divergence", ["ce", "reverse_kl"])
+@pytest.mark.parametrize("divergence", [DEFAULT_SPEC.divergence, "reverse_kl"])
 def test_models_that_transform_their_logits(name, divergence):
     """Soft-capped / scaled logits: the loss applies the model's own transform, same loss and grads."""
     model = make_transforming_model(name).eval()

@@ -15,6 +15,7 @@ from fastfuse.kernels import divergence, fused_ce  # noqa: E402
 from fastfuse.kernels.launch import forced, forced_config  # noqa: E402
 from fastfuse import AlignMap, SourceTopK, fused_loss  # noqa: E402
 from fastfuse.loss.reference import fused_loss_reference  # noqa: E402
+from fastfuse.loss.spec import lookup, make_spec  # noqa: E402
 from fastfuse.testing import random_inputs, tolerance
 
 
@@ -73,8 +74,35 @@ def test_rescale_candidates_match_reference(name, grad_output):
 @pytest.mark.parametrize("div,tail", [("jsd", "uniform"), ("reverse_kl", "renormalize"), ("ce", "bucket")])
 def test_divergence_launches_match_reference(name, div, tail):
     launch = dict(divergence.LAUNCHES[name], block_v=128, num_warps=1)
-    kw = dict(divergence=div, tail=tail, **(dict(beta=0.5) if div == "jsd" else {}))
-    _check("divergence", launch, torch.float32, seed=len(name) + len(div), **kw)
+    _check("divergence", launch, torch.float32, seed=len(name) + len(div), tail=tail, **lookup(div).options())
+
+
+def test_divergence_rows_run_their_own_table_unless_forced(tmp_path):
+    """Unforced, ``divergence_rows`` launches ``LAUNCH_TABLE``'s entry (no GPU: sm_90's); a forced
+    launch or, on a GPU, a GPU run's winner replaces it."""
+    import json
+
+    from fastfuse.kernels import launch
+    from fastfuse.testing.aot import divergence_launches
+
+    def launched():
+        kw = divergence_launches(10000, torch.float32, make_spec("jsd", "uniform"))[-1][2]
+        return dict(block_v=kw["BLOCK_V"], num_warps=kw["num_warps"], num_stages=kw["NUM_STAGES"])
+
+    assert launched() == divergence.LAUNCHES[divergence.LAUNCH_TABLE[9]] == divergence.launch_config()
+    with forced("divergence", "generic_s4"):
+        assert launched() == divergence.LAUNCHES["generic_s4"]
+    assert divergence.launch_config(8) == divergence.LAUNCHES[divergence.LAUNCH_TABLE[8]]
+    path = tmp_path / "launch_tuned.json"
+    path.write_text(json.dumps({"divergence": {"8": "generic_s5"}}))
+    try:
+        launch.load_tuned(str(path))
+        assert divergence.launch_config(8) == divergence.LAUNCHES["generic_s5"]
+        assert divergence.launch_config(9) == divergence.launch_config(None) == divergence.LAUNCHES["generic"]
+        with forced("divergence", "generic_s3"):
+            assert divergence.launch_config(8) == divergence.LAUNCHES["generic_s3"]
+    finally:
+        launch.load_tuned()
 
 
 def test_forcing_an_unknown_kernel_is_a_clear_error():

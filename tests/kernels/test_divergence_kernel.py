@@ -13,19 +13,32 @@ pytestmark = pytest.mark.interpreter
 triton = pytest.importorskip("triton")
 
 from fastfuse import AlignMap, SourceTopK, fused_linear_loss, fused_loss  # noqa: E402
-from fastfuse.loss import row_runner as rows  # noqa: E402
 from fastfuse.loss import reference as ref  # noqa: E402
-from fastfuse.loss.spec import DIVERGENCES, TAILS  # noqa: E402
+from fastfuse.loss import torch_path as tp  # noqa: E402
+from fastfuse.loss.spec import DIVERGENCES, REGISTRY, TAILS, lookup, make_spec  # noqa: E402
 from fastfuse.testing import random_inputs, tolerance  # noqa: E402
 
-MIX = {"jsd": dict(beta=0.3), "skew_kl": dict(alpha=0.2), "skew_reverse_kl": dict(alpha=0.4)}
+MIX = 0.3          # every mixing argument at a value other than its default
 STUDENT = dict(logit_scale=0.8, softcap=6.0, student_temperature=2.0, hinton_scale=True)
 
 
 @pytest.fixture
-def small_chunks(monkeypatch):
+def small_chunks():
     """16-element chunks: every row takes several trips through each loop (one warp: fast to interpret)."""
-    monkeypatch.setattr(rows, "GENERIC_LAUNCH", dict(block_v=16, num_warps=1, num_stages=1))
+    from fastfuse.kernels.launch import forced
+    with forced("divergence", dict(block_v=16, num_warps=1, num_stages=1)):
+        yield
+
+
+def test_kernel_codes_are_the_registrys():
+    """The kernel names each ``DIV`` code after its divergence and each ``TAIL`` code after its tail
+    (``spec.REGISTRY``'s ``code``, ``spec.TAILS``' positions): the codes the launcher passes."""
+    from fastfuse.kernels import divergence as kd
+
+    assert sorted(d.code for d in REGISTRY) == list(range(len(REGISTRY)))
+    assert [getattr(kd, d.name.upper()).value for d in REGISTRY] == [d.code for d in REGISTRY]
+    assert [getattr(kd, t.upper()).value for t in TAILS] == [make_spec(tail=t).tail_code for t in TAILS]
+    assert [make_spec(**d.options()).div_code for d in REGISTRY] == [d.code for d in REGISTRY]
 
 
 def inputs(seed, dtype=torch.float32, **kw):
@@ -63,7 +76,7 @@ def check(d, topk, amap, reduction="sum", lm_weight=0.6, temperature=1.3, inplac
 def test_every_combination(divergence, tail, student, small_chunks):
     seed = DIVERGENCES.index(divergence) * 7 + TAILS.index(tail) * 2 + student
     d, topk, amap = inputs(seed)
-    check(d, topk, amap, divergence=divergence, tail=tail, **MIX.get(divergence, {}), **(STUDENT if student else {}))
+    check(d, topk, amap, tail=tail, **lookup(divergence).options(MIX), **(STUDENT if student else {}))
 
 
 @pytest.mark.slow
@@ -91,17 +104,17 @@ def test_many_sources_and_fallbacks(small_chunks):
 
 @pytest.mark.slow
 def test_tail_teacher_kernel_matches_torch():
-    """The sparse-teacher kernel's tail mass and merged probabilities against ``reference.teacher_rows``."""
+    """The sparse-teacher kernel's tail mass and merged probabilities against ``torch_path.teacher_rows``."""
     from fastfuse.kernels.sparse_teacher import sparse_teacher
     d, topk, amap = inputs(73, S=4, K=16)
     S, B, T = amap.pos.shape
     V = d["target_logits"].shape[-1]
-    w = ref.normalize_weights(d["source_weights"], S, B, T, DEVICE).reshape(S, B * T)
+    w = tp.normalize_weights(d["source_weights"], S, B, T, DEVICE).reshape(S, B * T)
     for temperature in (1.0, 0.6):
         R = torch.zeros(B * T, device=DEVICE)
         tids, q = sparse_teacher(topk.ids, topk.logprobs, amap.pos, amap.vocab, d["labels"], w, 0.0, temperature,
                                  -100, V, tail=R)
-        t_ref, q_ref, R_ref = ref.teacher_rows(topk, amap, d["labels"], w, temperature, -100, V, True)
+        t_ref, q_ref, R_ref = tp.teacher_rows(topk, amap, d["labels"], w, temperature, -100, V, True)
         dense = torch.zeros(B * T, V + 1, device=DEVICE)
         dense_ref = torch.zeros_like(dense)
         dense.scatter_add_(1, torch.where(tids >= 0, tids.long(), V), q)

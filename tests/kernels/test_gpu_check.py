@@ -87,12 +87,15 @@ def test_summary_states_each_target_from_the_tables(tmp_path):
     """The ratios come from the CSV rows (a GPU run's numbers, here written by hand); a table that is
     missing reads "not measured"; RESULTS.md gets the rows between its markers, the rest unchanged."""
     import gpu_summary
-    (tmp_path / "bench_loss.csv").write_text(
-        "operation,provider,N,V,ms,extra_mib,floor_ms\n"
-        "fused_loss,fastfuse,16384,128256,2.0,0.0,1.8\nfused_loss,liger_ce,16384,128256,2.5,10.0,1.8\n")
-    (tmp_path / "bench_divergences.csv").write_text(
-        "case,N,V,ms,x_ce,of_floor,extra_mib\nce,16384,128256,2.0,1.000,0.9,0\n"
-        "jsd/renormalize,16384,128256,2.4,1.200,0.75,0\njsd/uniform,16384,128256,5.0,2.500,0.36,0\n")
+    import harness
+    shape = dict(N=16384, V=128256)
+    with harness.Results(str(tmp_path / "bench_loss.csv"), echo=None) as res:
+        for provider, ms, mib in (("fastfuse", 2.0, 0.0), ("liger_ce", 2.5, 10.0)):
+            res.add("fused_loss", provider, "time", "ms", shape, ms, floor_ms=1.8)
+            res.add("fused_loss", provider, "extra_memory", "MiB", shape, mib)
+    with harness.Results(str(tmp_path / "bench_divergences.csv"), echo=None) as res:
+        for case, ms, x_ce in (("ce", 2.0, 1.0), ("jsd/renormalize", 2.4, 1.2), ("jsd/uniform", 5.0, 2.5)):
+            res.add("divergences", case, "time", "ms", shape, ms, x_ce=x_ce, floor_ms=1.8, of_floor=1.8 / ms)
     md = tmp_path / "RESULTS.md"
     md.write_text(f"# R\n\nbefore\n\n{gpu_summary.BEGIN}\nold\n{gpu_summary.END}\n\nafter\n")
     info = dict(dry_run=False, deadline_s=480, elapsed_s=100.0, steps=[dict(step="loss_table", status="ok", seconds=9.0)])
@@ -107,4 +110,4 @@ def test_summary_states_each_target_from_the_tables(tmp_path):
     assert got["fused_linear_loss N=8192 H=4096 V=128256: time / matmul floor"]["measured"] == "not measured"
     out = (tmp_path / "RESULTS.md").read_text()
     assert out.startswith("# R\n\nbefore\n") and out.endswith("\n\nafter\n") and "old" not in out
-    assert "| 16384 x 128256 | fastfuse | 2.0 | 90.0% | 0.0 |" in out
+    assert "| 16384 x 128256 | fastfuse | 2.000 | 90.0% | 0 |" in out

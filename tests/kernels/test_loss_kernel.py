@@ -15,8 +15,8 @@ pytestmark = pytest.mark.interpreter
 triton = pytest.importorskip("triton")
 
 from fastfuse import AlignMap, SourceTopK, fused_loss  # noqa: E402
-from fastfuse.loss.reference import (dense_teacher, fused_loss_reference, normalize_weights,  # noqa: E402
-                                     sparse_teacher)
+from fastfuse.loss.reference import dense_teacher, fused_loss_reference  # noqa: E402
+from fastfuse.loss.torch_path import normalize_weights, torch_sparse_teacher  # noqa: E402
 from fastfuse.testing import random_inputs, tolerance  # noqa: E402
 
 
@@ -79,27 +79,28 @@ def test_kernel_inplace_consumes_buffer():
 
 @pytest.mark.parametrize("config", [None, (1024, 4), (256, 2), (512, 4, 3, True)])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_kernel_block_configs(config, inplace, monkeypatch):
+def test_kernel_block_configs(config, inplace):
     # None: default (one block per row at this V); (1024, 4): V = 2500 in three blocks, the last
     # partial; (256, 2): many blocks; (512, 4, 3, True): per-lane max/sum, pipelined loops.
     import fastfuse.kernels.fused_ce as fc
-    monkeypatch.setattr(fc, "FORCE_CONFIG", config)
-    bv = fc.launch_config(2500)[0]
-    assert (bv >= 2500) == (config is None)
-    d = random_inputs(1, 4, 2500, 2, 10, device=DEVICE, generator=torch.Generator().manual_seed(9))
-    check(d, inplace=inplace)
-    d["target_logits"] = d["target_logits"].to(torch.bfloat16)
-    d["labels"][0, 1] = -100
-    check(d, inplace=inplace, reduction="none")
+    from fastfuse.kernels.launch import forced
+    with forced("fused_ce", config):
+        bv = fc.launch_config(2500)[0]
+        assert (bv >= 2500) == (config is None)
+        d = random_inputs(1, 4, 2500, 2, 10, device=DEVICE, generator=torch.Generator().manual_seed(9))
+        check(d, inplace=inplace)
+        d["target_logits"] = d["target_logits"].to(torch.bfloat16)
+        d["labels"][0, 1] = -100
+        check(d, inplace=inplace, reduction="none")
 
 
 @pytest.mark.slow
-def test_kernel_two_pass_edge_cases(monkeypatch):
-    import fastfuse.kernels.fused_ce as fc
+def test_kernel_two_pass_edge_cases():
+    from fastfuse.kernels.launch import forced
     for config in ((128, 2), (128, 2, 3, True)):
-        monkeypatch.setattr(fc, "FORCE_CONFIG", config)
-        test_kernel_edge_cases()
-        test_kernel_reductions_and_inplace("mean", True)
+        with forced("fused_ce", config):
+            test_kernel_edge_cases()
+            test_kernel_reductions_and_inplace("mean", True)
 
 
 @pytest.mark.slow
@@ -167,7 +168,7 @@ def test_sparse_teacher_kernel_matches_torch():
         labels = d["labels"]
         w = normalize_weights(d["source_weights"], 3, 2, 6, labels.device).reshape(3, 12)
         t1, c1 = sparse_teacher_triton(ids, lp, pos, vocab, labels, w, 0.7, 2.0, -100)
-        t2, c2 = sparse_teacher(SourceTopK(ids, lp), AlignMap(pos, vocab), labels, w, 0.7, 2.0, -100)
+        t2, c2 = torch_sparse_teacher(SourceTopK(ids, lp), AlignMap(pos, vocab), labels, w, 0.7, 2.0, -100)
         # kernel output has unique ids per row
         for row in t1.tolist():
             kept = [v for v in row if v >= 0]
@@ -231,33 +232,34 @@ def test_auto_uses_triton_under_interpreter(monkeypatch):
 @pytest.mark.parametrize("config", ["2pass_l2", "2pass_l2_fp32", (256, 2, 3, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_pipelined_lane_stats_config(config, dtype, inplace, monkeypatch):
+def test_pipelined_lane_stats_config(config, dtype, inplace):
     """The default two-pass launch (per-lane running max/sum, pipelined chunk loops), run
     explicitly: odd V in three 8192-chunks (the last partial), rows whose first chunk (or a middle
     one, or the tail) is all -inf; loss and gradient against the float64 reference, the -inf rows
     against the same rows at -1e4 (same softmax, finite)."""
     import fastfuse.kernels.fused_ce as fc
-    monkeypatch.setattr(fc, "FORCE_CONFIG", config)
-    V = 2 * 8192 + 4097
-    cfg = fc.launch_config(V, dtype)
-    assert cfg.lane_stats and cfg.num_stages > 1 and V > 2 * cfg.block_v
-    d = random_inputs(2, 3, V, 2, 8, dtype=dtype, device=DEVICE, generator=torch.Generator().manual_seed(21))
-    lo = 12288                                  # targets in [12288, 16288): never -inf columns
-    pos, vocab = d["align_map"]
-    d["align_map"] = (pos, torch.where(vocab >= 0, lo + vocab % 4000, vocab))
-    d["labels"] = torch.where(d["labels"] == -100, d["labels"], lo + d["labels"] % 4000)
-    d["labels"][1, 2] = -100
-    z = d["target_logits"]
-    big = z.clone()
-    for (b, t), cols in {(0, 0): slice(0, 8192), (0, 1): slice(0, 12000), (0, 2): slice(16384, V),
-                         (1, 0): slice(0, 8191)}.items():
-        z[b, t, cols] = -math.inf
-        big[b, t, cols] = -1e4                  # exp underflows to 0: the same softmax
-    _, g_big = check(dict(d, target_logits=big), inplace=inplace, reduction="mean")
-    topk, amap = SourceTopK(*d["source_topk"]), AlignMap(*d["align_map"])
-    x = z.clone().requires_grad_()
-    loss = fused_loss(x * 1 if inplace else x, topk, amap, d["labels"], d["source_weights"], 0.9,
-                      reduction="mean", inplace_grad=inplace, impl="triton")
-    loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
-    torch.testing.assert_close(x.grad, g_big, rtol=0, atol=0)
+    from fastfuse.kernels.launch import forced
+    with forced("fused_ce", config):
+        V = 2 * 8192 + 4097
+        cfg = fc.launch_config(V, dtype)
+        assert cfg.lane_stats and cfg.num_stages > 1 and V > 2 * cfg.block_v
+        d = random_inputs(2, 3, V, 2, 8, dtype=dtype, device=DEVICE, generator=torch.Generator().manual_seed(21))
+        lo = 12288                                  # targets in [12288, 16288): never -inf columns
+        pos, vocab = d["align_map"]
+        d["align_map"] = (pos, torch.where(vocab >= 0, lo + vocab % 4000, vocab))
+        d["labels"] = torch.where(d["labels"] == -100, d["labels"], lo + d["labels"] % 4000)
+        d["labels"][1, 2] = -100
+        z = d["target_logits"]
+        big = z.clone()
+        for (b, t), cols in {(0, 0): slice(0, 8192), (0, 1): slice(0, 12000), (0, 2): slice(16384, V),
+                             (1, 0): slice(0, 8191)}.items():
+            z[b, t, cols] = -math.inf
+            big[b, t, cols] = -1e4                  # exp underflows to 0: the same softmax
+        _, g_big = check(dict(d, target_logits=big), inplace=inplace, reduction="mean")
+        topk, amap = SourceTopK(*d["source_topk"]), AlignMap(*d["align_map"])
+        x = z.clone().requires_grad_()
+        loss = fused_loss(x * 1 if inplace else x, topk, amap, d["labels"], d["source_weights"], 0.9,
+                          reduction="mean", inplace_grad=inplace, impl="triton")
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+        torch.testing.assert_close(x.grad, g_big, rtol=0, atol=0)

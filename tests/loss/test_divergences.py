@@ -9,8 +9,9 @@ import torch
 
 from fastfuse import AlignMap, SourceTopK, fused_linear_loss, fused_loss
 from fastfuse.loss import reference as ref
-from fastfuse.loss.torch_rows import divergence_rows
-from fastfuse.loss.spec import DIVERGENCES, TAILS, make_spec
+from fastfuse.loss import torch_path as tp
+from fastfuse.loss.torch_rows import torch_divergence_rows
+from fastfuse.loss.spec import DIVERGENCES, LOSS_OPTIONS, REGISTRY, TAILS, TRANSFORM_OPTIONS, lookup, make_spec
 from fastfuse.testing import random_inputs
 
 TRANSFORMS = {
@@ -18,7 +19,7 @@ TRANSFORMS = {
     "student": dict(logit_scale=0.8, softcap=6.0, student_temperature=2.0, hinton_scale=True),
     "tempered": dict(student_temperature=0.7),
 }
-MIX = {"jsd": dict(beta=0.3), "skew_kl": dict(alpha=0.2), "skew_reverse_kl": dict(alpha=0.4)}
+MIX = 0.3          # every mixing argument at a value other than its default
 
 
 def inputs(seed, dtype=torch.float64, **kw):
@@ -29,7 +30,7 @@ def inputs(seed, dtype=torch.float64, **kw):
     return d, SourceTopK(*d["source_topk"]), AlignMap(*d["align_map"])
 
 
-def compare(d, topk, amap, reduction="sum", lm_weight=0.6, temperature=1.3, impl="reference", tol=1e-10, **kw):
+def compare(d, topk, amap, reduction="sum", lm_weight=0.6, temperature=1.3, impl="torch", tol=1e-10, **kw):
     z0 = d["target_logits"]
     z64 = z0.detach().double().clone().requires_grad_()
     topk64 = SourceTopK(topk.ids, topk.logprobs.double())
@@ -52,7 +53,7 @@ def compare(d, topk, amap, reduction="sum", lm_weight=0.6, temperature=1.3, impl
 def test_every_combination_matches_dense_reference(divergence, tail, transform):
     seed = DIVERGENCES.index(divergence) * 10 + TAILS.index(tail) * 3 + list(TRANSFORMS).index(transform)
     d, topk, amap = inputs(seed)
-    compare(d, topk, amap, divergence=divergence, tail=tail, **MIX.get(divergence, {}), **TRANSFORMS[transform])
+    compare(d, topk, amap, tail=tail, **lookup(divergence).options(MIX), **TRANSFORMS[transform])
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -93,15 +94,15 @@ def test_default_is_the_original_loss_bit_for_bit(monkeypatch):
     """The default spec runs the original merged-coefficient rows; naming the defaults changes nothing."""
     d, topk, amap = inputs(11, dtype=torch.float32, missing_mass=0.0, p_neginf=0.0)
     calls = []
-    real = ref.loss_and_grad_rows
-    monkeypatch.setattr(ref, "loss_and_grad_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = tp.loss_and_grad_rows
+    monkeypatch.setattr(tp, "loss_and_grad_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
     args = (topk, amap, d["labels"], d["source_weights"])
     # the torch rows named explicitly: another test module's interpreter set-up must not pick the backend
     z1 = d["target_logits"].clone().requires_grad_()
-    a = fused_loss(z1, *args, reduction="none", impl="reference")
+    a = fused_loss(z1, *args, reduction="none", impl="torch")
     a.sum().backward()
     z2 = d["target_logits"].clone().requires_grad_()
-    b = fused_loss(z2, *args, reduction="none", impl="reference", divergence="ce", tail="renormalize", logit_scale=1.0,
+    b = fused_loss(z2, *args, reduction="none", impl="torch", divergence="ce", tail="renormalize", logit_scale=1.0,
                    student_temperature=1.0, hinton_scale=False)
     b.sum().backward()
     assert len(calls) == 2 and torch.equal(a, b) and torch.equal(z1.grad, z2.grad)
@@ -116,7 +117,7 @@ class _Rows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, target, labels, spec, lm_weight):
         ignored = labels == -100
-        loss, grad = divergence_rows(z, *target, labels, ignored, spec, lm_weight, None, True)
+        loss, grad = torch_divergence_rows(z, *target, labels, ignored, spec, lm_weight, None, True)
         ctx.save_for_backward(grad)
         return loss
 
@@ -132,10 +133,10 @@ def test_gradcheck_of_the_fast_path(divergence):
     """Finite differences of the torch rows' own loss against their hand-derived gradient."""
     d, topk, amap = inputs(20 + DIVERGENCES.index(divergence), B=1, T=3, V=11, S=2, K=4, Vs=15, map_range=8)
     labels = d["labels"]
-    w = ref.normalize_weights(d["source_weights"], 2, 1, 3, "cpu", torch.float64).reshape(2, 3)
+    w = tp.normalize_weights(d["source_weights"], 2, 1, 3, "cpu", torch.float64).reshape(2, 3)
     for tail, transform in [("renormalize", "student"), ("uniform", "plain"), ("bucket", "tempered")]:
-        spec = make_spec(divergence, tail, **MIX.get(divergence, {}), **TRANSFORMS[transform])
-        target = ref.teacher_rows(topk, amap, labels, w, 1.0, -100, 11, spec.uses_tail_mass, torch.float64)
+        spec = make_spec(tail=tail, **lookup(divergence).options(MIX), **TRANSFORMS[transform])
+        target = tp.teacher_rows(topk, amap, labels, w, 1.0, -100, 11, spec.uses_tail_mass, torch.float64)
         z = d["target_logits"].clone().requires_grad_()
         assert torch.autograd.gradcheck(lambda x: _Rows.apply(x, target, labels.reshape(-1), spec, 0.3), (z,),
                                         eps=1e-6, atol=1e-7)
@@ -244,3 +245,18 @@ def test_minus_inf_logit_in_a_gives_infinite_not_nan():
         got = fused_loss(z0, topk, amap, labels, lm_weight=0.2, divergence="forward_kl", tail=tail)
         want = ref.fused_loss_reference(z0, topk, amap, labels, lm_weight=0.2, divergence="forward_kl", tail=tail)
         assert got.item() == want.item() == float("inf"), tail
+
+
+def test_the_registry_agrees_with_make_spec():
+    """Each record's mixing argument is a loss option with its default; the tail pass is exactly the
+    ``"uniform"`` tail of a divergence without a closed form; unknown names are a clear error."""
+    for d in REGISTRY:
+        assert make_spec(d.name).entry is d and make_spec(d.name).mix == d.mix_default
+        assert make_spec(**d.options()) == make_spec(d.name)
+        assert (d.mix is None) == (d.mix_default == 0.0) and (d.mix is None or d.mix in LOSS_OPTIONS)
+        assert d.closed_form in (None, "cross_entropy", "reverse_kl")
+        assert [make_spec(d.name, t).needs_tail_pass for t in TAILS] == [t == "uniform" and d.closed_form is None
+                                                                         for t in TAILS]
+    assert len(DIVERGENCES) == len(REGISTRY) and set(TRANSFORM_OPTIONS) < set(LOSS_OPTIONS)
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        lookup("kl")

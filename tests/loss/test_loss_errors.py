@@ -19,7 +19,7 @@ def call(d, **over):
                 source_weights=d["source_weights"])
     kw = {k: over.pop(k) for k in list(over) if k not in args}
     args.update(over)
-    kw.setdefault("impl", "reference")
+    kw.setdefault("impl", "torch")
     return fused_loss(args["target_logits"], SourceTopK(args["ids"], args["logprobs"]),
                       AlignMap(args["pos"], args["vocab"]), args["labels"], args["source_weights"],
                       **kw)
@@ -133,3 +133,30 @@ def test_bad_containers(d):
     with pytest.raises(TypeError, match="target_logits"):
         fused_loss(d["target_logits"].numpy(), SourceTopK(*d["source_topk"]),
                    AlignMap(*d["align_map"]), d["labels"])
+
+
+@pytest.mark.parametrize("kind", ["leaf", "view of a leaf", "leaf view of a buffer"])
+def test_inplace_grad_refuses_a_leaf(d, kind):
+    """The gradient would overwrite the leaf's own data (its .grad aliasing it): refused, naming inplace_grad."""
+    full = d["target_logits"].clone()
+    leaf = full.requires_grad_(True) if kind != "leaf view of a buffer" else full[:, :].requires_grad_(True)
+    with pytest.raises(ValueError, match="inplace_grad=True: target_logits is a leaf"):
+        call(d, target_logits=leaf[:, :] if kind == "view of a leaf" else leaf, inplace_grad=True)
+    assert torch.equal(leaf.detach(), d["target_logits"])       # untouched
+
+
+def test_reference_impl_is_deprecated_for_torch(d):
+    """impl="reference" (the sparse torch path's old name) warns, points at the caller, and runs impl="torch"."""
+    from fastfuse import fused_linear_loss
+
+    want = call(d, impl="torch", reduction="none")
+    with pytest.warns(DeprecationWarning, match="use impl='torch'") as rec:
+        got = call(d, impl="reference", reduction="none")
+    assert rec[0].filename == __file__
+    assert torch.equal(got, want)
+    hidden, weight = torch.randn(2, 5, 8), torch.randn(50, 8)
+    topk, amap = SourceTopK(*d["source_topk"]), AlignMap(*d["align_map"])
+    want = fused_linear_loss(hidden, weight, topk, amap, d["labels"], impl="torch")
+    with pytest.warns(DeprecationWarning, match="use impl='torch'") as rec:
+        got = fused_linear_loss(hidden, weight, topk, amap, d["labels"], impl="reference")
+    assert rec[0].filename == __file__ and torch.equal(got, want)

@@ -12,9 +12,9 @@ pytestmark = pytest.mark.interpreter
 triton = pytest.importorskip("triton")
 
 from fastfuse import AlignMap, SourceTopK, fused_loss  # noqa: E402
-from fastfuse.loss import row_runner as rows  # noqa: E402
 from fastfuse.loss import reference as ref  # noqa: E402
-from fastfuse.loss.spec import DIVERGENCES, TAILS  # noqa: E402
+from fastfuse.loss import torch_path as tp  # noqa: E402
+from fastfuse.loss.spec import DIVERGENCES, REGISTRY, TAILS  # noqa: E402
 from fastfuse.testing import random_inputs  # noqa: E402
 
 
@@ -24,7 +24,7 @@ def log_space_reference(z64, topk, amap, d, lm_weight, divergence):
     underflowed probabilities): ``lm * CE(z, y) + (1 - lm) * D``."""
     V = z64.shape[-1]
     q = ref.dense_teacher(topk, amap, d["labels"], V, d["source_weights"], 1.0, -100, torch.float64, tail=True)
-    R = ref.teacher_tail_mass(topk, amap, d["labels"], d["source_weights"], 1.0, V, torch.float64)
+    R = tp.teacher_tail_mass(topk, amap, d["labels"], d["source_weights"], 1.0, V, torch.float64)
     logp = torch.log_softmax(z64, -1)
     inA = q > 0
     log_po = torch.logsumexp(logp.masked_fill(inA, float("-inf")), -1)
@@ -47,11 +47,18 @@ def extreme_inputs(seed, scale):
     return d, z, SourceTopK(*d["source_topk"]), AlignMap(*d["align_map"])
 
 
-@pytest.mark.parametrize("impl", ["reference", "triton"])
-@pytest.mark.parametrize("divergence", ["ce", "forward_kl"])
+@pytest.fixture
+def small_chunks():
+    """16-element chunks in the divergence kernel: several per row."""
+    from fastfuse.kernels.launch import forced
+    with forced("divergence", dict(block_v=16, num_warps=1, num_stages=1)):
+        yield
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("divergence", [d.name for d in REGISTRY if d.closed_form == "cross_entropy"])
 @pytest.mark.parametrize("scale", [2.8e3, 9.4e3, 3e4])
-def test_bucket_mass_in_log_space(impl, divergence, scale, monkeypatch):
-    monkeypatch.setattr(rows, "GENERIC_LAUNCH", dict(block_v=16, num_warps=1, num_stages=1))   # several chunks
+def test_bucket_mass_in_log_space(impl, divergence, scale, small_chunks):
     d, z, topk, amap = extreme_inputs(int(scale) % 97, scale)
     z64 = z.double().requires_grad_()
     want = log_space_reference(z64, SourceTopK(topk.ids, topk.logprobs.double()), amap, d, 0.5, divergence)
@@ -65,16 +72,16 @@ def test_bucket_mass_in_log_space(impl, divergence, scale, monkeypatch):
     # float32 logits of size ~1e4 carry an absolute error of ~1e-3 each: the loss inherits it
     torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=scale * 1e-6)
     torch.testing.assert_close(zz.grad.double(), z64.grad, rtol=1e-3, atol=1e-4)
-    if impl == "reference":                         # the float64 torch path agrees to float64 precision
+    if impl == "torch":                         # the float64 torch path agrees to float64 precision
         z2 = z.double().requires_grad_()
         got64 = fused_loss(z2, topk, amap, d["labels"], d["source_weights"], 0.5, reduction="none",
-                           divergence=divergence, tail="bucket", impl="reference")
+                           divergence=divergence, tail="bucket", impl="torch")
         got64.sum().backward()
         torch.testing.assert_close(got64, want.detach(), rtol=1e-10, atol=1e-9)
         torch.testing.assert_close(z2.grad, z64.grad, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_a_row_of_all_minus_inf_logits_is_refused(impl):
     g = torch.Generator().manual_seed(3)
     d = random_inputs(B=2, T=3, V=40, S=2, K=4, Ts=5, Vs=50, generator=g, device=DEVICE)

@@ -1,5 +1,5 @@
 """The dense reference against a naive per-token reading of the spec, gradcheck, and the chunked
-sparse torch path (``impl="reference"``) against the dense reference."""
+sparse torch path (``impl="torch"``) against the dense reference."""
 import math
 
 import pytest
@@ -144,7 +144,7 @@ def test_torch_path_matches_dense_reference(dtype, inplace, reduction):
     z = d["target_logits"].clone().requires_grad_()
     x = z * 1.0 if inplace else z      # a non-leaf buffer may be consumed
     got = fused_loss(x, topk, amap, d["labels"], d["source_weights"], 0.8, 1.3,
-                     reduction=reduction, inplace_grad=inplace, impl="reference")
+                     reduction=reduction, inplace_grad=inplace, impl="torch")
     (got.sum() if reduction == "none" else got * 1.7).backward()
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(got.double(), want.detach(), **tol)
@@ -160,7 +160,7 @@ def test_torch_path_strided_and_2d_logits():
     full[:, :6] = d["target_logits"]
     z = full.clone().requires_grad_()
     got = fused_loss(z[:, :-1], SourceTopK(ids, lp), AlignMap(pos, vocab), d["labels"],
-                     d["source_weights"], impl="reference")
+                     d["source_weights"], impl="torch")
     got.backward()
     z64 = d["target_logits"].double().requires_grad_()
     want = fused_loss_reference(z64, SourceTopK(ids, lp), AlignMap(pos, vocab), d["labels"],
@@ -173,7 +173,7 @@ def test_torch_path_strided_and_2d_logits():
     b = 1
     got2 = fused_loss(d["target_logits"][b], SourceTopK(ids[:, b], lp[:, b]),
                       AlignMap(pos[:, b], vocab), d["labels"][b], d["source_weights"][:, b],
-                      reduction="none", impl="reference")
+                      reduction="none", impl="torch")
     want2 = fused_loss_reference(d["target_logits"][b:b + 1].double(),
                                  SourceTopK(ids[:, b:b + 1], lp[:, b:b + 1]),
                                  AlignMap(pos[:, b:b + 1], vocab), d["labels"][b:b + 1],
@@ -183,11 +183,11 @@ def test_torch_path_strided_and_2d_logits():
 
 
 def test_torch_path_small_chunks_and_no_grad():
-    from fastfuse.loss.reference import loss_and_grad_rows, normalize_weights, sparse_teacher
+    from fastfuse.loss.torch_path import loss_and_grad_rows, normalize_weights, torch_sparse_teacher
     d = random_inputs(3, 5, 100, 2, 3, generator=torch.Generator().manual_seed(6))
     topk, amap = _wrap(d)
     w = normalize_weights(d["source_weights"], 2, 3, 5, torch.device("cpu"))
-    tids, coefs = sparse_teacher(topk, amap, d["labels"], w, 0.9, 1.0, -100)
+    tids, coefs = torch_sparse_teacher(topk, amap, d["labels"], w, 0.9, 1.0, -100)
     ign = (d["labels"] == -100).reshape(-1)
     l1, g1 = loss_and_grad_rows(d["target_logits"], tids, coefs, ign, None, True, chunk_elems=150)
     l2, g2 = loss_and_grad_rows(d["target_logits"], tids, coefs, ign, None, True)
@@ -195,5 +195,5 @@ def test_torch_path_small_chunks_and_no_grad():
     torch.testing.assert_close(g1, g2)
     with torch.no_grad():
         l3 = fused_loss(d["target_logits"], topk, amap, d["labels"], d["source_weights"],
-                        reduction="none", impl="reference")
+                        reduction="none", impl="torch")
     torch.testing.assert_close(l3.reshape(-1), l1)

@@ -167,21 +167,29 @@ class VocabLayout(NamedTuple):
 
     def gather_tokens(self, x: Tensor) -> Tensor:
         """``[B, T, H]`` from every rank's ``[B, T_r, H]`` share of the sequence (uneven: padded)."""
-        pad = max(self.tokens)
+        tokens = self.token_split()
+        pad = max(tokens)
         part = x if x.shape[1] == pad else torch.cat([x, x.new_zeros(x.shape[0], pad - x.shape[1], x.shape[2])], 1)
         every = self.all_gather(part)
-        return torch.cat([every[r, :, :n] for r, n in enumerate(self.tokens)], 1)
+        return torch.cat([every[r, :, :n] for r, n in enumerate(tokens)], 1)
 
     def scatter_tokens(self, x: Tensor) -> Tensor:
         """This rank's ``[B, T_r, H]`` share of ``x [B, T, H]`` summed over the ranks (one
         reduce-scatter)."""
-        pad, B, H = max(self.tokens), x.shape[0], x.shape[2]
+        tokens = self.token_split()
+        pad, B, H = max(tokens), x.shape[0], x.shape[2]
         send = x.new_zeros(self.world * B, pad, H)      # rank r's part: rows [r*B, (r+1)*B)
-        for r, (a, n) in enumerate(zip(_offsets(self.tokens), self.tokens)):
+        for r, (a, n) in enumerate(zip(_offsets(tokens), tokens)):
             send[r * B:(r + 1) * B, :n] = x[:, a:a + n]
         out = x.new_empty(B, pad, H)
         dist.reduce_scatter_tensor(out, send, group=self.group)
-        return out[:, :self.tokens[self.rank]]
+        return out[:, :tokens[self.rank]]
+
+    def token_split(self) -> Tuple[int, ...]:
+        """Each rank's number of tokens (sequence parallelism only)."""
+        if self.tokens is None:
+            raise RuntimeError("this vocabulary layout has no token split: it was built without sequence_parallel")
+        return self.tokens
 
 
 def _offsets(sizes: Sequence[int]) -> List[int]:

@@ -11,32 +11,31 @@ all-reduce of ``[n, 2]`` more for the tail-pass divergences (``fastfuse.loss.par
 ``d_hidden`` is summed over the group (all-reduce, or reduce-scatter under sequence parallelism).
 
 Every rank validates its arguments as the one-process losses do (the same errors, with
-``V = sum V_r``), then the ranks exchange one small vector (``vocab_shards.agree``): shapes, dtypes,
+``V = sum V_r``), then the ranks exchange one small vector (``layout.agree``): shapes, dtypes,
 the loss arguments, gradient flags and, with ``validate``, fingerprints of labels and teacher. One
 all-gather and one host sync per call (also with ``validate=False``: the ranges are read from it).
 """
 from __future__ import annotations
 
 import zlib
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-from fastfuse.loss import reference as _ref
-from fastfuse.loss.checks import (ALL_FLOATS, INTS, accumulator_dtype, check_lm_head, check_teacher_args, check_tensor,
-                                float64_path)
-from fastfuse.loss.spec import make_spec
-from fastfuse.loss.row_runner import Consume, build_target
-from fastfuse.loss.parallel.stages import Plan, VocabParallelLinearLoss, VocabParallelLoss
+from fastfuse.loss.autograd import FusedLinearLoss, FusedLogitsLoss
+from fastfuse.loss.checks import (INTS, LossArgs, accumulator_dtype, check_lm_head, check_logits, check_loss_args,
+                                  check_tensor, float64_path)
+from fastfuse.loss.chunk_loop import default_chunk_tokens
+from fastfuse.loss.row_runner import prepare_rows
+from fastfuse.loss.spec import LOSS_OPTIONS
+from fastfuse.loss.parallel.stages import VocabParallelRows
 from fastfuse.loss.parallel.layout import agree, dtensor_local, fingerprint, group_of, is_dtensor, vocab_layout
 
-__all__ = ["vocab_parallel_loss", "vocab_parallel_linear_loss", "ROUND_BYTES"]
+__all__ = ["vocab_parallel_loss", "vocab_parallel_linear_loss"]
 
-ROUND_BYTES = 512 << 20     # fused_loss: logits per collective round (the default chunk of fused_linear_loss)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_ARGS = ("the loss arguments (divergence, tail, alpha, beta, logit_scale, softcap, student_temperature, "
-         "hinton_scale, lm_weight, temperature, ignore_index, reduction, impl, validate)")
+_ARGS = "the loss arguments ({})".format(", ".join(LOSS_OPTIONS + ("lm_weight", "temperature", "ignore_index",
+                                                                    "reduction", "impl", "validate")))
 _SHOWN = {"the dtype": lambda c: str(_DTYPES[c]) if 0 <= c < len(_DTYPES) else "?", _ARGS: lambda h: f"{h:#010x}"}
 _TEACHER_SHAPES = ("S (sources)", "K (top-k)", "Ts (source positions)", "Vs_max (align_map.vocab columns)",
                    "E (teacher entries per row, S*K + 1)", "source_weights (0: none, 1: [S, B], 2: [S, B, T])")
@@ -68,19 +67,20 @@ def _check_vocab_start(vocab_start, sharded_dtensor: bool, name: str):
                          f"got {vocab_start!r}")
 
 
-def _args_hash(spec, lm_weight, temperature, ignore_index, reduction, impl, validate) -> int:
-    key = repr((tuple(spec), float(lm_weight), float(temperature), ignore_index, reduction, impl, bool(validate)))
+def _args_hash(spec, args: LossArgs) -> int:
+    key = repr((tuple(spec), float(args.lm_weight), float(args.temperature), args.ignore_index, args.reduction,
+                args.impl, bool(args.validate)))
     return zlib.crc32(key.encode())
 
 
-def _teacher_fields(ids, vocab, source_weights) -> dict:
-    S, _, Ts, K = ids.shape
-    kind = 0 if source_weights is None else source_weights.dim() - 1
-    return dict(zip(_TEACHER_SHAPES, (S, K, Ts, vocab.shape[1], S * K + 1, kind)))
+def _teacher_fields(teacher) -> dict:
+    S, _, Ts, K = teacher.ids.shape
+    kind = 0 if teacher.source_weights is None else teacher.source_weights.dim() - 1
+    return dict(zip(_TEACHER_SHAPES, (S, K, Ts, teacher.vocab.shape[1], S * K + 1, kind)))
 
 
 def _exchange(fields, free, group, dev, fp, error, owner):
-    """:func:`vocab_shards.agree` on ``fields`` (zeros where this rank's checks failed); re-raises
+    """:func:`~fastfuse.loss.parallel.layout.agree` on ``fields`` (zeros where this rank's checks failed); re-raises
     this rank's own error, after the exchange."""
     if fp is None:
         fp = torch.zeros(6, dtype=torch.int64, device=dev)
@@ -90,27 +90,10 @@ def _exchange(fields, free, group, dev, fp, error, owner):
     return per_rank
 
 
-def _loss_parts(use_triton, spec, ids, logprobs, pos, vocab, labels, source_weights, lm_weight, temperature,
-                ignore_index, reduction, V, acc):
-    """The teacher form of every row, ``ignored [N]`` and the reduction's ``scale`` (a device scalar)."""
-    B, T = labels.shape
-    S, N, dev = ids.shape[0], B * T, labels.device
-    weights = _ref.normalize_weights(source_weights, S, B, T, dev, acc).reshape(S, N)
-    target = build_target(use_triton, spec, ids, logprobs, pos, vocab, labels, weights, float(lm_weight),
-                          float(temperature), ignore_index, V, acc, teacher_form=True)
-    ignored = (labels == ignore_index).reshape(N)
-    if reduction == "mean":
-        scale = (1.0 / ignored.logical_not().sum().clamp_min(1).to(acc)).reshape(1)
-    else:
-        scale = torch.ones(1, dtype=acc, device=dev)
-    return target, ignored, scale
-
-
-def vocab_parallel_loss(target_logits, source_topk, align_map, labels, source_weights, lm_weight, temperature,
-                        ignore_index, reduction, spec_args: dict, inplace_grad, impl, validate, process_group,
-                        vocab_start) -> Tensor:
+def vocab_parallel_loss(target_logits, args: LossArgs, inplace_grad, process_group, vocab_start) -> Tensor:
     """``fused_loss`` on this rank's logits ``[B, T, V_r]`` (or a DTensor sharded on its last dim);
-    the arguments as there. Returns the loss of the whole vocabulary, the same on every rank."""
+    ``args`` as ``fused_loss`` received them. Returns the loss of the whole vocabulary, the same on
+    every rank."""
     owner = "fused_loss"
     if inplace_grad and is_dtensor(target_logits) and target_logits.requires_grad:
         raise ValueError("inplace_grad=True: a DTensor's local shard is a view autograd does not let a loss overwrite; "
@@ -121,54 +104,36 @@ def vocab_parallel_loss(target_logits, source_topk, align_map, labels, source_we
              "target_logits requiring grad", "inplace_grad", _ARGS, "vocab_start given", "V_r", "vocab_start")
     fields, fp, error = dict.fromkeys(names, 0), None, None
     try:
-        if logits.dtype not in ALL_FLOATS:
-            raise TypeError(f"target_logits must be float32, bfloat16 or float16 (float64 on the torch path), "
-                            f"got {logits.dtype}")
-        if logits.dim() not in (2, 3):
-            raise ValueError(f"target_logits must be [B, T, V_r] or [N, V_r] (this rank's vocabulary shard), got "
-                             f"shape {tuple(logits.shape)}")
-        if logits.numel() == 0:
-            raise ValueError(f"target_logits must be non-empty on every rank, got shape {tuple(logits.shape)}")
-        if logits.stride(-1) != 1:
-            raise ValueError("target_logits must be contiguous in its last (vocabulary) dimension")
-        check_tensor("labels", labels, INTS, "int64 (or int32)")
-        spec = make_spec(**spec_args)
+        check_logits(logits, shard=True)
         _check_vocab_start(vocab_start, is_dtensor(target_logits), "target_logits")
         lead = tuple(logits.shape[:-1])
-        ids, logprobs, pos, vocab, labels3, sw = check_teacher_args(
-            lead, 0, dev, source_topk, align_map, labels, source_weights, lm_weight, temperature, ignore_index,
-            reduction, impl, False, tail_mass=spec.uses_tail_mass)
-        use_triton = float64_path(impl, logits.dtype, dev, "target_logits")
+        spec, teacher = check_loss_args(lead, 0, dev, args, validate=False)
+        use_triton = float64_path(args.impl, logits.dtype, dev, "target_logits")
         needs_grad = logits.requires_grad and torch.is_grad_enabled()
-        fields = dict(zip(names, (logits.dim(), labels3.numel(), labels3.shape[0],
-                                  *_teacher_fields(ids, vocab, sw).values(), _DTYPES.index(logits.dtype),
-                                  needs_grad, bool(inplace_grad) and needs_grad,
-                                  _args_hash(spec, lm_weight, temperature, ignore_index, reduction, impl, validate),
+        fields = dict(zip(names, (logits.dim(), teacher.labels.numel(), teacher.labels.shape[0],
+                                  *_teacher_fields(teacher).values(), _DTYPES.index(logits.dtype),
+                                  needs_grad, bool(inplace_grad) and needs_grad, _args_hash(spec, args),
                                   vocab_start is not None, logits.shape[-1], vocab_start or 0)))
-        if validate:
-            fp = fingerprint((labels3, ids, logprobs, pos, vocab, sw), dev)
+        if args.validate:
+            fp = fingerprint(teacher, dev)
     except Exception as e:      # every rank must reach the exchange, the failing one included
         error = e
     per_rank = _exchange(fields, ("V_r", "vocab_start"), group, dev, fp, error, owner)
     layout = vocab_layout(group, rank, [d["V_r"] for d in per_rank],
                           [d["vocab_start"] for d in per_rank] if vocab_start is not None else None)
     # the data checks against the whole vocabulary: the same data on every rank, so all raise alike
-    check_teacher_args(lead, layout.total, dev, source_topk, align_map, labels, source_weights, lm_weight,
-                       temperature, ignore_index, reduction, impl, validate, tail_mass=spec.uses_tail_mass)
-    acc = accumulator_dtype(logits.dtype)
-    target, ignored, scale = _loss_parts(use_triton, spec, ids, logprobs, pos, vocab, labels3, sw, lm_weight,
-                                         temperature, ignore_index, reduction, layout.total, acc)
+    check_loss_args(lead, layout.total, dev, args)
+    data = prepare_rows(use_triton, spec, teacher, args, layout.total, accumulator_dtype(logits.dtype),
+                        teacher_form=True)
     squeeze = logits.dim() == 2
     if squeeze:
         logits = logits.unsqueeze(0)
     inplace = bool(inplace_grad) and logits.requires_grad and torch.is_grad_enabled()
-    if inplace:
-        logits = Consume.apply(logits)
-    rows = max(1, ROUND_BYTES // (layout.max_size * logits.element_size()))    # the same on every rank
-    plan = Plan(layout, spec, float(lm_weight), reduction, rows)
-    loss = VocabParallelLoss.apply(logits, target.tids, target.coefs, target.tail, labels3.reshape(-1), ignored, scale,
-                                   plan, inplace)
-    return loss.squeeze(0) if squeeze and reduction == "none" else loss
+    # rows per collective round: the same on every rank (the shapes agree, V_r is the largest shard's)
+    rows = default_chunk_tokens(data.labels.numel(), layout.max_size, logits.element_size())
+    runner = VocabParallelRows(data, layout, spec, float(args.lm_weight), rows)
+    loss = FusedLogitsLoss.apply(logits, runner, args.reduction, inplace)
+    return loss.squeeze(0) if squeeze and args.reduction == "none" else loss
 
 
 def _resolve_hidden(hidden, group, sequence_parallel):
@@ -188,15 +153,14 @@ def _resolve_hidden(hidden, group, sequence_parallel):
     return local, True
 
 
-def vocab_parallel_linear_loss(hidden, weight, source_topk, align_map, labels, bias, source_weights, lm_weight,
-                               temperature, ignore_index, reduction, spec_args: dict, impl, validate, chunk_tokens,
-                               process_group, vocab_start, sequence_parallel,
-                               chunk_rule: Callable[[int, int, int], int]) -> Tensor:
+def vocab_parallel_linear_loss(hidden, weight, bias, args: LossArgs, chunk_tokens, process_group, vocab_start,
+                               sequence_parallel) -> Tensor:
     """``fused_linear_loss`` with this rank's ``weight [V_r, H]`` shard (or a DTensor sharded on dim
     0) and ``bias [V_r]``; ``hidden`` whole on every rank, or with ``sequence_parallel`` this rank's
     share of the tokens (``[B, T_r, H]``: of dim 1; ``[N_r, H]``: of the flattened tokens, in rank
-    order). ``chunk_rule(N, V_r, element_size)``: tokens per chunk when ``chunk_tokens`` is None."""
+    order); ``args`` as ``fused_linear_loss`` received them."""
     owner = "fused_linear_loss"
+    labels = args.labels
     sharded_weight = is_dtensor(weight)
     weight, group, rank = _resolve(weight, 0, "weight", process_group)
     if is_dtensor(bias):
@@ -211,30 +175,26 @@ def vocab_parallel_linear_loss(hidden, weight, source_topk, align_map, labels, b
     try:
         check_lm_head(hidden, weight, bias, chunk_tokens, shard=True)
         H = hidden.shape[-1]
-        check_tensor("labels", labels, INTS, "int64 (or int32)")
-        spec = make_spec(**spec_args)
         _check_vocab_start(vocab_start, sharded_weight, "weight")
         lead = tuple(hidden.shape[:-1])
         if seq:     # labels and teacher cover every rank's tokens: the lead of the gathered hidden
+            check_tensor("labels", labels, INTS, "int64 (or int32)")
             if labels.dim() == 0 or (hidden.dim() == 3 and labels.dim() != 2):
                 raise ValueError(f"labels must be [B, T] for the whole sequence (hidden is this rank's "
                                  f"[B, T_r, H] share), got shape {tuple(labels.shape)}")
             lead = (hidden.shape[0], labels.shape[1]) if hidden.dim() == 3 else (labels.shape[-1],)
-        ids, logprobs, pos, vocab, labels3, sw = check_teacher_args(
-            lead, 0, dev, source_topk, align_map, labels, source_weights, lm_weight, temperature, ignore_index,
-            reduction, impl, False, owner="hidden", tail_mass=spec.uses_tail_mass)
-        use_triton = float64_path(impl, hidden.dtype, dev, "hidden")
+        spec, teacher = check_loss_args(lead, 0, dev, args, owner="hidden", validate=False)
+        use_triton = float64_path(args.impl, hidden.dtype, dev, "hidden")
         grad_on = torch.is_grad_enabled()
-        fields = dict(zip(names, (hidden.dim(), labels3.numel(), labels3.shape[0], H,
-                                  *_teacher_fields(ids, vocab, sw).values(), _DTYPES.index(hidden.dtype),
+        fields = dict(zip(names, (hidden.dim(), teacher.labels.numel(), teacher.labels.shape[0], H,
+                                  *_teacher_fields(teacher).values(), _DTYPES.index(hidden.dtype),
                                   grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
                                   grad_on and bias is not None and bias.requires_grad, bias is not None,
-                                  -1 if chunk_tokens is None else chunk_tokens, seq,
-                                  _args_hash(spec, lm_weight, temperature, ignore_index, reduction, impl, validate),
+                                  -1 if chunk_tokens is None else chunk_tokens, seq, _args_hash(spec, args),
                                   vocab_start is not None, weight.shape[0], vocab_start or 0,
                                   hidden.shape[-2] if hidden.dim() == 3 else hidden.shape[0])))
-        if validate:
-            fp = fingerprint((labels3, ids, logprobs, pos, vocab, sw), dev)
+        if args.validate:
+            fp = fingerprint(teacher, dev)
     except Exception as e:      # every rank must reach the exchange, the failing one included
         error = e
     per_rank = _exchange(fields, ("V_r", "vocab_start", "T_r"), group, dev, fp, error, owner)
@@ -246,17 +206,14 @@ def vocab_parallel_linear_loss(hidden, weight, source_topk, align_map, labels, b
                              f"hold {lead[-1]} per sequence (sequence_parallel: labels cover the whole sequence)")
     layout = vocab_layout(group, rank, [d["V_r"] for d in per_rank],
                           [d["vocab_start"] for d in per_rank] if vocab_start is not None else None, tokens)
-    check_teacher_args(lead, layout.total, dev, source_topk, align_map, labels, source_weights, lm_weight,
-                       temperature, ignore_index, reduction, impl, validate, owner="hidden",
-                       tail_mass=spec.uses_tail_mass)
-    acc = accumulator_dtype(hidden.dtype)
-    target, ignored, scale = _loss_parts(use_triton, spec, ids, logprobs, pos, vocab, labels3, sw, lm_weight,
-                                         temperature, ignore_index, reduction, layout.total, acc)
-    N = labels3.numel()
-    chunk = chunk_tokens if chunk_tokens is not None else chunk_rule(N, layout.max_size, hidden.element_size())
-    plan = Plan(layout, spec, float(lm_weight), reduction, min(chunk, N))
-    loss = VocabParallelLinearLoss.apply(hidden.contiguous(), weight, bias, target.tids, target.coefs, target.tail,
-                                         labels3.reshape(N), ignored, scale, plan)
-    if reduction == "none":
-        loss = loss.reshape(N) if hidden.dim() == 2 else loss.reshape(labels3.shape)
+    check_loss_args(lead, layout.total, dev, args, owner="hidden")
+    data = prepare_rows(use_triton, spec, teacher, args, layout.total, accumulator_dtype(hidden.dtype),
+                        teacher_form=True)
+    N = data.labels.numel()
+    chunk = chunk_tokens if chunk_tokens is not None else default_chunk_tokens(N, layout.max_size,
+                                                                               hidden.element_size())
+    runner = VocabParallelRows(data, layout, spec, float(args.lm_weight), min(chunk, N))
+    loss = FusedLinearLoss.apply(hidden.contiguous(), weight, bias, runner, args.reduction)
+    if args.reduction == "none":
+        loss = loss.reshape(N) if hidden.dim() == 2 else loss.reshape(teacher.labels.shape)
     return loss
