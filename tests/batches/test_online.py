@@ -14,6 +14,7 @@ from fastfuse.teachers.local_extract import extract_topk
 from fastfuse.batches.online import OnlineTeachers, TargetText
 from fastfuse.teachers.online_teachers import LocalTeacher
 
+pytestmark = pytest.mark.slow       # its tests share a real extraction per set-up (~17 s each)
 K = 5
 BLOCK = 96
 BUDGET = 2048

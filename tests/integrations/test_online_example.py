@@ -4,9 +4,12 @@ import importlib.util
 import math
 from pathlib import Path
 
+import pytest
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "online_fusion.py"
 
 
+@pytest.mark.slow
 def test_online_fusion_example_runs(vocab_dir, capsys):
     spec = importlib.util.spec_from_file_location("online_fusion_example", EXAMPLE)
     mod = importlib.util.module_from_spec(spec)
@@ -21,6 +24,7 @@ def test_online_fusion_example_runs(vocab_dir, capsys):
     assert "on -policy loss" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_readme_online_section_runs(vocab_dir):
     """The README's "Online and on-policy fusion" example is complete: it runs as written."""
     import re
