@@ -17,6 +17,7 @@ from fastfuse.loss.spec import DIVERGENCES
 from fastfuse.integrations.on_policy import OnPolicy, on_policy_batch
 from fastfuse.teachers.online_teachers import LocalTeacher, ServedTeacher
 
+pytestmark = pytest.mark.slow       # real teachers (a served one too) and training steps: 3-8 s a test
 K = 5
 STUDENT = "gpt-2"
 PROMPT, NEW = 8, 10
@@ -81,7 +82,6 @@ def teacher_models(teachers):
     return [t.model for t in teachers.teachers if hasattr(t, "model")]
 
 
-@pytest.mark.slow
 def test_served_teacher_scores_the_batch_text(teachers, real_tokenizer, corpus):
     """Off-policy, through all three teachers: the server scores every sequence of plain text."""
     batch = pad([Texts(real_tokenizer(STUDENT), [corpus[i][:200] for i in (0, 2)])[i] for i in range(2)])
@@ -112,7 +112,6 @@ def test_on_policy_batch_masks_the_prompt(teachers, real_tokenizer, corpus):
         OnPolicy(teachers, fraction=1.5)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("divergence", DIVERGENCES)       # every divergence of the family, at its default mix
 def test_on_policy_training_step(teachers, real_tokenizer, corpus, tmp_path, divergence):
     from transformers import TrainingArguments
