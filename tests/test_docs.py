@@ -19,9 +19,9 @@ def test_design_sections_cited_exist():
     assert not missing, f"cited sections absent from docs/DESIGN.md: {missing}"
 
 
-def readme_commands() -> list[str]:
-    """The README's shell commands: bash blocks, continuation lines joined, split at && ; and |."""
-    text = (ROOT / "README.md").read_text()
+def readme_commands(doc: str = "README.md") -> list[str]:
+    """A document's shell commands: bash blocks, continuation lines joined, split at && ; and |."""
+    text = (ROOT / doc).read_text()
     cmds = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -41,8 +41,8 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 
 def test_readme_flags_exist():
-    """Every flag of a `fastfuse CMD` or `examples/fuse_hf.py STAGE` command in the README's shell
-    blocks is one the parser knows (a renamed flag fails here, not in a user's shell)."""
+    """Every flag of a `fastfuse CMD` or `examples/fuse_hf.py STAGE` command in the README's (and
+    docs/DESIGN.md's) shell blocks is one the parser knows (a renamed flag fails here, not in a user's shell)."""
     import argparse
     import importlib.util
 
@@ -58,7 +58,7 @@ def test_readme_flags_exist():
 
     known = {"fastfuse": flags_of(build_parser()), "examples/fuse_hf.py": flags_of(fuse_hf.build_parser())}
     checked = 0
-    for cmd in readme_commands():
+    for cmd in readme_commands() + readme_commands("docs/DESIGN.md"):
         words = cmd.split()
         for prog, commands in known.items():
             starts = [i for i, w in enumerate(words) if w == prog and i + 1 < len(words)]
