@@ -97,7 +97,7 @@ def test_default_is_the_original_loss_bit_for_bit(monkeypatch):
     real = tp.loss_and_grad_rows
     monkeypatch.setattr(tp, "loss_and_grad_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
     args = (topk, amap, d["labels"], d["source_weights"])
-    # the torch rows named explicitly: another test module's interpreter set-up must not pick the backend
+    # the torch rows named explicitly: under TRITON_INTERPRET=1 'auto' would pick the kernels
     z1 = d["target_logits"].clone().requires_grad_()
     a = fused_loss(z1, *args, reduction="none", impl="torch")
     a.sum().backward()
