@@ -40,7 +40,7 @@ from fastfuse.loss.checks import accumulator_dtype
 
 __all__ = ["TAIL_EPS", "normalize_weights", "aligned_entries", "teacher_tail_mass", "student_logits",
            "torch_sparse_teacher", "merge_duplicates", "teacher_rows", "row_chunks", "row_outputs",
-           "loss_and_grad_rows"]
+           "finish_grad_rows", "loss_and_grad_rows"]
 
 # A source's missing mass below this is rounding of its stored log-softmax values (fp32: ~K * 6e-8),
 # not mass: it counts as 0, so a teacher without a tail does not get a spurious one (whose
@@ -208,6 +208,16 @@ def row_outputs(logits: Tensor, compute_grad: bool, inplace_grad: bool):
     return acc, loss, grad
 
 
+def finish_grad_rows(g: Tensor, ignored_rows: Tensor, grad_scale: Optional[Tensor], a: int, e: int) -> Tensor:
+    """Rows ``[a, e)`` of a gradient, in place: 0 on ``ignored_rows``, times ``grad_scale`` (None, one
+    element, or one per row of the whole batch)."""
+    g.masked_fill_(ignored_rows[:, None], 0.0)
+    if grad_scale is not None:
+        gs = grad_scale.reshape(-1).to(g.dtype)
+        g.mul_(gs if gs.numel() == 1 else gs[a:e, None])
+    return g
+
+
 def loss_and_grad_rows(logits: Tensor, tids: Tensor, coefs: Tensor, ignored: Tensor,
                        grad_scale: Optional[Tensor], compute_grad: bool,
                        inplace_grad: bool = False, chunk_elems: int = 1 << 22
@@ -236,9 +246,5 @@ def loss_and_grad_rows(logits: Tensor, tids: Tensor, coefs: Tensor, ignored: Ten
         if compute_grad:
             g = torch.softmax(z, dim=-1)
             g.scatter_add_(1, tid, -c)
-            g.masked_fill_(ign[:, None], 0.0)
-            if grad_scale is not None:
-                gs = grad_scale.reshape(-1).to(acc)
-                g.mul_(gs if gs.numel() == 1 else gs[a:e, None])
-            grad[b, t0:t1] = g.to(logits.dtype)
+            grad[b, t0:t1] = finish_grad_rows(g, ign, grad_scale, a, e).to(logits.dtype)
     return loss, grad

@@ -28,9 +28,9 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastfuse.loss.torch_path import row_chunks, row_outputs, student_logits
+from fastfuse.loss.torch_path import finish_grad_rows, row_chunks, row_outputs, student_logits
 
-__all__ = ["terms", "needs_tail_pass", "teacher_ids", "local_stats", "combine_stats", "gather_sparse", "row_terms",
+__all__ = ["terms", "teacher_ids", "local_stats", "combine_stats", "gather_sparse", "row_terms",
            "tail_sums", "finish_terms", "grad_slice", "torch_divergence_rows"]
 
 _NEG_INF = float("-inf")
@@ -73,11 +73,6 @@ def terms(spec, p: Tensor, logp: Tensor, q: Tensor) -> Tuple[Tensor, Tensor]:
         F = torch.where(ppos, p * (logp - logm), zero)
         return F, F + torch.where(qpos & ppos, (1 - mix) * q * torch.exp(logp - logm), zero)
     raise NotImplementedError(f"terms: no formula for divergence {div!r} (docs/DESIGN.md \"Adding a divergence\")")
-
-
-def needs_tail_pass(spec) -> bool:
-    """:attr:`DivergenceSpec.needs_tail_pass <fastfuse.loss.spec.DivergenceSpec.needs_tail_pass>`."""
-    return spec.needs_tail_pass
 
 
 # the row statistic a "uniform" tail's closed form needs (spec.Divergence.closed_form)
@@ -190,7 +185,7 @@ def row_terms(spec, st: Dict[str, Tensor], zs: Tensor, tids: Tensor, q: Tensor, 
         pt = lt.exp()
         D_r = torch.where(inA & (pt > 0), pt * (lt - _log(q)), torch.zeros_like(pt)).sum(1)
         out.update(p_restricted=pt, logp_restricted=lt, D_restricted=D_r)
-    if needs_tail_pass(spec):
+    if spec.needs_tail_pass:
         out.update(F_A=F_a.sum(1), G_A=G_a.sum(1), G_a=G_a)
         return out
     gamma = torch.zeros_like(R)
@@ -223,7 +218,7 @@ def row_terms(spec, st: Dict[str, Tensor], zs: Tensor, tids: Tensor, q: Tensor, 
 def tail_sums(z: Tensor, spec, rt: Dict[str, Tensor], st: Dict[str, Tensor],
               acc: torch.dtype = torch.float32) -> Tensor:
     """``[n, 2]``: the slice's sums of ``F(p_v, u_R)`` and ``G(p_v, u_R)`` over every id (the tail
-    pass of :func:`needs_tail_pass` divergences; summed over slices)."""
+    pass of ``spec.needs_tail_pass`` divergences; summed over slices)."""
     u = student_logits(z.to(acc), spec) / spec.student_temperature
     logp = u - st["lse_d"][:, None]
     F, G = terms(spec, logp.exp(), logp, rt["u_R"][:, None].expand_as(u))
@@ -233,7 +228,7 @@ def tail_sums(z: Tensor, spec, rt: Dict[str, Tensor], st: Dict[str, Tensor],
 def finish_terms(spec, rt: Dict[str, Tensor], sums: Optional[Tensor]) -> Dict[str, Tensor]:
     """Complete :func:`row_terms` with the combined :func:`tail_sums` (a no-op without a tail pass):
     the off-``A`` sums are the row sums minus the ``A`` entries evaluated with ``u_R``."""
-    if not needs_tail_pass(spec):
+    if not spec.needs_tail_pass:
         return rt
     assert sums is not None, "a tail-pass divergence needs its tail_sums"
     uR = rt["u_R"][:, None].expand_as(rt["p"])
@@ -320,16 +315,12 @@ def torch_divergence_rows(logits: Tensor, tids: Tensor, q: Tensor, R: Tensor, la
         st = combine_stats(local_stats(z, spec, acc, teacher_ids(tids[a:e], q[a:e]))[None], spec)
         zs = gather_sparse(z, tids[a:e], labels[a:e], spec, 0, acc)
         rt = row_terms(spec, st, zs, tids[a:e], q[a:e], R[a:e], V)
-        if needs_tail_pass(spec):
+        if spec.needs_tail_pass:
             rt = finish_terms(spec, rt, tail_sums(z, spec, rt, st, acc))
         ign = ignored[a:e]
         rows = row_loss(spec, lm_weight, st, rt)
         loss[a:e] = torch.where(ign, torch.zeros_like(rows), rows)
         if compute_grad:
             g = grad_slice(z, spec, lm_weight, st, rt, tids[a:e], labels[a:e], 0, acc)
-            g.masked_fill_(ign[:, None], 0.0)
-            if grad_scale is not None:
-                gs = grad_scale.reshape(-1).to(acc)
-                g.mul_(gs if gs.numel() == 1 else gs[a:e, None])
-            grad[b, t0:t1] = g.to(logits.dtype)
+            grad[b, t0:t1] = finish_grad_rows(g, ign, grad_scale, a, e).to(logits.dtype)
     return loss, grad

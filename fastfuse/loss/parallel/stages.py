@@ -29,8 +29,8 @@ from torch import Tensor
 
 from fastfuse.loss.checks import accumulator_dtype
 from fastfuse.loss.torch_rows import (combine_stats, finish_terms, gather_sparse, grad_slice, local_stats,
-                                      needs_tail_pass, row_loss, row_terms, tail_sums, teacher_ids)
-from fastfuse.loss.torch_path import row_chunks
+                                      row_loss, row_terms, tail_sums, teacher_ids)
+from fastfuse.loss.torch_path import finish_grad_rows, row_chunks
 from fastfuse.loss.row_runner import RowData, RowRunner, RowTarget
 from fastfuse.loss.parallel.layout import VocabLayout
 
@@ -86,18 +86,16 @@ class VocabParallelRows(RowRunner):
         every = layout.all_gather(torch.cat([stats, sparse], 1))         # [W, n, k + E + 1]
         st = combine_stats(every[..., :k], spec)
         rt = row_terms(spec, st, every[..., k:].amax(0), tids, q, R, layout.total)
-        if needs_tail_pass(spec):
+        if spec.needs_tail_pass:
             sums = torch.cat([tail_sums(z[a:e], spec, _rows(rt, a, e), _rows(st, a, e), acc) for a, e in parts])
             rt = finish_terms(spec, rt, layout.all_reduce(sums))
         rows = row_loss(spec, lm_weight, st, rt)
         rows = torch.where(ignored, torch.zeros_like(rows), rows)
         if grad_out is not None:
-            s = scale.reshape(-1).to(acc)
             for a, e in parts:      # slice a's gradient reads only z[a:e]: writing it into z is safe
                 g = grad_slice(z[a:e], spec, lm_weight, _rows(st, a, e), _rows(rt, a, e), tids[a:e], labels[a:e],
                                layout.start, acc)
-                g.masked_fill_(ignored[a:e, None], 0.0)
-                grad_out[a:e] = g.mul_(s if s.numel() == 1 else s[a:e, None])
+                grad_out[a:e] = finish_grad_rows(g, ignored[a:e], scale, a, e)
         return rows
 
     def tokens(self, hidden):
