@@ -7,14 +7,22 @@ from pathlib import Path
 from fastfuse.loss.spec import LOSS_OPTIONS
 
 
-def save_plot(curves: dict, path: str, log=print) -> str | None:
-    """PNG of both targets' training CE and held-out loss; ``None`` (and a message) without matplotlib."""
+def pyplot(log=print):
+    """``matplotlib.pyplot`` on the file-only Agg backend, or ``None`` (and a message) without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         log("plot: matplotlib is not installed (pip install matplotlib); no plot written")
+        return None
+    return plt
+
+
+def save_plot(curves: dict, path: str, log=print) -> str | None:
+    """PNG of both targets' training CE and held-out loss; ``None`` (and a message) without matplotlib."""
+    plt = pyplot(log)
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]

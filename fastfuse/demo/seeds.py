@@ -8,7 +8,7 @@ import math
 from typing import Any
 from pathlib import Path
 
-from fastfuse.demo.report import mode_name, settings_name
+from fastfuse.demo.report import mode_name, pyplot, settings_name
 from fastfuse.demo.run import run_demo
 
 CONTROLS = ("clm_only", "label_smoothing", "best_single")
@@ -80,12 +80,8 @@ def summary_report(summary: dict, per_seed: list[dict]) -> str:
 
 def save_summary_plot(summary: dict, path: str, log=print) -> str | None:
     """PNG: each target's held-out bits/byte minus CLM-only's, one dot per seed and the mean ± s.d."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("plot: matplotlib is not installed (pip install matplotlib); no plot written")
+    plt = pyplot(log)
+    if plt is None:
         return None
     modes = [m for m in summary["bpb"] if m != "clm_only"]
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(modes) + 1.5))
