@@ -133,12 +133,8 @@ def test_top_level_is_small():
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("fastfuse.align")))
 def test_alignment_is_torch_free(module):
-    tree = ast.parse(MODULES[module].read_text())
-    for node in module_level_nodes(tree):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-        assert not any(n.split(".")[0] == "torch" for n in names), \
-            f"{module} imports torch at module level (line {node.lineno})"
+    line = module_level_import(module, "torch")
+    assert line is None, f"{module} imports torch at module level (line {line})"
 
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("fastfuse.kernels")))
@@ -183,6 +179,16 @@ def test_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+def module_level_import(module: str, package: str) -> int | None:
+    """The line of ``module``'s first import of ``package`` (or a submodule) that runs at import time."""
+    for node in module_level_nodes(ast.parse(MODULES[module].read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        if any(n.split(".")[0] == package for n in names):
+            return node.lineno
+    return None
+
+
 def module_level_nodes(tree: ast.Module):
     """Statements that run at import: everything but function bodies."""
     todo = list(tree.body)
@@ -198,12 +204,8 @@ def module_level_nodes(tree: ast.Module):
 def test_transformers_only_where_it_belongs(module):
     if module.startswith(HF_PACKAGES):
         return
-    tree = ast.parse(MODULES[module].read_text())
-    for node in module_level_nodes(tree):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-        assert not any(n.split(".")[0] == "transformers" for n in names), \
-            f"{module} imports transformers at module level (line {node.lineno})"
+    line = module_level_import(module, "transformers")
+    assert line is None, f"{module} imports transformers at module level (line {line})"
 
 
 def private(name: str) -> bool:
