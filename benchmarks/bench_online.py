@@ -137,13 +137,16 @@ def run(batch=4, length=256, hidden=256, layers=2, k=10, iters=5, threads=2, new
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     ready = online(ids, mask)
 
-    def student_step():
-        logits = student(input_ids=ready["input_ids"], attention_mask=ready["attention_mask"]).logits
-        loss = fastfuse.fused_loss(logits, ready["source_topk"], ready["align_map"], ready["labels"],
-                                   source_weights=ready["source_weights"], lm_weight=0.5)
+    def step_on(b):
+        logits = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        loss = fastfuse.fused_loss(logits, b["source_topk"], b["align_map"], b["labels"],
+                                   source_weights=b["source_weights"], lm_weight=0.5)
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+    def student_step():
+        step_on(ready)
 
     stages: list[dict] = []
 
@@ -154,14 +157,6 @@ def run(batch=4, length=256, hidden=256, layers=2, k=10, iters=5, threads=2, new
 
     if overlap:
         import contextlib
-
-        def step_on(b):
-            logits = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            loss = fastfuse.fused_loss(logits, b["source_topk"], b["align_map"], b["labels"],
-                                       source_weights=b["source_weights"], lm_weight=0.5)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
 
         rows = overlap_rows("2 local teachers", online, step_on, ids, mask, iters)
         if served:
