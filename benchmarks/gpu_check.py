@@ -234,16 +234,23 @@ def main(argv=None) -> int:
         todo = [(n, c) for n, c in todo if n in names]
     print(f"gpu_check: {len(todo)} steps, deadline {run.deadline_s:.0f} s, results in {out}", flush=True)
     try:
-        for name, cmd in todo:
-            rec = run.run_step(name, cmd, env)
-            run.results.append(rec)
-            print(f"== {name:<17} {rec['status']} ({rec['seconds']} s)", flush=True)
-            run.write()
+        ok = run_all(run, todo, env)
     finally:
         if shim:
             shutil.rmtree(shim, ignore_errors=True)
     print(open(os.path.join(out, "summary.md")).read())
-    return 0 if all(r["status"] == "ok" for r in run.results) else 1
+    return 0 if ok else 1
+
+
+def run_all(run: Run, todo: list[tuple[str, list[str]]], env: dict) -> bool:
+    """Every step in turn under the run's one deadline, the summary rewritten after each; True when all
+    were ok."""
+    for name, cmd in todo:
+        rec = run.run_step(name, cmd, env)
+        run.results.append(rec)
+        print(f"== {name:<17} {rec['status']} ({rec['seconds']} s)", flush=True)
+        run.write()
+    return all(r["status"] == "ok" for r in run.results)
 
 
 if __name__ == "__main__":
