@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the hub
+
+# Tests import the installed package, never the source tree's top-level folders: `python -m pytest`
+# puts the repository root on sys.path, where kernels/ (installed as fastfuse.kernels) would shadow
+# the PyPI package `kernels` that transformers >= 5.25 imports.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
 import functools
 
