@@ -103,6 +103,66 @@ def test_several_seeds_report_mean_sd_and_wins(tmp_path, capsys):
     assert r["plot"] and open(r["plot"], "rb").read(4) == b"\x89PNG"
 
 
+@pytest.mark.slow
+def test_online_and_on_policy_targets(tmp_path, capsys):
+    """``--online``: the teachers score each batch while the target trains -- the same batches as the
+    shards give, so the same target to the bit. ``--on-policy``: a share of the steps trains on the
+    target's own continuations (no gold text there: ``train_ce`` None), a different target; both are
+    read against the fused one in the table and the JSON."""
+    out = tmp_path / "f.json"
+    assert cli_main(["demo", "--size", "tiny", "--seed", "1", "--workdir", str(tmp_path / "w"), "--json", str(out),
+                     "--quiet", "--online", "--on-policy", "0.5", "--tgt-steps", "6"]) == 0
+    text = capsys.readouterr().out
+    assert "fused, online - fused: +0.0000 bits/byte" in text and "fused, on-policy 0.5 - fused:" in text
+    f = json.loads(out.read_text())
+    assert f["variant_settings"]["online"]["online"] is True and f["variant_settings"]["on-policy 0.5"]["on_policy"] == 0.5
+    assert f["bpb"]["variant online"] == f["bpb"]["fused"]
+    assert f["curves"]["variant online"]["train_ce"] == f["curves"]["fused"]["train_ce"]
+    c = f["curves"]["variant on-policy 0.5"]
+    assert 0 < len(c["on_policy_steps"]) < 6 and set(c["on_policy_steps"]) <= set(c["step"])
+    assert [s for s, x in zip(c["step"], c["train_ce"]) if x is None] == c["on_policy_steps"]
+    assert math.isfinite(f["bpb"]["variant on-policy 0.5"]) and f["bpb"]["variant on-policy 0.5"] != f["bpb"]["fused"]
+    assert f["curves"]["fused"]["on_policy_steps"] == []
+
+
+def test_sampled_rows_become_ids_of_the_full_vocabulary():
+    """``ModelVocab.ids`` inverts ``rows``: a kept row is its id, the shared row one of the ids it stands for
+    (each of them drawn); ``FullVocabLM.generate`` keeps the prompt and returns real ids."""
+    v = demo.ModelVocab(10, kept=[4, 1, 3])
+    rows = torch.tensor([[0, 1, 2, 3] * 200])
+    ids = v.ids(rows, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(v.rows(ids), rows)
+    assert ids[0, :3].tolist() == [1, 3, 4] and set(ids[rows == 3].tolist()) == {0, 2, 5, 6, 7, 8, 9}
+    assert torch.equal(demo.ModelVocab(10).ids(rows), rows)
+
+    class Tok:
+        def __len__(self):
+            return 10
+
+    m = demo.FullVocabLM(demo.make_model(Tok(), v, 32, 1, 16, 0), v)
+    prompt = torch.tensor([[4, 1, 9], [3, 3, 0]])
+    torch.manual_seed(0)
+    out = m.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, min_new_tokens=5,
+                     do_sample=True, top_k=0, pad_token_id=0)
+    assert out.shape == (2, 8) and torch.equal(out[:, :3], prompt) and 0 <= out.min() and out.max() < 10
+    assert m.requires_grad_(False) is m and not any(p.requires_grad for p in m.parameters())
+    assert m.train().training and not m.eval().training
+
+
+def test_summary_reads_a_variant_against_the_fused_target():
+    per_seed = [{"seed": i, "heldout": {"prose": 1}, "bpb": bpb,
+                 "bpb_by_domain": {m: {"prose": v} for m, v in bpb.items()}}
+                for i, bpb in enumerate([{"clm_only": 2.0, "label_smoothing": 1.9, "single a": 1.8, "single b": 1.85,
+                                          "fused": 1.7, "variant x": 1.75},
+                                         {"clm_only": 2.1, "label_smoothing": 2.0, "single a": 1.95, "single b": 1.9,
+                                          "fused": 1.8, "variant x": 1.78}])]
+    s = demo.summarize(per_seed)
+    assert "fused" not in s["margins"]["fused"]
+    vs = s["margins"]["variant x"]["fused"]
+    assert vs["per_seed"] == pytest.approx([0.05, -0.02]) and vs["wins"] == 1
+    assert s["margins"]["variant x"]["best_single"]["per_seed"] == pytest.approx([-0.05, -0.12])
+
+
 def test_cli_registration_and_argument_errors():
     from fastfuse.batches.dataset import FUSIONS
 
@@ -127,6 +187,13 @@ def test_cli_registration_and_argument_errors():
     with pytest.raises(ValueError, match="fusion must be one of"):
         demo.run_demo(size="tiny", progress=False, variants={"x": {"fusion": "best"}})
     assert cli_main(["demo", "--seeds", "0"]) == 2
+    assert cli_main(["demo", "--on-policy", "1.5"]) == 2
+    args = build_parser().parse_args(["demo", "--online", "--on-policy", "0.25"])
+    assert demo_cli.demo_variants(args) == {"online": {"online": True}, "on-policy 0.25": {"on_policy": 0.25}}
+    with pytest.raises(ValueError, match="on_policy must be a fraction"):
+        demo.run_demo(size="tiny", progress=False, variants={"x": {"on_policy": 2}})
+    with pytest.raises(ValueError, match="online must be True or False"):
+        demo.run_demo(size="tiny", progress=False, variants={"x": {"online": "yes"}})
 
 
 def test_corpus_split_is_deterministic_and_disjoint():

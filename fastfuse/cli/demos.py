@@ -26,6 +26,18 @@ def fused_settings(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in ("fusion", *LOSS_OPTIONS) if getattr(args, k, None) is not None}
 
 
+def demo_variants(args: argparse.Namespace) -> dict:
+    """The extra fused targets ``--online`` / ``--on-policy`` ask for (over the fused target's settings)."""
+    variants: dict = {}
+    if args.online:
+        variants["online"] = {"online": True}
+    if args.on_policy is not None:
+        if not 0.0 < args.on_policy <= 1.0:
+            raise ValueError(f"--on-policy: expected a share in (0, 1], got {args.on_policy}")
+        variants[f"on-policy {args.on_policy:g}"] = {"on_policy": args.on_policy}
+    return variants
+
+
 def _demo(args: argparse.Namespace) -> dict:
     from fastfuse.demo import run_seeds
 
@@ -40,7 +52,7 @@ def _demo(args: argparse.Namespace) -> dict:
               "and the tokenizers (the first run downloads their vocabulary files once)", flush=True)
     out = run_seeds(list(range(args.seed, args.seed + args.seeds)), workdir=args.workdir, plot=args.plot, size=size,
                     device=device, threads=args.threads, progress=not args.quiet, overrides=demo_overrides(args),
-                    fused=fused_settings(args))
+                    fused=fused_settings(args), variants=demo_variants(args))
     figures = out["per_seed"][0] if args.seeds == 1 else out
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -82,6 +94,11 @@ def add_demo(subparsers) -> None:
         p.add_argument(f"--{mix}", type=float, default=None, help=f"{users} mixing weight in (0, 1)")
     p.add_argument("--student-temperature", type=float, default=None, help="the student's temperature in the "
                                                                             "divergence term")
+    p.add_argument("--online", action="store_true", help="add a fused target whose teachers score each batch "
+                                                           "while it trains (no shards): it should match the fused one")
+    p.add_argument("--on-policy", type=float, default=None, metavar="LAMBDA",
+                   help="add a fused target that trains this share of its batches (GKD's lambda, in (0, 1]) on its "
+                        "own continuations, scored by the teachers online")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)
 

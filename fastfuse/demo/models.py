@@ -51,6 +51,22 @@ class ModelVocab:
         out[..., self.kept.to(z.device)] = z[..., :self.other]
         return out
 
+    def ids(self, rows, generator=None):
+        """Real ids of model rows (the inverse of :meth:`rows`): a kept row is its id; the shared row is
+        one of the ids it stands for, drawn uniformly (with ``generator``) -- a sample of the model's own
+        distribution, which spreads that row's probability evenly over them."""
+        import torch
+
+        if self.kept is None:
+            return rows
+        if not hasattr(self, "_others"):
+            spare = torch.ones(self.size, dtype=torch.bool)
+            spare[self.kept] = False
+            self._others = spare.nonzero().flatten()
+        kept = self.kept.to(rows.device)[rows.clamp(0, self.other - 1)]
+        pick = torch.randint(len(self._others), rows.shape, generator=generator)
+        return torch.where(rows == self.other, self._others[pick].to(rows.device), kept)
+
     def token_nats(self, label_rows):
         """float64 nats to add to the row CE of each label row: ``log n_other`` for the shared row, else 0
         (the shared row's probability is split evenly over the ids it stands for)."""
@@ -75,7 +91,8 @@ def model_vocab(tokenizer, kind: str, train_inputs: list[list[int]]) -> ModelVoc
 
 class FullVocabLM:
     """A demo model seen from outside as a causal LM over its tokenizer's full vocabulary (what
-    ``extract_topk`` reads): real ids in, ``[B, L, len(tokenizer)]`` logits out."""
+    ``extract_topk`` and the online teachers read, and what on-policy fusion samples from): real ids in,
+    ``[B, L, len(tokenizer)]`` logits out; ``generate`` samples real ids."""
 
     def __init__(self, model, vocab: ModelVocab):
         from types import SimpleNamespace
@@ -90,6 +107,33 @@ class FullVocabLM:
     def eval(self):
         self.model.eval()
         return self
+
+    def train(self, mode: bool = True):
+        self.model.train(mode)
+        return self
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def requires_grad_(self, flag: bool = True):
+        self.model.requires_grad_(flag)
+        return self
+
+    def generate(self, input_ids, attention_mask=None, pad_token_id=None, eos_token_id=None, **kwargs):
+        """Hugging Face ``generate`` over real ids: the wrapped model samples rows, and each sampled
+        shared row becomes one of the ids it stands for (:meth:`ModelVocab.ids`), so the result is a
+        sample of the full-vocabulary distribution. ``kwargs`` go to the model's ``generate``."""
+        import torch
+
+        row = lambda t: None if t is None else int(self.vocab.rows(torch.tensor([t]))[0])  # noqa: E731
+        out = self.model.generate(input_ids=self.vocab.rows(input_ids), attention_mask=attention_mask,
+                                  pad_token_id=row(pad_token_id), eos_token_id=row(eos_token_id), **kwargs)
+        P = input_ids.shape[1]
+        return torch.cat([input_ids.to(out.device), self.vocab.ids(out[:, P:])], dim=1)
 
     def state_dict(self) -> dict:
         """The wrapped model's weights and the kept ids (what ``extract_topk`` fingerprints)."""

@@ -59,7 +59,9 @@ PRESETS = {
 # The fused target's settings (``fastfuse demo``'s defaults): the collator's weighting and
 # ``fused_loss``'s divergence options; ``lm_weight`` and ``temperature`` come from the preset unless given.
 DEFAULT_FUSED = {"fusion": "token", "divergence": "ce", "tail": "uniform"}
-TRAIN_KEYS = ("fusion", "lm_weight", "temperature", "sources", "label_smoothing")
+# ``online``: the teachers score each batch while the target trains (no shards); ``on_policy``: that
+# share of the batches are the target's own continuations, scored online (``train_target``)
+TRAIN_KEYS = ("fusion", "lm_weight", "temperature", "sources", "label_smoothing", "online", "on_policy")
 
 
 def split_settings(settings: dict) -> tuple[dict, dict]:

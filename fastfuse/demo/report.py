@@ -30,7 +30,8 @@ def save_plot(curves: dict, path: str, log=print) -> str | None:
         if i >= len(colors):            # variants beyond eight: the table has them, the plot stays readable
             break
         color = colors[i]
-        ax.plot(c["step"], c["train_ce"], color=color, alpha=0.3, lw=0.8)
+        train_ce = [float("nan") if x is None else x for x in c["train_ce"]]      # None: an on-policy step
+        ax.plot(c["step"], train_ce, color=color, alpha=0.3, lw=0.8)
         ax.plot(c["eval_step"], c["eval_loss"], "o-", color=color, label=f"{mode_name(mode)}: held-out CE")
     ax.set_xlabel("target training step")
     ax.set_ylabel("CE per target token (nats; faint: train batches)")
@@ -49,7 +50,10 @@ def settings_name(s: dict) -> str:
     for k in LOSS_OPTIONS:
         if k not in ("divergence", "tail") and s.get(k) is not None:
             loss += f" {k} {s[k]}"
-    return f"{s['fusion']}, {loss}, lm_weight {s['lm_weight']}, T {s['temperature']}"
+    how = ", online teachers" if s.get("online") else ""
+    if s.get("on_policy"):
+        how += f", on-policy share {s['on_policy']} (its batches: the target's continuations, lm_weight 0)"
+    return f"{s['fusion']}, {loss}, lm_weight {s['lm_weight']}, T {s['temperature']}{how}"
 
 
 MODE_NAMES = {"clm_only": "CLM-only", "label_smoothing": "CLM + label smoothing", "fused": "fused"}
@@ -91,6 +95,9 @@ def report(f: dict) -> str:
     for ctrl in ("clm_only", "label_smoothing", best):
         d = bpb["fused"] - bpb[ctrl]
         lines.append(f"fused - {mode_name(ctrl)}: {d:+.4f} bits/byte ({'fused is better' if d < 0 else 'fused is NOT better'})")
+    for mode in (m for m in bpb if m.startswith("variant ")):
+        lines.append(f"{mode_name(mode)} - fused: {bpb[mode] - bpb['fused']:+.4f} bits/byte "
+                     f"({settings_name(f['variant_settings'][mode[8:]])})")
     lines.append("")
     lines.append("mean source weight per domain of the fusion corpus (MinCE: share of sequences picked):")
     for fusion, sh in f["weights"].items():

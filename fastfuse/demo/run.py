@@ -75,6 +75,11 @@ def check_settings(settings: dict, what: str) -> dict:
     train, loss = split_settings(merged)
     if train["fusion"] not in FUSIONS:
         raise ValueError(f"{what}: fusion must be one of {', '.join(map(repr, FUSIONS))}, got {train['fusion']!r}")
+    if not isinstance(train.get("online", False), bool):
+        raise ValueError(f"{what}: online must be True or False, got {train['online']!r}")
+    lam = train.get("on_policy", 0.0)
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
+        raise ValueError(f"{what}: on_policy must be a fraction in [0, 1] (GKD's lambda), got {lam!r}")
     make_spec(**loss)       # bad options fail here, before minutes of work
     return merged
 
@@ -90,14 +95,17 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
     alone, with the fused target's loss, tail and temperature); ``fused``. ``fused``: the fused target's
     settings over :data:`DEFAULT_FUSED` (``fusion`` -- the collator's weighting --, ``lm_weight``,
     ``temperature``, and ``fused_loss``'s ``divergence``, ``tail``, ``alpha``, ``beta``,
-    ``student_temperature``). ``variants``: more fused targets, name -> settings (over ``fused``'s),
-    reported as ``variant <name>``."""
+    ``student_temperature``; ``online``, ``on_policy``: :func:`fastfuse.demo.train.train_target`).
+    ``variants``: more fused targets, name -> settings (over ``fused``'s), reported as ``variant <name>``
+    (``--online`` and ``--on-policy`` add theirs)."""
     import torch
 
     from fastfuse.align.chunking import split_corpus
     from fastfuse.batches.corpus_align import align_corpus
     from fastfuse.batches.dataset import FusionDataset
+    from fastfuse.batches.online import OnlineTeachers
     from fastfuse.teachers.local_extract import extract_topk
+    from fastfuse.teachers.online_teachers import LocalTeacher
     from fastfuse.tokenizer_files import load_tokenizer
 
     if size not in PRESETS:
@@ -176,6 +184,17 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
     def collate_for(fusion: str):
         return dataset.collator(pad_token_id=pad_token_id(tgt_tok), pin_memory=False, fusion=fusion)
 
+    @lru_cache(maxsize=None)
+    def teachers_for(fusion: str):
+        """The sources as online teachers (online and on-policy targets): the same models, k and batch
+        budget as extraction; a text longer than a source's positions gets no teacher from it."""
+        teachers = {n: LocalTeacher(sources[n], toks[n], k=preset.k, device=dev, dtype=torch.float32,
+                                    max_length=preset.block_size,
+                                    token_budget=preset.block_size * (32 if dev.type == "cuda" else 8))
+                    for n in SOURCES}
+        return OnlineTeachers(teachers, tgt_tok, fusion=fusion, pad_token_id=pad_token_id(tgt_tok), pin_memory=False,
+                              vocab_cache_dir=work / "vocab")
+
     fused_modes = {"fused": fused, **{f"variant {n}": v for n, v in variants.items()}}
     with stage("teachers"):
         teachers = teacher_stats(dataset, collate_for("equal"))
@@ -203,7 +222,7 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
         eval_before = times.get("eval", 0.0)
         with stage(f"train target {mode}"):
             curves[mode] = train_target(model, tvocab, dataset, collate_for, preset.tgt_steps, preset, seed + 200, dev,
-                                        settings, eval_target, progress, desc=mode)
+                                        settings, eval_target, progress, desc=mode, teachers_for=teachers_for)
         times[f"train target {mode}"] -= times["eval"] - eval_before  # the curve's evaluations count as "eval"
         results[mode] = curves[mode].pop("final")
         curves[mode]["eval_step"].insert(0, 0)

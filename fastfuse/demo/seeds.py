@@ -25,13 +25,14 @@ def control_bpb(f: dict, control: str) -> float:
     """A seed's bits/byte of a control; ``best_single`` is that seed's best single-source KD target."""
     if control == "best_single":
         return min(v for m, v in f["bpb"].items() if m.startswith("single "))
-    return f["bpb"][control]
+    return f["bpb"][control]           # "fused" too: a variant's margin over the fused target
 
 
 def summarize(per_seed: list[dict]) -> dict:
     """Mean +- s.d. of every target's held-out bits/byte (overall and per domain) over the seeds, and for
     the fused target and each variant: its margin over each control (negative = fused better; mean +- s.d.
-    over seeds), the seeds it wins, and the margin relative to the spread (mean / s.d.)."""
+    over seeds), the seeds it wins, and the margin relative to the spread (mean / s.d.); a variant also
+    against the fused target."""
     modes = list(per_seed[0]["bpb"])
     domains = list(per_seed[0]["heldout"])
     out: dict[str, Any] = {"seeds": [f["seed"] for f in per_seed], "bpb": {}, "bpb_by_domain": {}, "margins": {},
@@ -43,7 +44,7 @@ def summarize(per_seed: list[dict]) -> dict:
         if not (m == "fused" or m.startswith("variant ")):
             continue
         out["margins"][m] = {}
-        for c in CONTROLS:
+        for c in CONTROLS + (("fused",) if m != "fused" else ()):      # a variant is also read against the fused
             diffs = [f["bpb"][m] - control_bpb(f, c) for f in per_seed]
             stats = mean_sd(diffs)
             stats["wins"] = sum(d < 0 for d in diffs)
@@ -68,7 +69,8 @@ def summary_report(summary: dict, per_seed: list[dict]) -> str:
     w = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines += ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) for r in rows]
     lines.append("")
-    names = {"clm_only": "CLM-only", "label_smoothing": "label smoothing", "best_single": "best single teacher"}
+    names = {"clm_only": "CLM-only", "label_smoothing": "label smoothing", "best_single": "best single teacher",
+             "fused": "fused"}
     for m, margins in summary["margins"].items():
         settings = per_seed[0]["fused_settings"] if m == "fused" else per_seed[0]["variant_settings"][m[8:]]
         lines.append(f"{mode_name(m)} ({settings_name(settings)}):")

@@ -108,7 +108,7 @@ def evaluate_domains(model, tokenizer, vocab: ModelVocab, heldout: dict, block_s
 
 
 def train_target(model, vocab: ModelVocab, dataset, collate_for, steps: int, preset: Preset, seed: int, device,
-                 mode: dict | None, eval_fn, progress: bool, desc: str = "") -> dict:
+                 mode: dict | None, eval_fn, progress: bool, desc: str = "", teachers_for=None) -> dict:
     """Train the target ``steps`` steps on batches drawn with ``seed`` (the same batches for every mode).
 
     ``mode`` None: plain cross-entropy on the labels. ``{"label_smoothing": eps}``: cross-entropy with
@@ -116,28 +116,55 @@ def train_target(model, vocab: ModelVocab, dataset, collate_for, steps: int, pre
     flat settings ``mode``: ``fusion`` (the collator's weighting: ``collate_for(fusion)`` is its collator),
     ``sources`` (source *names*; absent = all; one name is knowledge distillation from that source
     alone), ``lm_weight`` and ``temperature`` (default: the preset's) and every other key a divergence
-    option of ``fused_loss`` (divergence, tail...). Returns the curves (the last held-out evaluation, of
-    the trained model, in ``curve["final"]``)."""
+    option of ``fused_loss`` (divergence, tail...). ``online``: each batch's teacher fields come from
+    ``teachers_for(fusion)`` (an :class:`fastfuse.OnlineTeachers`) scoring its target ids, not from the
+    shards. ``on_policy`` (GKD's lambda): that share of the steps (a seeded draw) trains on the target's own
+    continuations of each sequence's first half (:func:`fastfuse.integrations.on_policy.on_policy_batch`,
+    sampled at temperature 1), scored online, with the divergence alone (``lm_weight`` 0) on the sampled
+    tokens. Returns the curves (the last held-out evaluation, of the trained model, in ``curve["final"]``;
+    the on-policy steps in ``curve["on_policy_steps"]``, their ``train_ce`` None: there is no gold text)."""
+    import random
+
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
 
     from fastfuse.batch import AlignMap, SourceTopK
+    from fastfuse.demo.models import FullVocabLM
+    from fastfuse.integrations.on_policy import on_policy_batch
     from fastfuse.loss.logits_loss import fused_loss
 
     train, loss_options = split_settings(mode or {})
     fused = bool(mode) and "label_smoothing" not in train
-    collate = collate_for(train.get("fusion", "equal"))
+    fusion = train.get("fusion", "equal")
+    collate = collate_for(fusion)
     names = train.get("sources")
     pick_src = None if names is None else [dataset.sources.index(n) for n in names]
     g = torch.Generator().manual_seed(seed)
+    draw = random.Random(seed + 1)      # which steps are on-policy; the batches' draw ``g`` is every mode's
+    on_policy = float(train.get("on_policy") or 0.0)
+    if (on_policy or train.get("online")) and teachers_for is None:
+        raise ValueError("teachers_for: online and on-policy targets need the online teachers")
+    student = FullVocabLM(model, vocab)
+    rng_devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
     opt, sched = make_optimizer(model, preset.tgt_lr, steps)
     model.to(device).train()
     every = max(1, steps // max(1, preset.eval_points))
-    curve: dict[str, Any] = {"step": [], "train_ce": [], "eval_step": [], "eval_loss": [], "final": None}
+    curve: dict[str, Any] = {"step": [], "train_ce": [], "eval_step": [], "eval_loss": [], "final": None,
+                             "on_policy_steps": []}
     for step in tqdm(range(1, steps + 1), desc="train target " + desc, disable=not progress, dynamic_ncols=True):
         pick = torch.randint(len(dataset), (preset.tgt_batch,), generator=g).tolist()
         b = collate([dataset[i] for i in pick])
+        lm_weight = train.get("lm_weight", preset.lm_weight)
+        if on_policy and draw.random() < on_policy:
+            with torch.random.fork_rng(devices=rng_devices):   # sampling never moves the global RNG
+                torch.manual_seed(seed * 100_003 + step)
+                b = on_policy_batch(student, teachers_for(fusion), b["input_ids"], b["attention_mask"],
+                                    max_new_tokens=preset.block_size // 2, temperature=1.0)
+            lm_weight = 0.0
+            curve["on_policy_steps"].append(step)
+        elif train.get("online"):
+            b = teachers_for(fusion)(b["input_ids"], b["attention_mask"])
         # real target ids -> the model's rows (identity for vocab="full")
         ids, labels = vocab.rows(b["input_ids"]).to(device), vocab.rows(b["labels"]).to(device)
         logits = model(input_ids=ids, attention_mask=b["attention_mask"].to(device)).logits
@@ -150,8 +177,7 @@ def train_target(model, vocab: ModelVocab, dataset, collate_for, steps: int, pre
                 w = w[pick_src]
             topk = SourceTopK(*(t.to(device) for t in topk))
             amap = AlignMap(amap.pos.to(device), vocab.rows(amap.vocab).to(device))
-            loss = fused_loss(logits, topk, amap, labels, source_weights=w.to(device),
-                              lm_weight=train.get("lm_weight", preset.lm_weight),
+            loss = fused_loss(logits, topk, amap, labels, source_weights=w.to(device), lm_weight=lm_weight,
                               temperature=train.get("temperature", preset.temperature), **loss_options)
         elif mode:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
@@ -164,7 +190,7 @@ def train_target(model, vocab: ModelVocab, dataset, collate_for, steps: int, pre
         opt.step()
         sched.step()
         curve["step"].append(step)
-        curve["train_ce"].append(ce.item())
+        curve["train_ce"].append(None if curve["on_policy_steps"][-1:] == [step] else ce.item())
         if step % every == 0 or step == steps:
             if not curve["eval_step"] or curve["eval_step"][-1] != step:
                 ev = eval_fn(model)
