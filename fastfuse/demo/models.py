@@ -57,7 +57,7 @@ class ModelVocab:
         distribution, which spreads that row's probability evenly over them."""
         import torch
 
-        if self.kept is None:
+        if self.kept is None or self.n_other == 0:
             return rows
         if not hasattr(self, "_others"):
             spare = torch.ones(self.size, dtype=torch.bool)
@@ -126,12 +126,32 @@ class FullVocabLM:
     def generate(self, input_ids, attention_mask=None, pad_token_id=None, eos_token_id=None, **kwargs):
         """Hugging Face ``generate`` over real ids: the wrapped model samples rows, and each sampled
         shared row becomes one of the ids it stands for (:meth:`ModelVocab.ids`), so the result is a
-        sample of the full-vocabulary distribution. ``kwargs`` go to the model's ``generate``."""
+        sample of the full-vocabulary distribution. That holds for plain sampling only (temperature 1, no
+        top-k / top-p): anything else reshapes the shared row's mass, and is refused when the model has
+        one. ``kwargs`` go to the model's ``generate``."""
         import torch
 
-        row = lambda t: None if t is None else int(self.vocab.rows(torch.tensor([t]))[0])  # noqa: E731
+        if self.vocab.n_other:
+            plain = (kwargs.get("do_sample") is True and kwargs.get("temperature", 1.0) == 1.0
+                     and kwargs.get("top_k", 0) in (0, None) and kwargs.get("top_p", 1.0) in (1.0, None))
+            if not plain:
+                raise ValueError("generate: a model with a shared row samples its full-vocabulary distribution only "
+                                 "with do_sample=True, temperature 1 and no top_k / top_p, got "
+                                 f"{ {k: kwargs.get(k) for k in ('do_sample', 'temperature', 'top_k', 'top_p')} }")
+
+        def row(name, t):
+            if t is None:
+                return None
+            if not isinstance(t, int):
+                raise ValueError(f"{name}: expected one token id (int) or None, got {t!r}")
+            r = int(self.vocab.rows(torch.tensor([t]))[0])
+            if self.vocab.n_other and r == self.vocab.other:
+                raise ValueError(f"{name}: id {t} has no row of its own (it shares the model's last row)")
+            return r
+
         out = self.model.generate(input_ids=self.vocab.rows(input_ids), attention_mask=attention_mask,
-                                  pad_token_id=row(pad_token_id), eos_token_id=row(eos_token_id), **kwargs)
+                                  pad_token_id=row("pad_token_id", pad_token_id),
+                                  eos_token_id=row("eos_token_id", eos_token_id), **kwargs)
         P = input_ids.shape[1]
         return torch.cat([input_ids.to(out.device), self.vocab.ids(out[:, P:])], dim=1)
 

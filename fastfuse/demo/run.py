@@ -222,7 +222,8 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
         eval_before = times.get("eval", 0.0)
         with stage(f"train target {mode}"):
             curves[mode] = train_target(model, tvocab, dataset, collate_for, preset.tgt_steps, preset, seed + 200, dev,
-                                        settings, eval_target, progress, desc=mode, teachers_for=teachers_for)
+                                        settings, eval_target, progress, desc=mode, teachers_for=teachers_for,
+                                        eos_id=tgt_tok.eos_token_id)
         times[f"train target {mode}"] -= times["eval"] - eval_before  # the curve's evaluations count as "eval"
         results[mode] = curves[mode].pop("final")
         curves[mode]["eval_step"].insert(0, 0)

@@ -108,7 +108,8 @@ def evaluate_domains(model, tokenizer, vocab: ModelVocab, heldout: dict, block_s
 
 
 def train_target(model, vocab: ModelVocab, dataset, collate_for, steps: int, preset: Preset, seed: int, device,
-                 mode: dict | None, eval_fn, progress: bool, desc: str = "", teachers_for=None) -> dict:
+                 mode: dict | None, eval_fn, progress: bool, desc: str = "", teachers_for=None,
+                 eos_id: int | None = None) -> dict:
     """Train the target ``steps`` steps on batches drawn with ``seed`` (the same batches for every mode).
 
     ``mode`` None: plain cross-entropy on the labels. ``{"label_smoothing": eps}``: cross-entropy with
@@ -120,7 +121,7 @@ def train_target(model, vocab: ModelVocab, dataset, collate_for, steps: int, pre
     ``teachers_for(fusion)`` (an :class:`fastfuse.OnlineTeachers`) scoring its target ids, not from the
     shards. ``on_policy`` (GKD's lambda): that share of the steps (a seeded draw) trains on the target's own
     continuations of each sequence's first half (:func:`fastfuse.integrations.on_policy.on_policy_batch`,
-    sampled at temperature 1), scored online, with the divergence alone (``lm_weight`` 0) on the sampled
+    sampled at temperature 1 up to ``eos_id``), scored online, with the divergence alone (``lm_weight`` 0) on the sampled
     tokens. Returns the curves (the last held-out evaluation, of the trained model, in ``curve["final"]``;
     the on-policy steps in ``curve["on_policy_steps"]``, their ``train_ce`` None: there is no gold text)."""
     import random
@@ -139,14 +140,14 @@ def train_target(model, vocab: ModelVocab, dataset, collate_for, steps: int, pre
     fusion = train.get("fusion", "equal")
     collate = collate_for(fusion)
     names = train.get("sources")
-    pick_src = None if names is None else [dataset.sources.index(n) for n in names]
     g = torch.Generator().manual_seed(seed)
     draw = random.Random(seed + 1)      # which steps are on-policy; the batches' draw ``g`` is every mode's
     on_policy = float(train.get("on_policy") or 0.0)
     if (on_policy or train.get("online")) and teachers_for is None:
         raise ValueError("teachers_for: online and on-policy targets need the online teachers")
     student = FullVocabLM(model, vocab)
-    rng_devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+    dev = torch.device(device)
+    rng_devices = [torch.cuda.current_device() if dev.index is None else dev.index] if dev.type == "cuda" else []
     opt, sched = make_optimizer(model, preset.tgt_lr, steps)
     model.to(device).train()
     every = max(1, steps // max(1, preset.eval_points))
@@ -156,15 +157,19 @@ def train_target(model, vocab: ModelVocab, dataset, collate_for, steps: int, pre
         pick = torch.randint(len(dataset), (preset.tgt_batch,), generator=g).tolist()
         b = collate([dataset[i] for i in pick])
         lm_weight = train.get("lm_weight", preset.lm_weight)
+        order = dataset.sources             # the batch's source index s -> name
         if on_policy and draw.random() < on_policy:
+            teachers = teachers_for(fusion)
             with torch.random.fork_rng(devices=rng_devices):   # sampling never moves the global RNG
                 torch.manual_seed(seed * 100_003 + step)
-                b = on_policy_batch(student, teachers_for(fusion), b["input_ids"], b["attention_mask"],
-                                    max_new_tokens=preset.block_size // 2, temperature=1.0)
-            lm_weight = 0.0
+                b = on_policy_batch(student, teachers, b["input_ids"], b["attention_mask"],
+                                    max_new_tokens=preset.block_size // 2, temperature=1.0, eos_token_id=eos_id)
+            order, lm_weight = teachers.sources, 0.0
             curve["on_policy_steps"].append(step)
         elif train.get("online"):
-            b = teachers_for(fusion)(b["input_ids"], b["attention_mask"])
+            teachers = teachers_for(fusion)
+            b, order = teachers(b["input_ids"], b["attention_mask"]), teachers.sources
+        pick_src = None if names is None else [order.index(n) for n in names]
         # real target ids -> the model's rows (identity for vocab="full")
         ids, labels = vocab.rows(b["input_ids"]).to(device), vocab.rows(b["labels"]).to(device)
         logits = model(input_ids=ids, attention_mask=b["attention_mask"].to(device)).logits
