@@ -60,7 +60,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--on-policy", type=float, default=0.5, help="share of on-policy steps (GKD's lambda)")
     p.add_argument("--divergence", default="reverse_kl", choices=fastfuse.DIVERGENCES)
-    p.add_argument("--lm-weight", type=float, default=0.5, help="CE weight of the off-policy steps")
+    p.add_argument("--lm-weight", type=float, default=0.3, help="CE weight of the off-policy steps (the demo's measured default)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--length", type=int, default=64, help="target tokens per training sequence")
     p.add_argument("--prompt-tokens", type=int, default=16)

@@ -81,22 +81,33 @@ def summary_report(summary: dict, per_seed: list[dict]) -> str:
 
 
 def save_summary_plot(summary: dict, path: str, log=print) -> str | None:
-    """PNG: each target's held-out bits/byte minus CLM-only's, one dot per seed and the mean ± s.d."""
+    """PNG, one dot per seed and the mean ± s.d.: top, each target's held-out bits/byte minus CLM-only's;
+    bottom, each fused target's margin over label smoothing and over the best single teacher (the paired
+    comparisons the claim rests on)."""
     plt = pyplot(log)
     if plt is None:
         return None
     modes = [m for m in summary["bpb"] if m != "clm_only"]
-    fig, ax = plt.subplots(figsize=(7, 0.5 * len(modes) + 1.5))
-    for i, m in enumerate(modes):
-        diffs = summary["per_seed_vs_clm"][m]
-        ax.scatter(diffs, [i] * len(diffs), color="tab:gray", s=14, zorder=2)
-        s = mean_sd(diffs)
-        ax.errorbar(s["mean"], i, xerr=s["sd"] or 0, fmt="o", color="tab:blue", capsize=4, zorder=3)
-    ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(range(len(modes)), [mode_name(m) for m in modes])
-    ax.invert_yaxis()
-    ax.set_xlabel("held-out bits/byte minus CLM-only's (left is better; dots: seeds)")
-    ax.set_title(f"fastfuse demo over {len(summary['seeds'])} seeds")
+    pairs = [(m, c) for m in summary["margins"] for c in ("label_smoothing", "best_single")]
+    names = {"label_smoothing": "label smoothing", "best_single": "best single teacher"}
+    fig, (left, right) = plt.subplots(2, 1, figsize=(9, 0.42 * (len(modes) + len(pairs)) + 2.6),
+                                      height_ratios=[len(modes), len(pairs)])
+
+    def dots(ax, rows, labels):
+        for i, diffs in enumerate(rows):
+            ax.scatter(diffs, [i] * len(diffs), color="tab:gray", s=14, zorder=2)
+            s = mean_sd(diffs)
+            ax.errorbar(s["mean"], i, xerr=s["sd"] or 0, fmt="o", color="tab:blue", capsize=4, zorder=3)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.invert_yaxis()
+
+    dots(left, [summary["per_seed_vs_clm"][m] for m in modes], [mode_name(m) for m in modes])
+    left.set_xlabel("bits/byte minus CLM-only's (left is better)")
+    dots(right, [summary["margins"][m][c]["per_seed"] for m, c in pairs],
+         [f"{mode_name(m)} − {names[c]}" for m, c in pairs])
+    right.set_xlabel("fused minus control, bits/byte (left of 0: fused better)")
+    fig.suptitle(f"fastfuse demo over {len(summary['seeds'])} seeds (dots: seeds; bars: mean ± s.d.)")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
