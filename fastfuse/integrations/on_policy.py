@@ -8,6 +8,9 @@ distribution, ``max_new_tokens``, stopping at EOS) -> the continuations, right-p
 (``labels = ignore_index`` wherever the predicted token is a prompt token), and also the positions no
 teacher is aligned to (there is no teacher there to learn from; the sampled token is no gold label).
 The caller uses ``lm_weight=0``: the divergence alone (reverse KL and JSD(beta) are the usual choices).
+The teachers' collator weights the sources as it does offline; a weighting that reads the labels
+(``min_ce``, ``avg_ce``, ``token``) reads the student's *sampled* tokens here, so ``"equal"`` (or a
+separate :class:`~fastfuse.batches.online.OnlineTeachers` with it) is the neutral choice for these batches.
 
 :class:`OnPolicy` draws which batches are on-policy (a seeded RNG: a fraction ``fraction`` of them) and
 builds the others from the batch's own text, scored online -- what :class:`fastfuse.FusionTrainer`
