@@ -12,6 +12,8 @@ from fastfuse.demo.report import mode_name, pyplot, settings_name
 from fastfuse.demo.run import run_demo
 
 CONTROLS = ("clm_only", "label_smoothing", "best_single")
+CONTROL_NAMES = {"clm_only": "CLM-only", "label_smoothing": "label smoothing", "best_single": "best single teacher",
+                 "fused": "fused"}
 
 
 def mean_sd(xs: list[float]) -> dict:
@@ -69,14 +71,12 @@ def summary_report(summary: dict, per_seed: list[dict]) -> str:
     w = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines += ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) for r in rows]
     lines.append("")
-    names = {"clm_only": "CLM-only", "label_smoothing": "label smoothing", "best_single": "best single teacher",
-             "fused": "fused"}
     for m, margins in summary["margins"].items():
         settings = per_seed[0]["fused_settings"] if m == "fused" else per_seed[0]["variant_settings"][m[8:]]
         lines.append(f"{mode_name(m)} ({settings_name(settings)}):")
         for c, s in margins.items():
             ratio = "" if not s["sd"] else f", mean/s.d. {s['mean'] / s['sd']:+.1f}"
-            lines.append(f"  vs {names[c]:<20} {_fmt(s)} bits/byte, wins {s['wins']}/{s['n']} seeds{ratio}")
+            lines.append(f"  vs {CONTROL_NAMES[c]:<20} {_fmt(s)} bits/byte, wins {s['wins']}/{s['n']} seeds{ratio}")
     return "\n".join(lines)
 
 
@@ -89,8 +89,7 @@ def save_summary_plot(summary: dict, path: str, log=print) -> str | None:
         return None
     modes = [m for m in summary["bpb"] if m != "clm_only"]
     pairs = [(m, c) for m in summary["margins"] for c in ("label_smoothing", "best_single")]
-    names = {"label_smoothing": "label smoothing", "best_single": "best single teacher"}
-    fig, (left, right) = plt.subplots(2, 1, figsize=(9, 0.42 * (len(modes) + len(pairs)) + 2.6),
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 0.42 * (len(modes) + len(pairs)) + 2.6),
                                       height_ratios=[len(modes), len(pairs)])
 
     def dots(ax, rows, labels):
@@ -102,11 +101,11 @@ def save_summary_plot(summary: dict, path: str, log=print) -> str | None:
         ax.set_yticks(range(len(labels)), labels)
         ax.invert_yaxis()
 
-    dots(left, [summary["per_seed_vs_clm"][m] for m in modes], [mode_name(m) for m in modes])
-    left.set_xlabel("bits/byte minus CLM-only's (left is better)")
-    dots(right, [summary["margins"][m][c]["per_seed"] for m, c in pairs],
-         [f"{mode_name(m)} − {names[c]}" for m, c in pairs])
-    right.set_xlabel("fused minus control, bits/byte (left of 0: fused better)")
+    dots(top, [summary["per_seed_vs_clm"][m] for m in modes], [mode_name(m) for m in modes])
+    top.set_xlabel("bits/byte minus CLM-only's (left is better)")
+    dots(bottom, [summary["margins"][m][c]["per_seed"] for m, c in pairs],
+         [f"{mode_name(m)} − {CONTROL_NAMES[c]}" for m, c in pairs])
+    bottom.set_xlabel("fused minus control, bits/byte (left of 0: fused better)")
     fig.suptitle(f"fastfuse demo over {len(summary['seeds'])} seeds (dots: seeds; bars: mean ± s.d.)")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -143,8 +143,11 @@ def train_target(model, vocab: ModelVocab, dataset, collate_for, steps: int, pre
     g = torch.Generator().manual_seed(seed)
     draw = random.Random(seed + 1)      # which steps are on-policy; the batches' draw ``g`` is every mode's
     on_policy = float(train.get("on_policy") or 0.0)
-    if (on_policy or train.get("online")) and teachers_for is None:
-        raise ValueError("teachers_for: online and on-policy targets need the online teachers")
+    teachers = None
+    if on_policy or train.get("online"):
+        if teachers_for is None:
+            raise ValueError("teachers_for: online and on-policy targets need the online teachers")
+        teachers = teachers_for(fusion)
     student = FullVocabLM(model, vocab)
     dev = torch.device(device)
     rng_devices = [torch.cuda.current_device() if dev.index is None else dev.index] if dev.type == "cuda" else []
@@ -158,16 +161,15 @@ def train_target(model, vocab: ModelVocab, dataset, collate_for, steps: int, pre
         b = collate([dataset[i] for i in pick])
         lm_weight = train.get("lm_weight", preset.lm_weight)
         order = dataset.sources             # the batch's source index s -> name
-        if on_policy and draw.random() < on_policy:
-            teachers = teachers_for(fusion)
+        on_step = teachers is not None and bool(on_policy) and draw.random() < on_policy
+        if teachers is not None and on_step:
             with torch.random.fork_rng(devices=rng_devices):   # sampling never moves the global RNG
                 torch.manual_seed(seed * 100_003 + step)
                 b = on_policy_batch(student, teachers, b["input_ids"], b["attention_mask"],
                                     max_new_tokens=preset.block_size // 2, temperature=1.0, eos_token_id=eos_id)
             order, lm_weight = teachers.sources, 0.0
             curve["on_policy_steps"].append(step)
-        elif train.get("online"):
-            teachers = teachers_for(fusion)
+        elif teachers is not None:          # online: the same batch, its teachers scored now
             b, order = teachers(b["input_ids"], b["attention_mask"]), teachers.sources
         pick_src = None if names is None else [order.index(n) for n in names]
         # real target ids -> the model's rows (identity for vocab="full")
@@ -195,7 +197,7 @@ def train_target(model, vocab: ModelVocab, dataset, collate_for, steps: int, pre
         opt.step()
         sched.step()
         curve["step"].append(step)
-        curve["train_ce"].append(None if curve["on_policy_steps"][-1:] == [step] else ce.item())
+        curve["train_ce"].append(None if on_step else ce.item())
         if step % every == 0 or step == steps:
             if not curve["eval_step"] or curve["eval_step"][-1] != step:
                 ev = eval_fn(model)
