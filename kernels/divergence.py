@@ -23,16 +23,18 @@ Every combination of ``"renormalize"``/``"bucket"``, and ``"uniform"`` with CE /
 reverse KL, reads the row twice (like the CE kernel) and does a few more flops per element (two
 exps with a student temperature, a tanh with a softcap). Masking as in ``fused_ce.py``: indirect
 accesses are bounded by ``[0, V)``; ignored rows get loss 0 and a zero gradient.
+
+Launches (:data:`LAUNCHES`): today's ``"generic"`` and the candidates only a GPU can rank
+(``benchmarks/gpu_candidates.py``): every chunk loop (pass 1, tail pass, the bucket's fp64 passes,
+gradient) pipelined 3-5 deep, step 2's loads hoisted above pass 1, a persistent grid.
 """
 import triton
 import triton.language as tl
 
+from .divergence_math import (  # noqa: F401  (the codes are the kernel's public names too)
+    BUCKET, CE, FORWARD_KL, JSD, RENORMALIZE, REVERSE_KL, SKEW_KL, SKEW_REVERSE_KL, TVD, UNIFORM, divergence_terms,
+    lane_logsumexp, online_update, transform_grad, transform_logits)
 from .launch import forced_config, tuned
-
-# the DIV codes of fastfuse.loss.spec.REGISTRY, each named after its divergence (name.upper()), and the
-# TAIL codes (positions in spec.TAILS); tests/kernels/test_divergence_kernel.py checks both
-CE, FORWARD_KL, REVERSE_KL, JSD, SKEW_KL, SKEW_REVERSE_KL, TVD = (tl.constexpr(c) for c in range(7))
-RENORMALIZE, UNIFORM, BUCKET = (tl.constexpr(c) for c in range(3))
 
 # Named launches (elements per chunk, warps, software-pipelining depth of the chunk loops).
 LAUNCHES = {
@@ -45,6 +47,14 @@ LAUNCHES = {
     "generic_s3": dict(block_v=4096, num_warps=32, num_stages=3),
     "generic_s4": dict(block_v=4096, num_warps=32, num_stages=4),
     "generic_s5": dict(block_v=4096, num_warps=32, num_stages=5),
+    # the teacher entries' and the label's loads issued before pass 1 (their latency hidden behind
+    # it), and that on a persistent grid: one program per SM looping over rows (no CTA drain and
+    # launch between rows)
+    "generic_hoist": dict(block_v=4096, num_warps=32, num_stages=3, hoist=True),
+    # (maxnreg: one CTA per SM is the design, so all 64 registers a 1024-thread CTA may have -- left to
+    # itself ptxas aims at two CTAs per SM, 32 registers, and spills under a tail pass; 2048-element
+    # chunks: with 4096 the bucket's fp64 pass spills 24 B under triton 3.6.0)
+    "generic_persistent": dict(block_v=2048, num_warps=32, num_stages=3, hoist=True, persistent=True, maxnreg=64),
 }
 # architecture major -> launch name, reason beside it; what divergence_rows runs unless a launch is
 # given, forced (launch.forced("divergence", name or dict)) or a GPU run's winner (launch_tuned.json,
@@ -56,109 +66,66 @@ LAUNCH_TABLE = {
 
 
 def launch_config(arch=None) -> dict:
-    """The launch (``block_v``, ``num_warps``, ``num_stages``) of rows on compute capability major
-    ``arch`` (9: Hopper and later, anything older: the sm_80 entry; None: no GPU): the forced one,
-    else a GPU run's winner, else :data:`LAUNCH_TABLE`."""
+    """The launch (``block_v``, ``num_warps``, ``num_stages``; optionally ``hoist``, ``persistent``,
+    ``maxnreg``) of rows on compute capability major ``arch`` (9: Hopper and later, anything older:
+    the sm_80 entry; None: no GPU): the forced one, else a GPU run's winner, else :data:`LAUNCH_TABLE`."""
     cfg = forced_config("divergence") or (tuned("divergence", str(arch)) if arch is not None else None) or \
         LAUNCH_TABLE[9 if arch is None or arch >= 9 else 8]
     return dict(LAUNCHES[cfg] if isinstance(cfg, str) else cfg)
 
 
 @triton.jit
-def _logaddexp(a, b):
-    hi = tl.maximum(a, b)
-    lo = tl.minimum(a, b)
-    return tl.where(hi == float("-inf"), float("-inf"), hi + tl.log(1.0 + tl.exp(lo - hi)))
-
-
-@triton.jit
-def _terms(p, logp, q, mix, log_a, log_b, DIV: tl.constexpr):
-    """Elementwise ``F(p, q)`` and ``G = p dF/dp`` (``fastfuse.loss.torch_rows.terms``)."""
-    qpos = q > 0.0
-    ppos = p > 0.0
-    logq = tl.log(q)
-    if DIV == CE or DIV == FORWARD_KL:
-        F = tl.where(qpos, -q * logp, 0.0)
-        if DIV == FORWARD_KL:
-            F += tl.where(qpos, q * logq, 0.0)
-        G = -q + 0.0 * p
-    elif DIV == REVERSE_KL:
-        F = tl.where(ppos, p * (logp - logq), 0.0)
-        G = tl.where(ppos, F + p, 0.0)
-    elif DIV == JSD:
-        logm = _logaddexp(log_a + logq, log_b + logp)
-        kp = tl.where(ppos, p * (logp - logm), 0.0)
-        F = mix * tl.where(qpos, q * (logq - logm), 0.0) + (1.0 - mix) * kp
-        G = (1.0 - mix) * kp
-    elif DIV == SKEW_KL:
-        logm = _logaddexp(log_a + logq, log_b + logp)
-        F = tl.where(qpos, q * (logq - logm), 0.0)
-        G = tl.where(qpos & ppos, -(1.0 - mix) * q * tl.exp(logp - logm), 0.0)
-    elif DIV == SKEW_REVERSE_KL:
-        logm = _logaddexp(log_a + logp, log_b + logq)
-        F = tl.where(ppos, p * (logp - logm), 0.0)
-        G = F + tl.where(qpos & ppos, (1.0 - mix) * q * tl.exp(logp - logm), 0.0)
-    else:                   # TVD
-        d = p - q
-        F = 0.5 * tl.abs(d)
-        G = 0.5 * p * tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
-    return F, G
-
-
-@triton.jit
-def _transform(x, logit_scale, softcap, TRANSFORM: tl.constexpr):
-    """``z'``: 0 identity, 1 ``logit_scale * z``, 2 ``softcap * tanh(logit_scale * z / softcap)``."""
-    if TRANSFORM == 0:
-        return x
-    elif TRANSFORM == 1:
-        return x * logit_scale
-    else:
-        y = x * (logit_scale / softcap)
-        # tanh through exp of a non-positive argument (no overflow): sign(y) (1 - e) / (1 + e)
-        e = tl.exp(-2.0 * tl.abs(y))
-        t = (1.0 - e) / (1.0 + e)
-        return softcap * tl.where(y < 0.0, -t, t)
-
-
-@triton.jit
-def _chain(zt, logit_scale, softcap, TRANSFORM: tl.constexpr):
-    """``dz'/dz`` from ``z'``."""
-    if TRANSFORM == 2:
-        r = zt / softcap
-        return logit_scale * (1.0 - r * r)
-    else:
-        return tl.zeros_like(zt) + logit_scale      # (not 0 * zt: NaN at a -inf logit)
-
-
-@triton.jit
-def _online(mv, sv, x):
-    """One step of a per-lane running (max, sum of exp); returns the new (max, sum, weight of the
-    old sum, weight of x) so a companion sum can follow the same rescaling."""
-    hi = tl.maximum(mv, x)
-    e = tl.where(hi == float("-inf"), 0.0, tl.exp(tl.minimum(mv, x) - hi))
-    up = x > mv
-    return hi, tl.where(up, sv * e + 1.0, sv + e), tl.where(up, e, 1.0), tl.where(up, 1.0, e)
-
-
-@triton.jit
-def _lane_lse(mv, sv):
-    m = tl.max(mv, axis=0)
-    m_ref = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(mv - m_ref)
-    return m + tl.log(tl.sum(sv * w, axis=0)), w
-
-
-@triton.jit
 def divergence_kernel(
     logits_ptr, stride_lb, stride_lt, grad_ptr, stride_gb, stride_gt,
+    tids_ptr, q_ptr, tail_ptr, labels_ptr, loss_ptr, scale_ptr, scale_stride,
+    T, V, E, ignore_index, N,
+    lm_weight, kdiv, wd, inv_tau, mix, log_a, log_b, logit_scale, softcap,
+    DIV: tl.constexpr, TAIL: tl.constexpr, TRANSFORM: tl.constexpr, TEMPERED: tl.constexpr,
+    TAIL_PASS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    NUM_STAGES: tl.constexpr = 1, HOIST: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
+):
+    """Row ``program_id`` (or, ``PERSISTENT``, every ``num_programs``-th row from it) of ``N``."""
+    if PERSISTENT:
+        for r in tl.range(tl.program_id(0), N, tl.num_programs(0)):
+            _divergence_row(
+                tl.full([], 0, tl.int64) + r, logits_ptr, stride_lb, stride_lt, grad_ptr, stride_gb, stride_gt,
+                tids_ptr, q_ptr, tail_ptr, labels_ptr, loss_ptr, scale_ptr, scale_stride, T, V, E, ignore_index,
+                lm_weight, kdiv, wd, inv_tau, mix, log_a, log_b, logit_scale, softcap, DIV, TAIL, TRANSFORM,
+                TEMPERED, TAIL_PASS, BLOCK_V, BLOCK_E, COMPUTE_GRAD, NUM_STAGES, HOIST)
+    else:
+        _divergence_row(
+            tl.program_id(0).to(tl.int64), logits_ptr, stride_lb, stride_lt, grad_ptr, stride_gb, stride_gt,
+            tids_ptr, q_ptr, tail_ptr, labels_ptr, loss_ptr, scale_ptr, scale_stride, T, V, E, ignore_index,
+            lm_weight, kdiv, wd, inv_tau, mix, log_a, log_b, logit_scale, softcap, DIV, TAIL, TRANSFORM,
+            TEMPERED, TAIL_PASS, BLOCK_V, BLOCK_E, COMPUTE_GRAD, NUM_STAGES, HOIST)
+
+
+@triton.jit
+def _gather_entries(row, tids_ptr, q_ptr, n, E, V, label, logit_scale, softcap, TRANSFORM: tl.constexpr,
+                    BLOCK_E: tl.constexpr):
+    """The row's teacher entries (ids, probabilities, transformed logits) and the label's logit."""
+    eoffs = tl.arange(0, BLOCK_E)
+    tid = tl.load(tids_ptr + n * E + eoffs, mask=eoffs < E, other=-1).to(tl.int64)
+    q = tl.load(q_ptr + n * E + eoffs, mask=eoffs < E, other=0.0)
+    has = (tid >= 0) & (tid < V)
+    zr = tl.load(row + tl.where(has, tid, 0), mask=has, other=0.0).to(tl.float32)
+    zt_e = tl.where(has, transform_logits(zr, logit_scale, softcap, TRANSFORM), float("-inf"))
+    lab_ok = (label >= 0) & (label < V)
+    zy = tl.load(row + tl.where(lab_ok, label, 0), mask=lab_ok, other=0.0).to(tl.float32)
+    zt_y = tl.where(lab_ok, transform_logits(zy, logit_scale, softcap, TRANSFORM), float("-inf"))
+    return tid, q, has, zr, zt_e, lab_ok, zt_y
+
+
+@triton.jit
+def _divergence_row(
+    n, logits_ptr, stride_lb, stride_lt, grad_ptr, stride_gb, stride_gt,
     tids_ptr, q_ptr, tail_ptr, labels_ptr, loss_ptr, scale_ptr, scale_stride,
     T, V, E, ignore_index,
     lm_weight, kdiv, wd, inv_tau, mix, log_a, log_b, logit_scale, softcap,
     DIV: tl.constexpr, TAIL: tl.constexpr, TRANSFORM: tl.constexpr, TEMPERED: tl.constexpr,
     TAIL_PASS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    NUM_STAGES: tl.constexpr = 1,
+    NUM_STAGES: tl.constexpr, HOIST: tl.constexpr,
 ):
-    n = tl.program_id(0).to(tl.int64)
     row = logits_ptr + (n // T) * stride_lb + (n % T) * stride_lt
     grow = grad_ptr + (n // T) * stride_gb + (n % T) * stride_gt
     label = tl.load(labels_ptr + n).to(tl.int64)
@@ -171,6 +138,9 @@ def divergence_kernel(
             for start in range(0, V, BLOCK_V):
                 tl.store(grow + start + offs, zero, mask=start + offs < V)
     else:
+        if HOIST:       # 2.'s loads first: their latency overlaps pass 1 (nothing is stored yet)
+            tid, q, has, zr, zt_e, lab_ok, zt_y = _gather_entries(row, tids_ptr, q_ptr, n, E, V, label, logit_scale,
+                                                                  softcap, TRANSFORM, BLOCK_E)
         # 1. per-lane online statistics
         mg = tl.full([BLOCK_V], NEG, tl.float32)
         sg = tl.zeros([BLOCK_V], tl.float32)
@@ -181,33 +151,27 @@ def divergence_kernel(
             o = start + offs
             msk = o < V
             x = tl.load(row + o, mask=msk, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            zt = tl.where(msk, _transform(x, logit_scale, softcap, TRANSFORM), NEG)
-            mg, sg, _, _ = _online(mg, sg, zt)
+            zt = tl.where(msk, transform_logits(x, logit_scale, softcap, TRANSFORM), NEG)
+            mg, sg, _, _ = online_update(mg, sg, zt)
             u = zt * inv_tau
             if TEMPERED or (TAIL == UNIFORM and DIV == REVERSE_KL):
-                md, sd, wo, wx = _online(md, sd, u)
+                md, sd, wo, wx = online_update(md, sd, u)
                 if TAIL == UNIFORM and DIV == REVERSE_KL:      # running sum of e^(u - m) u, rescaled with sd
                     su = su * wo + tl.where(wx > 0.0, wx * u, 0.0)
             if TAIL == UNIFORM and (DIV == CE or DIV == FORWARD_KL):
                 su += tl.where(msk, u, 0.0)
-        lse_g, _ = _lane_lse(mg, sg)
+        lse_g, _ = lane_logsumexp(mg, sg)
         lse_d = lse_g
         sum_pu = tl.sum(su, axis=0)             # sum u ("uniform" CE / forward KL)
         if TEMPERED or (TAIL == UNIFORM and DIV == REVERSE_KL):
-            lse_d, wl = _lane_lse(md, sd)
+            lse_d, wl = lane_logsumexp(md, sd)
             if TAIL == UNIFORM and DIV == REVERSE_KL:
                 sum_pu = tl.sum(su * wl, axis=0) / tl.sum(sd * wl, axis=0)
         # 2. the sparse entries and the row's scalars (no store to the row yet)
-        eoffs = tl.arange(0, BLOCK_E)
-        tid = tl.load(tids_ptr + n * E + eoffs, mask=eoffs < E, other=-1).to(tl.int64)
-        q = tl.load(q_ptr + n * E + eoffs, mask=eoffs < E, other=0.0)
-        has = (tid >= 0) & (tid < V)
-        zr = tl.load(row + tl.where(has, tid, 0), mask=has, other=0.0).to(tl.float32)
-        zt_e = tl.where(has, _transform(zr, logit_scale, softcap, TRANSFORM), NEG)
+        if not HOIST:
+            tid, q, has, zr, zt_e, lab_ok, zt_y = _gather_entries(row, tids_ptr, q_ptr, n, E, V, label, logit_scale,
+                                                                  softcap, TRANSFORM, BLOCK_E)
         u_e = zt_e * inv_tau
-        lab_ok = (label >= 0) & (label < V)
-        zy = tl.load(row + tl.where(lab_ok, label, 0), mask=lab_ok, other=0.0).to(tl.float32)
-        zt_y = tl.where(lab_ok, _transform(zy, logit_scale, softcap, TRANSFORM), NEG)
         inA = has & (q > 0.0)
         logp = tl.where(inA, u_e - lse_d, NEG)
         p = tl.exp(logp)
@@ -218,7 +182,7 @@ def divergence_kernel(
         if TAIL == UNIFORM:
             R = tl.where(n_off > 0.0, R, 0.0)
             u_R = tl.where(n_off > 0.0, R / tl.maximum(n_off, 1.0), 0.0)
-        F_a, G_a = _terms(p, logp, qa, mix, log_a, log_b, DIV)
+        F_a, G_a = divergence_terms(p, logp, qa, mix, log_a, log_b, DIV)
         F_a = tl.where(inA, F_a, 0.0)
         G_a = tl.where(inA, G_a, 0.0)
         P_o = tl.maximum(1.0 - tl.sum(p, axis=0), 0.0)
@@ -231,12 +195,12 @@ def divergence_kernel(
                 # same fp32 expression as in the loop (the same values): no large term to cancel
                 small = P_o + 1e-4
                 tot = tl.zeros([BLOCK_V], tl.float64)
-                for start in range(0, V, BLOCK_V):
+                for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
                     o = start + offs
                     x = tl.load(row + o, mask=o < V, other=0.0).to(tl.float32)
-                    e = tl.exp(_transform(x, logit_scale, softcap, TRANSFORM) * inv_tau - lse_d)
+                    e = tl.exp(transform_logits(x, logit_scale, softcap, TRANSFORM) * inv_tau - lse_d)
                     tot += tl.where((o < V) & (e < small), e, 0.0).to(tl.float64)
-                e_a = tl.where(inA, tl.exp(_transform(zr, logit_scale, softcap, TRANSFORM) * inv_tau - lse_d), 1.0)
+                e_a = tl.where(inA, tl.exp(transform_logits(zr, logit_scale, softcap, TRANSFORM) * inv_tau - lse_d), 1.0)
                 e_a = tl.where(inA & (e_a < small), e_a, 0.0).to(tl.float64)
                 P_o = tl.maximum(tl.sum(tot, axis=0) - tl.sum(e_a, axis=0), 0.0).to(tl.float32)
                 logP_o = tl.log(P_o)
@@ -246,7 +210,7 @@ def divergence_kernel(
                     # against the E teacher entries -- a cost only such rows pay
                     mo = tl.full([BLOCK_V], NEG, tl.float32)
                     so = tl.zeros([BLOCK_V], tl.float32)
-                    for start in range(0, V, BLOCK_V):
+                    for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
                         o = start + offs
                         x = tl.load(row + o, mask=o < V, other=0.0).to(tl.float32)
                         keep = o < V
@@ -254,9 +218,9 @@ def divergence_kernel(
                             tj = tl.load(tids_ptr + n * E + j).to(tl.int64)
                             tj = tl.where(tl.load(q_ptr + n * E + j) > 0.0, tj, -1)     # in A, or none
                             keep = keep & (o != tj)
-                        uo = tl.where(keep, _transform(x, logit_scale, softcap, TRANSFORM) * inv_tau, NEG)
-                        mo, so, _, _ = _online(mo, so, uo)
-                    lse_off, _ = _lane_lse(mo, so)
+                        uo = tl.where(keep, transform_logits(x, logit_scale, softcap, TRANSFORM) * inv_tau, NEG)
+                        mo, so, _, _ = online_update(mo, so, uo)
+                    lse_off, _ = lane_logsumexp(mo, so)
                     logP_o = tl.minimum(lse_off - lse_d, 0.0)
                     P_o = tl.exp(logP_o)
         restrict = False
@@ -278,11 +242,11 @@ def divergence_kernel(
                 o = start + offs
                 msk = o < V
                 x = tl.load(row + o, mask=msk, other=0.0).to(tl.float32)
-                lv = _transform(x, logit_scale, softcap, TRANSFORM) * inv_tau - lse_d
-                Fv, Gv = _terms(tl.exp(lv), lv, u_R + 0.0 * lv, mix, log_a, log_b, DIV)
+                lv = transform_logits(x, logit_scale, softcap, TRANSFORM) * inv_tau - lse_d
+                Fv, Gv = divergence_terms(tl.exp(lv), lv, u_R + 0.0 * lv, mix, log_a, log_b, DIV)
                 sf += tl.where(msk, Fv, 0.0)
                 sgv += tl.where(msk, Gv, 0.0)
-            F_u, G_u = _terms(p, logp, u_R + 0.0 * p, mix, log_a, log_b, DIV)
+            F_u, G_u = divergence_terms(p, logp, u_R + 0.0 * p, mix, log_a, log_b, DIV)
             F_off = tl.sum(sf, axis=0) - tl.sum(tl.where(inA, F_u, 0.0), axis=0)
             G_off = tl.sum(sgv, axis=0) - tl.sum(tl.where(inA, G_u, 0.0), axis=0)
         elif TAIL == UNIFORM:
@@ -298,7 +262,7 @@ def divergence_kernel(
                     F_off += tl.where(u_R > 0.0, R * tl.log(u_R), 0.0)
                 G_off = -u_R * n_off
         else:
-            F_off, G_off = _terms(P_o, logP_o, R, mix, log_a, log_b, DIV)
+            F_off, G_off = divergence_terms(P_o, logP_o, R, mix, log_a, log_b, DIV)
             gamma = tl.where(P_o > 0.0, G_off / tl.where(P_o > 0.0, P_o, 1.0), 0.0)
             if TAIL == BUCKET and (DIV == CE or DIV == FORWARD_KL):
                 gamma = 0.0         # -R p_v / P_o = -R exp(lpd - logP_o): below, in log space
@@ -315,7 +279,7 @@ def divergence_kernel(
                 o = start + offs
                 msk = o < V
                 x = tl.load(row + o, mask=msk, other=0.0, eviction_policy="evict_first").to(tl.float32)
-                zt = _transform(x, logit_scale, softcap, TRANSFORM)
+                zt = transform_logits(x, logit_scale, softcap, TRANSFORM)
                 pg = tl.exp(zt - lse_g)
                 lpd = zt * inv_tau - lse_d
                 if TEMPERED or (TAIL == UNIFORM and DIV == REVERSE_KL):
@@ -323,14 +287,14 @@ def divergence_kernel(
                 else:
                     pd = pg                 # lse_d is lse_g: one exp per element
                 if TAIL == UNIFORM:
-                    _, Gv = _terms(pd, lpd, u_R + 0.0 * pd, mix, log_a, log_b, DIV)
+                    _, Gv = divergence_terms(pd, lpd, u_R + 0.0 * pd, mix, log_a, log_b, DIV)
                     dg = Gv - pd * c
                 else:
                     dg = pd * (gamma - c)
                     if TAIL == BUCKET and (DIV == CE or DIV == FORWARD_KL):
                         dg -= tl.where(has_off, R * tl.exp(tl.minimum(lpd - logP_o, 0.0)), 0.0)
                 dg = tl.where(restrict, 0.0, dg)
-                g = (lm_weight * pg + wd * dg) * _chain(zt, logit_scale, softcap, TRANSFORM) * scale
+                g = (lm_weight * pg + wd * dg) * transform_grad(zt, logit_scale, softcap, TRANSFORM) * scale
                 tl.store(grow + o, g.to(grad_ptr.dtype.element_ty), mask=msk, eviction_policy="evict_first")
             tl.debug_barrier()      # the sparse stores overwrite dense ones of the same addresses
             # teacher ids in A (and the label among them): exact values
@@ -340,21 +304,21 @@ def divergence_kernel(
                 dg_e = tl.where(restrict, tl.where(inA & (pt > 0.0), pt * (lt - tl.log(q) - D_r), 0.0), dg_e)
             is_lab = tid == label
             g_e = lm_weight * (tl.exp(zt_e - lse_g) - tl.where(is_lab, 1.0, 0.0)) + wd * dg_e
-            g_e = g_e * _chain(zt_e, logit_scale, softcap, TRANSFORM) * scale
+            g_e = g_e * transform_grad(zt_e, logit_scale, softcap, TRANSFORM) * scale
             tl.store(grow + tl.where(inA, tid, 0), g_e.to(grad_ptr.dtype.element_ty), mask=inA)
             # the label when it is not in A: the dense value minus lm_weight
             lab_alone = lab_ok & (tl.sum((inA & is_lab).to(tl.int32), axis=0) == 0)
             lpy = zt_y * inv_tau - lse_d
             py = tl.exp(lpy)
             if TAIL == UNIFORM:
-                _, Gy = _terms(py, lpy, u_R, mix, log_a, log_b, DIV)
+                _, Gy = divergence_terms(py, lpy, u_R, mix, log_a, log_b, DIV)
                 dgy = Gy - py * c
             else:
                 dgy = py * (gamma - c)
                 if TAIL == BUCKET and (DIV == CE or DIV == FORWARD_KL):
                     dgy -= tl.where(has_off, R * tl.exp(tl.minimum(lpy - logP_o, 0.0)), 0.0)
             dgy = tl.where(restrict, 0.0, dgy)
-            gy = (lm_weight * (tl.exp(zt_y - lse_g) - 1.0) + wd * dgy) * _chain(zt_y, logit_scale, softcap,
+            gy = (lm_weight * (tl.exp(zt_y - lse_g) - 1.0) + wd * dgy) * transform_grad(zt_y, logit_scale, softcap,
                                                                                  TRANSFORM) * scale
             tl.store(grow + tl.where(lab_alone, label, 0), gy.to(grad_ptr.dtype.element_ty), mask=lab_alone)
 
@@ -380,18 +344,24 @@ def divergence_rows(logits, grad, tids, q, R, labels, ignore_index: int, scale, 
     elif isinstance(launch, str):
         launch = LAUNCHES[launch]
     block_v, num_warps, num_stages = launch["block_v"], launch["num_warps"], launch["num_stages"]
+    programs = B * T
+    persistent = bool(launch.get("persistent", False))
+    if persistent:      # one program per SM (a CPU run: 3, so the interpreter loops over rows too)
+        programs = min(B * T, torch.cuda.get_device_properties(logits.device).multi_processor_count
+                       if logits.is_cuda else 3)
     mix = spec.mix if spec.mix > 0 else 0.5
     tau = spec.student_temperature
     transform = 2 if spec.softcap else (1 if spec.logit_scale != 1.0 else 0)
-    divergence_kernel[(B * T,)](
+    divergence_kernel[(programs,)](
         logits, logits.stride(0), logits.stride(1), grad, grad.stride(0), grad.stride(1),
         tids, q, R, labels.reshape(-1).contiguous(), loss, scale, 0 if scale.numel() == 1 else 1,
-        T, V, E, int(ignore_index),
+        T, V, E, int(ignore_index), B * T,
         float(lm_weight), (1.0 - lm_weight) * spec.div_weight, (1.0 - lm_weight) * spec.div_weight / tau,
         1.0 / tau, mix, math.log(mix), math.log1p(-mix), spec.logit_scale, spec.softcap or 1.0,
         DIV=spec.div_code, TAIL=spec.tail_code, TRANSFORM=transform, TEMPERED=tau != 1.0,
         TAIL_PASS=spec.needs_tail_pass, BLOCK_V=min(block_v, max(16, triton.next_power_of_2(V))),
         BLOCK_E=max(2, triton.next_power_of_2(E)), COMPUTE_GRAD=bool(compute_grad), NUM_STAGES=num_stages,
-        num_warps=num_warps,
+        HOIST=bool(launch.get("hoist", False)), PERSISTENT=persistent, num_warps=num_warps,
+        **({"maxnreg": launch["maxnreg"]} if launch.get("maxnreg") else {}),
     )
     return loss

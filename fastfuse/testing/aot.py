@@ -24,15 +24,24 @@ HOPPER = GPUTarget("cuda", 90, 32)
 AMPERE = GPUTarget("cuda", 80, 32)
 
 
+class _Launches(list):
+    """The recorded ``(kernel, args, kwargs)`` launches, with their grids beside them."""
+
+    def __init__(self):
+        super().__init__()
+        self.grids: list = []
+
+
 @contextlib.contextmanager
 def record_launches(*kernels):
     """Within the block, ``kernel[grid](...)`` of each given kernel appends ``(kernel, args,
-    kwargs)`` to the yielded list instead of launching."""
-    launches = []
+    kwargs)`` to the yielded list instead of launching (and its grid to the list's ``grids``)."""
+    launches = _Launches()
     saved = {k: k.__dict__.get("run") for k in kernels}
     for k in kernels:
         def run(*args, grid, warmup, _k=k, **kwargs):
             launches.append((_k, args, kwargs))
+            launches.grids.append(tuple(grid))
         k.run = run
     try:
         yield launches
@@ -129,7 +138,8 @@ def compile_launch(kernel, args, kwargs, target=HOPPER, aligned: bool = False):
             if aligned and (_is_tensor(v) or (type(v) is int and v != 0 and v % 16 == 0)):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs or None), target=target,
-                          options={"num_warps": kwargs.get("num_warps", 4)})
+                          options={"num_warps": kwargs.get("num_warps", 4),
+                                   **({"maxnreg": kwargs["maxnreg"]} if kwargs.get("maxnreg") else {})})
 
 
 def _is_tensor(value) -> bool:

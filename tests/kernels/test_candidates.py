@@ -60,6 +60,19 @@ def test_persistent_grid_launches_fewer_programs_than_rows():
                          torch.zeros(10, dtype=torch.int64), -100, torch.ones(1), compute_grad=True)
     (_, args, kwargs), = rec
     assert kwargs["PERSISTENT"] and kwargs["HOIST"] and args[16] == 10      # N, looped over by 3 programs
+    assert rec.grids == [(3,)]
+
+
+def test_persistent_divergence_grid_launches_fewer_programs_than_rows():
+    from fastfuse.testing.aot import record_launches
+    with record_launches(divergence.divergence_kernel) as rec:
+        z = torch.zeros(1, 10, 700)
+        divergence.divergence_rows(z, z, torch.zeros(10, 3, dtype=torch.int32), torch.zeros(10, 3), torch.zeros(10),
+                                   torch.zeros(10, dtype=torch.int64), -100, torch.ones(1), True,
+                                   make_spec("jsd", "uniform"), 0.5, launch="generic_persistent")
+    (_, args, kwargs), = rec
+    assert kwargs["PERSISTENT"] and kwargs["HOIST"] and args[17] == 10      # N, looped over by 3 programs
+    assert rec.grids == [(3,)]
 
 
 @pytest.mark.slow

@@ -169,7 +169,8 @@ def test_fused_ce_candidates_compile_for_hopper_without_spills(kern, name):
         _no_spills(aot, *launch, (name, V))
 
 
-@pytest.mark.parametrize("name", ["generic", "generic_s3", "generic_s4", "generic_s5"])
+@pytest.mark.parametrize("name", ["generic", "generic_s3", "generic_s4", "generic_s5", "generic_hoist",
+                                  "generic_persistent"])
 def test_divergence_launches_compile_for_hopper_without_spills(kern, name):
     """Each divergence.LAUNCHES entry on the heaviest combinations (softcap and a temperature; the
     tail-pass jsd/uniform, reverse_kl/uniform, the bucket's fp64 pass) at V = 128256, sm_90."""
@@ -180,7 +181,9 @@ def test_divergence_launches_compile_for_hopper_without_spills(kern, name):
         spec = make_spec(div, tail, softcap=30.0, student_temperature=2.0)
         with forced("divergence", name):
             launch = kern.aot.divergence_launches(128256, torch.bfloat16, spec)[-1]
-        assert launch[2]["NUM_STAGES"] == kern.divergence.LAUNCHES[name]["num_stages"]
+        want = kern.divergence.LAUNCHES[name]
+        assert launch[2]["NUM_STAGES"] == want["num_stages"]
+        assert (launch[2]["HOIST"], launch[2]["PERSISTENT"]) == (want.get("hoist", False), want.get("persistent", False))
         _no_spills(kern.aot, *launch, (name, div, tail))
 
 
