@@ -38,9 +38,12 @@ from .launch import forced_config, tuned
 
 # Named launches (elements per chunk, warps, software-pipelining depth of the chunk loops).
 LAUNCHES = {
-    # like fused_ce's "2pass_l2": one 32-warp CTA per SM (few rows in flight, so the second read can hit
-    # L2), 4 values per thread per chunk -- <= 48 registers and no spills on sm_80/sm_90 in every
-    # combination (16 warps spilled under "uniform"; tests/kernels/test_kernels_compile.py checks)
+    # 32-warp CTAs, 4 values per thread per chunk -- <= 48 registers and no spills on sm_80/sm_90 in
+    # every combination (16 warps spilled under "uniform"; tests/kernels/test_kernels_compile.py checks).
+    # Meant as one CTA per SM like fused_ce's "2pass_l2" (few rows in flight, so the second read can
+    # hit L2), but the lighter combinations compile to <= 32 registers, so two CTAs fit per SM (~68 MB
+    # of bf16 rows at V = 128256 on 132 SMs, above a 50 MB L2): "generic_persistent" pins one per SM
+    # (benchmarks/kernel_resources.py prints the CTAs per SM)
     "generic": dict(block_v=4096, num_warps=32, num_stages=1),
     # candidates a GPU compares (benchmarks/gpu_candidates.py): the chunk loops (pass 1, tail pass,
     # gradient) software-pipelined 3-5 deep

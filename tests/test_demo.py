@@ -131,6 +131,20 @@ def test_online_and_on_policy_targets(tmp_path, capsys):
     assert abs(online - code) * 10 < abs(prose - code), (online, code, prose)
 
 
+@pytest.mark.slow
+def test_a_variant_can_start_from_the_trained_fused_target(tmp_path):
+    """``init="fused"``: a second stage of training from the fused target's weights (the setting on-policy
+    distillation is meant for), on other batches; its curve continues the fused target's."""
+    f = demo.run_demo(size="tiny", seed=2, workdir=str(tmp_path / "w"), progress=False, log=lambda *_: None,
+                      overrides={"tgt_steps": 6}, variants={"continued": {"init": "fused"}})
+    c, fused = f["curves"]["variant continued"], f["curves"]["fused"]
+    assert c["step"] == list(range(7, 13)) and c["eval_step"][0] == 6
+    assert c["eval_loss"][0] == f["targets"]["fused"]["loss"]
+    # its first batch meets the trained weights, not the initialisation every other target starts from
+    assert c["train_ce"][0] < fused["train_ce"][0] - 0.1, (c["train_ce"][0], fused["train_ce"][0])
+    assert f["variant_settings"]["continued"]["init"] == "fused"
+
+
 def test_sampled_rows_become_ids_of_the_full_vocabulary():
     """``ModelVocab.ids`` inverts ``rows``: a kept row is its id, the shared row one of the ids it stands for
     (each of them drawn); ``FullVocabLM.generate`` keeps the prompt and returns real ids."""
@@ -160,6 +174,8 @@ def test_sampled_rows_become_ids_of_the_full_vocabulary():
 
 
 def test_summary_reads_a_variant_against_the_fused_target():
+    from fastfuse.demo.seeds import summary_report
+
     per_seed = [{"seed": i, "heldout": {"prose": 1}, "bpb": bpb,
                  "bpb_by_domain": {m: {"prose": v} for m, v in bpb.items()}}
                 for i, bpb in enumerate([{"clm_only": 2.0, "label_smoothing": 1.9, "single a": 1.8, "single b": 1.85,
@@ -171,6 +187,21 @@ def test_summary_reads_a_variant_against_the_fused_target():
     vs = s["margins"]["variant x"]["fused"]
     assert vs["per_seed"] == pytest.approx([0.05, -0.02]) and vs["wins"] == 1
     assert s["margins"]["variant x"]["best_single"]["per_seed"] == pytest.approx([-0.05, -0.12])
+    assert "off_policy" not in s["margins"]["variant x"]
+    # an on-policy second stage is read against the same second stage off-policy (its twin by settings)
+    base = {"fusion": "token", "divergence": "ce", "tail": "uniform", "lm_weight": 0.3, "temperature": 2.0}
+    stage2 = {"warm": {**base, "init": "fused"}, "warm op": {**base, "init": "fused", "on_policy": 0.5},
+              "op": {**base, "on_policy": 0.5}, "x": {**base, "lm_weight": 0.5}}
+    for f, (a, b) in zip(per_seed, [(1.6, 1.65), (1.7, 1.66)]):
+        f["variant_settings"], f["fused_settings"] = stage2, base
+        f["bpb"].update({"variant warm": a, "variant warm op": b, "variant op": 1.9})
+        f["bpb_by_domain"].update({m: {"prose": f["bpb"][m]} for m in ("variant warm", "variant warm op", "variant op")})
+    s = demo.summarize(per_seed)
+    assert s["margins"]["variant warm op"]["off_policy"]["per_seed"] == pytest.approx([0.05, -0.04])
+    assert s["margins"]["variant warm op"]["off_policy"]["wins"] == 1
+    assert "off_policy" not in s["margins"]["variant op"] and "off_policy" not in s["margins"]["variant warm"]
+    text = summary_report(s, per_seed)
+    assert "vs same, off-policy" in text and "a 2nd stage from the trained fused target" in text
 
 
 def test_cli_registration_and_argument_errors():
@@ -204,6 +235,10 @@ def test_cli_registration_and_argument_errors():
         demo.run_demo(size="tiny", progress=False, variants={"x": {"on_policy": 2}})
     with pytest.raises(ValueError, match="online must be True or False"):
         demo.run_demo(size="tiny", progress=False, variants={"x": {"online": "yes"}})
+    with pytest.raises(ValueError, match="init must be 'fused'"):
+        demo.run_demo(size="tiny", progress=False, variants={"x": {"init": "clm_only"}})
+    with pytest.raises(ValueError, match="init is a variant's setting"):
+        demo.run_demo(size="tiny", progress=False, fused={"init": "fused"})
 
 
 def test_corpus_split_is_deterministic_and_disjoint():

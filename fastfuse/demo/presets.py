@@ -61,8 +61,10 @@ PRESETS = {
 # (small: 0.3 and 2, measured over 5 seeds with every control at the same settings: benchmarks/RESULTS.md).
 DEFAULT_FUSED = {"fusion": "token", "divergence": "ce", "tail": "uniform"}
 # ``online``: the teachers score each batch while the target trains (no shards); ``on_policy``: that
-# share of the batches are the target's own continuations, scored online (``train_target``)
-TRAIN_KEYS = ("fusion", "lm_weight", "temperature", "sources", "label_smoothing", "online", "on_policy")
+# share of the batches are the target's own continuations, scored online (``train_target``); ``init``:
+# "fused" starts a variant from the trained fused target instead of the shared initialisation (a second
+# stage of training: the setting on-policy distillation is meant for, a student that already writes text)
+TRAIN_KEYS = ("fusion", "lm_weight", "temperature", "sources", "label_smoothing", "online", "on_policy", "init")
 
 
 def split_settings(settings: dict) -> tuple[dict, dict]:

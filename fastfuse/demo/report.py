@@ -53,6 +53,8 @@ def settings_name(s: dict) -> str:
     how = ", online teachers" if s.get("online") else ""
     if s.get("on_policy"):
         how += f", on-policy share {s['on_policy']} (its batches: the target's continuations, lm_weight 0)"
+    if s.get("init") == "fused":
+        how += ", a 2nd stage from the trained fused target"
     return f"{s['fusion']}, {loss}, lm_weight {s['lm_weight']}, T {s['temperature']}{how}"
 
 

@@ -80,6 +80,9 @@ def check_settings(settings: dict, what: str) -> dict:
     lam = train.get("on_policy", 0.0)
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
         raise ValueError(f"{what}: on_policy must be a fraction in [0, 1] (GKD's lambda), got {lam!r}")
+    if train.get("init") not in (None, "fused"):
+        raise ValueError(f"{what}: init must be 'fused' (start from the trained fused target) or absent, "
+                         f"got {train['init']!r}")
     make_spec(**loss)       # bad options fail here, before minutes of work
     return merged
 
@@ -97,7 +100,9 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
     ``temperature``, and ``fused_loss``'s ``divergence``, ``tail``, ``alpha``, ``beta``,
     ``student_temperature``; ``online``, ``on_policy``: :func:`fastfuse.demo.train.train_target`).
     ``variants``: more fused targets, name -> settings (over ``fused``'s), reported as ``variant <name>``
-    (``--online`` and ``--on-policy`` add theirs)."""
+    (``--online`` and ``--on-policy`` add theirs); one with ``init="fused"`` starts from the trained fused
+    target and trains ``tgt_steps`` more (on other batches), so it compares with another such variant, not
+    with ``fused``."""
     import torch
 
     from fastfuse.align.chunking import split_corpus
@@ -112,6 +117,8 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
         raise ValueError(f"size: expected one of {sorted(PRESETS)}, got {size!r}")
     preset = replace(PRESETS[size], **(overrides or {}))
     fused = check_settings({"lm_weight": preset.lm_weight, "temperature": preset.temperature, **(fused or {})}, "fused")
+    if "init" in fused:
+        raise ValueError("fused: init is a variant's setting (start from the trained fused target), not the fused target's")
     variants = {n: check_settings({**fused, **v}, f"variants[{n!r}]") for n, v in (variants or {}).items()}
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -216,18 +223,25 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
     ev0 = eval_target(init)
     single = {f"single {n}": {**fused, "sources": [n]} for n in SOURCES}
     modes = {"clm_only": None, "label_smoothing": {"label_smoothing": eps}, **single, **fused_modes}
-    curves, results = {}, {}
+    curves, results, trained = {}, {}, {}
     for mode, settings in modes.items():
-        model = copy.deepcopy(init)
+        warm = bool(settings) and settings.get("init") == "fused"      # fused is trained before every variant
+        model = copy.deepcopy(trained["fused"] if warm else init)
         eval_before = times.get("eval", 0.0)
         with stage(f"train target {mode}"):
-            curves[mode] = train_target(model, tvocab, dataset, collate_for, preset.tgt_steps, preset, seed + 200, dev,
-                                        settings, eval_target, progress, desc=mode, teachers_for=teachers_for,
-                                        eos_id=tgt_tok.eos_token_id)
+            # a second stage draws other batches than the first (seed + 300)
+            curves[mode] = train_target(model, tvocab, dataset, collate_for, preset.tgt_steps, preset,
+                                        seed + (300 if warm else 200), dev, settings, eval_target, progress, desc=mode,
+                                        teachers_for=teachers_for, eos_id=tgt_tok.eos_token_id)
         times[f"train target {mode}"] -= times["eval"] - eval_before  # the curve's evaluations count as "eval"
         results[mode] = curves[mode].pop("final")
         curves[mode]["eval_step"].insert(0, 0)
-        curves[mode]["eval_loss"].insert(0, ev0["loss"])
+        curves[mode]["eval_loss"].insert(0, results["fused"]["loss"] if warm else ev0["loss"])
+        if warm:            # the curve continues the fused target's
+            for key in ("step", "eval_step", "on_policy_steps"):
+                curves[mode][key] = [s + preset.tgt_steps for s in curves[mode][key]]
+        if mode == "fused":
+            trained[mode] = model
     times["total"] = time.perf_counter() - t_all
 
     figures.update({

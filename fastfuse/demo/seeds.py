@@ -13,7 +13,7 @@ from fastfuse.demo.run import run_demo
 
 CONTROLS = ("clm_only", "label_smoothing", "best_single")
 CONTROL_NAMES = {"clm_only": "CLM-only", "label_smoothing": "label smoothing", "best_single": "best single teacher",
-                 "fused": "fused"}
+                 "fused": "fused", "off_policy": "same, off-policy"}
 
 
 def mean_sd(xs: list[float]) -> dict:
@@ -28,6 +28,20 @@ def control_bpb(f: dict, control: str) -> float:
     if control == "best_single":
         return min(v for m, v in f["bpb"].items() if m.startswith("single "))
     return f["bpb"][control]           # "fused" too: a variant's margin over the fused target
+
+
+def off_policy_twin(f: dict, mode: str) -> str | None:
+    """The variant trained like on-policy variant ``mode`` but for its on-policy share (an ``init="fused"``
+    second stage's control: the same stage off-policy), or None (a first-stage variant's is ``fused``)."""
+    variants = f.get("variant_settings", {})
+    settings = variants.get(mode[len("variant "):], {})
+    if not settings.get("on_policy"):
+        return None
+    want = {k: v for k, v in settings.items() if k not in ("on_policy", "online")}
+    for name, other in variants.items():
+        if not other.get("on_policy") and {k: v for k, v in other.items() if k != "online"} == want and want.get("init"):
+            return f"variant {name}"
+    return None
 
 
 def summarize(per_seed: list[dict]) -> dict:
@@ -46,8 +60,10 @@ def summarize(per_seed: list[dict]) -> dict:
         if not (m == "fused" or m.startswith("variant ")):
             continue
         out["margins"][m] = {}
-        for c in CONTROLS + (("fused",) if m != "fused" else ()):      # a variant is also read against the fused
-            diffs = [f["bpb"][m] - control_bpb(f, c) for f in per_seed]
+        twin = off_policy_twin(per_seed[0], m) if m != "fused" else None
+        for c in CONTROLS + (("fused",) if m != "fused" else ()) + (("off_policy",) if twin else ()):
+            # a variant is also read against the fused target, an on-policy second stage against its off-policy twin
+            diffs = [f["bpb"][m] - (f["bpb"][twin] if c == "off_policy" else control_bpb(f, c)) for f in per_seed]
             stats = mean_sd(diffs)
             stats["wins"] = sum(d < 0 for d in diffs)
             stats["per_seed"] = diffs
@@ -88,7 +104,8 @@ def save_summary_plot(summary: dict, path: str, log=print) -> str | None:
     if plt is None:
         return None
     modes = [m for m in summary["bpb"] if m != "clm_only"]
-    pairs = [(m, c) for m in summary["margins"] for c in ("label_smoothing", "best_single")]
+    pairs = [(m, c) for m in summary["margins"] for c in ("label_smoothing", "best_single", "off_policy")
+             if c in summary["margins"][m]]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 0.42 * (len(modes) + len(pairs)) + 2.6),
                                       height_ratios=[len(modes), len(pairs)])
 
