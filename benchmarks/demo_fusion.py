@@ -35,7 +35,7 @@ VARIANT_SETS = {
     "second_stage": {                    # benchmarks/demo_on_policy_stage2_summary.json: on-policy where it is meant
         # to help, on a target that already writes text -- each starts from the trained fused target and
         # trains tgt_steps more; the on-policy one is read against the same stage off-policy
-        "fused, 2nd stage": {"init": "fused"},
+        "2nd stage": {"init": "fused"},
         "on-policy 0.5, 2nd stage": {"init": "fused", "on_policy": 0.5},
     },
 }
