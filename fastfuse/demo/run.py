@@ -223,7 +223,8 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
     ev0 = eval_target(init)
     single = {f"single {n}": {**fused, "sources": [n]} for n in SOURCES}
     modes = {"clm_only": None, "label_smoothing": {"label_smoothing": eps}, **single, **fused_modes}
-    curves, results, trained = {}, {}, {}
+    curves, results = {}, {}
+    trained: dict[str, Any] = {}      # the fused target, for the variants that start from it
     for mode, settings in modes.items():
         warm = bool(settings) and settings.get("init") == "fused"      # fused is trained before every variant
         model = copy.deepcopy(trained["fused"] if warm else init)
