@@ -224,10 +224,10 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
     single = {f"single {n}": {**fused, "sources": [n]} for n in SOURCES}
     modes = {"clm_only": None, "label_smoothing": {"label_smoothing": eps}, **single, **fused_modes}
     curves, results = {}, {}
-    trained: dict[str, Any] = {}      # the fused target, for the variants that start from it
+    fused_model = None      # the trained fused target, for the variants that start from it
     for mode, settings in modes.items():
         warm = bool(settings) and settings.get("init") == "fused"      # fused is trained before every variant
-        model = copy.deepcopy(trained["fused"] if warm else init)
+        model = copy.deepcopy(fused_model if warm else init)
         eval_before = times.get("eval", 0.0)
         with stage(f"train target {mode}"):
             # a second stage draws other batches than the first (seed + 300)
@@ -242,7 +242,7 @@ def run_demo(size: str = "small", device: str = "cpu", seed: int = 0, workdir: s
             for key in ("step", "eval_step", "on_policy_steps"):
                 curves[mode][key] = [s + preset.tgt_steps for s in curves[mode][key]]
         if mode == "fused":
-            trained[mode] = model
+            fused_model = model
     times["total"] = time.perf_counter() - t_all
 
     figures.update({

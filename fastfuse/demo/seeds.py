@@ -35,11 +35,11 @@ def off_policy_twin(f: dict, mode: str) -> str | None:
     second stage's control: the same stage off-policy), or None (a first-stage variant's is ``fused``)."""
     variants = f.get("variant_settings", {})
     settings = variants.get(mode[len("variant "):], {})
-    if not settings.get("on_policy"):
+    if not (settings.get("on_policy") and settings.get("init")):
         return None
     want = {k: v for k, v in settings.items() if k not in ("on_policy", "online")}
     for name, other in variants.items():
-        if not other.get("on_policy") and {k: v for k, v in other.items() if k != "online"} == want and want.get("init"):
+        if not other.get("on_policy") and {k: v for k, v in other.items() if k != "online"} == want:
             return f"variant {name}"
     return None
 

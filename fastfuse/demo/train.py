@@ -162,7 +162,7 @@ def train_target(model, vocab: ModelVocab, dataset, collate_for, steps: int, pre
         lm_weight = train.get("lm_weight", preset.lm_weight)
         order = dataset.sources             # the batch's source index s -> name
         on_step = teachers is not None and bool(on_policy) and draw.random() < on_policy
-        if teachers is not None and on_step:
+        if teachers is not None and on_step:     # (on_step implies teachers; said again for mypy)
             with torch.random.fork_rng(devices=rng_devices):   # sampling never moves the global RNG
                 torch.manual_seed(seed * 100_003 + step)
                 b = on_policy_batch(student, teachers, b["input_ids"], b["attention_mask"],
